@@ -1,0 +1,227 @@
+"""Wiring: the hub's parts built from the config and connected along the flow.
+
+driver (MQTT) → topic routing → ingest (formats → auth → store) | registration | query | time,
+with every step appending to the audit log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import AsyncExitStack
+from pathlib import Path
+from typing import Any
+
+from loguru import logger
+
+from hubd.audit import AuditLog
+from hubd.auth import Authenticator
+from hubd.auth.registration import Registration
+from hubd.auth.registry import Registry
+from hubd.broker import EmbeddedBroker
+from hubd.config import Config
+from hubd.drivers.mqtt import MqttDriver
+from hubd.formats import load_json_object, reply_fields
+from hubd.ingest import Ingest
+from hubd.model import ErrorCode, HubError, RawMessage, format_time, now_ms
+from hubd.quarantine import Quarantine
+from hubd.query import parse_query, run_raw
+from hubd.store.sqlite import SqliteStore
+from hubd.store.writer import BatchWriter
+
+
+class Hub:
+    """One running hub: owns the broker connection, the stores and the audit log."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.prefix = config.topic_prefix
+        self.topics = {
+            "register": f"{self.prefix}/register",
+            "data": f"{self.prefix}/data",
+            "query": f"{self.prefix}/query",
+            "time": f"{self.prefix}/time",
+        }
+        self._stop = asyncio.Event()
+        self.ready = asyncio.Event()
+
+    async def run(self) -> None:
+        """Run until SIGTERM/SIGINT (or ``stop()``), then drain: commit and answer what is in hand."""
+        config = self.config
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                loop.add_signal_handler(sig, self.stop)
+            except (RuntimeError, ValueError):  # not the main thread (tests run the hub in a thread)
+                pass
+        async with AsyncExitStack() as stack:
+            url = config.broker.url
+            if url is None:
+                broker = EmbeddedBroker(config.data_path, port=config.broker.embedded_port,
+                                        bind=config.broker.embedded_bind)
+                await broker.start()
+                stack.push_async_callback(broker.stop)
+                url = broker.url
+            self.audit = AuditLog(config.audit_path, fsync=config.audit.fsync)
+            stack.callback(self.audit.close)
+            pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="hubd-bcrypt")
+            stack.callback(pool.shutdown)
+            registry = Registry(config.registry_path)
+            stack.callback(registry.close)
+            quarantine = Quarantine(config.registry_path)
+            stack.callback(quarantine.close)
+            store = SqliteStore(config.readings_path, config.store.sqlite.synchronous)
+            stack.callback(store.close)
+            self.auth = Authenticator(registry, pool)
+            self.writer = BatchWriter(store, self.audit, config.store.batch_max_readings,
+                                      config.store.queue_max_messages)
+            self.writer.start()
+            self.ingest = Ingest(self.auth, self.writer, quarantine, self.audit, config.limits)
+            self.registration = Registration(self.auth, config.auth, self.audit, pool)
+            self.driver = MqttDriver(
+                config.broker, url,
+                [self.topics["register"], self.topics["data"], self.topics["data"] + "/+", self.topics["query"],
+                 self.topics["time"]],
+                self.on_message, password=_read_secret(config.broker.password_file),
+            )
+            self.audit.append("hub.start", broker=url, store=str(config.readings_path))
+            self.audit.flush()
+            await self.driver.start()
+            logger.info("hubd serving on {} (prefix {}), {} DERs registered", url, self.prefix,
+                        len(self.auth.ders))
+            self.ready.set()
+            await self._stop.wait()
+            logger.info("stopping: taking no new messages, committing and answering those in hand")
+            await self.driver.stop()
+            await self.writer.close()
+            self.audit.append("hub.stop")
+        logger.info("hubd stopped")
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    # -- routing ----------------------------------------------------------------------------------------
+
+    async def on_message(self, topic: str, payload: bytes, properties: dict[str, Any]) -> None:
+        received_at = now_ms()
+        response_topic = _first(properties.get("response_topic"))
+        correlation = _first(properties.get("correlation_data"))
+        if topic == self.topics["data"] or topic.startswith(self.topics["data"] + "/"):
+            code = topic[len(self.topics["data"]) + 1:] or "hub.v1"
+            raw = RawMessage(source_id=_source_of(properties), format_code=code, payload=payload,
+                             received_at=received_at, topic=topic, requester=response_topic)
+            answer, decoded = await self.ingest.handle(raw)
+            reply_to, request_id = (decoded.reply_to, decoded.request_id) if decoded else _reply_of(payload)
+            if self._answer(answer, response_topic, correlation, reply_to, request_id):
+                self.writer.count("data.answered", decoded.source_id or raw.source_id if decoded else raw.source_id)
+            return
+        request, error = _json_request(payload)
+        reply_to, request_id = reply_fields(request) if request else (None, None)
+        requester = response_topic or reply_to
+        if topic == self.topics["register"]:
+            if request is None:
+                assert error is not None
+                self.audit.append("register.failed", error.code.value, requester=requester, reason=error.message)
+                answer = {"ok": False, "error": error.as_dict()}
+            else:
+                answer = await self.registration.handle(request, requester)
+        elif topic == self.topics["query"]:
+            answer = await self._query(request, error, requester)
+        elif topic == self.topics["time"]:
+            answer = self._time()
+            self.audit.append("time.asked", requester=requester)
+        else:
+            return
+        size = self._answer(answer, response_topic, correlation, reply_to, request_id)
+        if size:
+            self.audit.append("answer.sent", "ok" if answer.get("ok") else answer["error"]["code"],
+                              topic=topic, requester=requester, bytes=size)
+        self.audit.flush()
+
+    def _answer(self, body: dict[str, Any], response_topic: str | None, correlation: bytes | None,
+                reply_to: str | None, request_id: Any) -> int:
+        """Answer on the v5 response topic, else on the v3.1.1 ``reply_to``; nothing when neither is set."""
+        if response_topic and self._may_answer_on(response_topic):
+            return self.driver.publish(response_topic, body, correlation)
+        if reply_to and self._may_answer_on(reply_to):
+            if request_id is not None:
+                body = {**body, "request_id": request_id}
+            return self.driver.publish(reply_to, body)
+        return 0
+
+    def _may_answer_on(self, topic: str) -> bool:
+        # Never answer into a topic the hub itself takes requests on: that would loop.
+        subscribed = set(self.topics.values())
+        return topic not in subscribed and not topic.startswith(self.topics["data"] + "/") and "#" not in topic \
+            and "+" not in topic
+
+    # -- query and time ---------------------------------------------------------------------------------
+
+    async def _query(self, request: dict[str, Any] | None, error: HubError | None,
+                     requester: str | None) -> dict[str, Any]:
+        if request is None:
+            assert error is not None
+            self.audit.append("query.received", error.code.value, requester=requester, reason=error.message)
+            return {"ok": False, "error": error.as_dict()}
+        client_id = request.get("client_id")
+        conditions = {k: v for k, v in request.items() if k not in ("password", "reply_to", "request_id")}
+        self.audit.append("query.received", requester=requester, client_id=_text(client_id),
+                          conditions=conditions)
+        try:
+            password = request.get("password")
+            if not isinstance(client_id, str) or not isinstance(password, str):
+                raise HubError(ErrorCode.BAD_REQUEST, "client_id and password are required")
+            self.auth.refresh()
+            denied = await self.auth.check_system(client_id, password, "consumer")
+            if denied:
+                self.audit.append("query.auth", denied.code.value, client_id=client_id, reason=denied.message)
+                raise denied
+            self.audit.append("query.auth", client_id=client_id)
+            query = parse_query(request, self.config.query)
+            answer = await self.writer.run_in_store_thread(run_raw, query, self.writer.store.raw)
+        except HubError as exc:
+            self.audit.append("query.failed", exc.code.value, client_id=_text(client_id), reason=exc.message)
+            return {"ok": False, "error": exc.as_dict()}
+        assert isinstance(answer, dict)
+        self.audit.append("query.extracted", client_id=client_id, rows=answer["count"],
+                          der_count=len({row["der_id"] for row in answer["rows"]}))
+        return answer
+
+    def _time(self) -> dict[str, Any]:
+        return {"ok": True, "hub_time": format_time(now_ms()),
+                "ntp": {"synced": False, "offset_s": None, "server": None, "checked_at": None}}
+
+
+def _first(values: Any) -> Any:
+    return values[0] if values else None
+
+
+def _text(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def _source_of(properties: dict[str, Any]) -> str:
+    """The sender's source id from the MQTT v5 user property ``source_id``, else ``unknown``."""
+    for key, value in properties.get("user_property", ()) or ():
+        if key == "source_id":
+            return str(value)
+    return "unknown"
+
+
+def _reply_of(payload: bytes) -> tuple[str | None, Any]:
+    try:
+        return reply_fields(load_json_object(payload))
+    except HubError:
+        return None, None
+
+
+def _json_request(payload: bytes) -> tuple[dict[str, Any] | None, HubError | None]:
+    try:
+        return load_json_object(payload), None
+    except HubError as exc:
+        return None, exc
+
+
+def _read_secret(path: str | None) -> str | None:
+    return Path(path).read_text(encoding="utf-8").strip() if path else None

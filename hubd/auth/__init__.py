@@ -1,0 +1,87 @@
+"""Who may speak: DER credentials on the data path, system credentials on queries, registration.
+
+The registry is mirrored in memory and re-read only when SQLite says another process changed it, so a
+credential check on the hot path is two dict lookups and a digest comparison.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import Executor
+
+from hubd.auth.credentials import VerifiedCache
+from hubd.auth.registry import Der, Registry, System
+from hubd.model import ErrorCode, HubError
+
+
+class Authenticator:
+    """Checks DER and system passwords against the registry, from memory when it can."""
+
+    def __init__(self, registry: Registry, pool: Executor) -> None:
+        self.registry = registry
+        self.cache = VerifiedCache(pool)
+        self.ders: dict[str, Der] = {}
+        self.systems: dict[str, System] = {}
+        self._version = -1
+        self.refresh()
+
+    def refresh(self) -> bool:
+        """Re-read the registry if another process (the operator CLI) changed it; True when it did."""
+        version = self.registry.data_version()
+        if version == self._version:
+            return False
+        self._version = version
+        self.ders = self.registry.ders()
+        self.systems = self.registry.systems()
+        return True
+
+    def reload_der(self, der_id: str) -> None:
+        """Pick up this process's own change to one DER without a full reload."""
+        der = self.registry.der(der_id)
+        if der is None:
+            self.ders.pop(der_id, None)
+        else:
+            self.ders[der_id] = der
+        self.cache.forget("der:" + der_id)
+
+    def der_precheck(self, der_id: str, password: str) -> HubError | bool | None:
+        """The synchronous part of a DER check: an error, True when verified from memory, None for bcrypt."""
+        der = self.ders.get(der_id)
+        if der is None:
+            return HubError(ErrorCode.UNKNOWN_DER, f"DER {der_id} is not registered with this hub")
+        if der.status == "revoked":
+            return HubError(ErrorCode.NOT_ALLOWED, f"DER {der_id} has been revoked")
+        if der.password_hash is None:
+            return HubError(
+                ErrorCode.BAD_CREDENTIALS, f"DER {der_id} has no unique password yet: register it first"
+            )
+        known = self.cache.lookup("der:" + der_id, der.password_hash, password)
+        if known is False:
+            return _bad_password("DER", der_id)
+        return known
+
+    async def check_der(self, der_id: str, password: str) -> HubError | None:
+        """None when ``password`` is the DER's unique password, else the error to answer."""
+        verdict = self.der_precheck(der_id, password)
+        if isinstance(verdict, HubError):
+            return verdict
+        if verdict:
+            return None
+        der = self.ders[der_id]
+        assert der.password_hash is not None
+        good = await self.cache.check("der:" + der_id, der.password_hash, password)
+        return None if good else _bad_password("DER", der_id)
+
+    async def check_system(self, name: str, password: str, role: str) -> HubError | None:
+        """None when ``name`` is an active system of ``role`` and ``password`` is its password."""
+        system = self.systems.get(name)
+        if system is None or system.status != "active":
+            return HubError(ErrorCode.BAD_CREDENTIALS, f"unknown or revoked client {name}")
+        if not await self.cache.check("system:" + name, system.password_hash, password):
+            return _bad_password("client", name)
+        if system.role != role:
+            return HubError(ErrorCode.NOT_ALLOWED, f"client {name} has role {system.role}, not {role}")
+        return None
+
+
+def _bad_password(what: str, name: str) -> HubError:
+    return HubError(ErrorCode.BAD_CREDENTIALS, f"wrong password for {what} {name}")

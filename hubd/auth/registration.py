@@ -1,0 +1,97 @@
+"""First contact: a DER proves the hub's initial password and receives a unique password of its own.
+
+The unique password is shown once, in the answer, and stored only as a bcrypt hash. Failed attempts count
+per DER id and per requester; past the limit the hub answers ``rate_limited`` without even checking.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from concurrent.futures import Executor
+from typing import Any
+
+from hubd.audit import AuditLog
+from hubd.auth import Authenticator
+from hubd.auth.credentials import RateLimiter, hash_password, issue_password
+from hubd.auth.registry import DER_METADATA, check_id, check_metadata
+from hubd.config import AuthConfig
+from hubd.model import ErrorCode, HubError, format_time, now_ms
+
+
+class Registration:
+    """Answers ``register`` requests per PROTOCOL.md (allowlist or open mode, one-time claim)."""
+
+    def __init__(self, auth: Authenticator, config: AuthConfig, audit: AuditLog, pool: Executor) -> None:
+        self._auth = auth
+        self._config = config
+        self._audit = audit
+        self._pool = pool
+        self._limiter = RateLimiter(config.rate_limit.failures, config.rate_limit.window_s)
+
+    async def handle(self, request: dict[str, Any], requester: str | None) -> dict[str, Any]:
+        der_id = request.get("der_id")
+        try:
+            return await self._register(request, requester)
+        except HubError as exc:
+            self._audit.append(
+                "register.failed", exc.code.value, der_id=der_id if isinstance(der_id, str) else None,
+                requester=requester, reason=exc.message,
+            )
+            return {"ok": False, "error": exc.as_dict()}
+
+    async def _register(self, request: dict[str, Any], requester: str | None) -> dict[str, Any]:
+        der_id = check_id(request.get("der_id"))
+        password = request.get("password")
+        if not isinstance(password, str) or not password:
+            raise HubError(ErrorCode.BAD_REQUEST, "password (the initial password) is missing")
+        location = request.get("location") or {}
+        if not isinstance(location, dict):
+            raise HubError(ErrorCode.BAD_REQUEST, "location must be an object with lat, lon and area")
+        unknown = set(location) - {"lat", "lon", "area"}
+        if unknown:
+            raise HubError(ErrorCode.BAD_REQUEST, f"unknown location field {sorted(unknown)[0]!r}")
+        meta = check_metadata(
+            {key: request.get(key) for key in DER_METADATA if key not in ("lat", "lon", "area")} | location
+        )
+        keys = ["der:" + der_id] + (["requester:" + requester] if requester else [])
+        now = time.monotonic()
+        if any(self._limiter.blocked(key, now) for key in keys):
+            raise HubError(ErrorCode.RATE_LIMITED, "too many failed registrations; try again later")
+        try:
+            return await self._claim(der_id, password, meta)
+        except HubError as exc:
+            if exc.code in (ErrorCode.BAD_CREDENTIALS, ErrorCode.UNKNOWN_DER, ErrorCode.ALREADY_REGISTERED):
+                for key in keys:
+                    self._limiter.fail(key, now)
+            raise
+
+    async def _claim(self, der_id: str, password: str, meta: dict[str, Any]) -> dict[str, Any]:
+        initial = self._config.initial_password_hash
+        if initial is None:
+            raise HubError(ErrorCode.NOT_ALLOWED, "registration is closed: no initial password is configured")
+        if not await self._auth.cache.check("initial", initial, password):
+            raise HubError(ErrorCode.BAD_CREDENTIALS, "wrong initial password")
+        self._auth.refresh()
+        der = self._auth.ders.get(der_id)
+        if der is None and self._config.registration_mode == "allowlist":
+            raise HubError(ErrorCode.UNKNOWN_DER, f"DER {der_id} is not on this hub's allowlist")
+        if der is not None and der.status == "revoked":
+            raise HubError(ErrorCode.NOT_ALLOWED, f"DER {der_id} has been revoked")
+        if der is not None and der.status == "registered":
+            raise HubError(
+                ErrorCode.ALREADY_REGISTERED,
+                f"DER {der_id} already has a unique password; ask the operator to reset or rotate it",
+            )
+        unique = issue_password()
+        hashed = await asyncio.get_running_loop().run_in_executor(
+            self._pool, hash_password, unique, self._config.bcrypt_rounds
+        )
+        now = now_ms()
+        if not self._auth.registry.claim(der_id, hashed, now, meta, create=der is None):
+            raise HubError(ErrorCode.ALREADY_REGISTERED, f"DER {der_id} was registered by another request")
+        self._auth.reload_der(der_id)
+        self._auth.cache.remember("der:" + der_id, hashed, unique, good=True)
+        self._audit.append("register.ok", der_id=der_id, mode=self._config.registration_mode)
+        self._audit.append("password.issued", der_id=der_id)
+        return {"ok": True, "der_id": der_id, "password": unique, "registered_at": format_time(now)}

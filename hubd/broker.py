@@ -1,0 +1,421 @@
+"""The embedded Mosquitto broker hubd starts when no broker.url is configured.
+
+Mosquitto runs as a child process with a configuration rendered from
+``mosquitto/embedded.conf.in``. The child is driven with :class:`subprocess.Popen` and
+polled, not with asyncio's subprocess support, so that the same code serves the
+async hub (``start``/``stop``) and the sync test fixtures (``start_sync``/``stop_sync``)
+and works from any thread or event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import pwd
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+from types import TracebackType
+from typing import NoReturn
+
+__all__ = [
+    "EMBEDDED_TEMPLATE",
+    "TEMPLATE_PATH",
+    "BrokerNotInstalled",
+    "EmbeddedBroker",
+    "find_mosquitto",
+    "free_port",
+    "load_template",
+    "render_config",
+]
+
+#: The documented template in the repo checkout; the single source of truth.
+TEMPLATE_PATH = Path(__file__).resolve().parent.parent / "mosquitto" / "embedded.conf.in"
+
+#: Where Mosquitto lives when it is not on PATH: Debian/Ubuntu install it to
+#: /usr/sbin, which is often missing from a normal user's PATH; source builds use
+#: /usr/local/sbin.
+FALLBACK_EXECUTABLES = ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto")
+
+START_TIMEOUT = 10.0
+STOP_TIMEOUT = 5.0
+_POLL_INTERVAL = 0.02
+_LOG_TAIL_LINES = 15
+
+# Verbatim copy of mosquitto/embedded.conf.in, used when hubd runs from an installed
+# wheel that does not contain the repo's mosquitto/ directory. tests/test_broker.py
+# checks that it matches the file.
+EMBEDDED_TEMPLATE = """\
+# Mosquitto configuration for the broker hubd starts itself (the "embedded default").
+#
+# hubd renders this template (hubd/broker.py, render_config) into
+# <data_dir>/mosquitto/mosquitto.conf and runs `mosquitto -c` on it. The placeholders
+# are names in curly braces: port and bind (the listener, by default 1883 on
+# 127.0.0.1), data_dir (hubd's data directory, absolute) and user (see below).
+# hubd/broker.py carries a verbatim copy of this file (EMBEDDED_TEMPLATE) for installs
+# without the repo checkout; tests/test_broker.py fails if the two differ.
+#
+# This broker is for a single host only: anonymous access is allowed because the
+# listener binds to loopback, so only local processes (hubd, local gateways, tests)
+# can reach it. Never bind it to a public address; for a networked broker with TLS
+# and per-client credentials use mosquitto/production.conf.
+
+per_listener_settings false
+listener {port} {bind}
+allow_anonymous true
+
+# When started as root, Mosquitto switches to the "mosquitto" user by default and
+# could then no longer write its database under hubd's data dir. Run as hubd's user.
+user {user}
+
+# Keep subscriptions and queued messages on disk, so the QoS 1 messages waiting for
+# hubd's persistent session (clean start false) survive a broker restart. The
+# database is written on a clean shutdown (SIGTERM) and every autosave_interval
+# seconds; a crash loses at most that window of queued messages.
+persistence true
+persistence_location {data_dir}/mosquitto/
+autosave_interval 60
+
+# By default Mosquitto keeps at most 1000 QoS 1/2 messages per client beyond those in
+# flight and silently DROPS the rest. A slow or restarting hubd would lose power
+# data that way, so allow a very deep queue (bounded only to survive a runaway
+# publisher) and no byte limit (0 = unlimited).
+max_queued_messages 1000000
+max_queued_bytes 0
+
+# Outgoing QoS 1/2 messages in flight per client (default 20). A little more keeps
+# hubd's subscription busy over loopback; MQTT v5 clients can lower it with
+# Receive Maximum.
+max_inflight_messages 100
+
+# Forget sessions of clients that have not come back for a week, so abandoned
+# client ids do not hold queued messages forever.
+persistent_client_expiration 7d
+
+# hubd starts Mosquitto with stderr redirected to <data_dir>/mosquitto/mosquitto.log
+# (it shows the log's tail when the broker fails to start). Client connects and
+# disconnects are logged as notices; "information" and "debug" are left out.
+log_dest stderr
+log_type error
+log_type warning
+log_type notice
+
+# max_packet_size is deliberately unset: hubd enforces its own payload limit.
+"""
+
+_PLACEHOLDER = re.compile(r"\{[a-z_]+\}")
+
+
+class BrokerNotInstalled(Exception):
+    """Mosquitto is needed for the embedded broker but cannot be found."""
+
+    def __init__(self, detail: str = "") -> None:
+        message = (
+            "Mosquitto is not installed: install it with `sudo apt-get install mosquitto` "
+            "(Debian/Ubuntu), or set broker.url in hubd.yaml to use an existing broker."
+        )
+        super().__init__(f"{message} ({detail})" if detail else message)
+
+
+def find_mosquitto(executable: str | None = None) -> str:
+    """Return the path of the mosquitto binary, or raise BrokerNotInstalled.
+
+    An explicit ``executable`` may be a path or a command name looked up on PATH.
+    Without one, PATH is searched first and then the usual sbin locations.
+    """
+    if executable is not None:
+        found = shutil.which(executable)
+        if found is None:
+            raise BrokerNotInstalled(f"{executable} not found or not executable")
+        return found
+    found = shutil.which("mosquitto")
+    if found is not None:
+        return found
+    for candidate in FALLBACK_EXECUTABLES:
+        if os.access(candidate, os.X_OK):
+            return candidate
+    raise BrokerNotInstalled("mosquitto is neither on PATH nor in " + ", ".join(FALLBACK_EXECUTABLES))
+
+
+def load_template(template: Path | None = None) -> str:
+    """Read the config template: ``template``, else the repo file, else the built-in copy."""
+    if template is not None:
+        return template.read_text(encoding="utf-8")
+    try:
+        return TEMPLATE_PATH.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return EMBEDDED_TEMPLATE
+
+
+def _current_user() -> str:
+    """The user name Mosquitto should keep running as (only matters when hubd is root)."""
+    try:
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:  # uid without a passwd entry; cannot be root, so `user` is ignored
+        return "mosquitto"
+
+
+def render_config(template: str, *, port: int, bind: str, data_dir: Path, user: str | None = None) -> str:
+    """Fill the template's placeholders; values are checked so they cannot inject options."""
+    if not 0 < port < 65536:
+        raise ValueError(f"port out of range: {port}")
+    values = {
+        "port": str(port),
+        "bind": bind,
+        "data_dir": str(data_dir.resolve()),
+        "user": user if user is not None else _current_user(),
+    }
+    for key, value in values.items():
+        if not value or any(c in value for c in "\r\n\0"):
+            raise ValueError(f"invalid {key} for the Mosquitto config: {value!r}")
+        if key in ("bind", "user") and any(c.isspace() for c in value):
+            raise ValueError(f"invalid {key} for the Mosquitto config: {value!r}")
+    text = template
+    for key, value in values.items():
+        text = text.replace("{" + key + "}", value)
+    config_lines = [line for line in text.splitlines() if not line.lstrip().startswith("#")]
+    leftover = _PLACEHOLDER.findall("\n".join(config_lines))
+    if leftover:
+        raise ValueError(f"unknown placeholders in the Mosquitto template: {sorted(set(leftover))}")
+    return text
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """Return a TCP port that is free right now (the OS picks it; it may be taken later)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _connect_host(bind: str) -> str:
+    """The address to reach a listener bound to ``bind`` (wildcards mean loopback)."""
+    if bind in ("0.0.0.0", ""):
+        return "127.0.0.1"
+    if bind == "::":
+        return "::1"
+    return bind
+
+
+def _accepts(host: str, port: int) -> bool:
+    """True if something accepts TCP connections on host:port."""
+    try:
+        with socket.create_connection((host, port), timeout=0.2):
+            return True
+    except OSError:
+        return False
+
+
+class EmbeddedBroker:
+    """A local Mosquitto that hubd starts from mosquitto/embedded.conf.in and stops on exit.
+
+    Its files live in ``<data_dir>/mosquitto/``: the rendered ``mosquitto.conf``, the
+    ``mosquitto.log`` (the broker's stderr, appended across runs) and the persistence
+    database ``mosquitto.db``, which keeps hubd's queued QoS 1 messages across restarts.
+    """
+
+    def __init__(
+        self,
+        data_dir: Path,
+        port: int = 1883,
+        bind: str = "127.0.0.1",
+        executable: str | None = None,
+        template: Path | None = None,
+    ) -> None:
+        self.executable = find_mosquitto(executable)
+        self.data_dir = Path(data_dir).resolve()
+        self.port = port
+        self.bind = bind
+        self.template = template
+        self.broker_dir = self.data_dir / "mosquitto"
+        self.config_path = self.broker_dir / "mosquitto.conf"
+        self.log_path = self.broker_dir / "mosquitto.log"
+        self._process: subprocess.Popen[bytes] | None = None
+        self._log_offset = 0
+
+    @property
+    def host(self) -> str:
+        """The address clients on this machine use to reach the broker."""
+        return _connect_host(self.bind)
+
+    @property
+    def url(self) -> str:
+        """The broker URL for hubd's MQTT client, e.g. ``mqtt://127.0.0.1:1883``."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"mqtt://{host}:{self.port}"
+
+    @property
+    def running(self) -> bool:
+        """True while the Mosquitto process is alive."""
+        return self._process is not None and self._process.poll() is None
+
+    @property
+    def pid(self) -> int | None:
+        """The process id of the running broker, if any."""
+        return self._process.pid if self._process is not None else None
+
+    # -- start ------------------------------------------------------------------
+
+    def _launch(self) -> None:
+        """Render the config and spawn Mosquitto (does not wait for it to listen)."""
+        if self._process is not None:
+            raise RuntimeError("the embedded broker is already started")
+        config = render_config(
+            load_template(self.template), port=self.port, bind=self.bind, data_dir=self.data_dir
+        )
+        # Without this check, our readiness probe would happily connect to whatever
+        # already listens there while our Mosquitto is still failing to bind.
+        if _accepts(self.host, self.port):
+            raise RuntimeError(
+                f"cannot start the embedded broker: port {self.port} on {self.bind} is already in use "
+                "(another broker, perhaps one left over from an earlier hubd run?); "
+                "choose another port or set broker.url to use that broker"
+            )
+        self.broker_dir.mkdir(parents=True, exist_ok=True)
+        self.config_path.write_text(config, encoding="utf-8")
+        with self.log_path.open("ab") as log:
+            self._log_offset = log.tell()
+            self._process = subprocess.Popen(
+                [self.executable, "-c", str(self.config_path)],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                cwd=self.broker_dir,
+                # Own process group: a Ctrl-C on hubd's terminal must not kill the broker
+                # before hubd has disconnected; hubd stops it explicitly.
+                start_new_session=True,
+            )
+
+    def _check_ready(self) -> bool:
+        """True once Mosquitto listens; raise RuntimeError if it has exited."""
+        process = self._process
+        assert process is not None
+        if process.poll() is not None:
+            self._failed(f"mosquitto exited with status {process.returncode} during start-up")
+        if not _accepts(self.host, self.port):
+            return False
+        if process.poll() is not None:
+            self._failed(f"mosquitto exited with status {process.returncode} during start-up")
+        return True
+
+    def _failed(self, reason: str) -> NoReturn:
+        """Kill what is left of the process and raise with the log's tail."""
+        self._kill_now()
+        raise RuntimeError(f"{reason}; last lines of {self.log_path}:\n{self.log_tail()}")
+
+    def log_tail(self, lines: int = _LOG_TAIL_LINES) -> str:
+        """The last lines the broker logged in this run (for error messages)."""
+        try:
+            with self.log_path.open("rb") as log:
+                log.seek(self._log_offset)
+                text = log.read().decode("utf-8", errors="replace")
+        except OSError as exc:
+            return f"(log unreadable: {exc})"
+        tail = text.splitlines()[-lines:]
+        return "\n".join(tail) if tail else "(log is empty)"
+
+    def start_sync(self, timeout: float = START_TIMEOUT) -> None:
+        """Start the broker and block until it accepts connections (for sync callers, tests)."""
+        self._launch()
+        deadline = time.monotonic() + timeout
+        try:
+            while not self._check_ready():
+                if time.monotonic() >= deadline:
+                    self._failed(f"mosquitto did not listen on port {self.port} within {timeout:g} s")
+                time.sleep(_POLL_INTERVAL)
+        except BaseException:  # interrupted: do not leave an orphan broker behind
+            self._kill_now()
+            raise
+
+    async def start(self, timeout: float = START_TIMEOUT) -> None:
+        """Start the broker and wait until it accepts connections.
+
+        Raises RuntimeError with the last lines of the broker log if Mosquitto exits
+        during start-up (e.g. port in use, unreadable data dir) or does not listen in time.
+        """
+        self._launch()
+        deadline = time.monotonic() + timeout
+        try:
+            while not self._check_ready():
+                if time.monotonic() >= deadline:
+                    self._failed(f"mosquitto did not listen on port {self.port} within {timeout:g} s")
+                await asyncio.sleep(_POLL_INTERVAL)
+        except BaseException:  # cancelled or interrupted: do not leave an orphan broker behind
+            self._kill_now()
+            raise
+
+    # -- stop -------------------------------------------------------------------
+
+    def _terminate(self) -> subprocess.Popen[bytes] | None:
+        """Send SIGTERM (Mosquitto then saves its database) and return the process to wait for."""
+        process = self._process
+        if process is None:
+            return None
+        if process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                process.send_signal(signal.SIGTERM)
+        return process
+
+    def _kill_now(self) -> None:
+        """SIGKILL and reap; used when start-up failed and there is nothing to save."""
+        process, self._process = self._process, None
+        if process is not None:
+            if process.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    process.kill()
+            process.wait()
+
+    def stop_sync(self, timeout: float = STOP_TIMEOUT) -> None:
+        """Stop the broker: SIGTERM, wait up to ``timeout`` s, then SIGKILL. Idempotent."""
+        process = self._terminate()
+        if process is None:
+            return
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(timeout=timeout)
+        self._kill_now()
+
+    async def stop(self, timeout: float = STOP_TIMEOUT) -> None:
+        """Stop the broker: SIGTERM, wait up to ``timeout`` s, then SIGKILL. Idempotent."""
+        process = self._terminate()
+        if process is None:
+            return
+        deadline = time.monotonic() + timeout
+        while process.poll() is None and time.monotonic() < deadline:
+            await asyncio.sleep(_POLL_INTERVAL)
+        self._kill_now()
+
+    # -- context managers ----------------------------------------------------------
+
+    async def __aenter__(self) -> EmbeddedBroker:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    def __enter__(self) -> EmbeddedBroker:
+        self.start_sync()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop_sync()
+
+    def __repr__(self) -> str:
+        state = f"pid {self.pid}" if self.running else "stopped"
+        return f"<EmbeddedBroker {self.url} {state}>"

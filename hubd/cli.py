@@ -1,0 +1,379 @@
+"""The ``hubd`` command: run the daemon, try the demo, and operate the registry, audit and store."""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import getpass
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import click
+import orjson
+from loguru import logger
+
+from hubd import audit as audit_trail
+from hubd.audit import AuditLog
+from hubd.auth.credentials import hash_password, issue_password
+from hubd.auth.registry import Registry, read_der_csv
+from hubd.config import Config, ConfigError, load_config
+from hubd.model import DER_TYPES, FIELDS, HubError, format_time, now_ms, parse_time
+from hubd.quarantine import Quarantine
+from hubd.query import run_raw
+from hubd.store import RawQuery
+from hubd.store.sqlite import SqliteStore
+
+
+def setup_logging(level: str) -> None:
+    logger.remove()
+    logger.add(sys.stderr, level=level, format="{time:YYYY-MM-DD HH:mm:ss.SSS} {level: <7} {message}")
+
+
+class Context:
+    """What every subcommand needs: the validated config, loaded once."""
+
+    def __init__(self, config_path: str | None) -> None:
+        self.config_path = config_path
+        self._config: Config | None = None
+
+    @property
+    def config(self) -> Config:
+        if self._config is None:
+            try:
+                self._config = load_config(self.config_path)
+            except ConfigError as exc:
+                raise click.ClickException(str(exc)) from None
+        return self._config
+
+    @contextmanager
+    def registry(self) -> Iterator[tuple[Registry, AuditLog]]:
+        registry = Registry(self.config.registry_path)
+        audit = AuditLog(self.config.audit_path, fsync=self.config.audit.fsync)
+        try:
+            yield registry, audit
+        finally:
+            audit.close()
+            registry.close()
+
+
+pass_context = click.make_pass_decorator(Context)
+
+
+@click.group()
+@click.option("--config", "config_path", envvar="HUBD_CONFIG", type=click.Path(dir_okay=False),
+              help="hubd.yaml (default: $HUBD_CONFIG, else the embedded default)")
+@click.pass_context
+def main(ctx: click.Context, config_path: str | None) -> None:
+    """hubd: an IoT hub for the power data of distributed energy resources."""
+    ctx.obj = Context(config_path)
+
+
+@main.command()
+@pass_context
+def run(ctx: Context) -> None:
+    """Run the hub until SIGTERM or Ctrl-C."""
+    from hubd.app import Hub
+    from hubd.broker import BrokerNotInstalled
+
+    config = ctx.config
+    setup_logging(config.log.level)
+    try:
+        asyncio.run(Hub(config).run())
+    except BrokerNotInstalled as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@main.command()
+@click.option("--minutes", default=5, show_default=True, help="minutes of readings the edge terminal sends")
+@click.option("--port", default=0, help="port for the embedded broker (default: a free one)")
+def demo(minutes: int, port: int) -> None:
+    """Run the hub on the embedded default with a simulated edge terminal and market system."""
+    from hubd.demo import run_demo
+
+    setup_logging("WARNING")
+    sys.exit(run_demo(minutes=minutes, port=port))
+
+
+@main.command("hash-password")
+def hash_password_command() -> None:
+    """Hash an initial password for auth.initial_password_hash (reads it from the terminal or stdin)."""
+    password = getpass.getpass("initial password: ") if sys.stdin.isatty() else sys.stdin.readline().strip()
+    if len(password) < 12:
+        raise click.ClickException("use at least 12 characters")
+    click.echo(hash_password(password, 12))
+
+
+# -- DERs ----------------------------------------------------------------------------------------------
+
+
+@main.group()
+def der() -> None:
+    """Pre-register and manage DERs."""
+
+
+@der.command("add")
+@click.argument("der_id")
+@click.option("--type", "der_type", type=click.Choice(DER_TYPES))
+@click.option("--name")
+@click.option("--maker")
+@click.option("--model")
+@click.option("--area")
+@click.option("--lat", type=float)
+@click.option("--lon", type=float)
+@click.option("--capacity-kw", type=float)
+@pass_context
+def der_add(ctx: Context, der_id: str, der_type: str | None, **meta: Any) -> None:
+    """Put DER_ID on the allowlist (or update its details)."""
+    with ctx.registry() as (registry, audit), _errors():
+        record = registry.add_der(der_id, now_ms(), {"type": der_type, **meta})
+        audit.append("der.added", der_id=der_id, by="operator")
+    click.echo(orjson.dumps(record.public()).decode())
+
+
+@der.command("import")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@pass_context
+def der_import(ctx: Context, file: Path) -> None:
+    """Add DERs from a CSV file with a der_id column and any of type,name,maker,model,capacity_kw,lat,lon,area."""
+    with ctx.registry() as (registry, audit), _errors():
+        count = registry.import_ders(read_der_csv(file), now_ms())
+        audit.append("der.imported", der_count=count, file=file.name, by="operator")
+    click.echo(f"{count} DERs imported")
+
+
+@der.command("list")
+@click.option("--status", type=click.Choice(["allowed", "registered", "revoked"]))
+@pass_context
+def der_list(ctx: Context, status: str | None) -> None:
+    """List DERs (one per line: id, type, status, area)."""
+    with ctx.registry() as (registry, _):
+        for record in sorted(registry.ders().values(), key=lambda d: d.der_id):
+            if status is None or record.status == status:
+                click.echo(f"{record.der_id}\t{record.type}\t{record.status}\t{record.area or '-'}")
+
+
+@der.command("show")
+@click.argument("der_id")
+@pass_context
+def der_show(ctx: Context, der_id: str) -> None:
+    """Show one DER's details (never its password)."""
+    with ctx.registry() as (registry, _):
+        record = registry.der(der_id)
+    if record is None:
+        raise click.ClickException(f"no DER {der_id}")
+    click.echo(orjson.dumps(record.public(), option=orjson.OPT_INDENT_2).decode())
+
+
+@der.command("reset")
+@click.argument("der_id")
+@pass_context
+def der_reset(ctx: Context, der_id: str) -> None:
+    """Forget DER_ID's unique password: it may register again with the initial password."""
+    with ctx.registry() as (registry, audit):
+        if not registry.set_der_password(der_id, None, "allowed"):
+            raise click.ClickException(f"no DER {der_id}")
+        audit.append("password.reset", der_id=der_id, by="operator")
+    click.echo(f"{der_id}: reset; it may register again with the initial password")
+
+
+@der.command("rotate")
+@click.argument("der_id")
+@pass_context
+def der_rotate(ctx: Context, der_id: str) -> None:
+    """Issue DER_ID a new unique password and print it once; the old one stops working at once."""
+    with ctx.registry() as (registry, audit):
+        record = registry.der(der_id)
+        if record is None or record.status == "revoked":
+            raise click.ClickException(f"no active DER {der_id}")
+        password = issue_password()
+        registry.set_der_password(der_id, hash_password(password, _rounds(ctx)), "registered")
+        audit.append("password.rotated", der_id=der_id, by="operator")
+    click.echo(password)
+
+
+@der.command("revoke")
+@click.argument("der_id")
+@pass_context
+def der_revoke(ctx: Context, der_id: str) -> None:
+    """Refuse all data and registration from DER_ID from now on."""
+    with ctx.registry() as (registry, audit):
+        if not registry.set_der_password(der_id, None, "revoked"):
+            raise click.ClickException(f"no DER {der_id}")
+        audit.append("der.revoked", der_id=der_id, by="operator")
+    click.echo(f"{der_id}: revoked")
+
+
+# -- systems -------------------------------------------------------------------------------------------
+
+
+@main.group()
+def system() -> None:
+    """Systems that are not DERs: gateways and consumers (the market system)."""
+
+
+@system.command("add")
+@click.argument("name")
+@click.option("--role", type=click.Choice(["gateway", "consumer"]), required=True)
+@pass_context
+def system_add(ctx: Context, name: str, role: str) -> None:
+    """Create a system and print its password once."""
+    password = issue_password()
+    with ctx.registry() as (registry, audit), _errors():
+        registry.add_system(name, role, hash_password(password, _rounds(ctx)), now_ms())  # type: ignore[arg-type]
+        audit.append("system.added", client_id=name, role=role, by="operator")
+        audit.append("password.issued", client_id=name, by="operator")
+    click.echo(password)
+
+
+@system.command("list")
+@pass_context
+def system_list(ctx: Context) -> None:
+    """List systems (name, role, status)."""
+    with ctx.registry() as (registry, _):
+        for item in sorted(registry.systems().values(), key=lambda s: s.name):
+            click.echo(f"{item.name}\t{item.role}\t{item.status}")
+
+
+@system.command("revoke")
+@click.argument("name")
+@pass_context
+def system_revoke(ctx: Context, name: str) -> None:
+    """Refuse the system from now on."""
+    with ctx.registry() as (registry, audit):
+        if not registry.revoke_system(name):
+            raise click.ClickException(f"no system {name}")
+        audit.append("system.revoked", client_id=name, by="operator")
+    click.echo(f"{name}: revoked")
+
+
+# -- quarantine ----------------------------------------------------------------------------------------
+
+
+@main.group()
+def quarantine() -> None:
+    """Payloads the hub could not decode, kept whole."""
+
+
+@quarantine.command("list")
+@click.option("-n", "limit", default=50, show_default=True)
+@pass_context
+def quarantine_list(ctx: Context, limit: int) -> None:
+    """The newest quarantined payloads: id, time, topic, code, reason."""
+    store = Quarantine(ctx.config.registry_path)
+    for row in store.list(limit):
+        click.echo(f"{row['id']}\t{format_time(row['received_at'])}\t{row['topic']}\t{row['code']}\t"
+                   f"{row['size']} B\t{row['reason']}")
+    store.close()
+
+
+@quarantine.command("show")
+@click.argument("entry_id", type=int)
+@click.option("--raw", is_flag=True, help="write the payload bytes to stdout, nothing else")
+@pass_context
+def quarantine_show(ctx: Context, entry_id: int, raw: bool) -> None:
+    """One quarantined payload with its details."""
+    store = Quarantine(ctx.config.registry_path)
+    found = store.get(entry_id)
+    store.close()
+    if found is None:
+        raise click.ClickException(f"no quarantine entry {entry_id}")
+    meta, payload = found
+    if raw:
+        sys.stdout.buffer.write(payload)
+        return
+    meta["received_at"] = format_time(meta["received_at"])
+    click.echo(orjson.dumps(meta, option=orjson.OPT_INDENT_2).decode())
+    click.echo(payload.decode("utf-8", errors="backslashreplace")[:4000])
+
+
+# -- query ---------------------------------------------------------------------------------------------
+
+
+@main.command()
+@click.option("--start", required=True, help="RFC 3339 with an offset, inclusive")
+@click.option("--end", required=True, help="RFC 3339 with an offset, exclusive")
+@click.option("--der", "der_ids", multiple=True, help="a DER id (repeatable)")
+@click.option("--field", "fields", multiple=True, type=click.Choice(FIELDS), help="a field (repeatable)")
+@click.option("--limit", default=0, help="stop after this many rows (default: all)")
+@click.option("--format", "fmt", type=click.Choice(["json", "csv"]), default="json", show_default=True)
+@pass_context
+def query(ctx: Context, start: str, end: str, der_ids: tuple[str, ...], fields: tuple[str, ...], limit: int,
+          fmt: str) -> None:
+    """Extract raw readings from the store, ordered by measurement time and DER id."""
+    try:
+        first = RawQuery(parse_time(start, "start"), parse_time(end, "end"), ctx.config.query.max_limit,
+                         der_ids, fields or FIELDS)
+    except HubError as exc:
+        raise click.ClickException(exc.message) from None
+    store = SqliteStore(ctx.config.readings_path, ctx.config.store.sqlite.synchronous)
+    writer = csv.writer(sys.stdout) if fmt == "csv" else None
+    if writer:
+        writer.writerow(["der_id", "measured_at", *first.fields])
+    total, page = 0, first
+    while True:
+        answer = run_raw(page, store.raw)
+        for row in answer["rows"]:
+            if writer:
+                writer.writerow([row["der_id"], row["measured_at"], *[row.get(f, "") for f in first.fields]])
+            else:
+                click.echo(orjson.dumps(row).decode())
+            total += 1
+            if limit and total >= limit:
+                break
+        if not answer["next_cursor"] or (limit and total >= limit):
+            break
+        from hubd.query import decode_cursor
+
+        page = RawQuery(first.start, first.end, first.limit, first.der_ids, first.fields,
+                        decode_cursor(answer["next_cursor"]))
+    store.close()
+    with AuditLog(ctx.config.audit_path) as audit:
+        audit.append("query.extracted", by="operator", rows=total, start=start, end=end,
+                     der_ids=list(der_ids))
+
+
+# -- audit ---------------------------------------------------------------------------------------------
+
+
+@main.group()
+def audit() -> None:
+    """The tamper-evident event log."""
+
+
+@audit.command("verify")
+@click.option("--file", "file", type=click.Path(path_type=Path), help="an audit log (default: the hub's)")
+@pass_context
+def audit_verify(ctx: Context, file: Path | None) -> None:
+    """Check the hash chain; exit 1 naming the first bad record."""
+    report = audit_trail.verify(file or ctx.config.audit_path)
+    if report.ok:
+        click.echo(f"ok: {report.records} records, chain intact")
+        return
+    click.echo(f"BROKEN: {report.reason}", err=True)
+    sys.exit(1)
+
+
+@audit.command("tail")
+@click.option("-n", "count", default=20, show_default=True)
+@click.option("--der", "der_id")
+@click.option("--event")
+@pass_context
+def audit_tail(ctx: Context, count: int, der_id: str | None, event: str | None) -> None:
+    """The last records, optionally for one DER or one event type (prefix)."""
+    for record in audit_trail.tail(ctx.config.audit_path, count, der_id=der_id, event=event):
+        click.echo(orjson.dumps(record).decode())
+
+
+@contextmanager
+def _errors() -> Iterator[None]:
+    try:
+        yield
+    except HubError as exc:
+        raise click.ClickException(exc.message) from None
+
+
+def _rounds(ctx: Context) -> int:
+    return ctx.config.auth.bcrypt_rounds

@@ -1,0 +1,253 @@
+"""Typed configuration from ``hubd.yaml``, validated at start.
+
+An unknown key, a wrong type or a missing required value stops the daemon with one message naming the
+key: a typo in a config file must never silently fall back to a default.
+"""
+
+from __future__ import annotations
+
+import os
+import types
+import typing
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass, replace
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+import yaml
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; the message names the key and the problem."""
+
+
+@dataclass(frozen=True)
+class BrokerConfig:
+    """Where hubd's MQTT traffic goes. Without ``url`` hubd starts its own local Mosquitto."""
+
+    url: str | None = None
+    embedded_port: int = 1883
+    embedded_bind: str = "127.0.0.1"
+    client_id: str = "hubd"
+    username: str | None = None
+    password_file: str | None = None
+    shared_group: str | None = None
+    session_expiry_s: int = 7 * 24 * 3600
+    receive_maximum: int = 2000
+    keepalive_s: int = 30
+
+
+@dataclass(frozen=True)
+class SqliteConfig:
+    path: str | None = None
+    synchronous: Literal["full", "normal"] = "full"
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    backend: Literal["sqlite"] = "sqlite"
+    sqlite: SqliteConfig = field(default_factory=SqliteConfig)
+    batch_max_readings: int = 20000
+    batch_wait_ms: float = 2.0
+    queue_max_messages: int = 20000
+
+
+@dataclass(frozen=True)
+class RateLimitConfig:
+    failures: int = 5
+    window_s: float = 300.0
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    initial_password_hash: str | None = None
+    registration_mode: Literal["allowlist", "open"] = "allowlist"
+    bcrypt_rounds: int = 10
+    rate_limit: RateLimitConfig = field(default_factory=RateLimitConfig)
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    max_payload_bytes: int = 4 * 1024 * 1024
+    max_readings_per_message: int = 10000
+    max_future_s: float = 300.0
+
+
+@dataclass(frozen=True)
+class QueryConfig:
+    max_limit: int = 10000
+    default_limit: int = 1000
+    max_der_ids: int = 1000
+
+
+@dataclass(frozen=True)
+class AuditConfig:
+    path: str | None = None
+    fsync: bool = False
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole configuration; every section optional, so an empty file is the embedded default."""
+
+    data_dir: str = "var"
+    topic_prefix: str = "hub/v1"
+    broker: BrokerConfig = field(default_factory=BrokerConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    query: QueryConfig = field(default_factory=QueryConfig)
+    audit: AuditConfig = field(default_factory=AuditConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    @property
+    def data_path(self) -> Path:
+        return Path(self.data_dir).expanduser()
+
+    @property
+    def registry_path(self) -> Path:
+        return self.data_path / "hub.sqlite3"
+
+    @property
+    def readings_path(self) -> Path:
+        return Path(self.store.sqlite.path) if self.store.sqlite.path else self.data_path / "readings.sqlite3"
+
+    @property
+    def audit_path(self) -> Path:
+        return Path(self.audit.path) if self.audit.path else self.data_path / "audit.jsonl"
+
+
+def _type_name(tp: Any) -> str:
+    origin = get_origin(tp)
+    if origin is Literal:
+        return " or ".join(repr(a) for a in get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in get_args(tp))
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; raise ConfigError naming ``key``."""
+    origin = get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        for option in get_args(tp):
+            try:
+                return _convert(value, option, key)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        if value in get_args(tp):
+            return value
+        raise ConfigError(f"{key}: must be {_type_name(tp)}, got {value!r}")
+    if tp is type(None):
+        if value is None:
+            return None
+        raise ConfigError(f"{key}: expected null, got {value!r}")
+    if is_dataclass(tp):
+        return _build(tp, value, key)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+
+
+def _build(cls: Any, data: Any, prefix: str) -> Any:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in fields(cls)}
+    for key in data:
+        if key not in known:
+            where = f"{prefix}.{key}" if prefix else str(key)
+            raise ConfigError(f"{where}: unknown key (known: {', '.join(sorted(known))})")
+    values: dict[str, Any] = {}
+    for name, spec in known.items():
+        where = f"{prefix}.{name}" if prefix else name
+        if name in data:
+            values[name] = _convert(data[name], hints[name], where)
+        elif spec.default is MISSING and spec.default_factory is MISSING:
+            raise ConfigError(f"{where}: required")
+    return cls(**values)
+
+
+def _check(config: Config) -> None:
+    """Rules a type cannot say."""
+    positive = {
+        "broker.embedded_port": config.broker.embedded_port,
+        "broker.receive_maximum": config.broker.receive_maximum,
+        "store.batch_max_readings": config.store.batch_max_readings,
+        "store.queue_max_messages": config.store.queue_max_messages,
+        "limits.max_payload_bytes": config.limits.max_payload_bytes,
+        "limits.max_readings_per_message": config.limits.max_readings_per_message,
+        "query.max_limit": config.query.max_limit,
+        "query.default_limit": config.query.default_limit,
+        "query.max_der_ids": config.query.max_der_ids,
+        "auth.rate_limit.failures": config.auth.rate_limit.failures,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{key}: must be positive, got {value}")
+    if not 4 <= config.auth.bcrypt_rounds <= 16:
+        raise ConfigError(f"auth.bcrypt_rounds: must be 4 … 16, got {config.auth.bcrypt_rounds}")
+    if config.broker.receive_maximum > 65535:
+        raise ConfigError("broker.receive_maximum: must be at most 65535")
+    hashed = config.auth.initial_password_hash
+    if hashed is not None and not hashed.startswith(("$2a$", "$2b$", "$2y$")):
+        raise ConfigError(
+            "auth.initial_password_hash: must be a bcrypt hash (make one with `hubd hash-password`), "
+            "never the password itself"
+        )
+    if config.broker.url is not None and not config.broker.url.startswith(("mqtt://", "mqtts://")):
+        raise ConfigError(f"broker.url: must start with mqtt:// or mqtts://, got {config.broker.url!r}")
+    if config.topic_prefix.endswith("/") or "#" in config.topic_prefix or "+" in config.topic_prefix:
+        raise ConfigError(f"topic_prefix: must be a plain topic without wildcards or a trailing /, got "
+                          f"{config.topic_prefix!r}")
+
+
+def parse_config(data: Any, source: str = "config") -> Config:
+    """Validate a parsed YAML document into a Config."""
+    try:
+        config: Config = _build(Config, data, "")
+        _check(config)
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+    return config
+
+
+def load_config(path: str | os.PathLike[str] | None = None) -> Config:
+    """Load ``path``, else ``$HUBD_CONFIG``, else the embedded default (no file at all)."""
+    chosen = path or os.environ.get("HUBD_CONFIG")
+    if not chosen:
+        return parse_config({}, "embedded default")
+    file = Path(chosen)
+    try:
+        text = file.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{file}: cannot read the config file ({exc.strerror})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{file}: not valid YAML ({exc})") from None
+    config = parse_config(data, str(file))
+    if not Path(config.data_dir).expanduser().is_absolute():
+        # A relative data_dir is relative to the config file, not to wherever hubd was started from.
+        config = replace(config, data_dir=str((file.parent / config.data_dir).resolve()))
+    return config

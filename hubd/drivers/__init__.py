@@ -1,0 +1,1 @@
+"""Drivers: one module per protocol. A driver emits RawMessages and sends answers; it never decodes."""

@@ -1,0 +1,171 @@
+"""Formats: payload bytes → readings in the unified schema, chosen by the format code.
+
+The hub's native format ``hub.v1`` (PROTOCOL.md, Power data) is registered here; vendor formats register
+the same way under their own codes. A decoder only decodes and validates: it never authenticates or stores.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from hubd.auth.registry import ID_PATTERN
+from hubd.model import QUANTITIES, ErrorCode, HubError, Reading, parse_time
+
+
+@dataclass(slots=True)
+class Decoded:
+    """One message decoded: its readings or, per index, why a reading was refused."""
+
+    source_id: str | None
+    items: list[Reading | HubError]
+    reply_to: str | None = None
+    request_id: Any = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    now_ms: int
+    max_future_ms: int
+    max_readings: int
+
+
+Decoder = Callable[[bytes, Limits], Decoded]
+_DECODERS: dict[str, Decoder] = {}
+
+
+def register(code: str) -> Callable[[Decoder], Decoder]:
+    """Register a decoder under a format code (the last path segment of ``hub/v1/data/<code>``)."""
+
+    def wrap(decoder: Decoder) -> Decoder:
+        _DECODERS[code] = decoder
+        return decoder
+
+    return wrap
+
+
+def decoder_for(code: str) -> Decoder:
+    try:
+        return _DECODERS[code]
+    except KeyError:
+        raise HubError(ErrorCode.UNKNOWN_FORMAT, f"no format is registered under the code {code!r}") from None
+
+
+def codes() -> list[str]:
+    return sorted(_DECODERS)
+
+
+def load_json_object(payload: bytes) -> dict[str, Any]:
+    """Parse a JSON object. NaN and Infinity are let through here so that they fail one reading, not all."""
+    try:
+        data = orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        try:
+            data = json.loads(payload)
+        except (ValueError, RecursionError):
+            raise HubError(ErrorCode.DECODE_ERROR, "the payload is not valid UTF-8 JSON") from None
+    if not isinstance(data, dict):
+        raise HubError(ErrorCode.DECODE_ERROR, f"the payload must be a JSON object, not {type(data).__name__}")
+    return data
+
+
+def reply_fields(data: dict[str, Any]) -> tuple[str | None, Any]:
+    """MQTT 3.1.1 request/response: ``reply_to`` and ``request_id`` in the JSON body."""
+    reply_to = data.get("reply_to")
+    if reply_to is not None and (not isinstance(reply_to, str) or not reply_to or "#" in reply_to
+                                 or "+" in reply_to):
+        reply_to = None
+    request_id = data.get("request_id")
+    if not isinstance(request_id, str | int) or isinstance(request_id, bool):
+        request_id = None
+    return reply_to, request_id
+
+
+_RESERVED = {"der_id", "password", "measured_at"}
+
+
+def check_reading(item: Any, limits: Limits) -> Reading:
+    """Validate one reading of the unified schema; raise HubError(bad_request) naming the field."""
+    if not isinstance(item, dict):
+        raise HubError(ErrorCode.BAD_REQUEST, "a reading must be a JSON object")
+    der_id = item.get("der_id")
+    if not isinstance(der_id, str) or not ID_PATTERN.match(der_id):
+        raise HubError(ErrorCode.BAD_REQUEST, "der_id is missing or not a valid DER id")
+    password = item.get("password")
+    if not isinstance(password, str) or not password:
+        raise HubError(ErrorCode.BAD_REQUEST, "password is missing or not a string")
+    if "measured_at" not in item:
+        raise HubError(ErrorCode.BAD_REQUEST, "measured_at is missing")
+    measured_at = parse_time(item["measured_at"], "measured_at")
+    if measured_at > limits.now_ms + limits.max_future_ms:
+        raise HubError(
+            ErrorCode.BAD_REQUEST,
+            f"measured_at is more than {limits.max_future_ms // 1000} s in the future; check the sender's clock",
+        )
+    values: dict[str, float] = {}
+    for key, value in item.items():
+        if key in _RESERVED or value is None:
+            continue
+        bounds = QUANTITIES.get(key)
+        if bounds is None:
+            raise HubError(ErrorCode.BAD_REQUEST, f"unknown field {key!r}")
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise HubError(ErrorCode.BAD_REQUEST, f"{key} must be a number")
+        number = float(value)
+        if not math.isfinite(number):
+            raise HubError(ErrorCode.BAD_REQUEST, f"{key} must be a finite number")
+        low, high = bounds
+        if (low is not None and number < low) or (high is not None and number > high):
+            raise HubError(ErrorCode.BAD_REQUEST, f"{key} {number} is out of range [{low}, {high}]")
+        values[key] = number
+    if not values:
+        raise HubError(ErrorCode.BAD_REQUEST, "a reading needs at least one quantity")
+    if ("energy_interval_kwh" in values) != ("interval_s" in values):
+        raise HubError(ErrorCode.BAD_REQUEST, "energy_interval_kwh and interval_s go together")
+    derive_reactive_power(values)
+    return Reading(der_id, measured_at, values, password)
+
+
+def derive_reactive_power(values: dict[str, float]) -> None:
+    """Fill ``reactive_power_kvar`` from power and power factor when it was not sent.
+
+    Q = P·tan(arccos|pf|); a negative power factor (leading, capacitive) gives a negative Q. A power
+    factor of 0 says nothing about P, so nothing is derived.
+    """
+    if "reactive_power_kvar" in values or "power_kw" not in values or "power_factor" not in values:
+        return
+    pf = values["power_factor"]
+    if pf == 0:
+        return
+    q = abs(values["power_kw"]) * math.tan(math.acos(min(abs(pf), 1.0)))
+    values["reactive_power_kvar"] = q if pf > 0 else -q
+
+
+@register("hub.v1")
+def decode_native(payload: bytes, limits: Limits) -> Decoded:
+    """The native format: ``{"source_id": ..., "readings": [...]}``."""
+    data = load_json_object(payload)
+    reply_to, request_id = reply_fields(data)
+    source_id = data.get("source_id")
+    if source_id is not None and (not isinstance(source_id, str) or not ID_PATTERN.match(source_id)):
+        raise HubError(ErrorCode.DECODE_ERROR, "source_id must be 1-64 characters of letters, digits and ._:-")
+    readings = data.get("readings")
+    if not isinstance(readings, list):
+        raise HubError(ErrorCode.DECODE_ERROR, "the message needs a readings list")
+    if len(readings) > limits.max_readings:
+        raise HubError(
+            ErrorCode.TOO_LARGE, f"{len(readings)} readings in one message; the limit is {limits.max_readings}"
+        )
+    items: list[Reading | HubError] = []
+    for item in readings:
+        try:
+            items.append(check_reading(item, limits))
+        except HubError as exc:
+            items.append(exc)
+    return Decoded(source_id, items, reply_to, request_id)

@@ -1,0 +1,124 @@
+"""The hub's vocabulary: raw messages, readings, error codes and time.
+
+Everything downstream of a driver speaks these types, so a reader can follow one reading from the wire
+to the store without meeting protocol details.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any
+
+
+class ErrorCode(StrEnum):
+    """The error codes of PROTOCOL.md; the only codes an answer may carry."""
+
+    BAD_REQUEST = "bad_request"
+    BAD_CREDENTIALS = "bad_credentials"
+    NOT_ALLOWED = "not_allowed"
+    UNKNOWN_DER = "unknown_der"
+    ALREADY_REGISTERED = "already_registered"
+    UNKNOWN_FORMAT = "unknown_format"
+    DECODE_ERROR = "decode_error"
+    TOO_LARGE = "too_large"
+    RATE_LIMITED = "rate_limited"
+    UNAVAILABLE = "unavailable"
+    INTERNAL = "internal"
+
+
+class HubError(Exception):
+    """An error with a protocol code and a message meant for a person (never a secret)."""
+
+    def __init__(self, code: ErrorCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+    def as_dict(self) -> dict[str, str]:
+        return {"code": self.code.value, "message": self.message}
+
+
+DER_TYPES = ("pv", "ess", "generator", "fuel_cell", "meter", "ev", "load", "other")
+
+# Unified quantities: name -> (lowest, highest) allowed value; None means unbounded on that side.
+QUANTITIES: dict[str, tuple[float | None, float | None]] = {
+    "energy_kwh": (None, None),
+    "energy_interval_kwh": (None, None),
+    "interval_s": (0.0, None),
+    "power_kw": (None, None),
+    "reactive_power_kvar": (None, None),
+    "voltage_v": (0.0, None),
+    "current_a": (None, None),
+    "power_factor": (-1.0, 1.0),
+    "frequency_hz": (0.0, None),
+    "soc_pct": (0.0, 100.0),
+}
+FIELDS = tuple(QUANTITIES)
+
+
+@dataclass(slots=True)
+class Reading:
+    """One DER's quantities at one measurement time (epoch milliseconds, UTC)."""
+
+    der_id: str
+    measured_at: int
+    values: dict[str, float]
+    password: str | None = field(default=None, repr=False)
+
+
+Reply = Callable[[dict[str, Any]], Awaitable[None]]
+
+
+@dataclass(slots=True)
+class RawMessage:
+    """What a driver hands on: bytes plus where they came from. Drivers never decode."""
+
+    source_id: str
+    format_code: str
+    payload: bytes
+    received_at: int
+    topic: str = ""
+    reply: Reply | None = None
+    requester: str | None = None
+    properties: dict[str, str] = field(default_factory=dict)
+
+
+def now_ms() -> int:
+    """Wall-clock time in epoch milliseconds."""
+    return int(datetime.now(UTC).timestamp() * 1000)
+
+
+def parse_time(value: object, name: str = "time") -> int:
+    """Parse an RFC 3339 time with an explicit offset, or integer epoch milliseconds, to epoch ms.
+
+    A time without an offset is refused, never guessed: a wrong zone silently moves a value into
+    another settlement slot.
+    """
+    if isinstance(value, bool):
+        raise HubError(ErrorCode.BAD_REQUEST, f"{name} must be RFC 3339 with an offset or epoch milliseconds")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        return int(value)
+    if not isinstance(value, str):
+        raise HubError(ErrorCode.BAD_REQUEST, f"{name} must be RFC 3339 with an offset or epoch milliseconds")
+    text = value.strip()
+    if text.endswith(("Z", "z")):
+        text = text[:-1] + "+00:00"
+    try:
+        parsed = datetime.fromisoformat(text)
+    except ValueError:
+        raise HubError(ErrorCode.BAD_REQUEST, f"{name} {value!r} is not an RFC 3339 time") from None
+    if parsed.tzinfo is None:
+        raise HubError(ErrorCode.BAD_REQUEST, f"{name} {value!r} has no UTC offset; add one such as Z or +09:00")
+    return int(parsed.timestamp() * 1000)
+
+
+def format_time(epoch_ms: int) -> str:
+    """Epoch milliseconds as the hub's UTC form, e.g. ``2026-11-27T00:05:00.000Z``."""
+    moment = datetime.fromtimestamp(epoch_ms / 1000, UTC)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{epoch_ms % 1000:03d}Z"

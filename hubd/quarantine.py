@@ -1,0 +1,66 @@
+"""Quarantine: payloads the hub could not take, kept whole with why, so nothing received is lost."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS quarantine (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    received_at INTEGER NOT NULL,
+    topic TEXT NOT NULL,
+    format_code TEXT NOT NULL,
+    source_id TEXT,
+    code TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    payload BLOB NOT NULL
+);
+"""
+
+
+class Quarantine:
+    """Raw payloads with topic, time and reason, in the hub's local state file."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA busy_timeout=10000")
+        self._db.executescript(_SCHEMA)
+
+    def add(
+        self, *, received_at: int, topic: str, format_code: str, source_id: str | None, code: str,
+        reason: str, payload: bytes,
+    ) -> int:
+        cursor = self._db.execute(
+            "INSERT INTO quarantine (received_at, topic, format_code, source_id, code, reason, size, payload) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (received_at, topic, format_code, source_id, code, reason, len(payload), payload),
+        )
+        return int(cursor.lastrowid or 0)
+
+    def list(self, limit: int = 50) -> list[dict[str, Any]]:
+        rows = self._db.execute(
+            "SELECT id, received_at, topic, format_code, source_id, code, reason, size FROM quarantine "
+            "ORDER BY id DESC LIMIT ?",
+            (limit,),
+        )
+        names = ("id", "received_at", "topic", "format_code", "source_id", "code", "reason", "size")
+        return [dict(zip(names, row, strict=True)) for row in rows]
+
+    def get(self, entry_id: int) -> tuple[dict[str, Any], bytes] | None:
+        row = self._db.execute(
+            "SELECT id, received_at, topic, format_code, source_id, code, reason, size, payload "
+            "FROM quarantine WHERE id = ?",
+            (entry_id,),
+        ).fetchone()
+        if row is None:
+            return None
+        names = ("id", "received_at", "topic", "format_code", "source_id", "code", "reason", "size")
+        return dict(zip(names, row[:-1], strict=True)), bytes(row[-1])
+
+    def close(self) -> None:
+        self._db.close()

@@ -1,0 +1,150 @@
+"""Group commit: readings from many messages written in one transaction, each sender told only after it.
+
+Messages queue up while the store thread commits the previous batch, so batches grow with the load and the
+cost of a commit is shared; a bounded queue pushes back on the broker instead of dropping anything.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import defaultdict, deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from loguru import logger
+
+from hubd.audit import AuditLog
+from hubd.model import ErrorCode, HubError, now_ms
+from hubd.store import Store, StoredReading
+
+_LISTED_DERS = 200  # an audit record lists the DER ids up to this many, else gives their count
+
+
+@dataclass(slots=True)
+class _Pending:
+    source_id: str
+    readings: list[StoredReading]
+    offered: int
+    done: asyncio.Future[None]
+
+
+@dataclass(slots=True)
+class _SourceTally:
+    messages: int = 0
+    offered: int = 0
+    readings: int = 0
+    der_ids: set[str] = field(default_factory=set)
+
+
+class BatchWriter:
+    """Accepts readings from many coroutines and commits them in batches from one store thread."""
+
+    def __init__(self, store: Store, audit: AuditLog, max_readings: int, queue_max_messages: int) -> None:
+        self.store = store
+        self._audit = audit
+        self._max = max_readings
+        self._queue: deque[_Pending] = deque()
+        self._wake = asyncio.Event()
+        self._space = asyncio.Semaphore(queue_max_messages)
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hubd-store")
+        self._closing = False
+        self._counts: dict[tuple[str, str], int] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="hubd-store-writer")
+
+    async def write(self, source_id: str, readings: list[StoredReading], offered: int) -> None:
+        """Return once ``readings`` are committed; raise HubError(unavailable) if the store failed."""
+        if self._closing:
+            raise HubError(ErrorCode.UNAVAILABLE, "the hub is shutting down")
+        await self._space.acquire()
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._queue.append(_Pending(source_id, readings, offered, done))
+        self._wake.set()
+        try:
+            await done
+        finally:
+            self._space.release()
+
+    async def run_in_store_thread(self, func: object, *args: object) -> object:
+        """Run a store call (a query) on the store thread, in turn with the writes."""
+        assert callable(func)
+        return await asyncio.get_running_loop().run_in_executor(self._thread, func, *args)
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout=1.0)
+            except TimeoutError:
+                if self._counts:
+                    self.flush_counts()
+                continue
+            self._wake.clear()
+            while self._queue:
+                batch = self._take()
+                rows = [r for p in batch for r in p.readings]
+                try:
+                    await loop.run_in_executor(self._thread, self.store.write, rows, now_ms())
+                except Exception as exc:
+                    logger.error("store write of {} readings failed: {}", len(rows), exc)
+                    self._audit.append("store.failed", "error", readings=len(rows), reason=str(exc))
+                    self._audit.flush()
+                    for p in batch:
+                        p.done.set_exception(HubError(ErrorCode.UNAVAILABLE, "the store is unavailable"))
+                    continue
+                self._audit_batch(batch)
+                for p in batch:
+                    if not p.done.done():
+                        p.done.set_result(None)
+            if self._closing:
+                self.flush_counts()
+                return
+
+    def _take(self) -> list[_Pending]:
+        """Up to ``max_readings`` readings' worth of messages (always at least one message)."""
+        batch = [self._queue.popleft()]
+        count = len(batch[0].readings)
+        while self._queue and count + len(self._queue[0].readings) <= self._max:
+            item = self._queue.popleft()
+            batch.append(item)
+            count += len(item.readings)
+        return batch
+
+    def _audit_batch(self, batch: list[_Pending]) -> None:
+        tallies: dict[str, _SourceTally] = defaultdict(_SourceTally)
+        for p in batch:
+            tally = tallies[p.source_id]
+            tally.messages += 1
+            tally.offered += p.offered
+            tally.readings += len(p.readings)
+            tally.der_ids.update(r.der_id for r in p.readings)
+        for source_id, tally in tallies.items():
+            ders: dict[str, object] = {"der_count": len(tally.der_ids)}
+            if len(tally.der_ids) <= _LISTED_DERS:
+                ders["der_ids"] = sorted(tally.der_ids)
+            self._audit.append("data.received", source_id=source_id, messages=tally.messages,
+                               readings=tally.offered)
+            self._audit.append("auth.ok", source_id=source_id, readings=tally.readings, **ders)
+            self._audit.append("data.stored", source_id=source_id, readings=tally.readings, **ders)
+        self.flush_counts()
+
+    def count(self, event: str, source_id: str) -> None:
+        """Count a frequent event (an answer sent) for the next coalesced audit record."""
+        key = (event, source_id)
+        self._counts[key] = self._counts.get(key, 0) + 1
+
+    def flush_counts(self) -> None:
+        counts, self._counts = self._counts, {}
+        for (event, source_id), n in counts.items():
+            self._audit.append(event, source_id=source_id, messages=n)
+        self._audit.flush()
+
+    async def close(self) -> None:
+        """Commit what is queued, then stop the store thread."""
+        self._closing = True
+        self._wake.set()
+        if self._task is not None:
+            await self._task
+        self._thread.shutdown(wait=True)
