@@ -7,6 +7,7 @@ with every step appending to the audit log.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AsyncExitStack
@@ -51,15 +52,14 @@ class Hub:
         config = self.config
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
-            try:
+            with contextlib.suppress(RuntimeError, ValueError):  # not the main thread: tests run hubs in threads
                 loop.add_signal_handler(sig, self.stop)
-            except (RuntimeError, ValueError):  # not the main thread (tests run the hub in a thread)
-                pass
         async with AsyncExitStack() as stack:
             url = config.broker.url
             if url is None:
-                broker = EmbeddedBroker(config.data_path, port=config.broker.embedded_port,
-                                        bind=config.broker.embedded_bind)
+                broker = EmbeddedBroker(
+                    config.data_path, port=config.broker.embedded_port, bind=config.broker.embedded_bind
+                )
                 await broker.start()
                 stack.push_async_callback(broker.stop)
                 url = broker.url
@@ -74,22 +74,29 @@ class Hub:
             store = SqliteStore(config.readings_path, config.store.sqlite.synchronous)
             stack.callback(store.close)
             self.auth = Authenticator(registry, pool)
-            self.writer = BatchWriter(store, self.audit, config.store.batch_max_readings,
-                                      config.store.queue_max_messages)
+            self.writer = BatchWriter(
+                store, self.audit, config.store.batch_max_readings, config.store.queue_max_messages
+            )
             self.writer.start()
             self.ingest = Ingest(self.auth, self.writer, quarantine, self.audit, config.limits)
             self.registration = Registration(self.auth, config.auth, self.audit, pool)
             self.driver = MqttDriver(
-                config.broker, url,
-                [self.topics["register"], self.topics["data"], self.topics["data"] + "/+", self.topics["query"],
-                 self.topics["time"]],
-                self.on_message, password=_read_secret(config.broker.password_file),
+                config.broker,
+                url,
+                [
+                    self.topics["register"],
+                    self.topics["data"],
+                    self.topics["data"] + "/+",
+                    self.topics["query"],
+                    self.topics["time"],
+                ],
+                self.on_message,
+                password=_read_secret(config.broker.password_file),
             )
             self.audit.append("hub.start", broker=url, store=str(config.readings_path))
             self.audit.flush()
             await self.driver.start()
-            logger.info("hubd serving on {} (prefix {}), {} DERs registered", url, self.prefix,
-                        len(self.auth.ders))
+            logger.info("hubd serving on {} (prefix {}), {} DERs registered", url, self.prefix, len(self.auth.ders))
             self.ready.set()
             await self._stop.wait()
             logger.info("stopping: taking no new messages, committing and answering those in hand")
@@ -108,9 +115,15 @@ class Hub:
         response_topic = _first(properties.get("response_topic"))
         correlation = _first(properties.get("correlation_data"))
         if topic == self.topics["data"] or topic.startswith(self.topics["data"] + "/"):
-            code = topic[len(self.topics["data"]) + 1:] or "hub.v1"
-            raw = RawMessage(source_id=_source_of(properties), format_code=code, payload=payload,
-                             received_at=received_at, topic=topic, requester=response_topic)
+            code = topic[len(self.topics["data"]) + 1 :] or "hub.v1"
+            raw = RawMessage(
+                source_id=_source_of(properties),
+                format_code=code,
+                payload=payload,
+                received_at=received_at,
+                topic=topic,
+                requester=response_topic,
+            )
             answer, decoded = await self.ingest.handle(raw)
             reply_to, request_id = (decoded.reply_to, decoded.request_id) if decoded else _reply_of(payload)
             if self._answer(answer, response_topic, correlation, reply_to, request_id):
@@ -135,12 +148,23 @@ class Hub:
             return
         size = self._answer(answer, response_topic, correlation, reply_to, request_id)
         if size:
-            self.audit.append("answer.sent", "ok" if answer.get("ok") else answer["error"]["code"],
-                              topic=topic, requester=requester, bytes=size)
+            self.audit.append(
+                "answer.sent",
+                "ok" if answer.get("ok") else answer["error"]["code"],
+                topic=topic,
+                requester=requester,
+                bytes=size,
+            )
         self.audit.flush()
 
-    def _answer(self, body: dict[str, Any], response_topic: str | None, correlation: bytes | None,
-                reply_to: str | None, request_id: Any) -> int:
+    def _answer(
+        self,
+        body: dict[str, Any],
+        response_topic: str | None,
+        correlation: bytes | None,
+        reply_to: str | None,
+        request_id: Any,
+    ) -> int:
         """Answer on the v5 response topic, else on the v3.1.1 ``reply_to``; nothing when neither is set."""
         if response_topic and self._may_answer_on(response_topic):
             return self.driver.publish(response_topic, body, correlation)
@@ -153,21 +177,25 @@ class Hub:
     def _may_answer_on(self, topic: str) -> bool:
         # Never answer into a topic the hub itself takes requests on: that would loop.
         subscribed = set(self.topics.values())
-        return topic not in subscribed and not topic.startswith(self.topics["data"] + "/") and "#" not in topic \
+        return (
+            topic not in subscribed
+            and not topic.startswith(self.topics["data"] + "/")
+            and "#" not in topic
             and "+" not in topic
+        )
 
     # -- query and time ---------------------------------------------------------------------------------
 
-    async def _query(self, request: dict[str, Any] | None, error: HubError | None,
-                     requester: str | None) -> dict[str, Any]:
+    async def _query(
+        self, request: dict[str, Any] | None, error: HubError | None, requester: str | None
+    ) -> dict[str, Any]:
         if request is None:
             assert error is not None
             self.audit.append("query.received", error.code.value, requester=requester, reason=error.message)
             return {"ok": False, "error": error.as_dict()}
         client_id = request.get("client_id")
         conditions = {k: v for k, v in request.items() if k not in ("password", "reply_to", "request_id")}
-        self.audit.append("query.received", requester=requester, client_id=_text(client_id),
-                          conditions=conditions)
+        self.audit.append("query.received", requester=requester, client_id=_text(client_id), conditions=conditions)
         try:
             password = request.get("password")
             if not isinstance(client_id, str) or not isinstance(password, str):
@@ -184,13 +212,20 @@ class Hub:
             self.audit.append("query.failed", exc.code.value, client_id=_text(client_id), reason=exc.message)
             return {"ok": False, "error": exc.as_dict()}
         assert isinstance(answer, dict)
-        self.audit.append("query.extracted", client_id=client_id, rows=answer["count"],
-                          der_count=len({row["der_id"] for row in answer["rows"]}))
+        self.audit.append(
+            "query.extracted",
+            client_id=client_id,
+            rows=answer["count"],
+            der_count=len({row["der_id"] for row in answer["rows"]}),
+        )
         return answer
 
     def _time(self) -> dict[str, Any]:
-        return {"ok": True, "hub_time": format_time(now_ms()),
-                "ntp": {"synced": False, "offset_s": None, "server": None, "checked_at": None}}
+        return {
+            "ok": True,
+            "hub_time": format_time(now_ms()),
+            "ntp": {"synced": False, "offset_s": None, "server": None, "checked_at": None},
+        }
 
 
 def _first(values: Any) -> Any:

@@ -81,9 +81,7 @@ def _check_value(name: str, value: object) -> None:
             if not isinstance(key, str):
                 raise TypeError(f"audit field {name} has a non-string key {key!r}")
             if "password" in key.lower():
-                raise ValueError(
-                    f"audit field {name}.{key} looks like a password; secrets never go to the audit log"
-                )
+                raise ValueError(f"audit field {name}.{key} looks like a password; secrets never go to the audit log")
             _check_value(f"{name}.{key}", item)
         return
     if isinstance(value, list | tuple):
@@ -93,9 +91,7 @@ def _check_value(name: str, value: object) -> None:
         return
     if isinstance(value, str | int | float):  # subclasses such as StrEnum serialise as their value
         return
-    raise TypeError(
-        f"audit field {name} has type {type(value).__name__}; use str, number, bool, None, list or dict"
-    )
+    raise TypeError(f"audit field {name} has type {type(value).__name__}; use str, number, bool, None, list or dict")
 
 
 def _check_fields(fields: Mapping[str, object]) -> bool:
@@ -245,9 +241,7 @@ class AuditLog:
                 break
             except BlockingIOError:
                 if time.monotonic() >= deadline:
-                    raise AuditError(
-                        f"{self._path} stayed locked by another writer for {_LOCK_TIMEOUT_S} s"
-                    ) from None
+                    raise AuditError(f"{self._path} stayed locked by another writer for {_LOCK_TIMEOUT_S} s") from None
                 time.sleep(0.005)
         try:
             yield file
@@ -440,9 +434,7 @@ def _matches(record: Mapping[str, object], der_id: str | None, event: str | None
     return True
 
 
-def tail(
-    path: Path, n: int = 20, der_id: str | None = None, event: str | None = None
-) -> list[dict[str, object]]:
+def tail(path: Path, n: int = 20, der_id: str | None = None, event: str | None = None) -> list[dict[str, object]]:
     """The last ``n`` matching records, oldest first, read from the end so a large log costs little.
 
     Lines that do not parse (such as a partial last line) are skipped: this is for reading, ``verify`` judges.

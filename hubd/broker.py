@@ -266,9 +266,7 @@ class EmbeddedBroker:
         """Render the config and spawn Mosquitto (does not wait for it to listen)."""
         if self._process is not None:
             raise RuntimeError("the embedded broker is already started")
-        config = render_config(
-            load_template(self.template), port=self.port, bind=self.bind, data_dir=self.data_dir
-        )
+        config = render_config(load_template(self.template), port=self.port, bind=self.bind, data_dir=self.data_dir)
         # Without this check, our readiness probe would happily connect to whatever
         # already listens there while our Mosquitto is still failing to bind.
         if _accepts(self.host, self.port):

@@ -63,8 +63,13 @@ pass_context = click.make_pass_decorator(Context)
 
 
 @click.group()
-@click.option("--config", "config_path", envvar="HUBD_CONFIG", type=click.Path(dir_okay=False),
-              help="hubd.yaml (default: $HUBD_CONFIG, else the embedded default)")
+@click.option(
+    "--config",
+    "config_path",
+    envvar="HUBD_CONFIG",
+    type=click.Path(dir_okay=False),
+    help="hubd.yaml (default: $HUBD_CONFIG, else the embedded default)",
+)
 @click.pass_context
 def main(ctx: click.Context, config_path: str | None) -> None:
     """hubd: an IoT hub for the power data of distributed energy resources."""
@@ -125,7 +130,7 @@ def der() -> None:
 @click.option("--lon", type=float)
 @click.option("--capacity-kw", type=float)
 @pass_context
-def der_add(ctx: Context, der_id: str, der_type: str | None, **meta: Any) -> None:
+def der_add(ctx: Context, /, der_id: str, der_type: str | None, **meta: Any) -> None:
     """Put DER_ID on the allowlist (or update its details)."""
     with ctx.registry() as (registry, audit), _errors():
         record = registry.add_der(der_id, now_ms(), {"type": der_type, **meta})
@@ -264,8 +269,10 @@ def quarantine_list(ctx: Context, limit: int) -> None:
     """The newest quarantined payloads: id, time, topic, code, reason."""
     store = Quarantine(ctx.config.registry_path)
     for row in store.list(limit):
-        click.echo(f"{row['id']}\t{format_time(row['received_at'])}\t{row['topic']}\t{row['code']}\t"
-                   f"{row['size']} B\t{row['reason']}")
+        click.echo(
+            f"{row['id']}\t{format_time(row['received_at'])}\t{row['topic']}\t{row['code']}\t"
+            f"{row['size']} B\t{row['reason']}"
+        )
     store.close()
 
 
@@ -300,12 +307,24 @@ def quarantine_show(ctx: Context, entry_id: int, raw: bool) -> None:
 @click.option("--limit", default=0, help="stop after this many rows (default: all)")
 @click.option("--format", "fmt", type=click.Choice(["json", "csv"]), default="json", show_default=True)
 @pass_context
-def query(ctx: Context, start: str, end: str, der_ids: tuple[str, ...], fields: tuple[str, ...], limit: int,
-          fmt: str) -> None:
+def query(
+    ctx: Context,
+    start: str,
+    end: str,
+    der_ids: tuple[str, ...],
+    fields: tuple[str, ...],
+    limit: int,
+    fmt: str,
+) -> None:
     """Extract raw readings from the store, ordered by measurement time and DER id."""
     try:
-        first = RawQuery(parse_time(start, "start"), parse_time(end, "end"), ctx.config.query.max_limit,
-                         der_ids, fields or FIELDS)
+        first = RawQuery(
+            parse_time(start, "start"),
+            parse_time(end, "end"),
+            ctx.config.query.max_limit,
+            der_ids,
+            fields or FIELDS,
+        )
     except HubError as exc:
         raise click.ClickException(exc.message) from None
     store = SqliteStore(ctx.config.readings_path, ctx.config.store.sqlite.synchronous)
@@ -327,12 +346,17 @@ def query(ctx: Context, start: str, end: str, der_ids: tuple[str, ...], fields: 
             break
         from hubd.query import decode_cursor
 
-        page = RawQuery(first.start, first.end, first.limit, first.der_ids, first.fields,
-                        decode_cursor(answer["next_cursor"]))
+        page = RawQuery(
+            first.start,
+            first.end,
+            first.limit,
+            first.der_ids,
+            first.fields,
+            decode_cursor(answer["next_cursor"]),
+        )
     store.close()
     with AuditLog(ctx.config.audit_path) as audit:
-        audit.append("query.extracted", by="operator", rows=total, start=start, end=end,
-                     der_ids=list(der_ids))
+        audit.append("query.extracted", by="operator", rows=total, start=start, end=end, der_ids=list(der_ids))
 
 
 # -- audit ---------------------------------------------------------------------------------------------

@@ -30,7 +30,12 @@ class HubClient:
     async def __aenter__(self) -> HubClient:
         await self._client.connect(self._url.hostname or "127.0.0.1", self._url.port or 1883)
         subscribed = asyncio.get_running_loop().create_future()
-        self._client.on_subscribe = lambda *args: subscribed.done() or subscribed.set_result(None)
+
+        def on_subscribe(*args: object) -> None:
+            if not subscribed.done():
+                subscribed.set_result(None)
+
+        self._client.on_subscribe = on_subscribe
         self._client.subscribe(self._inbox, qos=1)
         await asyncio.wait_for(subscribed, 5)
         return self

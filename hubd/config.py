@@ -161,9 +161,8 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     elif tp is float:
         if isinstance(value, int | float) and not isinstance(value, bool):
             return float(value)
-    elif tp is str:
-        if isinstance(value, str):
-            return value
+    elif tp is str and isinstance(value, str):
+        return value
     raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
 
 
@@ -218,8 +217,9 @@ def _check(config: Config) -> None:
     if config.broker.url is not None and not config.broker.url.startswith(("mqtt://", "mqtts://")):
         raise ConfigError(f"broker.url: must start with mqtt:// or mqtts://, got {config.broker.url!r}")
     if config.topic_prefix.endswith("/") or "#" in config.topic_prefix or "+" in config.topic_prefix:
-        raise ConfigError(f"topic_prefix: must be a plain topic without wildcards or a trailing /, got "
-                          f"{config.topic_prefix!r}")
+        raise ConfigError(
+            f"topic_prefix: must be a plain topic without wildcards or a trailing /, got {config.topic_prefix!r}"
+        )
 
 
 def parse_config(data: Any, source: str = "config") -> Config:

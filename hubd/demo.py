@@ -46,19 +46,29 @@ def _readings(der_id: str, password: str, start: datetime, minutes: int) -> list
             power = -1.5 if step < minutes * 3 else 2.0
             values = {"power_kw": power, "soc_pct": round(min(100, 40 + step * 0.2), 1)}
         energy += max(power, 0) * 10 / 3600
-        out.append({"der_id": der_id, "password": password, "measured_at": at.isoformat(timespec="seconds"),
-                    "energy_kwh": round(energy, 4), **values})
+        out.append(
+            {
+                "der_id": der_id,
+                "password": password,
+                "measured_at": at.isoformat(timespec="seconds"),
+                "energy_kwh": round(energy, 4),
+                **values,
+            }
+        )
     return out
 
 
 async def _demo(minutes: int, port: int, data_dir: Path) -> int:
     initial = issue_password()
-    config = parse_config({
-        "data_dir": str(data_dir),
-        "broker": {"embedded_port": port or free_port()},
-        "auth": {"initial_password_hash": hash_password(initial, 10)},
-        "log": {"level": "WARNING"},
-    }, "demo")
+    config = parse_config(
+        {
+            "data_dir": str(data_dir),
+            "broker": {"embedded_port": port or free_port()},
+            "auth": {"initial_password_hash": hash_password(initial, 10)},
+            "log": {"level": "WARNING"},
+        },
+        "demo",
+    )
     say(f"hubd demo — data in {data_dir}")
     say("1. The operator puts two DERs on the allowlist and creates the market system's account.")
     registry = Registry(config.registry_path)
@@ -81,8 +91,16 @@ async def _demo(minutes: int, port: int, data_dir: Path) -> int:
             say("3. The edge terminal registers its DERs with the initial password:")
             passwords = {}
             for der_id, der_type, name, location in FLEET:
-                answer = await edge.request(f"{hub.prefix}/register", {
-                    "der_id": der_id, "password": initial, "type": der_type, "name": name, "location": location})
+                answer = await edge.request(
+                    f"{hub.prefix}/register",
+                    {
+                        "der_id": der_id,
+                        "password": initial,
+                        "type": der_type,
+                        "name": name,
+                        "location": location,
+                    },
+                )
                 passwords[der_id] = answer["password"]
                 say(f"   {der_id}: ok={answer['ok']}, got a unique password (not shown), at {answer['registered_at']}")
             again = await edge.request(f"{hub.prefix}/register", {"der_id": "PV-0001", "password": initial})
@@ -91,16 +109,20 @@ async def _demo(minutes: int, port: int, data_dir: Path) -> int:
             start = datetime.now(UTC).replace(second=0, microsecond=0) - timedelta(minutes=minutes)
             readings = [r for der_id, *_ in FLEET for r in _readings(der_id, passwords[der_id], start, minutes)]
             random.shuffle(readings)  # late and out of order, as in the field
-            batches = [readings[i:i + 10] for i in range(0, len(readings), 10)]
-            say(f"4. It sends {len(readings)} readings ({minutes} min, every 10 s) in {len(batches)} messages, "
-                "shuffled out of order:")
+            batches = [readings[i : i + 10] for i in range(0, len(readings), 10)]
+            say(
+                f"4. It sends {len(readings)} readings ({minutes} min, every 10 s) in {len(batches)} messages, "
+                "shuffled out of order:"
+            )
             accepted = 0
             for batch in batches:
                 answer = await edge.request(f"{hub.prefix}/data", {"source_id": "edge-9a", "readings": batch})
                 accepted += answer["accepted"]
             resend = await edge.request(f"{hub.prefix}/data", {"source_id": "edge-9a", "readings": batches[0]})
-            say(f"   accepted {accepted}; re-sending one message: accepted {resend['accepted']} again, "
-                "stored once (idempotent)")
+            say(
+                f"   accepted {accepted}; re-sending one message: accepted {resend['accepted']} again, "
+                "stored once (idempotent)"
+            )
             bad = dict(readings[0], password="not-the-password")
             answer = await edge.request(f"{hub.prefix}/data", {"source_id": "edge-9a", "readings": [bad]})
             say(f"   a reading with a wrong password: rejected with {answer['rejected'][0]['error']['code']}")
@@ -113,10 +135,18 @@ async def _demo(minutes: int, port: int, data_dir: Path) -> int:
             cursor = None
             pages = 0
             while True:
-                answer = await market.request(f"{hub.prefix}/query", {
-                    "client_id": "market-1", "password": market_password,
-                    "start": start.isoformat(), "end": (start + timedelta(minutes=minutes)).isoformat(),
-                    "fields": ["power_kw", "energy_kwh", "soc_pct"], "limit": 50, "cursor": cursor})
+                answer = await market.request(
+                    f"{hub.prefix}/query",
+                    {
+                        "client_id": "market-1",
+                        "password": market_password,
+                        "start": start.isoformat(),
+                        "end": (start + timedelta(minutes=minutes)).isoformat(),
+                        "fields": ["power_kw", "energy_kwh", "soc_pct"],
+                        "limit": 50,
+                        "cursor": cursor,
+                    },
+                )
                 rows += answer["rows"]
                 pages += 1
                 cursor = answer["next_cursor"]
@@ -131,8 +161,10 @@ async def _demo(minutes: int, port: int, data_dir: Path) -> int:
         hub.stop()
         await hub_task
     report = audit_trail.verify(config.audit_path)
-    say(f"6. The hub stopped cleanly. Audit log: {report.records} records, "
-        f"{'chain intact' if report.ok else 'BROKEN: ' + report.reason}.")
+    say(
+        f"6. The hub stopped cleanly. Audit log: {report.records} records, "
+        f"{'chain intact' if report.ok else 'BROKEN: ' + report.reason}."
+    )
     events: dict[str, int] = {}
     for record in audit_trail.tail(config.audit_path, 100000):
         events[str(record["event"])] = events.get(str(record["event"]), 0) + 1

@@ -78,8 +78,7 @@ def load_json_object(payload: bytes) -> dict[str, Any]:
 def reply_fields(data: dict[str, Any]) -> tuple[str | None, Any]:
     """MQTT 3.1.1 request/response: ``reply_to`` and ``request_id`` in the JSON body."""
     reply_to = data.get("reply_to")
-    if reply_to is not None and (not isinstance(reply_to, str) or not reply_to or "#" in reply_to
-                                 or "+" in reply_to):
+    if reply_to is not None and (not isinstance(reply_to, str) or not reply_to or "#" in reply_to or "+" in reply_to):
         reply_to = None
     request_id = data.get("request_id")
     if not isinstance(request_id, str | int) or isinstance(request_id, bool):
@@ -160,7 +159,8 @@ def decode_native(payload: bytes, limits: Limits) -> Decoded:
         raise HubError(ErrorCode.DECODE_ERROR, "the message needs a readings list")
     if len(readings) > limits.max_readings:
         raise HubError(
-            ErrorCode.TOO_LARGE, f"{len(readings)} readings in one message; the limit is {limits.max_readings}"
+            ErrorCode.TOO_LARGE,
+            f"{len(readings)} readings in one message; the limit is {limits.max_readings}",
         )
     items: list[Reading | HubError] = []
     for item in readings:

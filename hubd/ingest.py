@@ -26,7 +26,11 @@ class Ingest:
     """Turns data messages into committed readings and the answer their sender is owed."""
 
     def __init__(
-        self, auth: Authenticator, writer: BatchWriter, quarantine: Quarantine, audit: AuditLog,
+        self,
+        auth: Authenticator,
+        writer: BatchWriter,
+        quarantine: Quarantine,
+        audit: AuditLog,
         limits: LimitsConfig,
     ) -> None:
         self._auth = auth
@@ -104,8 +108,9 @@ class Ingest:
         rejected = []
         for index, der_id, error in sorted(refused, key=lambda item: item[0]):
             event = "auth.failed" if error.code in _AUTH_CODES else "data.rejected"
-            self._audit.append(event, error.code.value, source_id=source_id, index=index, der_id=der_id,
-                               reason=error.message)
+            self._audit.append(
+                event, error.code.value, source_id=source_id, index=index, der_id=der_id, reason=error.message
+            )
             rejected.append({"index": index, "der_id": der_id, "error": error.as_dict()})
         for reading in good:
             reading.password = None  # not needed past this point; keep it out of every later structure
@@ -113,12 +118,22 @@ class Ingest:
 
     def _to_quarantine(self, raw: RawMessage, error: HubError) -> None:
         entry = self._quarantine.add(
-            received_at=raw.received_at, topic=raw.topic, format_code=raw.format_code, source_id=raw.source_id,
-            code=error.code.value, reason=error.message, payload=raw.payload,
+            received_at=raw.received_at,
+            topic=raw.topic,
+            format_code=raw.format_code,
+            source_id=raw.source_id,
+            code=error.code.value,
+            reason=error.message,
+            payload=raw.payload,
         )
         self._audit.append(
-            "data.quarantined", error.code.value, source_id=raw.source_id, topic=raw.topic, quarantine_id=entry,
-            size=len(raw.payload), reason=error.message,
+            "data.quarantined",
+            error.code.value,
+            source_id=raw.source_id,
+            topic=raw.topic,
+            quarantine_id=entry,
+            size=len(raw.payload),
+            reason=error.message,
         )
         logger.info("quarantined {} bytes from {} as #{}: {}", len(raw.payload), raw.topic, entry, error.message)
 

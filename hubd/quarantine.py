@@ -32,8 +32,15 @@ class Quarantine:
         self._db.executescript(_SCHEMA)
 
     def add(
-        self, *, received_at: int, topic: str, format_code: str, source_id: str | None, code: str,
-        reason: str, payload: bytes,
+        self,
+        *,
+        received_at: int,
+        topic: str,
+        format_code: str,
+        source_id: str | None,
+        code: str,
+        reason: str,
+        payload: bytes,
     ) -> int:
         cursor = self._db.execute(
             "INSERT INTO quarantine (received_at, topic, format_code, source_id, code, reason, size, payload) "

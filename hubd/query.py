@@ -18,8 +18,18 @@ from hubd.config import QueryConfig
 from hubd.model import FIELDS, ErrorCode, HubError, format_time, parse_time
 from hubd.store import RawQuery
 
-_KEYS = {"client_id", "password", "start", "end", "der_ids", "fields", "limit", "cursor", "reply_to",
-         "request_id"}
+_KEYS = {
+    "client_id",
+    "password",
+    "start",
+    "end",
+    "der_ids",
+    "fields",
+    "limit",
+    "cursor",
+    "reply_to",
+    "request_id",
+}
 
 
 def encode_cursor(measured_at: int, der_id: str) -> str:
@@ -31,8 +41,7 @@ def decode_cursor(cursor: str) -> tuple[int, str]:
         value = orjson.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
     except (binascii.Error, ValueError, orjson.JSONDecodeError):
         raise HubError(ErrorCode.BAD_REQUEST, "cursor is not one this hub issued") from None
-    if (not isinstance(value, list) or len(value) != 2 or not isinstance(value[0], int)
-            or not isinstance(value[1], str)):
+    if not isinstance(value, list) or len(value) != 2 or not isinstance(value[0], int) or not isinstance(value[1], str):
         raise HubError(ErrorCode.BAD_REQUEST, "cursor is not one this hub issued")
     return value[0], value[1]
 
@@ -67,8 +76,12 @@ def parse_query(request: dict[str, Any], config: QueryConfig) -> RawQuery:
     if cursor is not None and not isinstance(cursor, str):
         raise HubError(ErrorCode.BAD_REQUEST, "cursor must be a string from next_cursor")
     return RawQuery(
-        start=start, end=end, limit=min(limit, config.max_limit), der_ids=tuple(dict.fromkeys(der_ids)),
-        fields=tuple(dict.fromkeys(fields)), after=decode_cursor(cursor) if cursor else None,
+        start=start,
+        end=end,
+        limit=min(limit, config.max_limit),
+        der_ids=tuple(dict.fromkeys(der_ids)),
+        fields=tuple(dict.fromkeys(fields)),
+        after=decode_cursor(cursor) if cursor else None,
     )
 
 

@@ -308,9 +308,7 @@ def test_truncation_while_open_stops_writing(tmp_path: Path) -> None:
 
 
 def test_record_time_is_the_hubs_utc_form(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    times = iter(
-        [1_795_000_000_000, 1_795_000_000_001, 1_795_000_000_999, 1_795_000_001_005, 1_795_086_400_042]
-    )
+    times = iter([1_795_000_000_000, 1_795_000_000_001, 1_795_000_000_999, 1_795_000_001_005, 1_795_086_400_042])
     monkeypatch.setattr(audit, "now_ms", lambda: next(times))
     log = AuditLog(tmp_path / "audit.jsonl")
     for _ in range(4):

@@ -7,6 +7,7 @@ credential check on the hot path is two dict lookups and a digest comparison.
 from __future__ import annotations
 
 from concurrent.futures import Executor
+from typing import Literal
 
 from hubd.auth.credentials import VerifiedCache
 from hubd.auth.registry import Der, Registry, System
@@ -43,7 +44,7 @@ class Authenticator:
             self.ders[der_id] = der
         self.cache.forget("der:" + der_id)
 
-    def der_precheck(self, der_id: str, password: str) -> HubError | bool | None:
+    def der_precheck(self, der_id: str, password: str) -> HubError | Literal[True] | None:
         """The synchronous part of a DER check: an error, True when verified from memory, None for bcrypt."""
         der = self.ders.get(der_id)
         if der is None:
@@ -51,13 +52,11 @@ class Authenticator:
         if der.status == "revoked":
             return HubError(ErrorCode.NOT_ALLOWED, f"DER {der_id} has been revoked")
         if der.password_hash is None:
-            return HubError(
-                ErrorCode.BAD_CREDENTIALS, f"DER {der_id} has no unique password yet: register it first"
-            )
+            return HubError(ErrorCode.BAD_CREDENTIALS, f"DER {der_id} has no unique password yet: register it first")
         known = self.cache.lookup("der:" + der_id, der.password_hash, password)
-        if known is False:
-            return _bad_password("DER", der_id)
-        return known
+        if known is None:
+            return None
+        return True if known else _bad_password("DER", der_id)
 
     async def check_der(self, der_id: str, password: str) -> HubError | None:
         """None when ``password`` is the DER's unique password, else the error to answer."""

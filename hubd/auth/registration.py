@@ -35,8 +35,11 @@ class Registration:
             return await self._register(request, requester)
         except HubError as exc:
             self._audit.append(
-                "register.failed", exc.code.value, der_id=der_id if isinstance(der_id, str) else None,
-                requester=requester, reason=exc.message,
+                "register.failed",
+                exc.code.value,
+                der_id=der_id if isinstance(der_id, str) else None,
+                requester=requester,
+                reason=exc.message,
             )
             return {"ok": False, "error": exc.as_dict()}
 

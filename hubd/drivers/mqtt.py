@@ -23,15 +23,16 @@ from hubd.config import BrokerConfig
 Handler = Callable[[str, bytes, dict[str, Any]], Awaitable[None]]
 
 
-class Deferred(Exception):  # noqa: N818 - a signal, not an error
+class Deferred(Exception):
     """Raised by the message callback to withhold the PUBACK (the hub is stopping)."""
 
 
 class MqttDriver:
     """One MQTT v5 connection that receives the hub's topics and publishes its answers."""
 
-    def __init__(self, config: BrokerConfig, url: str, topics: list[str], handler: Handler,
-                 password: str | None = None) -> None:
+    def __init__(
+        self, config: BrokerConfig, url: str, topics: list[str], handler: Handler, password: str | None = None
+    ) -> None:
         self._config = config
         self._url = urlsplit(url)
         group = config.shared_group
@@ -70,22 +71,27 @@ class MqttDriver:
             self._client.set_auth_credentials(self._config.username, self._password)
         tls: ssl.SSLContext | bool = ssl.create_default_context() if self._url.scheme == "mqtts" else False
         port = self._url.port or (8883 if tls else 1883)
-        await self._client.connect(self._url.hostname or "127.0.0.1", port, ssl=tls,
-                                   keepalive=self._config.keepalive_s)
+        await self._client.connect(self._url.hostname or "127.0.0.1", port, ssl=tls, keepalive=self._config.keepalive_s)
 
     def _on_connect(self, client: Client, flags: int, rc: int, properties: dict[str, Any]) -> None:
         # Subscribe on every connect: cheap, and it restores the subscription if the broker lost the session.
         for topic in self._topics:
             client.subscribe(topic, qos=1)
-        logger.info("connected to {}://{}:{}; subscribed to {}", self._url.scheme, self._url.hostname,
-                    self._url.port, ", ".join(self._topics))
+        logger.info(
+            "connected to {}://{}:{}; subscribed to {}",
+            self._url.scheme,
+            self._url.hostname,
+            self._url.port,
+            ", ".join(self._topics),
+        )
 
     def _on_disconnect(self, client: Client, packet: bytes, exc: BaseException | None = None) -> None:
         if self._accepting:
             logger.warning("disconnected from the broker; reconnecting")
 
-    async def _on_message(self, client: Client, topic: str, payload: bytes, qos: int,
-                          properties: dict[str, Any]) -> int:
+    async def _on_message(
+        self, client: Client, topic: str, payload: bytes, qos: int, properties: dict[str, Any]
+    ) -> int:
         if not self._accepting:
             raise Deferred
         self._in_flight += 1
@@ -116,7 +122,10 @@ class MqttDriver:
         try:
             await asyncio.wait_for(self._idle.wait(), timeout_s)
         except TimeoutError:
-            logger.warning("{} messages still in hand after {} s; the broker will deliver them again",
-                           self._in_flight, timeout_s)
+            logger.warning(
+                "{} messages still in hand after {} s; the broker will deliver them again",
+                self._in_flight,
+                timeout_s,
+            )
         await asyncio.sleep(0.05)  # let the PUBACKs and answers of the last messages go out
         await self._client.disconnect()

@@ -47,8 +47,15 @@ class SqliteStore:
 
     def write(self, readings: list[StoredReading], stored_at: int) -> None:
         rows = [
-            (r.der_id, r.measured_at, *[r.values.get(name) for name in FIELDS],
-             r.received_at, stored_at, r.source_id, r.format_code)
+            (
+                r.der_id,
+                r.measured_at,
+                *[r.values.get(name) for name in FIELDS],
+                r.received_at,
+                stored_at,
+                r.source_id,
+                r.format_code,
+            )
             for r in readings
         ]
         db = self._db

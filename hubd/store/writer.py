@@ -121,13 +121,12 @@ class BatchWriter:
             tally.readings += len(p.readings)
             tally.der_ids.update(r.der_id for r in p.readings)
         for source_id, tally in tallies.items():
-            ders: dict[str, object] = {"der_count": len(tally.der_ids)}
-            if len(tally.der_ids) <= _LISTED_DERS:
-                ders["der_ids"] = sorted(tally.der_ids)
-            self._audit.append("data.received", source_id=source_id, messages=tally.messages,
-                               readings=tally.offered)
-            self._audit.append("auth.ok", source_id=source_id, readings=tally.readings, **ders)
-            self._audit.append("data.stored", source_id=source_id, readings=tally.readings, **ders)
+            listed = sorted(tally.der_ids) if len(tally.der_ids) <= _LISTED_DERS else None
+            count = len(tally.der_ids)
+            audit = self._audit
+            audit.append("data.received", source_id=source_id, messages=tally.messages, readings=tally.offered)
+            audit.append("auth.ok", source_id=source_id, readings=tally.readings, der_count=count, der_ids=listed)
+            audit.append("data.stored", source_id=source_id, readings=tally.readings, der_count=count, der_ids=listed)
         self.flush_counts()
 
     def count(self, event: str, source_id: str) -> None:
