@@ -1,0 +1,119 @@
+"""The spine end to end, driven with the real Mosquitto clients as PROTOCOL.md says a user would."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from typing import Any
+
+from conftest import RunningHub
+
+from hubd import audit as audit_trail
+
+
+def reading(der_id: str, password: str, at: str, **values: Any) -> dict[str, Any]:
+    return {"der_id": der_id, "password": password, "measured_at": at, **(values or {"power_kw": 1.0})}
+
+
+def query(hub: RunningHub, password: str, **conditions: Any) -> dict[str, Any]:
+    body = {
+        "client_id": "market-1",
+        "password": password,
+        "start": "2026-11-27T00:00:00Z",
+        "end": "2026-11-28T00:00:00Z",
+        **conditions,
+    }
+    return hub.rr("hub/v1/query", body)
+
+
+def test_register_send_resend_query_audit(hub: RunningHub) -> None:
+    pv = hub.register("PV-0001", capacity_kw=5.5, location={"lat": 35.68, "lon": 139.76, "area": "feeder-12"})
+    market = hub.consumer()
+    first = [
+        reading("PV-0001", pv, "2026-11-27T09:05:00+09:00", power_kw=3.21, energy_kwh=12345.678),
+        reading("PV-0001", pv, "2026-11-27T00:00:00Z", power_kw=2.5),
+    ]
+    answer = hub.rr("hub/v1/data", {"source_id": "edge-9a", "readings": first})
+    assert answer == {"ok": True, "accepted": 2, "rejected": []}
+    # Re-sent with a new value: replaces, never duplicates.
+    again = hub.rr(
+        "hub/v1/data",
+        {"source_id": "edge-9a", "readings": [reading("PV-0001", pv, "2026-11-27T00:05:00Z", power_kw=3.3)]},
+    )
+    assert again["accepted"] == 1
+
+    rows = query(hub, market)["rows"]
+    assert rows == [
+        {"der_id": "PV-0001", "measured_at": "2026-11-27T00:00:00.000Z", "power_kw": 2.5},
+        {"der_id": "PV-0001", "measured_at": "2026-11-27T00:05:00.000Z", "power_kw": 3.3},
+    ]
+    # The re-send replaced the whole reading: energy_kwh was not in it, so it is gone.
+    assert "energy_kwh" not in rows[1]
+
+    report = audit_trail.verify(hub.config.audit_path)
+    assert report.ok, report.reason
+    events = {r["event"] for r in audit_trail.tail(hub.config.audit_path, 1000)}
+    assert {
+        "register.ok",
+        "password.issued",
+        "data.received",
+        "auth.ok",
+        "data.stored",
+        "query.received",
+        "query.auth",
+        "query.extracted",
+    } <= events
+
+
+def test_mqtt311_reply_to_and_request_id(hub: RunningHub) -> None:
+    pv = hub.register("PV-0002")
+    sub = subprocess.Popen(
+        [
+            "mosquitto_sub",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(hub.broker.port),
+            "-V",
+            "mqttv311",
+            "-t",
+            "edge/answers",
+            "-C",
+            "1",
+            "-W",
+            "10",
+        ],
+        stdout=subprocess.PIPE,
+    )
+    try:
+        time.sleep(0.3)  # let mosquitto_sub subscribe
+        subprocess.run(
+            [
+                "mosquitto_pub",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(hub.broker.port),
+                "-V",
+                "mqttv311",
+                "-q",
+                "1",
+                "-t",
+                "hub/v1/data",
+                "-m",
+                json.dumps(
+                    {
+                        "reply_to": "edge/answers",
+                        "request_id": "r-7",
+                        "readings": [reading("PV-0002", pv, "2026-11-27T01:00:00Z")],
+                    }
+                ),
+            ],
+            check=True,
+            timeout=10,
+        )
+        out, _ = sub.communicate(timeout=15)
+    finally:
+        sub.kill()
+    assert json.loads(out) == {"ok": True, "accepted": 1, "rejected": [], "request_id": "r-7"}
