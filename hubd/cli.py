@@ -401,3 +401,7 @@ def _errors() -> Iterator[None]:
 
 def _rounds(ctx: Context) -> int:
     return ctx.config.auth.bcrypt_rounds
+
+
+if __name__ == "__main__":
+    main()
