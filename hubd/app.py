@@ -27,7 +27,8 @@ from hubd.formats import load_json_object, reply_fields
 from hubd.ingest import Ingest
 from hubd.model import ErrorCode, HubError, RawMessage, format_time, now_ms
 from hubd.quarantine import Quarantine
-from hubd.query import parse_query, run_raw
+from hubd.query.conditions import parse_query
+from hubd.query.execute import run as run_query
 from hubd.store.sqlite import SqliteStore
 from hubd.store.writer import BatchWriter
 
@@ -206,8 +207,8 @@ class Hub:
                 self.audit.append("query.auth", denied.code.value, client_id=client_id, reason=denied.message)
                 raise denied
             self.audit.append("query.auth", client_id=client_id)
-            query = parse_query(request, self.config.query)
-            answer = await self.writer.run_in_store_thread(run_raw, query, self.writer.store.raw)
+            query = parse_query(request, self.config.query, self.auth.ders)
+            answer = await self.writer.run_in_store_thread(run_query, query, self.writer.store)
         except HubError as exc:
             self.audit.append("query.failed", exc.code.value, client_id=_text(client_id), reason=exc.message)
             return {"ok": False, "error": exc.as_dict()}

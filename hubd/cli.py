@@ -5,11 +5,15 @@ from __future__ import annotations
 import asyncio
 import csv
 import getpass
+import re
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
+from datetime import datetime
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import click
 import orjson
@@ -20,10 +24,11 @@ from hubd.audit import AuditLog
 from hubd.auth.credentials import hash_password, issue_password
 from hubd.auth.registry import Registry, read_der_csv
 from hubd.config import Config, ConfigError, load_config
-from hubd.model import DER_TYPES, FIELDS, HubError, format_time, now_ms, parse_time
+from hubd.model import DER_TYPES, FIELDS, HubError, format_time, now_ms
 from hubd.quarantine import Quarantine
-from hubd.query import run_raw
-from hubd.store import RawQuery
+from hubd.query.buckets import INTERVALS_MS
+from hubd.query.conditions import Query, decode_cursor, parse_query
+from hubd.query.execute import run as run_query
 from hubd.store.sqlite import SqliteStore
 
 
@@ -299,64 +304,121 @@ def quarantine_show(ctx: Context, entry_id: int, raw: bool) -> None:
 # -- query ---------------------------------------------------------------------------------------------
 
 
+_WHERE = re.compile(r"^\s*(\w+)\s*(>=|<=|!=|==|=|>|<)\s*(\S+)\s*$")
+_WHERE_OPS = {">": "gt", ">=": "gte", "<": "lt", "<=": "lte", "=": "eq", "==": "eq", "!=": "ne"}
+
+
+def _query_request(options: dict[str, Any]) -> dict[str, Any]:
+    """Turn the command's options into the same request the market system sends over MQTT."""
+    request: dict[str, Any] = {}
+    for key in ("start", "end", "at", "interval", "tz"):
+        if options[key] is not None:
+            request[key] = options[key]
+    if options["tolerance"] is not None:
+        request["at_tolerance_s"] = options["tolerance"]
+    for key, option in (("der_ids", "der_ids"), ("types", "types"), ("areas", "areas"), ("fields", "fields")):
+        if options[option]:
+            request[key] = list(options[option])
+    if options["bbox"]:
+        try:
+            request["bbox"] = [float(v) for v in options["bbox"].split(",")]
+        except ValueError:
+            raise click.BadParameter("use min_lon,min_lat,max_lon,max_lat", param_hint="--bbox") from None
+    where: dict[str, dict[str, float]] = {}
+    for text in options["where"]:
+        match = _WHERE.match(text)
+        if not match:
+            raise click.BadParameter(f"{text!r}: use FIELD OP NUMBER, e.g. 'power_kw>=1'", param_hint="--where")
+        try:
+            where.setdefault(match[1], {})[_WHERE_OPS[match[2]]] = float(match[3])
+        except ValueError:
+            raise click.BadParameter(f"{text!r}: {match[3]!r} is not a number", param_hint="--where") from None
+    if where:
+        request["where"] = where
+    agg = {}
+    for text in options["agg"]:
+        field, _, how = text.partition("=")
+        if not how:
+            raise click.BadParameter(f"{text!r}: use FIELD=AGGREGATION, e.g. energy_kwh=delta", param_hint="--agg")
+        agg[field] = how
+    if agg:
+        request["agg"] = agg
+    return request
+
+
 @main.command()
-@click.option("--start", required=True, help="RFC 3339 with an offset, inclusive")
-@click.option("--end", required=True, help="RFC 3339 with an offset, exclusive")
+@click.option("--start", help="RFC 3339 with an offset, inclusive")
+@click.option("--end", help="RFC 3339 with an offset, exclusive")
+@click.option("--at", help="one instant instead of --start/--end")
+@click.option("--tolerance", type=float, help="seconds either side of --at (nearest reading per DER)")
 @click.option("--der", "der_ids", multiple=True, help="a DER id (repeatable)")
+@click.option("--type", "types", multiple=True, type=click.Choice(DER_TYPES), help="a DER type (repeatable)")
+@click.option("--area", "areas", multiple=True, help="an area (repeatable)")
+@click.option("--bbox", help="min_lon,min_lat,max_lon,max_lat of the registered location")
 @click.option("--field", "fields", multiple=True, type=click.Choice(FIELDS), help="a field (repeatable)")
+@click.option("--where", multiple=True, help="a value condition such as 'power_kw>=1' (repeatable, AND)")
+@click.option("--interval", type=click.Choice(list(INTERVALS_MS)), help="bucket the readings")
+@click.option("--agg", multiple=True, help="FIELD=mean|min|max|sum|first|last|count|delta (repeatable)")
+@click.option("--tz", help="IANA zone for bucket alignment and slots (default UTC)")
 @click.option("--limit", default=0, help="stop after this many rows (default: all)")
 @click.option("--format", "fmt", type=click.Choice(["json", "csv"]), default="json", show_default=True)
+@click.option("--table", is_flag=True, help="with --interval: a DER × bucket table of the first aggregated field")
 @pass_context
-def query(
-    ctx: Context,
-    start: str,
-    end: str,
-    der_ids: tuple[str, ...],
-    fields: tuple[str, ...],
-    limit: int,
-    fmt: str,
-) -> None:
-    """Extract raw readings from the store, ordered by measurement time and DER id."""
-    try:
-        first = RawQuery(
-            parse_time(start, "start"),
-            parse_time(end, "end"),
-            ctx.config.query.max_limit,
-            der_ids,
-            fields or FIELDS,
-        )
-    except HubError as exc:
-        raise click.ClickException(exc.message) from None
+def query(ctx: Context, /, **options: Any) -> None:
+    """Extract readings from the store with the conditions of the market system's queries."""
+    request = _query_request(options)
+    registry = Registry(ctx.config.registry_path)
     store = SqliteStore(ctx.config.readings_path, ctx.config.store.sqlite.synchronous)
-    writer = csv.writer(sys.stdout) if fmt == "csv" else None
-    if writer:
-        writer.writerow(["der_id", "measured_at", *first.fields])
-    total, page = 0, first
-    while True:
-        answer = run_raw(page, store.raw)
-        for row in answer["rows"]:
-            if writer:
-                writer.writerow([row["der_id"], row["measured_at"], *[row.get(f, "") for f in first.fields]])
-            else:
-                click.echo(orjson.dumps(row).decode())
-            total += 1
-            if limit and total >= limit:
-                break
-        if not answer["next_cursor"] or (limit and total >= limit):
-            break
-        from hubd.query import decode_cursor
-
-        page = RawQuery(
-            first.start,
-            first.end,
-            first.limit,
-            first.der_ids,
-            first.fields,
-            decode_cursor(answer["next_cursor"]),
-        )
-    store.close()
+    try:
+        with _errors():
+            parsed = parse_query({**request, "limit": ctx.config.query.max_limit}, ctx.config.query, registry.ders())
+            rows = _all_pages(parsed, store, options["limit"])
+    finally:
+        store.close()
+        registry.close()
+    if options["table"]:
+        if parsed.mode != "buckets":
+            raise click.UsageError("--table needs --interval")
+        _print_table(rows, parsed.agg[0][0], parsed.tz)
+    elif options["fmt"] == "csv":
+        columns = list(dict.fromkeys(key for row in rows for key in row))
+        writer = csv.DictWriter(sys.stdout, columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    else:
+        for row in rows:
+            click.echo(orjson.dumps(row).decode())
     with AuditLog(ctx.config.audit_path) as audit:
-        audit.append("query.extracted", by="operator", rows=total, start=start, end=end, der_ids=list(der_ids))
+        audit.append("query.extracted", by="operator", rows=len(rows), conditions=request)
+
+
+def _all_pages(parsed: Query, store: SqliteStore, limit: int) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    while True:
+        answer = run_query(parsed, store)
+        rows += answer["rows"]
+        if answer["next_cursor"] is None or (limit and len(rows) >= limit):
+            return rows[:limit] if limit else rows
+        parsed = replace(parsed, cursor=decode_cursor(answer["next_cursor"], parsed.mode))
+
+
+def _print_table(rows: list[dict[str, Any]], field: str, tz: ZoneInfo) -> None:
+    """DER by bucket at a glance: one line per DER, one column per bucket (slot number for 30m)."""
+    columns: dict[str, str] = {}
+    for row in rows:
+        start = datetime.fromisoformat(row["bucket_start"]).astimezone(tz)
+        columns[row["bucket_start"]] = str(row["slot"]) if "slot" in row else start.strftime("%m-%d %H:%M")
+    ordered = sorted(columns)
+    cells: dict[str, dict[str, str]] = {}
+    for row in rows:
+        value = row.get(field)
+        cells.setdefault(row["der_id"], {})[row["bucket_start"]] = "" if value is None else f"{value:.3f}"
+    width = max([9, *(len(v) for line in cells.values() for v in line.values()), *map(len, columns.values())])
+    name_width = max([6, *map(len, cells)])
+    click.echo(f"{field} by {'slot' if rows and 'slot' in rows[0] else 'bucket'} ({tz.key})")
+    click.echo("DER".ljust(name_width) + "".join(columns[c].rjust(width + 1) for c in ordered))
+    for der_id, line in cells.items():
+        click.echo(der_id.ljust(name_width) + "".join(line.get(c, "-").rjust(width + 1) for c in ordered))
 
 
 # -- audit ---------------------------------------------------------------------------------------------

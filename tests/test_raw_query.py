@@ -9,7 +9,8 @@ import pytest
 
 from hubd.config import QueryConfig
 from hubd.model import HubError
-from hubd.query import decode_cursor, parse_query, run_raw
+from hubd.query.conditions import decode_cursor, parse_query
+from hubd.query.execute import run
 from hubd.store import StoredReading
 from hubd.store.sqlite import SqliteStore
 
@@ -34,7 +35,7 @@ def request(**extra: object) -> dict[str, object]:
 
 def test_rows_come_in_measurement_order_and_replace_on_resend(store: SqliteStore) -> None:
     store.write([stored("A", 0, power=9.0)], stored_at=2)
-    rows = run_raw(parse_query(request(limit=50), CONFIG), store.raw)["rows"]
+    rows = run(parse_query(request(limit=50), CONFIG, {}), store)["rows"]
     assert [(r["der_id"], r["measured_at"][11:16]) for r in rows[:4]] == [
         ("A", "00:00"),
         ("B", "00:00"),
@@ -45,22 +46,22 @@ def test_rows_come_in_measurement_order_and_replace_on_resend(store: SqliteStore
 
 
 def test_paging_loses_and_repeats_nothing_while_data_arrives(store: SqliteStore) -> None:
-    query = parse_query(request(limit=4), CONFIG)
+    query = parse_query(request(limit=4), CONFIG, {})
     seen: list[tuple[str, str]] = []
-    answer = run_raw(query, store.raw)
+    answer = run(query, store)
     while True:
         seen += [(r["der_id"], r["measured_at"]) for r in answer["rows"]]
         if answer["next_cursor"] is None:
             break
         # A late reading lands before the cursor, one after it: the first is not repeated, the second is seen.
         store.write([stored("D", 0), stored("D", 9)], stored_at=3)
-        answer = run_raw(replace(query, after=decode_cursor(answer["next_cursor"])), store.raw)
+        answer = run(replace(query, cursor=decode_cursor(answer["next_cursor"], "raw")), store)
     assert len(seen) == len(set(seen)) == 19
     assert ("D", "1970-01-01T00:09:00.000Z") in seen
 
 
 def test_filters_by_der_and_field(store: SqliteStore) -> None:
-    rows = run_raw(parse_query(request(der_ids=["C"], fields=["power_kw"]), CONFIG), store.raw)["rows"]
+    rows = run(parse_query(request(der_ids=["C"], fields=["power_kw"]), CONFIG, {}), store)["rows"]
     assert {r["der_id"] for r in rows} == {"C"}
     assert all(set(r) == {"der_id", "measured_at", "power_kw"} for r in rows)
 
@@ -69,20 +70,28 @@ def test_filters_by_der_and_field(store: SqliteStore) -> None:
     ("conditions", "fragment"),
     [
         ({"end": 0}, "end must be after start"),
-        ({"fields": ["power"]}, "unknown field 'power'"),
+        ({"fields": ["power"]}, "fields: unknown value 'power'"),
         ({"der_ids": ["A", "B", "C", "D"]}, "at most 3 der_ids"),
         ({"cursor": "not-a-cursor"}, "cursor is not one this hub issued"),
         ({"limit": 0}, "limit must be a positive integer"),
         ({"start": "2026-11-27T00:00:00"}, "no UTC offset"),
         ({"colour": "red"}, "unknown condition 'colour'"),
+        ({"interval": "7m"}, "interval must be one of"),
+        ({"interval": "30m", "agg": {"power_kw": "median"}}, "unknown aggregation 'median'"),
+        ({"interval": "30m", "tz": "Mars/Olympus"}, "unknown time zone"),
+        ({"interval": "30m", "agg": {"power_kw": "delta"}}, "delta is for energy_kwh"),
+        ({"where": {"power_kw": {"about": 1}}}, "unknown operator 'about'"),
+        ({"types": ["spaceship"]}, "types: unknown value 'spaceship'"),
+        ({"bbox": [140, 35, 139, 36]}, "min <= max"),
+        ({"tz": "Asia/Tokyo"}, "tz goes with interval"),
     ],
 )
 def test_bad_conditions_are_named(conditions: dict[str, object], fragment: str) -> None:
     with pytest.raises(HubError) as caught:
-        parse_query(request(**conditions), CONFIG)
+        parse_query(request(**conditions), CONFIG, {})
     assert caught.value.code.value == "bad_request"
     assert fragment in caught.value.message
 
 
 def test_limit_is_capped_by_config() -> None:
-    assert parse_query(request(limit=10_000), CONFIG).limit == 50
+    assert parse_query(request(limit=10_000), CONFIG, {}).limit == 50

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from hubd.model import FIELDS
+from hubd.query.buckets import Segment
 
 
 @dataclass(slots=True)
@@ -24,24 +24,55 @@ class StoredReading:
     format_code: str
 
 
-@dataclass(frozen=True)
-class RawQuery:
-    """Raw extraction: readings in [start, end) ordered by (measured_at, der_id), resuming after ``after``."""
-
-    start: int
-    end: int
-    limit: int
-    der_ids: tuple[str, ...] = ()
-    fields: tuple[str, ...] = FIELDS
-    after: tuple[int, str] | None = None
+Where = tuple[tuple[str, str, float], ...]  # (field, operator, operand), operators as in hubd.query
 
 
 class Store(Protocol):
-    """The readings store. ``write`` is idempotent on (der_id, measured_at) and durable when it returns."""
+    """The readings store: idempotent on (der_id, measured_at); ``write`` is durable when it returns.
+
+    The query primitives return plain tuples; the extraction logic (buckets, energy, paging) lives in
+    ``hubd.query`` and is the same for every backend.
+    """
 
     def write(self, readings: list[StoredReading], stored_at: int) -> None: ...
 
-    def raw(self, query: RawQuery) -> list[dict[str, Any]]: ...
+    def raw(
+        self,
+        start: int,
+        end: int,
+        der_ids: tuple[str, ...] | None,
+        fields: tuple[str, ...],
+        where: Where,
+        after: tuple[int, str] | None,
+        limit: int,
+    ) -> list[tuple[Any, ...]]:
+        """(der_id, measured_at, *fields) in [start, end) after ``after``, by (measured_at, der_id)."""
+        ...
+
+    def der_ids(self, start: int, end: int, first: str) -> list[str]:
+        """DERs with readings in [start, end), sorted, from ``first`` on."""
+        ...
+
+    def bucket_stats(
+        self,
+        der_id: str,
+        start: int,
+        end: int,
+        segments: list[Segment],
+        specs: tuple[tuple[str, str], ...],
+        where: Where,
+    ) -> dict[int, dict[str, Any]]:
+        """Per bucket index: "n" (readings) and "how:field" for mean/min/max/sum/count, (time, value) for
+        first/last (of the readings that have the field)."""
+        ...
+
+    def nearest(self, der_id: str, field: str, at: int, before: bool) -> tuple[int, float] | None:
+        """The last reading with ``field`` measured before ``at``, or the first at or after it."""
+        ...
+
+    def series(self, der_id: str, start: int, end: int, fields: tuple[str, ...]) -> list[tuple[Any, ...]]:
+        """(measured_at, *fields) of one DER in [start, end) with every field present, by time."""
+        ...
 
     def count(self) -> int: ...
 

@@ -11,7 +11,11 @@ from pathlib import Path
 from typing import Any
 
 from hubd.model import FIELDS
-from hubd.store import RawQuery, StoredReading
+from hubd.query.buckets import Segment
+from hubd.store import StoredReading, Where
+
+_SQL_AGGREGATES = {"mean": "avg", "min": "min", "max": "max", "sum": "sum", "count": "count"}
+_OPERATORS = {"gt": ">", "gte": ">=", "lt": "<", "lte": "<=", "eq": "=", "ne": "!="}
 
 _COLUMNS = ", ".join(f"{name} REAL" for name in FIELDS)
 _SCHEMA = f"""
@@ -67,25 +71,106 @@ class SqliteStore:
             raise
         db.execute("COMMIT")
 
-    def raw(self, query: RawQuery) -> list[dict[str, Any]]:
-        where = ["measured_at >= ?", "measured_at < ?"]
-        params: list[Any] = [query.start, query.end]
-        if query.der_ids:
-            where.append(f"der_id IN ({', '.join('?' * len(query.der_ids))})")
-            params.extend(query.der_ids)
-        if query.after is not None:
-            where.append("(measured_at, der_id) > (?, ?)")
-            params.extend(query.after)
-        sql = (
-            f"SELECT der_id, measured_at, {', '.join(query.fields)} FROM readings "
-            f"WHERE {' AND '.join(where)} ORDER BY measured_at, der_id LIMIT ?"
-        )
-        params.append(query.limit)
-        names = ("der_id", "measured_at", *query.fields)
-        return [dict(zip(names, row, strict=True)) for row in self._db.execute(sql, params)]
+    def raw(
+        self,
+        start: int,
+        end: int,
+        der_ids: tuple[str, ...] | None,
+        fields: tuple[str, ...],
+        where: Where,
+        after: tuple[int, str] | None,
+        limit: int,
+    ) -> list[tuple[Any, ...]]:
+        sql: list[str] = ["measured_at >= ? AND measured_at < ?"]
+        params: list[Any] = [start, end]
+        if der_ids is not None:
+            sql.append(f"der_id IN ({', '.join('?' * len(der_ids))})")
+            params.extend(der_ids)
+        if after is not None:
+            sql.append("(measured_at, der_id) > (?, ?)")
+            params.extend(after)
+        condition, values = _where(where)
+        params.extend(values)
+        columns = ", ".join(("der_id", "measured_at", *fields))
+        return self._db.execute(
+            f"SELECT {columns} FROM readings WHERE {' AND '.join(sql)}{condition} ORDER BY measured_at, der_id LIMIT ?",
+            (*params, limit),
+        ).fetchall()
+
+    def der_ids(self, start: int, end: int, first: str) -> list[str]:
+        # DISTINCT walks the primary key; one probe per DER keeps those with readings in range.
+        rows = self._db.execute(
+            "SELECT DISTINCT der_id FROM readings WHERE der_id >= ? ORDER BY der_id", (first,)
+        ).fetchall()
+        probe = "SELECT 1 FROM readings WHERE der_id = ? AND measured_at >= ? AND measured_at < ? LIMIT 1"
+        return [r[0] for r in rows if self._db.execute(probe, (r[0], start, end)).fetchone()]
+
+    def bucket_stats(
+        self,
+        der_id: str,
+        start: int,
+        end: int,
+        segments: list[Segment],
+        specs: tuple[tuple[str, str], ...],
+        where: Where,
+    ) -> dict[int, dict[str, Any]]:
+        bucket = _bucket_expression(segments)
+        condition, values = _where(where)
+        scope = f"FROM readings WHERE der_id = ? AND measured_at >= ? AND measured_at < ?{condition}"
+        params = (der_id, start, end, *values)
+        plain = [(how, field) for field, how in specs if how in _SQL_AGGREGATES]
+        columns = "".join(f", {_SQL_AGGREGATES[how]}({field})" for how, field in plain)
+        out: dict[int, dict[str, Any]] = {}
+        for index, n, *row in self._db.execute(f"SELECT {bucket} AS b, count(*){columns} {scope} GROUP BY b", params):
+            stats: dict[str, Any] = {"n": n}
+            for (how, field), value in zip(plain, row, strict=True):
+                stats[f"{how}:{field}"] = value
+            out[index] = stats
+        for field, how in specs:
+            if how not in ("first", "last"):
+                continue
+            # SQLite fills a bare column from the row that holds the single min()/max(): the first or last reading.
+            pick = "min" if how == "first" else "max"
+            sql = f"SELECT {bucket} AS b, {pick}(measured_at), {field} {scope} AND {field} IS NOT NULL GROUP BY b"
+            for index, at, value in self._db.execute(sql, params):
+                out.setdefault(index, {"n": 0})[f"{how}:{field}"] = (at, value)
+        return out
+
+    def nearest(self, der_id: str, field: str, at: int, before: bool) -> tuple[int, float] | None:
+        order = "measured_at < ? ORDER BY measured_at DESC" if before else "measured_at >= ? ORDER BY measured_at"
+        row = self._db.execute(
+            f"SELECT measured_at, {field} FROM readings WHERE der_id = ? AND {field} IS NOT NULL AND {order} LIMIT 1",
+            (der_id, at),
+        ).fetchone()
+        return (row[0], row[1]) if row else None
+
+    def series(self, der_id: str, start: int, end: int, fields: tuple[str, ...]) -> list[tuple[Any, ...]]:
+        present = " AND ".join(f"{f} IS NOT NULL" for f in fields)
+        return self._db.execute(
+            f"SELECT measured_at, {', '.join(fields)} FROM readings WHERE der_id = ? AND measured_at >= ? "
+            f"AND measured_at < ? AND {present} ORDER BY measured_at",
+            (der_id, start, end),
+        ).fetchall()
 
     def count(self) -> int:
         return int(self._db.execute("SELECT count(*) FROM readings").fetchone()[0])
 
     def close(self) -> None:
         self._db.close()
+
+
+def _where(where: Where) -> tuple[str, list[float]]:
+    """Value conditions as SQL (AND-combined); a reading without the field never matches."""
+    sql = "".join(f" AND {field} {_OPERATORS[op]} ?" for field, op, _ in where)
+    return sql, [operand for _, _, operand in where]
+
+
+def _bucket_expression(segments: list[Segment]) -> str:
+    """SQL for the bucket index of ``measured_at``: integer arithmetic per run of equal buckets."""
+    parts = [f"{s.first_index} + (measured_at - {s.start}) / {s.step}" for s in segments]
+    if len(parts) == 1:
+        return parts[0]
+    cases = " ".join(
+        f"WHEN measured_at < {nxt.start} THEN {part}" for part, nxt in zip(parts, segments[1:], strict=False)
+    )
+    return f"CASE {cases} ELSE {parts[-1]} END"

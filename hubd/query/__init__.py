@@ -1,0 +1,1 @@
+"""Extraction: ``conditions`` (what is asked), ``buckets`` (slots and zones), ``energy``, ``execute`` (pages)."""

@@ -1,0 +1,87 @@
+"""Buckets aligned to midnight in a time zone, and the 30-minute settlement slots of the power market.
+
+Buckets are spans of real (UTC) time laid from each local midnight, so a day with a daylight-saving change
+has 46 or 50 half-hour slots, numbered in order, and a ``1d`` bucket is that local day however long it is.
+The store groups readings by bucket with one SQL expression built from "segments": runs of equally spaced
+buckets (most ranges are one segment; each daylight-saving change starts a new one).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from hubd.model import ErrorCode, HubError
+
+INTERVALS_MS = {"1m": 60_000, "5m": 300_000, "15m": 900_000, "30m": 1_800_000, "1h": 3_600_000, "1d": 86_400_000}
+MAX_BUCKETS = 200_000
+
+
+@dataclass(frozen=True, slots=True)
+class Bucket:
+    start: int
+    end: int
+    slot: int  # 1-based position within its local day
+
+
+@dataclass(frozen=True, slots=True)
+class Segment:
+    """Buckets ``first_index``, ``first_index + 1``... of ``step`` ms each, from ``start``."""
+
+    start: int
+    first_index: int
+    step: int
+
+
+def zone(name: object) -> ZoneInfo:
+    if not isinstance(name, str) or not name:
+        raise HubError(ErrorCode.BAD_REQUEST, "tz must be an IANA time zone name such as Asia/Tokyo")
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise HubError(ErrorCode.BAD_REQUEST, f"unknown time zone {name!r}") from None
+
+
+def _midnight(day: date, tz: ZoneInfo) -> int:
+    return int(datetime(day.year, day.month, day.day, tzinfo=tz).timestamp() * 1000)
+
+
+def buckets(start: int, end: int, interval: str, tz: ZoneInfo) -> list[Bucket]:
+    """Every bucket that overlaps [start, end), in order."""
+    step = INTERVALS_MS[interval]
+    day = datetime.fromtimestamp(start / 1000, UTC).astimezone(tz).date()
+    if _midnight(day, tz) > start:  # a zone whose midnight was skipped: begin a day earlier
+        day -= timedelta(days=1)
+    out: list[Bucket] = []
+    while True:
+        day_start, day_end = _midnight(day, tz), _midnight(day + timedelta(days=1), tz)
+        if day_start >= end:
+            return out
+        width = day_end - day_start if interval == "1d" else step
+        slot, at = 1, day_start
+        while at < day_end:
+            upper = min(at + width, day_end)
+            if upper > start and at < end:
+                out.append(Bucket(at, upper, slot))
+                if len(out) > MAX_BUCKETS:
+                    raise HubError(
+                        ErrorCode.BAD_REQUEST,
+                        f"more than {MAX_BUCKETS} buckets: use a longer interval or a shorter range",
+                    )
+            slot += 1
+            at = upper
+        day += timedelta(days=1)
+
+
+def segments(laid: list[Bucket]) -> list[Segment]:
+    """Compress buckets into runs of equal width, for the store's grouping expression."""
+    out: list[Segment] = []
+    for index, bucket in enumerate(laid):
+        width = bucket.end - bucket.start
+        if out:
+            last = out[-1]
+            if last.step == width and last.start + (index - last.first_index) * width == bucket.start:
+                continue
+        out.append(Segment(bucket.start, index, width))
+    return out

@@ -1,0 +1,170 @@
+"""Run a Query against a store and shape one page of the answer.
+
+Raw rows are ordered by (measured_at, der_id), instants and buckets by DER (then bucket). The cursor is the
+key of the last row given, so the next page resumes exactly after it even when new readings arrive between
+pages: nothing lost, nothing repeated.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable
+from typing import Any
+
+from hubd.model import format_time
+from hubd.query import energy
+from hubd.query.buckets import Bucket, buckets, segments
+from hubd.query.conditions import Query, encode_cursor
+from hubd.store import Store
+
+_TESTS: dict[str, Callable[[float, float], bool]] = {
+    "gt": operator.gt,
+    "gte": operator.ge,
+    "lt": operator.lt,
+    "lte": operator.le,
+    "eq": operator.eq,
+    "ne": operator.ne,
+}
+
+
+def run(query: Query, store: Store) -> dict[str, Any]:
+    """One page of the answer: ``{"ok": true, "rows": [...], "count": n, "next_cursor": ...}``."""
+    if query.mode == "raw":
+        return _raw(query, store)
+    if query.mode == "at":
+        return _at(query, store)
+    return _buckets(query, store)
+
+
+def _page(rows: list[dict[str, Any]], keys: list[tuple[Any, ...]], limit: int) -> dict[str, Any]:
+    """Cut at ``limit``; a cursor (the last row's key) only when more rows follow."""
+    cursor = encode_cursor(*keys[limit - 1]) if len(rows) > limit else None
+    rows = rows[:limit]
+    return {"ok": True, "rows": rows, "count": len(rows), "next_cursor": cursor}
+
+
+def _shape(fields: tuple[str, ...], row: tuple[Any, ...]) -> dict[str, Any]:
+    out: dict[str, Any] = {"der_id": row[0], "measured_at": format_time(row[1])}
+    for name, value in zip(fields, row[2:], strict=True):
+        if value is not None:
+            out[name] = value
+    return out
+
+
+def _raw(query: Query, store: Store) -> dict[str, Any]:
+    after = (query.cursor[0], query.cursor[1]) if query.cursor else None
+    found = store.raw(query.start, query.end, query.der_ids, query.fields, query.where, after, query.limit + 1)
+    return _page([_shape(query.fields, row) for row in found], [(row[1], row[0]) for row in found], query.limit)
+
+
+def _matches(query: Query, values: dict[str, Any]) -> bool:
+    return all(
+        values.get(field) is not None and _TESTS[op](values[field], operand) for field, op, operand in query.where
+    )
+
+
+def _at(query: Query, store: Store) -> dict[str, Any]:
+    """Per DER, the reading nearest to ``at`` within the tolerance (the earlier one on a tie)."""
+    after = query.cursor[0] if query.cursor else ""
+    nearest: dict[str, tuple[Any, ...]] = {}
+    cursor: tuple[int, str] | None = None
+    while True:  # the window is small (± tolerance), but page through it all the same
+        batch = store.raw(query.start, query.end, query.der_ids, query.fields, (), cursor, 50_000)
+        for row in batch:
+            if row[0] <= after:
+                continue
+            best = nearest.get(row[0])
+            if best is None or abs(row[1] - query.at) < abs(best[1] - query.at):
+                nearest[row[0]] = row
+        if len(batch) < 50_000:
+            break
+        cursor = (batch[-1][1], batch[-1][0])
+    rows = []
+    for der_id in sorted(nearest):
+        row = nearest[der_id]
+        if _matches(query, dict(zip(query.fields, row[2:], strict=True))):
+            rows.append(_shape(query.fields, row))
+            if len(rows) > query.limit:
+                break
+    return _page(rows, [(row["der_id"],) for row in rows], query.limit)
+
+
+def _buckets(query: Query, store: Store) -> dict[str, Any]:
+    laid = buckets(query.start, query.end, query.interval, query.tz)
+    runs = segments(laid)
+    after_der, after_bucket = query.cursor if query.cursor else ("", -1)
+    ders = store.der_ids(query.start, query.end, after_der) if query.der_ids is None else query.der_ids
+    specs = _store_specs(query.agg)
+    rows: list[dict[str, Any]] = []
+    keys: list[tuple[str, int]] = []
+    for der_id in ders:
+        if der_id < after_der:
+            continue
+        stats = store.bucket_stats(der_id, query.start, query.end, runs, specs, query.where)
+        energies = _energy(query, store, der_id, laid, stats)
+        for index in sorted(set(stats) | set(energies)):
+            bucket = laid[index]
+            if der_id == after_der and bucket.start <= after_bucket:
+                continue
+            rows.append(_bucket_row(query, der_id, bucket, stats.get(index, {"n": 0}), energies.get(index, {})))
+            keys.append((der_id, bucket.start))
+        if len(rows) > query.limit:
+            break
+    return _page(rows, keys, query.limit)
+
+
+def _store_specs(agg: tuple[tuple[str, str], ...]) -> tuple[tuple[str, str], ...]:
+    """What to ask the store for: delta needs the register's first, last, min and max per bucket."""
+    specs: list[tuple[str, str]] = []
+    for field, how in agg:
+        if how == "delta":
+            specs += [(field, "first"), (field, "last"), (field, "min"), (field, "max")]
+        elif not (how == "sum" and field == "energy_interval_kwh"):
+            specs.append((field, how))
+    return tuple(dict.fromkeys(specs))
+
+
+def _energy(
+    query: Query, store: Store, der_id: str, laid: list[Bucket], stats: dict[int, dict[str, Any]]
+) -> dict[int, dict[str, float]]:
+    out: dict[int, dict[str, float]] = {}
+    hows = dict(query.agg)
+    if hows.get("energy_kwh") == "delta":
+        spans = []
+        for index in sorted(i for i, s in stats.items() if "first:energy_kwh" in s):
+            s = stats[index]
+            (first_at, first), (last_at, last) = s["first:energy_kwh"], s["last:energy_kwh"]
+            rise = last - first
+            if first != s["min:energy_kwh"] or last != s["max:energy_kwh"]:  # the register fell: a reset
+                values = store.series(der_id, laid[index].start, laid[index].end, ("energy_kwh",))
+                rise = energy.rise_with_resets([v for _, v in values])
+            spans.append(energy.RegisterSpan(index, first_at, first, last_at, last, rise))
+        before = store.nearest(der_id, "energy_kwh", query.start, before=True)
+        after = store.nearest(der_id, "energy_kwh", query.end, before=False)
+        for index, value in energy.deltas(laid, spans, before, after).items():
+            out.setdefault(index, {})["energy_kwh"] = value
+    if hows.get("energy_interval_kwh") == "sum":
+        longest = 86_400_000  # an interval reading up to a day after the range may still reach into it
+        rows = store.series(der_id, laid[0].start, laid[-1].end + longest, ("energy_interval_kwh", "interval_s"))
+        for index, value in energy.split_intervals(laid, [(t, e, s) for t, e, s in rows]).items():
+            out.setdefault(index, {})["energy_interval_kwh"] = value
+    return out
+
+
+def _bucket_row(
+    query: Query, der_id: str, bucket: Bucket, stats: dict[str, Any], energies: dict[str, float]
+) -> dict[str, Any]:
+    row: dict[str, Any] = {"der_id": der_id, "bucket_start": format_time(bucket.start)}
+    if query.interval == "30m":
+        row["slot"] = bucket.slot
+    for field, how in query.agg:
+        if field in energies:
+            value: Any = energies[field]
+        elif how in ("first", "last"):
+            value = (stats.get(f"{how}:{field}") or (None, None))[1]
+        else:
+            value = stats.get(f"{how}:{field}")
+        if value is not None:
+            row[field] = value
+    row["n"] = stats["n"]
+    return row
