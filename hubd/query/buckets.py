@@ -2,8 +2,7 @@
 
 Buckets are spans of real (UTC) time laid from each local midnight, so a day with a daylight-saving change
 has 46 or 50 half-hour slots, numbered in order, and a ``1d`` bucket is that local day however long it is.
-The store groups readings by bucket with one SQL expression built from "segments": runs of equally spaced
-buckets (most ranges are one segment; each daylight-saving change starts a new one).
+The store is handed the buckets themselves, so it never needs to know about zones.
 """
 
 from __future__ import annotations
@@ -23,15 +22,6 @@ class Bucket:
     start: int
     end: int
     slot: int  # 1-based position within its local day
-
-
-@dataclass(frozen=True, slots=True)
-class Segment:
-    """Buckets ``first_index``, ``first_index + 1``... of ``step`` ms each, from ``start``."""
-
-    start: int
-    first_index: int
-    step: int
 
 
 def zone(name: object) -> ZoneInfo:
@@ -72,16 +62,3 @@ def buckets(start: int, end: int, interval: str, tz: ZoneInfo) -> list[Bucket]:
             slot += 1
             at = upper
         day += timedelta(days=1)
-
-
-def segments(laid: list[Bucket]) -> list[Segment]:
-    """Compress buckets into runs of equal width, for the store's grouping expression."""
-    out: list[Segment] = []
-    for index, bucket in enumerate(laid):
-        width = bucket.end - bucket.start
-        if out:
-            last = out[-1]
-            if last.step == width and last.start + (index - last.first_index) * width == bucket.start:
-                continue
-        out.append(Segment(bucket.start, index, width))
-    return out

@@ -13,7 +13,7 @@ from typing import Any
 
 from hubd.model import format_time
 from hubd.query import energy
-from hubd.query.buckets import Bucket, buckets, segments
+from hubd.query.buckets import Bucket, buckets
 from hubd.query.conditions import Query, encode_cursor
 from hubd.store import Store
 
@@ -91,26 +91,30 @@ def _at(query: Query, store: Store) -> dict[str, Any]:
 
 def _buckets(query: Query, store: Store) -> dict[str, Any]:
     laid = buckets(query.start, query.end, query.interval, query.tz)
-    runs = segments(laid)
     after_der, after_bucket = query.cursor if query.cursor else ("", -1)
     ders = store.der_ids(query.start, query.end, after_der) if query.der_ids is None else query.der_ids
     specs = _store_specs(query.agg)
+    labels = [format_time(bucket.start) for bucket in laid]
     rows: list[dict[str, Any]] = []
     keys: list[tuple[str, int]] = []
     for der_id in ders:
         if der_id < after_der:
             continue
-        stats = store.bucket_stats(der_id, query.start, query.end, runs, specs, query.where)
+        stats = store.bucket_stats(der_id, laid, specs, query.where)
         energies = _energy(query, store, der_id, laid, stats)
         for index in sorted(set(stats) | set(energies)):
             bucket = laid[index]
             if der_id == after_der and bucket.start <= after_bucket:
                 continue
-            rows.append(_bucket_row(query, der_id, bucket, stats.get(index, {"n": 0}), energies.get(index, {})))
+            row = _bucket_row(query, der_id, labels[index], bucket, stats.get(index, _EMPTY), energies.get(index, {}))
+            rows.append(row)
             keys.append((der_id, bucket.start))
         if len(rows) > query.limit:
             break
     return _page(rows, keys, query.limit)
+
+
+_EMPTY: dict[str, Any] = {"n": 0}
 
 
 def _store_specs(agg: tuple[tuple[str, str], ...]) -> tuple[tuple[str, str], ...]:
@@ -152,9 +156,9 @@ def _energy(
 
 
 def _bucket_row(
-    query: Query, der_id: str, bucket: Bucket, stats: dict[str, Any], energies: dict[str, float]
+    query: Query, der_id: str, label: str, bucket: Bucket, stats: dict[str, Any], energies: dict[str, float]
 ) -> dict[str, Any]:
-    row: dict[str, Any] = {"der_id": der_id, "bucket_start": format_time(bucket.start)}
+    row: dict[str, Any] = {"der_id": der_id, "bucket_start": label}
     if query.interval == "30m":
         row["slot"] = bucket.slot
     for field, how in query.agg:

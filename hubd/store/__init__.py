@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from hubd.query.buckets import Segment
+from hubd.query.buckets import Bucket
 
 
 @dataclass(slots=True)
@@ -54,16 +54,10 @@ class Store(Protocol):
         ...
 
     def bucket_stats(
-        self,
-        der_id: str,
-        start: int,
-        end: int,
-        segments: list[Segment],
-        specs: tuple[tuple[str, str], ...],
-        where: Where,
+        self, der_id: str, buckets: list[Bucket], specs: tuple[tuple[str, str], ...], where: Where
     ) -> dict[int, dict[str, Any]]:
-        """Per bucket index: "n" (readings) and "how:field" for mean/min/max/sum/count, (time, value) for
-        first/last (of the readings that have the field)."""
+        """Per index of a bucket holding readings: "n" (readings) and "how:field" for mean/min/max/sum/count,
+        (time, value) for first/last (of the readings that have the field)."""
         ...
 
     def nearest(self, der_id: str, field: str, at: int, before: bool) -> tuple[int, float] | None:

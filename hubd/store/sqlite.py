@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from hubd.model import FIELDS
-from hubd.query.buckets import Segment
+from hubd.query.buckets import Bucket
 from hubd.store import StoredReading, Where
 
 _SQL_AGGREGATES = {"mean": "avg", "min": "min", "max": "max", "sum": "sum", "count": "count"}
@@ -48,6 +48,7 @@ class SqliteStore:
         self._db.execute(f"PRAGMA synchronous={'FULL' if synchronous == 'full' else 'NORMAL'}")
         self._db.execute("PRAGMA busy_timeout=10000")
         self._db.executescript(_SCHEMA)
+        self._buckets: list[tuple[int, int]] = []
 
     def write(self, readings: list[StoredReading], stored_at: int) -> None:
         rows = [
@@ -81,20 +82,20 @@ class SqliteStore:
         after: tuple[int, str] | None,
         limit: int,
     ) -> list[tuple[Any, ...]]:
-        sql: list[str] = ["measured_at >= ? AND measured_at < ?"]
-        params: list[Any] = [start, end]
+        condition, params = _where(where)
+        sql = ["measured_at >= :start AND measured_at < :end"]
+        named: dict[str, Any] = {"start": start, "end": end, "limit": limit, **params}
         if der_ids is not None:
-            sql.append(f"der_id IN ({', '.join('?' * len(der_ids))})")
-            params.extend(der_ids)
+            sql.append(f"der_id IN ({', '.join(f':d{i}' for i in range(len(der_ids)))})")
+            named |= {f"d{i}": der_id for i, der_id in enumerate(der_ids)}
         if after is not None:
-            sql.append("(measured_at, der_id) > (?, ?)")
-            params.extend(after)
-        condition, values = _where(where)
-        params.extend(values)
+            sql.append("(measured_at, der_id) > (:after_at, :after_der)")
+            named |= {"after_at": after[0], "after_der": after[1]}
         columns = ", ".join(("der_id", "measured_at", *fields))
         return self._db.execute(
-            f"SELECT {columns} FROM readings WHERE {' AND '.join(sql)}{condition} ORDER BY measured_at, der_id LIMIT ?",
-            (*params, limit),
+            f"SELECT {columns} FROM readings WHERE {' AND '.join(sql)}{condition} "
+            "ORDER BY measured_at, der_id LIMIT :limit",
+            named,
         ).fetchall()
 
     def der_ids(self, start: int, end: int, first: str) -> list[str]:
@@ -106,35 +107,52 @@ class SqliteStore:
         return [r[0] for r in rows if self._db.execute(probe, (r[0], start, end)).fetchone()]
 
     def bucket_stats(
-        self,
-        der_id: str,
-        start: int,
-        end: int,
-        segments: list[Segment],
-        specs: tuple[tuple[str, str], ...],
-        where: Where,
+        self, der_id: str, buckets: list[Bucket], specs: tuple[tuple[str, str], ...], where: Where
     ) -> dict[int, dict[str, Any]]:
-        bucket = _bucket_expression(segments)
-        condition, values = _where(where)
-        scope = f"FROM readings WHERE der_id = ? AND measured_at >= ? AND measured_at < ?{condition}"
-        params = (der_id, start, end, *values)
-        plain = [(how, field) for field, how in specs if how in _SQL_AGGREGATES]
-        columns = "".join(f", {_SQL_AGGREGATES[how]}({field})" for how, field in plain)
-        out: dict[int, dict[str, Any]] = {}
-        for index, n, *row in self._db.execute(f"SELECT {bucket} AS b, count(*){columns} {scope} GROUP BY b", params):
-            stats: dict[str, Any] = {"n": n}
-            for (how, field), value in zip(plain, row, strict=True):
-                stats[f"{how}:{field}"] = value
-            out[index] = stats
+        self._load_buckets(buckets)
+        condition, values = _where(where, "r.")
+        own_condition, _ = _where(where)  # the same conditions inside the first/last probes
+        columns = []
         for field, how in specs:
-            if how not in ("first", "last"):
-                continue
-            # SQLite fills a bare column from the row that holds the single min()/max(): the first or last reading.
-            pick = "min" if how == "first" else "max"
-            sql = f"SELECT {bucket} AS b, {pick}(measured_at), {field} {scope} AND {field} IS NOT NULL GROUP BY b"
-            for index, at, value in self._db.execute(sql, params):
-                out.setdefault(index, {"n": 0})[f"{how}:{field}"] = (at, value)
+            if how in _SQL_AGGREGATES:
+                columns.append(f"{_SQL_AGGREGATES[how]}(r.{field})")
+            else:  # first/last: the time and value of the earliest/latest reading in the bucket with the field
+                order = "" if how == "first" else " DESC"
+                probe = (
+                    f"FROM readings WHERE der_id = :der AND measured_at >= b.lo AND measured_at < b.hi "
+                    f"AND {field} IS NOT NULL{own_condition} ORDER BY measured_at{order} LIMIT 1"
+                )
+                columns += [f"(SELECT measured_at {probe})", f"(SELECT {field} {probe})"]
+        # Buckets drive the join in index order, so each is one primary-key range scan and no sort is needed.
+        sql = (
+            f"SELECT b.idx, count(*){''.join(', ' + c for c in columns)} FROM temp.buckets b "
+            f"JOIN readings r ON r.der_id = :der AND r.measured_at >= b.lo AND r.measured_at < b.hi{condition} "
+            "GROUP BY b.idx"
+        )
+        out: dict[int, dict[str, Any]] = {}
+        for index, n, *row in self._db.execute(sql, {"der": der_id, **values}):
+            stats: dict[str, Any] = {"n": n}
+            position = 0
+            for field, how in specs:
+                if how in _SQL_AGGREGATES:
+                    stats[f"{how}:{field}"] = row[position]
+                    position += 1
+                else:
+                    stats[f"{how}:{field}"] = (row[position], row[position + 1])
+                    position += 2
+            out[index] = stats
         return out
+
+    def _load_buckets(self, buckets: list[Bucket]) -> None:
+        spans = [(b.start, b.end) for b in buckets]
+        if spans == self._buckets:
+            return
+        self._db.execute("CREATE TEMP TABLE IF NOT EXISTS buckets (idx INTEGER PRIMARY KEY, lo INTEGER, hi INTEGER)")
+        self._db.execute("DELETE FROM temp.buckets")
+        self._db.executemany(
+            "INSERT INTO temp.buckets VALUES (?, ?, ?)", [(i, lo, hi) for i, (lo, hi) in enumerate(spans)]
+        )
+        self._buckets = spans
 
     def nearest(self, der_id: str, field: str, at: int, before: bool) -> tuple[int, float] | None:
         order = "measured_at < ? ORDER BY measured_at DESC" if before else "measured_at >= ? ORDER BY measured_at"
@@ -159,18 +177,7 @@ class SqliteStore:
         self._db.close()
 
 
-def _where(where: Where) -> tuple[str, list[float]]:
-    """Value conditions as SQL (AND-combined); a reading without the field never matches."""
-    sql = "".join(f" AND {field} {_OPERATORS[op]} ?" for field, op, _ in where)
-    return sql, [operand for _, _, operand in where]
-
-
-def _bucket_expression(segments: list[Segment]) -> str:
-    """SQL for the bucket index of ``measured_at``: integer arithmetic per run of equal buckets."""
-    parts = [f"{s.first_index} + (measured_at - {s.start}) / {s.step}" for s in segments]
-    if len(parts) == 1:
-        return parts[0]
-    cases = " ".join(
-        f"WHEN measured_at < {nxt.start} THEN {part}" for part, nxt in zip(parts, segments[1:], strict=False)
-    )
-    return f"CASE {cases} ELSE {parts[-1]} END"
+def _where(where: Where, table: str = "") -> tuple[str, dict[str, float]]:
+    """Value conditions as SQL with named parameters (AND-combined); a reading without the field never matches."""
+    sql = "".join(f" AND {table}{field} {_OPERATORS[op]} :w{i}" for i, (field, op, _) in enumerate(where))
+    return sql, {f"w{i}": operand for i, (_, _, operand) in enumerate(where)}
