@@ -130,7 +130,7 @@ class Hub:
             if self._answer(answer, response_topic, correlation, reply_to, request_id):
                 self.writer.count("data.answered", decoded.source_id or raw.source_id if decoded else raw.source_id)
             return
-        request, error = _json_request(payload)
+        request, error = _json_request(payload, self.config.limits.max_payload_bytes)
         reply_to, request_id = reply_fields(request) if request else (None, None)
         requester = response_topic or reply_to
         if topic == self.topics["register"]:
@@ -147,6 +147,7 @@ class Hub:
             self.audit.append("time.asked", requester=requester)
         else:
             return
+        self.audit.flush()  # audited before answered
         size = self._answer(answer, response_topic, correlation, reply_to, request_id)
         if size:
             self.audit.append(
@@ -196,7 +197,11 @@ class Hub:
             return {"ok": False, "error": error.as_dict()}
         client_id = request.get("client_id")
         conditions = {k: v for k, v in request.items() if k not in ("password", "reply_to", "request_id")}
-        self.audit.append("query.received", requester=requester, client_id=_text(client_id), conditions=conditions)
+        try:
+            self.audit.append("query.received", requester=requester, client_id=_text(client_id), conditions=conditions)
+        except (TypeError, ValueError):  # a password-like or unwritable condition: record the names only
+            names = sorted(conditions)
+            self.audit.append("query.received", requester=requester, client_id=_text(client_id), condition_names=names)
         try:
             password = request.get("password")
             if not isinstance(client_id, str) or not isinstance(password, str):
@@ -252,7 +257,9 @@ def _reply_of(payload: bytes) -> tuple[str | None, Any]:
         return None, None
 
 
-def _json_request(payload: bytes) -> tuple[dict[str, Any] | None, HubError | None]:
+def _json_request(payload: bytes, max_bytes: int) -> tuple[dict[str, Any] | None, HubError | None]:
+    if len(payload) > max_bytes:
+        return None, HubError(ErrorCode.TOO_LARGE, f"the payload has {len(payload)} bytes; the limit is {max_bytes}")
     try:
         return load_json_object(payload), None
     except HubError as exc:

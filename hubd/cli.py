@@ -34,7 +34,9 @@ from hubd.store.sqlite import SqliteStore
 
 def setup_logging(level: str) -> None:
     logger.remove()
-    logger.add(sys.stderr, level=level, format="{time:YYYY-MM-DD HH:mm:ss.SSS} {level: <7} {message}")
+    # diagnose=False: loguru would otherwise print the values of local variables in a traceback, and those
+    # include payloads and passwords.
+    logger.add(sys.stderr, level=level, format="{time:YYYY-MM-DD HH:mm:ss.SSS} {level: <7} {message}", diagnose=False)
 
 
 class Context:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -66,19 +67,43 @@ def load_json_object(payload: bytes) -> dict[str, Any]:
     try:
         data = orjson.loads(payload)
     except orjson.JSONDecodeError:
+        # Python's parser takes NaN and Infinity, but is otherwise held to what orjson takes: UTF-8 only,
+        # integers beyond 64 bits as floats, and no lone surrogates (orjson.dumps refuses those, which
+        # would break the audit log and the answer further on).
         try:
-            data = json.loads(payload)
-        except (ValueError, RecursionError):
+            data = json.loads(payload.decode("utf-8"), parse_int=_parse_int)
+            orjson.dumps(data)
+        except (ValueError, TypeError, RecursionError):
             raise HubError(ErrorCode.DECODE_ERROR, "the payload is not valid UTF-8 JSON") from None
     if not isinstance(data, dict):
         raise HubError(ErrorCode.DECODE_ERROR, f"the payload must be a JSON object, not {type(data).__name__}")
     return data
 
 
+def _parse_int(text: str) -> int | float:
+    number = int(text)
+    return number if -(2**63) <= number < 2**64 else float(text)
+
+
+# What a broker refuses in a topic (as Mosquitto's UTF-8 check does): control characters, surrogates and
+# non-characters; publishing to such a topic gets the hub disconnected, and the message delivered again.
+_NOT_IN_TOPICS = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff\ufdd0-\ufdef#+]")
+
+
+def _is_topic(value: object) -> bool:
+    """A topic the hub may answer on: 1-65535 bytes of UTF-8, no wildcards, nothing a broker refuses."""
+    return (
+        isinstance(value, str)
+        and 0 < len(value.encode("utf-8", "surrogatepass")) <= 65535
+        and not _NOT_IN_TOPICS.search(value)
+        and not any((ord(c) & 0xFFFE) == 0xFFFE for c in value)
+    )
+
+
 def reply_fields(data: dict[str, Any]) -> tuple[str | None, Any]:
     """MQTT 3.1.1 request/response: ``reply_to`` and ``request_id`` in the JSON body."""
     reply_to = data.get("reply_to")
-    if reply_to is not None and (not isinstance(reply_to, str) or not reply_to or "#" in reply_to or "+" in reply_to):
+    if reply_to is not None and not _is_topic(reply_to):
         reply_to = None
     request_id = data.get("request_id")
     if not isinstance(request_id, str | int) or isinstance(request_id, bool):

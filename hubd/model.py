@@ -92,12 +92,25 @@ def now_ms() -> int:
     return int(datetime.now(UTC).timestamp() * 1000)
 
 
+# The times the hub takes: years 1000 to 9998. Wider ones fit neither SQLite's integers nor the date
+# arithmetic of formatting and bucketing, and no measurement or query needs them.
+MIN_TIME_MS = -30_610_224_000_000  # 1000-01-01T00:00:00Z
+MAX_TIME_MS = 253_370_764_800_000  # 9999-01-01T00:00:00Z, exclusive
+
+
 def parse_time(value: object, name: str = "time") -> int:
     """Parse an RFC 3339 time with an explicit offset, or integer epoch milliseconds, to epoch ms.
 
     A time without an offset is refused, never guessed: a wrong zone silently moves a value into
     another settlement slot.
     """
+    epoch_ms = _parse_time(value, name)
+    if not MIN_TIME_MS <= epoch_ms < MAX_TIME_MS:
+        raise HubError(ErrorCode.BAD_REQUEST, f"{name} is out of range: the hub takes the years 1000 to 9998")
+    return epoch_ms
+
+
+def _parse_time(value: object, name: str) -> int:
     if isinstance(value, bool):
         raise HubError(ErrorCode.BAD_REQUEST, f"{name} must be RFC 3339 with an offset or epoch milliseconds")
     if isinstance(value, int):

@@ -85,6 +85,13 @@ def test_reset_inside_one_bucket(store: SqliteStore) -> None:
     assert math.isclose(rows[1]["energy_kwh"], 0.5)  # 20→40 min: 1.0 kWh, half of it after 30 min
 
 
+def test_reset_in_the_only_bucket(store: SqliteStore) -> None:
+    for minute, value in [(0, 5.0), (5, 6.0), (10, 0.5), (20, 1.5)]:
+        put(store, "M-1", minute * 60_000, energy_kwh=value)
+    rows = ask(store, start=0, end=30 * 60_000, interval="30m", agg={"energy_kwh": "delta"})
+    assert math.isclose(rows[0]["energy_kwh"], 1.0 + 1.5)
+
+
 @pytest.mark.parametrize(
     ("midnight", "last_second", "slots"),
     [

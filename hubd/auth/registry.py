@@ -7,6 +7,7 @@ daemon share it; the daemon notices the CLI's changes through SQLite's ``data_ve
 from __future__ import annotations
 
 import csv
+import math
 import re
 import sqlite3
 from collections.abc import Iterable
@@ -18,7 +19,7 @@ from hubd.model import DER_TYPES, ErrorCode, HubError
 
 DerStatus = Literal["allowed", "registered", "revoked"]
 SystemRole = Literal["gateway", "consumer"]
-ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")
+ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}\Z")  # \Z: "$" would let a trailing newline in
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS ders (
@@ -98,7 +99,7 @@ def check_metadata(meta: dict[str, Any]) -> dict[str, Any]:
                 raise HubError(ErrorCode.BAD_REQUEST, f"{key} must be a number")
             value = float(value)
             limit = {"lat": 90.0, "lon": 180.0}.get(key)
-            if (limit is not None and not -limit <= value <= limit) or value != value:
+            if (limit is not None and not -limit <= value <= limit) or not math.isfinite(value):
                 raise HubError(ErrorCode.BAD_REQUEST, f"{key} is out of range")
             if key == "capacity_kw" and value < 0:
                 raise HubError(ErrorCode.BAD_REQUEST, "capacity_kw must not be negative")

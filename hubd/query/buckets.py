@@ -19,9 +19,11 @@ MAX_BUCKETS = 200_000
 
 @dataclass(frozen=True, slots=True)
 class Bucket:
-    start: int
+    start: int  # aligned edges: what the row reports, and where delta reads the register
     end: int
     slot: int  # 1-based position within its local day
+    lo: int  # the part of the bucket inside the query's [start, end): where readings are taken from
+    hi: int
 
 
 def zone(name: object) -> ZoneInfo:
@@ -53,7 +55,7 @@ def buckets(start: int, end: int, interval: str, tz: ZoneInfo) -> list[Bucket]:
         while at < day_end:
             upper = min(at + width, day_end)
             if upper > start and at < end:
-                out.append(Bucket(at, upper, slot))
+                out.append(Bucket(at, upper, slot, max(at, start), min(upper, end)))
                 if len(out) > MAX_BUCKETS:
                     raise HubError(
                         ErrorCode.BAD_REQUEST,

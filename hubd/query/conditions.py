@@ -13,7 +13,7 @@ import orjson
 
 from hubd.auth.registry import Der
 from hubd.config import QueryConfig
-from hubd.model import DER_TYPES, FIELDS, ErrorCode, HubError, parse_time
+from hubd.model import DER_TYPES, FIELDS, MAX_TIME_MS, MIN_TIME_MS, ErrorCode, HubError, parse_time
 from hubd.query.buckets import INTERVALS_MS, zone
 
 AGGREGATIONS = ("mean", "min", "max", "sum", "first", "last", "count", "delta")
@@ -80,6 +80,7 @@ def decode_cursor(cursor: object, mode: Mode) -> tuple[Any, ...]:
         shape = shapes[mode]
         assert isinstance(value, list) and len(value) == len(shape)
         assert all(isinstance(v, t) and not isinstance(v, bool) for v, t in zip(value, shape, strict=True))
+        assert all(MIN_TIME_MS <= v < MAX_TIME_MS for v in value if isinstance(v, int))  # times, as parse_time
     except (AssertionError, binascii.Error, ValueError, orjson.JSONDecodeError):
         raise bad("cursor is not one this hub issued for this kind of query") from None
     return tuple(value)

@@ -35,51 +35,74 @@ def rise_with_resets(values: list[float]) -> float:
     return total
 
 
+def falls(lows: list[float], highs: list[float], before: float | None, after: float | None) -> set[int]:
+    """Positions of buckets (given their lowest and highest register value, in time order) where the register
+    may have fallen: a bucket lower than anything before it or higher than anything after it.
+
+    A reset inside a bucket leaves it holding values above the next bucket's; a reset between buckets leaves
+    the later one below the earlier. Either way both neighbours are flagged and read value by value. The last
+    bucket has no next one to compare with unless a reading follows the range, so without one it is read too.
+    """
+    flagged: set[int] = set()
+    previous = before
+    for position, low in enumerate(lows):
+        if previous is not None and low < previous:
+            flagged.update((position - 1, position) if position else (position,))
+        previous = highs[position]
+    if highs and (after is None or highs[-1] > after):  # nothing after the last bucket to compare with
+        flagged.add(len(highs) - 1)
+    return {p for p in flagged if p >= 0}
+
+
 def deltas(
     laid: list[Bucket], spans: list[RegisterSpan], before: tuple[int, float] | None, after: tuple[int, float] | None
 ) -> dict[int, float]:
     """Energy per bucket index from the register, for every bucket between the first and last reading."""
+    # Anchor points in time order: (time, register unwrapped past its resets, starting at zero).
     times: list[int] = []
     unwrapped: list[float] = []
-
-    def add(at: int, step: float) -> None:
-        times.append(at)
-        unwrapped.append(unwrapped[-1] + step if unwrapped else 0.0)
-
-    def step(previous: float, value: float) -> float:
-        return value - previous if value >= previous else value  # a fall is a reset to zero
-
     previous: float | None = None
+    total = 0.0
     if before is not None:
-        add(before[0], 0.0)
+        times.append(before[0])
+        unwrapped.append(0.0)
         previous = before[1]
     for span in spans:
-        add(span.first_at, 0.0 if previous is None else step(previous, span.first))
+        if previous is not None:
+            total += span.first - previous if span.first >= previous else span.first  # a fall: reset to zero
+        times.append(span.first_at)
+        unwrapped.append(total)
         if span.last_at != span.first_at:
-            add(span.last_at, span.rise)
+            total += span.rise
+            times.append(span.last_at)
+            unwrapped.append(total)
         previous = span.last
     if after is not None and previous is not None:
-        add(after[0], step(previous, after[1]))
+        total += after[1] - previous if after[1] >= previous else after[1]
+        times.append(after[0])
+        unwrapped.append(total)
     if len(times) < 2:
         return {}
 
     def at_edge(edge: int) -> float:
         right = bisect_left(times, edge)
-        if right < len(times) and times[right] == edge:
-            return unwrapped[right]
-        if right == 0:
-            return unwrapped[0]
         if right == len(times):
             return unwrapped[-1]
+        if times[right] == edge or right == 0:
+            return unwrapped[right]
         t0, t1 = times[right - 1], times[right]
         u0, u1 = unwrapped[right - 1], unwrapped[right]
         return u0 + (u1 - u0) * (edge - t0) / (t1 - t0)
 
     out: dict[int, float] = {}
+    first, last = times[0], times[-1]
+    edge, value = -1, 0.0
     for index, bucket in enumerate(laid):
-        if bucket.end <= times[0] or bucket.start >= times[-1]:
+        if bucket.end <= first or bucket.start >= last:
             continue
-        out[index] = at_edge(bucket.end) - at_edge(bucket.start)
+        start_value = value if edge == bucket.start else at_edge(bucket.start)
+        edge, value = bucket.end, at_edge(bucket.end)
+        out[index] = value - start_value
     return out
 
 

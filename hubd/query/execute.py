@@ -118,11 +118,12 @@ _EMPTY: dict[str, Any] = {"n": 0}
 
 
 def _store_specs(agg: tuple[tuple[str, str], ...]) -> tuple[tuple[str, str], ...]:
-    """What to ask the store for: delta needs the register's first, last, min and max per bucket."""
+    """What to ask the store for: delta needs the times of the register's first and last reading and its
+    lowest and highest value per bucket, all from one pass."""
     specs: list[tuple[str, str]] = []
     for field, how in agg:
         if how == "delta":
-            specs += [(field, "first"), (field, "last"), (field, "min"), (field, "max")]
+            specs += [(field, "span"), (field, "min"), (field, "max")]
         elif not (how == "sum" and field == "energy_interval_kwh"):
             specs.append((field, how))
     return tuple(dict.fromkeys(specs))
@@ -134,22 +135,36 @@ def _energy(
     out: dict[int, dict[str, float]] = {}
     hows = dict(query.agg)
     if hows.get("energy_kwh") == "delta":
-        spans = []
-        for index in sorted(i for i, s in stats.items() if "first:energy_kwh" in s):
-            s = stats[index]
-            (first_at, first), (last_at, last) = s["first:energy_kwh"], s["last:energy_kwh"]
-            rise = last - first
-            if first != s["min:energy_kwh"] or last != s["max:energy_kwh"]:  # the register fell: a reset
-                values = store.series(der_id, laid[index].start, laid[index].end, ("energy_kwh",))
-                rise = energy.rise_with_resets([v for _, v in values])
-            spans.append(energy.RegisterSpan(index, first_at, first, last_at, last, rise))
+        present = sorted(i for i, s in stats.items() if s["span:energy_kwh"][2])
         before = store.nearest(der_id, "energy_kwh", query.start, before=True)
         after = store.nearest(der_id, "energy_kwh", query.end, before=False)
+        lows = [stats[i]["min:energy_kwh"] for i in present]
+        highs = [stats[i]["max:energy_kwh"] for i in present]
+        suspects = energy.falls(lows, highs, before and before[1], after and after[1])
+        spans = []
+        for position, index in enumerate(present):
+            s = stats[index]
+            first_at, last_at, count = s["span:energy_kwh"]
+            if position in suspects or count != s["n"]:  # a fall, or readings without the register: read them
+                values = store.series(der_id, laid[index].lo, laid[index].hi, ("energy_kwh",))
+                spans.append(
+                    energy.RegisterSpan(
+                        index,
+                        values[0][0],
+                        values[0][1],
+                        values[-1][0],
+                        values[-1][1],
+                        energy.rise_with_resets([v for _, v in values]),
+                    )
+                )
+            else:  # a rising register: its first value is the lowest, its last the highest
+                low, high = s["min:energy_kwh"], s["max:energy_kwh"]
+                spans.append(energy.RegisterSpan(index, first_at, low, last_at, high, high - low))
         for index, value in energy.deltas(laid, spans, before, after).items():
             out.setdefault(index, {})["energy_kwh"] = value
     if hows.get("energy_interval_kwh") == "sum":
         longest = 86_400_000  # an interval reading up to a day after the range may still reach into it
-        rows = store.series(der_id, laid[0].start, laid[-1].end + longest, ("energy_interval_kwh", "interval_s"))
+        rows = store.series(der_id, query.start, query.end + longest, ("energy_interval_kwh", "interval_s"))
         for index, value in energy.split_intervals(laid, [(t, e, s) for t, e, s in rows]).items():
             out.setdefault(index, {})["energy_interval_kwh"] = value
     return out

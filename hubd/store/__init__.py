@@ -57,7 +57,8 @@ class Store(Protocol):
         self, der_id: str, buckets: list[Bucket], specs: tuple[tuple[str, str], ...], where: Where
     ) -> dict[int, dict[str, Any]]:
         """Per index of a bucket holding readings: "n" (readings) and "how:field" for mean/min/max/sum/count,
-        (time, value) for first/last (of the readings that have the field)."""
+        first_at/last_at (the time of the first/last reading with the field), and (time, value) for
+        first/last. Readings are taken from each bucket's ``lo`` … ``hi``."""
         ...
 
     def nearest(self, der_id: str, field: str, at: int, before: bool) -> tuple[int, float] | None:

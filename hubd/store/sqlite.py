@@ -89,6 +89,9 @@ class SqliteStore:
             sql.append(f"der_id IN ({', '.join(f':d{i}' for i in range(len(der_ids)))})")
             named |= {f"d{i}": der_id for i, der_id in enumerate(der_ids)}
         if after is not None:
+            # One lower bound, at the cursor, so the index range starts there; the row value skips what the
+            # cursor's own instant already gave.
+            named["start"] = max(start, after[0])
             sql.append("(measured_at, der_id) > (:after_at, :after_der)")
             named |= {"after_at": after[0], "after_der": after[1]}
         columns = ", ".join(("der_id", "measured_at", *fields))
@@ -116,6 +119,11 @@ class SqliteStore:
         for field, how in specs:
             if how in _SQL_AGGREGATES:
                 columns.append(f"{_SQL_AGGREGATES[how]}(r.{field})")
+            elif how in ("first_at", "last_at"):
+                pick = "min" if how == "first_at" else "max"
+                columns.append(f"{pick}(CASE WHEN r.{field} IS NOT NULL THEN r.measured_at END)")
+            elif how == "span":  # cheaper than first_at/last_at when every reading has the field (count == n)
+                columns.append(f"min(r.measured_at), max(r.measured_at), count(r.{field})")
             else:  # first/last: the time and value of the earliest/latest reading in the bucket with the field
                 order = "" if how == "first" else " DESC"
                 probe = (
@@ -134,9 +142,12 @@ class SqliteStore:
             stats: dict[str, Any] = {"n": n}
             position = 0
             for field, how in specs:
-                if how in _SQL_AGGREGATES:
+                if how in _SQL_AGGREGATES or how in ("first_at", "last_at"):
                     stats[f"{how}:{field}"] = row[position]
                     position += 1
+                elif how == "span":
+                    stats[f"span:{field}"] = (row[position], row[position + 1], row[position + 2])
+                    position += 3
                 else:
                     stats[f"{how}:{field}"] = (row[position], row[position + 1])
                     position += 2
@@ -144,7 +155,7 @@ class SqliteStore:
         return out
 
     def _load_buckets(self, buckets: list[Bucket]) -> None:
-        spans = [(b.start, b.end) for b in buckets]
+        spans = [(b.lo, b.hi) for b in buckets]
         if spans == self._buckets:
             return
         self._db.execute("CREATE TEMP TABLE IF NOT EXISTS buckets (idx INTEGER PRIMARY KEY, lo INTEGER, hi INTEGER)")

@@ -1,0 +1,188 @@
+"""Bad registrations and the operator's password changes, driven as a DER and an operator would.
+
+Each refusal is checked for its PROTOCOL.md code, its audit record, that nothing already granted is lost
+(a unique password issued keeps working, a DER refused can still register) and that the hub goes on
+serving other DERs. The field-by-field cases share one hub (``shared``), each with its own DER id.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from conftest import INITIAL_PASSWORD, RunningHub
+from helpers import DAY_S, Site, at, last_seq, outcomes, reading, records, rr_on, running_hub, stamp, warm_up
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
+    with running_hub(tmp_path_factory.mktemp("shared")) as hub:
+        site = Site.on(hub)
+        warm_up(site)
+        yield site
+
+
+def register(hub: RunningHub, body: dict[str, Any] | str) -> dict[str, Any]:
+    return hub.rr(f"{hub.prefix}/register", body)
+
+
+def send(hub: RunningHub, der_id: str, password: str, measured_at: str) -> dict[str, Any]:
+    return hub.rr(f"{hub.prefix}/data", {"source_id": "edge-r", "readings": [reading(der_id, password, measured_at)]})
+
+
+def refusal(answer: dict[str, Any]) -> str:
+    """The code of a refused reading (the message itself is fine)."""
+    assert answer["ok"] is True and answer["accepted"] == 0, answer
+    (refused,) = answer["rejected"]
+    return str(refused["error"]["code"])
+
+
+def der_status(hub: RunningHub, der_id: str) -> str:
+    result = hub.cli("der", "show", der_id)
+    assert result.exit_code == 0, result.output
+    return str(json.loads(result.output)["status"])
+
+
+def test_second_registration_is_already_registered_and_the_first_password_keeps_working(shared: Site) -> None:
+    hub, start, since = shared.hub, shared.window(), last_seq(shared.hub)
+    first = hub.register("PV-A")
+    answer = register(hub, {"der_id": "PV-A", "password": INITIAL_PASSWORD, "type": "pv"})
+    assert answer["ok"] is False and answer["error"]["code"] == "already_registered"
+    assert "password" not in answer
+    (failed,) = records(hub, "register.failed", since)
+    assert (failed["outcome"], failed["der_id"]) == ("already_registered", "PV-A")
+    assert len(records(hub, "password.issued", since)) == 1
+
+    assert send(hub, "PV-A", first, at(start)) == {"ok": True, "accepted": 1, "rejected": []}
+    assert der_status(hub, "PV-A") == "registered"
+    assert shared.stored(start) == [("PV-A", stamp(start))]
+    shared.keeps_serving(start)
+
+
+def _body(**fields: Any) -> Callable[[str], dict[str, Any]]:
+    """A registration of the case's own DER id with ``fields`` changed (a callable gets the id)."""
+
+    def make(der_id: str) -> dict[str, Any]:
+        body = {"der_id": der_id, "password": INITIAL_PASSWORD, "type": "pv"}
+        body.update({k: v(der_id) if callable(v) else v for k, v in fields.items()})
+        return {k: v for k, v in body.items() if v is not _DROP}
+
+    return make
+
+
+_DROP = object()
+
+BAD_REGISTRATIONS = [
+    pytest.param(_body(password=INITIAL_PASSWORD[:-1] + "X"), "bad_credentials", id="wrong-initial-password"),
+    pytest.param(_body(password=""), "bad_request", id="empty-password"),
+    pytest.param(_body(password=_DROP), "bad_request", id="no-password"),
+    pytest.param(_body(password=12345), "bad_request", id="password-number"),
+    pytest.param(_body(der_id=_DROP), "bad_request", id="no-der-id"),
+    pytest.param(_body(der_id=1), "bad_request", id="der-id-number"),
+    pytest.param(_body(der_id=lambda d: d + "/1"), "bad_request", id="der-id-slash"),
+    pytest.param(_body(der_id=lambda d: d + "\n"), "bad_request", id="der-id-trailing-newline"),
+    pytest.param(_body(der_id=lambda d: d + "x" * 64), "bad_request", id="der-id-too-long"),
+    pytest.param(_body(der_id=lambda d: d + "-unlisted"), "unknown_der", id="not-on-allowlist"),
+    pytest.param(_body(type="nuclear"), "bad_request", id="unknown-type"),
+    pytest.param(_body(capacity_kw="big"), "bad_request", id="capacity-text"),
+    pytest.param(_body(capacity_kw=-5), "bad_request", id="capacity-negative"),
+    pytest.param(_body(capacity_kw=10**400), "bad_request", id="capacity-beyond-double"),
+    pytest.param(_body(location="Tokyo"), "bad_request", id="location-text"),
+    pytest.param(_body(location={"lat": 91, "lon": 0}), "bad_request", id="latitude-out-of-range"),
+    pytest.param(_body(location={"alt": 40}), "bad_request", id="unknown-location-field"),
+    pytest.param(_body(name=7), "bad_request", id="name-number"),
+    pytest.param(lambda d: f"der_id={d}", "decode_error", id="not-json"),
+    pytest.param(lambda d: [d], "decode_error", id="json-array"),
+]
+
+
+@pytest.mark.parametrize(("make", "code"), BAD_REGISTRATIONS)
+def test_bad_registration_is_refused_audited_and_changes_nothing(
+    shared: Site, make: Callable[[str], Any], code: str
+) -> None:
+    hub, start, since = shared.hub, shared.window(), last_seq(shared.hub)
+    der_id = f"PV-R{start // DAY_S}"
+    assert hub.cli("der", "add", der_id).exit_code == 0
+    body = make(der_id)
+    answer = register(hub, body if isinstance(body, str) else json.dumps(body, allow_nan=True))
+    assert answer["ok"] is False and answer["error"]["code"] == code, answer
+    assert INITIAL_PASSWORD not in json.dumps(answer)
+    assert outcomes(hub, "register.failed", since) == [code]
+    assert records(hub, "password.issued", since) == []
+    assert der_status(hub, der_id) == "allowed"
+
+    # Nothing was spent: the DER can still register and send, and the hub serves the others.
+    password = register(hub, {"der_id": der_id, "password": INITIAL_PASSWORD})["password"]
+    assert send(hub, der_id, password, at(start))["accepted"] == 1
+    shared.keeps_serving(start)
+
+
+def test_repeated_wrong_initial_password_is_rate_limited_per_der(hub_factory: Any) -> None:
+    hub = hub_factory(auth={"rate_limit": {"failures": 3, "window_s": 60}})
+    assert hub.cli("der", "add", "PV-9").exit_code == 0
+    codes = [register(hub, {"der_id": "PV-9", "password": f"guess-{i}-guess-{i}"})["error"]["code"] for i in range(5)]
+    assert codes == ["bad_credentials"] * 3 + ["rate_limited"] * 2
+    # Past the limit even the right password is refused for this DER: a guesser cannot tell it found it.
+    answer = register(hub, {"der_id": "PV-9", "password": INITIAL_PASSWORD})
+    assert answer["error"]["code"] == "rate_limited"
+    assert "password" not in answer
+
+    assert outcomes(hub, "register.failed") == ["bad_credentials"] * 3 + ["rate_limited"] * 3
+    assert all(r["der_id"] == "PV-9" for r in records(hub, "register.failed"))
+    assert records(hub, "password.issued") == []
+    assert der_status(hub, "PV-9") == "allowed"
+    # Other DERs register and send as before.
+    site = Site.on(hub)
+    site.keeps_serving(site.window())
+
+
+def test_repeated_failures_from_one_requester_are_rate_limited(hub_factory: Any) -> None:
+    hub = hub_factory(auth={"rate_limit": {"failures": 3, "window_s": 60}})
+    topic, answers = f"{hub.prefix}/register", "test/answers/prober"
+    codes = [
+        rr_on(hub, topic, {"der_id": f"PV-{i}", "password": INITIAL_PASSWORD}, answers)["error"]["code"]
+        for i in range(100, 104)
+    ]
+    assert codes == ["unknown_der"] * 3 + ["rate_limited"]
+    assert outcomes(hub, "register.failed") == ["unknown_der"] * 3 + ["rate_limited"]
+    assert {r["requester"] for r in records(hub, "register.failed")} == {answers}
+    # Other requesters (each mosquitto_rr answers on a topic of its own) are not held back.
+    site = Site.on(hub)
+    site.keeps_serving(site.window())
+
+
+def test_rotate_reset_and_revoke_from_the_cli_take_effect_at_once(shared: Site) -> None:
+    hub, start, since = shared.hub, shared.window(), last_seq(shared.hub)
+    first = hub.register("PV-B")
+    assert send(hub, "PV-B", first, at(start))["accepted"] == 1  # verified once: now known to the running hub
+
+    rotated = hub.cli("der", "rotate", "PV-B")
+    assert rotated.exit_code == 0, rotated.output
+    second = rotated.output.strip()
+    assert second and second != first
+    assert refusal(send(hub, "PV-B", first, at(start + 60))) == "bad_credentials"
+    assert send(hub, "PV-B", second, at(start + 60))["accepted"] == 1
+
+    assert hub.cli("der", "reset", "PV-B").exit_code == 0
+    assert refusal(send(hub, "PV-B", second, at(start + 120))) == "bad_credentials"
+    answer = register(hub, {"der_id": "PV-B", "password": INITIAL_PASSWORD})
+    assert answer["ok"] is True, answer
+    third = answer["password"]
+    assert send(hub, "PV-B", third, at(start + 120))["accepted"] == 1
+
+    assert hub.cli("der", "revoke", "PV-B").exit_code == 0
+    assert refusal(send(hub, "PV-B", third, at(start + 180))) == "not_allowed"
+    assert register(hub, {"der_id": "PV-B", "password": INITIAL_PASSWORD})["error"]["code"] == "not_allowed"
+    assert der_status(hub, "PV-B") == "revoked"
+
+    failures = [(r["outcome"], r["der_id"]) for r in records(hub, "auth.failed", since)]
+    assert failures == [("bad_credentials", "PV-B"), ("bad_credentials", "PV-B"), ("not_allowed", "PV-B")]
+    assert outcomes(hub, "register.failed", since) == ["not_allowed"]
+    by_operator = [r["event"] for r in records(hub, since=since) if r.get("by") == "operator"]
+    assert by_operator == ["der.added", "password.rotated", "password.reset", "der.revoked"]
+
+    # What was accepted stays; the hub serves the others.
+    assert shared.stored(start) == [("PV-B", stamp(start + s)) for s in (0, 60, 120)]
+    shared.keeps_serving(start)
