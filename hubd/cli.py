@@ -20,7 +20,7 @@ import orjson
 from loguru import logger
 
 from hubd import audit as audit_trail
-from hubd.audit import AuditLog
+from hubd.audit import AuditError, AuditLog
 from hubd.auth.credentials import hash_password, issue_password
 from hubd.auth.registry import Registry, read_der_csv
 from hubd.config import Config, ConfigError, load_config
@@ -69,7 +69,21 @@ class Context:
 pass_context = click.make_pass_decorator(Context)
 
 
-@click.group()
+class _Group(click.Group):
+    """Turns the errors an operator can act on into one clear line instead of a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        from hubd.broker import BrokerNotInstalled
+
+        try:
+            return super().invoke(ctx)
+        except AuditError as exc:
+            raise click.ClickException(f"audit trail: {exc}") from None
+        except BrokerNotInstalled as exc:
+            raise click.ClickException(str(exc)) from None
+
+
+@click.group(cls=_Group)
 @click.option(
     "--config",
     "config_path",
@@ -88,14 +102,10 @@ def main(ctx: click.Context, config_path: str | None) -> None:
 def run(ctx: Context) -> None:
     """Run the hub until SIGTERM or Ctrl-C."""
     from hubd.app import Hub
-    from hubd.broker import BrokerNotInstalled
 
     config = ctx.config
     setup_logging(config.log.level)
-    try:
-        asyncio.run(Hub(config).run())
-    except BrokerNotInstalled as exc:
-        raise click.ClickException(str(exc)) from None
+    asyncio.run(Hub(config).run())
 
 
 @main.command()
@@ -176,7 +186,11 @@ def der_show(ctx: Context, der_id: str) -> None:
         record = registry.der(der_id)
     if record is None:
         raise click.ClickException(f"no DER {der_id}")
-    click.echo(orjson.dumps(record.public(), option=orjson.OPT_INDENT_2).decode())
+    details = record.public()
+    for key in ("added_at", "registered_at"):
+        if details[key] is not None:
+            details[key] = format_time(details[key])
+    click.echo(orjson.dumps(details, option=orjson.OPT_INDENT_2).decode())
 
 
 @der.command("reset")

@@ -47,7 +47,6 @@ class StoreConfig:
     backend: Literal["sqlite"] = "sqlite"
     sqlite: SqliteConfig = field(default_factory=SqliteConfig)
     batch_max_readings: int = 20000
-    batch_wait_ms: float = 2.0
     queue_max_messages: int = 20000
 
 
@@ -247,7 +246,17 @@ def load_config(path: str | os.PathLike[str] | None = None) -> Config:
     except yaml.YAMLError as exc:
         raise ConfigError(f"{file}: not valid YAML ({exc})") from None
     config = parse_config(data, str(file))
-    if not Path(config.data_dir).expanduser().is_absolute():
-        # A relative data_dir is relative to the config file, not to wherever hubd was started from.
-        config = replace(config, data_dir=str((file.parent / config.data_dir).resolve()))
+
+    # Relative paths are relative to the config file, not to wherever hubd was started from.
+    def anchored(path: str) -> str:
+        return path if Path(path).expanduser().is_absolute() else str((file.parent / path).resolve())
+
+    config = replace(config, data_dir=anchored(config.data_dir))
+    if config.store.sqlite.path:
+        config = replace(
+            config,
+            store=replace(config.store, sqlite=replace(config.store.sqlite, path=anchored(config.store.sqlite.path))),
+        )
+    if config.audit.path:
+        config = replace(config, audit=replace(config.audit, path=anchored(config.audit.path)))
     return config

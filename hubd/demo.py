@@ -169,7 +169,7 @@ async def _demo(minutes: int, port: int, data_dir: Path) -> int:
     for record in audit_trail.tail(config.audit_path, 100000):
         events[str(record["event"])] = events.get(str(record["event"]), 0) + 1
     say("   events: " + ", ".join(f"{k} {v}" for k, v in sorted(events.items())))
-    say(f"   try: hubd --config {data_dir}/hubd.yaml audit tail -n 5")
+    say(f"   look around: .venv/bin/hubd --config {data_dir}/hubd.yaml audit tail -n 5   (or der list, query ...)")
     (data_dir / "hubd.yaml").write_text(f"data_dir: {data_dir}\n", encoding="utf-8")
     ok = report.ok and all(n == minutes * 6 for n in per_der.values())
     return 0 if ok else 1

@@ -117,3 +117,32 @@ def test_mqtt311_reply_to_and_request_id(hub: RunningHub) -> None:
     finally:
         sub.kill()
     assert json.loads(out) == {"ok": True, "accepted": 1, "rejected": [], "request_id": "r-7"}
+
+
+def test_open_mode_registration_records_the_type_the_der_sends(hub_factory: Any) -> None:
+    hub = hub_factory(auth={"registration_mode": "open"})
+    answer = hub.rr(
+        "hub/v1/register",
+        {
+            "der_id": "ESS-9",
+            "password": hub.initial_password,
+            "type": "ess",
+            "location": {"area": "feeder-3", "lat": 35.0, "lon": 139.0},
+        },
+    )
+    assert answer["ok"], answer
+    shown = json.loads(hub.cli("der", "show", "ESS-9").output)
+    assert (shown["type"], shown["area"], shown["status"]) == ("ess", "feeder-3", "registered")
+    assert shown["registered_at"].endswith("Z")  # a time a person can read, not epoch milliseconds
+
+
+def test_a_cut_audit_trail_is_one_clear_line_not_a_traceback(hub: RunningHub) -> None:
+    hub.register("PV-0003")
+    hub.stop()
+    audit = hub.config.audit_path
+    lines = audit.read_bytes().splitlines(keepends=True)
+    audit.write_bytes(b"".join(lines[:-2]))  # cut the last two records
+    result = hub.cli("der", "list")
+    assert result.exit_code == 1
+    assert result.output.startswith("Error: audit trail:") and "Traceback" not in result.output
+    assert hub.cli("audit", "verify").exit_code == 1

@@ -16,6 +16,7 @@ from concurrent.futures import Executor
 import bcrypt
 
 _MAX_BAD_PER_KEY = 16
+_MAX_TRACKED = 10_000  # rate-limit keys kept before stale ones are pruned
 
 
 def issue_password() -> str:
@@ -118,5 +119,8 @@ class RateLimiter:
         return len(self._recent(key, now)) >= self._failures
 
     def fail(self, key: str, now: float) -> None:
+        if len(self._seen) > _MAX_TRACKED:  # many distinct keys (an attack): forget those that cooled down
+            for stale in [k for k, times in self._seen.items() if now - times[-1] >= self._window]:
+                del self._seen[stale]
         self._recent(key, now)
         self._seen.setdefault(key, []).append(now)

@@ -184,7 +184,13 @@ class Registry:
                 (der_id, now),
             )
         # Metadata from the DER fills what the operator left empty; the operator's values win.
-        fills = ", ".join(f"{key} = coalesce({key}, ?)" for key in meta)
+        # (type is never empty: 'other' until someone says better.)
+        fills = ", ".join(
+            f"{key} = CASE WHEN {key} = 'other' THEN ? ELSE {key} END"
+            if key == "type"
+            else f"{key} = coalesce({key}, ?)"
+            for key in meta
+        )
         sql = (
             "UPDATE ders SET status = 'registered', password_hash = ?, registered_at = ?"
             + (f", {fills}" if fills else "")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import urlsplit
@@ -21,6 +22,11 @@ from loguru import logger
 from hubd.config import BrokerConfig
 
 Handler = Callable[[str, bytes, dict[str, Any]], Awaitable[None]]
+
+# How long to wait before retrying an answer when every packet id is in flight. gmqtt signals no PUBACK;
+# a broker acknowledges within a fraction of a millisecond on a loopback or LAN link, so start short and
+# back off to the longer wait only while nothing moves (the connection is down).
+_ID_RETRY_S = (0.001, 0.05)
 
 
 class Deferred(Exception):
@@ -43,6 +49,13 @@ class MqttDriver:
         self._in_flight = 0
         self._idle = asyncio.Event()
         self._idle.set()
+        # Answers waiting for a packet id: the broker's Receive Maximum (Mosquitto: max_inflight_messages)
+        # bounds the QoS 1 answers in flight, and gmqtt raises OverflowError past it instead of waiting.
+        self._backlog: deque[tuple[str, bytes, dict[str, Any]]] = deque()
+        self._backlog_in = 0  # answers ever put in the backlog
+        self._backlog_out = 0  # of those, handed to gmqtt
+        self._backlog_waiters: deque[tuple[int, asyncio.Future[None]]] = deque()  # (count, woken when out)
+        self._drainer: asyncio.Task[None] | None = None
         self._client = Client(
             config.client_id,
             clean_session=False,
@@ -98,6 +111,9 @@ class MqttDriver:
         self._idle.clear()
         try:
             await self._handler(topic, payload, properties)
+            if self._backlog:
+                # Its answer may wait for a packet id: acknowledge only once the answer is on its way.
+                await self._backlog_sent(self._backlog_in)
         except Exception:
             logger.exception("message on {} failed; not acknowledged, the broker will deliver it again", topic)
             raise Deferred from None
@@ -108,13 +124,52 @@ class MqttDriver:
         return 0
 
     def publish(self, topic: str, body: dict[str, Any], correlation_data: bytes | None = None) -> int:
-        """Publish an answer (QoS 1); return its size in bytes."""
+        """Publish an answer (QoS 1), in order, waiting in the backlog for a packet id; return its size."""
         payload = orjson.dumps(body)
         properties: dict[str, Any] = {"content_type": "application/json"}
         if correlation_data is not None:
             properties["correlation_data"] = correlation_data
-        self._client.publish(topic, payload, qos=1, **properties)
+        if not self._backlog and self._send(topic, payload, properties):
+            return len(payload)
+        self._backlog.append((topic, payload, properties))
+        self._backlog_in += 1
+        if self._drainer is None or self._drainer.done():
+            self._drainer = asyncio.create_task(self._drain(), name="hubd-mqtt-answers")
         return len(payload)
+
+    def _send(self, topic: str, payload: bytes, properties: dict[str, Any]) -> bool:
+        """Hand one QoS 1 publish to gmqtt; False when all packet ids are in flight."""
+        try:
+            self._client.publish(topic, payload, qos=1, **properties)
+        except OverflowError:
+            return False
+        return True
+
+    async def _drain(self) -> None:
+        """Send the backlog as PUBACKs from the broker free packet ids."""
+        shortest, longest = _ID_RETRY_S
+        wait = shortest
+        while self._backlog:
+            sent = self._backlog_out
+            while self._backlog and self._send(*self._backlog[0]):
+                self._backlog.popleft()
+                self._backlog_out += 1
+            waiters = self._backlog_waiters
+            while waiters and waiters[0][0] <= self._backlog_out:
+                _, woken = waiters.popleft()
+                if not woken.done():
+                    woken.set_result(None)
+            if self._backlog:
+                wait = shortest if self._backlog_out > sent else min(wait * 2, longest)
+                await asyncio.sleep(wait)
+
+    async def _backlog_sent(self, count: int) -> None:
+        """Return once the first ``count`` answers that ever went through the backlog are handed to gmqtt."""
+        if self._backlog_out >= count:
+            return
+        woken: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._backlog_waiters.append((count, woken))  # counts only grow, so the deque stays in order
+        await woken
 
     async def stop(self, timeout_s: float = 10.0) -> None:
         """Stop taking messages, let those in hand finish (commit and answer), then disconnect."""
@@ -129,3 +184,5 @@ class MqttDriver:
             )
         await asyncio.sleep(0.05)  # let the PUBACKs and answers of the last messages go out
         await self._client.disconnect()
+        if self._drainer is not None:
+            self._drainer.cancel()

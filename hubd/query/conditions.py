@@ -73,16 +73,21 @@ def encode_cursor(*parts: Any) -> str:
 
 def decode_cursor(cursor: object, mode: Mode) -> tuple[Any, ...]:
     """A cursor is the last row's key: (measured_at, der_id) raw, (der_id,) at, (der_id, bucket_start) buckets."""
-    shapes = {"raw": (int, str), "at": (str,), "buckets": (str, int)}
+    shape = {"raw": (int, str), "at": (str,), "buckets": (str, int)}[mode]
+    refused = bad("cursor is not one this hub issued for this kind of query")
+    if not isinstance(cursor, str):
+        raise refused
     try:
-        assert isinstance(cursor, str)
         value = orjson.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
-        shape = shapes[mode]
-        assert isinstance(value, list) and len(value) == len(shape)
-        assert all(isinstance(v, t) and not isinstance(v, bool) for v, t in zip(value, shape, strict=True))
-        assert all(MIN_TIME_MS <= v < MAX_TIME_MS for v in value if isinstance(v, int))  # times, as parse_time
-    except (AssertionError, binascii.Error, ValueError, orjson.JSONDecodeError):
-        raise bad("cursor is not one this hub issued for this kind of query") from None
+    except (binascii.Error, ValueError, orjson.JSONDecodeError):
+        raise refused from None
+    if (
+        not isinstance(value, list)
+        or len(value) != len(shape)
+        or not all(isinstance(v, t) and not isinstance(v, bool) for v, t in zip(value, shape, strict=True))
+        or not all(MIN_TIME_MS <= v < MAX_TIME_MS for v in value if isinstance(v, int))  # times, as parse_time
+    ):
+        raise refused
     return tuple(value)
 
 
