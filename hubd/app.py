@@ -70,7 +70,7 @@ class Hub:
             stack.callback(pool.shutdown)
             registry = Registry(config.registry_path)
             stack.callback(registry.close)
-            quarantine = Quarantine(config.registry_path)
+            self.quarantine = quarantine = Quarantine(config.registry_path)
             stack.callback(quarantine.close)
             store = SqliteStore(config.readings_path, config.store.sqlite.synchronous)
             stack.callback(store.close)
@@ -112,6 +112,41 @@ class Hub:
     # -- routing ----------------------------------------------------------------------------------------
 
     async def on_message(self, topic: str, payload: bytes, properties: dict[str, Any]) -> None:
+        """Route one message; a failure of the hub's own is answered ``internal`` and the payload kept.
+
+        Acknowledging such a message (after keeping it) stops one poison message from being delivered again
+        and again; if even keeping it fails, the exception propagates and the broker keeps the message.
+        """
+        try:
+            await self._route(topic, payload, properties)
+        except Exception as exc:
+            logger.exception("internal error on a message on {}", topic)
+            reason = f"internal error ({type(exc).__name__}); the message is kept for the operator"
+            if topic.startswith(self.topics["data"]):
+                entry = self.quarantine.add(
+                    received_at=now_ms(),
+                    topic=topic,
+                    format_code="",
+                    source_id=None,
+                    code=ErrorCode.INTERNAL.value,
+                    reason=reason,
+                    payload=payload,
+                )
+                self.audit.append("data.quarantined", "internal", topic=topic, quarantine_id=entry, reason=reason)
+            else:
+                self.audit.append("request.failed", "internal", topic=topic, reason=reason)
+            self.audit.flush()
+            reply_to, request_id = _reply_of(payload)
+            error = HubError(ErrorCode.INTERNAL, "the hub failed on this message; the operator can find it")
+            self._answer(
+                {"ok": False, "error": error.as_dict()},
+                _first(properties.get("response_topic")),
+                _first(properties.get("correlation_data")),
+                reply_to,
+                request_id,
+            )
+
+    async def _route(self, topic: str, payload: bytes, properties: dict[str, Any]) -> None:
         received_at = now_ms()
         response_topic = _first(properties.get("response_topic"))
         correlation = _first(properties.get("correlation_data"))

@@ -146,3 +146,27 @@ def test_a_cut_audit_trail_is_one_clear_line_not_a_traceback(hub: RunningHub) ->
     assert result.exit_code == 1
     assert result.output.startswith("Error: audit trail:") and "Traceback" not in result.output
     assert hub.cli("audit", "verify").exit_code == 1
+
+
+def test_a_bug_in_the_hub_is_answered_internal_kept_and_acknowledged(hub: RunningHub, monkeypatch: Any) -> None:
+    from hubd.ingest import Ingest
+
+    pv = hub.register("PV-0004")
+    real = Ingest._authenticate
+    calls = {"n": 0}
+
+    async def failing_once(self: Ingest, *args: Any) -> Any:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("a bug")
+        return await real(self, *args)
+
+    monkeypatch.setattr(Ingest, "_authenticate", failing_once)
+    body = {"readings": [reading("PV-0004", pv, "2026-11-27T02:00:00Z")]}
+    answer = hub.rr("hub/v1/data", body)
+    assert answer["ok"] is False and answer["error"]["code"] == "internal"
+    assert "RuntimeError" in hub.cli("quarantine", "list").output
+    assert hub.rr("hub/v1/data", body)["accepted"] == 1  # the hub goes on serving
+    hub.restart()  # acknowledged: the broker does not deliver the failed message again
+    records = audit_trail.tail(hub.config.audit_path, 1000, event="data.quarantined")
+    assert [r["outcome"] for r in records] == ["internal"]
