@@ -192,5 +192,7 @@ def decode_native(payload: bytes, limits: Limits) -> Decoded:
         try:
             items.append(check_reading(item, limits))
         except HubError as exc:
+            named = item.get("der_id") if isinstance(item, dict) else None
+            exc.der_id = named if isinstance(named, str) and ID_PATTERN.match(named) else None
             items.append(exc)
     return Decoded(source_id, items, reply_to, request_id)

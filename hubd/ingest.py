@@ -96,7 +96,7 @@ class Ingest:
         refused: list[tuple[int, str | None, HubError]] = []
         for index, item in enumerate(decoded.items):
             if isinstance(item, HubError):
-                refused.append((index, None, item))
+                refused.append((index, item.der_id, item))
                 continue
             verdict = auth.der_precheck(item.der_id, item.password or "")
             if verdict is True:

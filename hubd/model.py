@@ -33,10 +33,11 @@ class ErrorCode(StrEnum):
 class HubError(Exception):
     """An error with a protocol code and a message meant for a person (never a secret)."""
 
-    def __init__(self, code: ErrorCode, message: str) -> None:
+    def __init__(self, code: ErrorCode, message: str, der_id: str | None = None) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        self.der_id = der_id  # the DER a refused reading named, when it named one validly
 
     def as_dict(self) -> dict[str, str]:
         return {"code": self.code.value, "message": self.message}

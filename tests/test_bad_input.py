@@ -142,41 +142,42 @@ def _with(**fields: Any) -> Make:
 
 _DROP = object()
 
-# (make the bad reading, expected code, the der_id the answer names, the audit event)
+# (make the bad reading, expected code, the der_id the answer names — when the reading named one validly —,
+#  the audit event)
 BAD_READINGS = [
-    pytest.param(_with(power_kw=math.nan), "bad_request", None, "data.rejected", id="nan"),
-    pytest.param(_with(energy_kwh=math.inf), "bad_request", None, "data.rejected", id="infinity"),
-    pytest.param(_with(voltage_v=-math.inf), "bad_request", None, "data.rejected", id="minus-infinity"),
-    pytest.param(_with(power_kw=10**400), "bad_request", None, "data.rejected", id="integer-beyond-double"),
-    pytest.param(_with(measured_at="2025-06-01T00:01:00"), "bad_request", None, "data.rejected", id="no-offset"),
-    pytest.param(_with(measured_at="2025-06-01 00:01"), "bad_request", None, "data.rejected", id="no-offset-space"),
-    pytest.param(_with(measured_at="yesterday"), "bad_request", None, "data.rejected", id="time-not-a-time"),
-    pytest.param(_with(measured_at=True), "bad_request", None, "data.rejected", id="time-bool"),
+    pytest.param(_with(power_kw=math.nan), "bad_request", "PV-1", "data.rejected", id="nan"),
+    pytest.param(_with(energy_kwh=math.inf), "bad_request", "PV-1", "data.rejected", id="infinity"),
+    pytest.param(_with(voltage_v=-math.inf), "bad_request", "PV-1", "data.rejected", id="minus-infinity"),
+    pytest.param(_with(power_kw=10**400), "bad_request", "PV-1", "data.rejected", id="integer-beyond-double"),
+    pytest.param(_with(measured_at="2025-06-01T00:01:00"), "bad_request", "PV-1", "data.rejected", id="no-offset"),
+    pytest.param(_with(measured_at="2025-06-01 00:01"), "bad_request", "PV-1", "data.rejected", id="no-offset-space"),
+    pytest.param(_with(measured_at="yesterday"), "bad_request", "PV-1", "data.rejected", id="time-not-a-time"),
+    pytest.param(_with(measured_at=True), "bad_request", "PV-1", "data.rejected", id="time-bool"),
     pytest.param(
-        _with(measured_at=lambda s: _future(24 * 3600)), "bad_request", None, "data.rejected", id="far-future"
+        _with(measured_at=lambda s: _future(24 * 3600)), "bad_request", "PV-1", "data.rejected", id="far-future"
     ),
     pytest.param(
-        _with(measured_at=lambda s: now_ms() + 3_600_000), "bad_request", None, "data.rejected", id="future-epoch-ms"
+        _with(measured_at=lambda s: now_ms() + 3_600_000), "bad_request", "PV-1", "data.rejected", id="future-epoch-ms"
     ),
-    pytest.param(_with(measured_at=-(10**15)), "bad_request", None, "data.rejected", id="time-before-year-1"),
-    pytest.param(_with(measured_at=-(10**20)), "bad_request", None, "data.rejected", id="time-beyond-int64"),
+    pytest.param(_with(measured_at=-(10**15)), "bad_request", "PV-1", "data.rejected", id="time-before-year-1"),
+    pytest.param(_with(measured_at=-(10**20)), "bad_request", "PV-1", "data.rejected", id="time-beyond-int64"),
     pytest.param(
-        _with(measured_at="0001-01-01T00:00:00+09:00"), "bad_request", None, "data.rejected", id="time-in-year-0"
+        _with(measured_at="0001-01-01T00:00:00+09:00"), "bad_request", "PV-1", "data.rejected", id="time-in-year-0"
     ),
-    pytest.param(_with(measured_at=_DROP), "bad_request", None, "data.rejected", id="missing-measured-at"),
+    pytest.param(_with(measured_at=_DROP), "bad_request", "PV-1", "data.rejected", id="missing-measured-at"),
     pytest.param(_with(der_id=_DROP), "bad_request", None, "data.rejected", id="missing-der-id"),
-    pytest.param(_with(password=_DROP), "bad_request", None, "data.rejected", id="missing-password"),
+    pytest.param(_with(password=_DROP), "bad_request", "PV-1", "data.rejected", id="missing-password"),
     pytest.param(_with(der_id=17), "bad_request", None, "data.rejected", id="der-id-number"),
     pytest.param(_with(der_id="PV-1\n"), "bad_request", None, "data.rejected", id="der-id-trailing-newline"),
     pytest.param(_with(der_id="PV 1"), "bad_request", None, "data.rejected", id="der-id-space"),
-    pytest.param(_with(password=1234), "bad_request", None, "data.rejected", id="password-number"),
-    pytest.param(_with(power_kw="3.2"), "bad_request", None, "data.rejected", id="power-as-string"),
-    pytest.param(_with(power_kw=True), "bad_request", None, "data.rejected", id="power-as-bool"),
-    pytest.param(_with(power_kw=None), "bad_request", None, "data.rejected", id="no-quantity"),
-    pytest.param(_with(power_mw=3.2), "bad_request", None, "data.rejected", id="unknown-field"),
-    pytest.param(_with(power_factor=1.5), "bad_request", None, "data.rejected", id="power-factor-above-1"),
-    pytest.param(_with(soc_pct=100.5), "bad_request", None, "data.rejected", id="soc-above-100"),
-    pytest.param(_with(interval_s=300), "bad_request", None, "data.rejected", id="interval-without-energy"),
+    pytest.param(_with(password=1234), "bad_request", "PV-1", "data.rejected", id="password-number"),
+    pytest.param(_with(power_kw="3.2"), "bad_request", "PV-1", "data.rejected", id="power-as-string"),
+    pytest.param(_with(power_kw=True), "bad_request", "PV-1", "data.rejected", id="power-as-bool"),
+    pytest.param(_with(power_kw=None), "bad_request", "PV-1", "data.rejected", id="no-quantity"),
+    pytest.param(_with(power_mw=3.2), "bad_request", "PV-1", "data.rejected", id="unknown-field"),
+    pytest.param(_with(power_factor=1.5), "bad_request", "PV-1", "data.rejected", id="power-factor-above-1"),
+    pytest.param(_with(soc_pct=100.5), "bad_request", "PV-1", "data.rejected", id="soc-above-100"),
+    pytest.param(_with(interval_s=300), "bad_request", "PV-1", "data.rejected", id="interval-without-energy"),
     pytest.param(lambda s, start: "PV-1", "bad_request", None, "data.rejected", id="reading-not-an-object"),
     pytest.param(_with(der_id="PV-404"), "unknown_der", "PV-404", "auth.failed", id="unknown-der"),
     pytest.param(_with(password="Wrong-password-1"), "bad_credentials", "PV-1", "auth.failed", id="wrong-password"),
