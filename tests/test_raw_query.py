@@ -84,6 +84,7 @@ def test_filters_by_der_and_field(store: SqliteStore) -> None:
         ({"types": ["spaceship"]}, "types: unknown value 'spaceship'"),
         ({"bbox": [140, 35, 139, 36]}, "min <= max"),
         ({"tz": "Asia/Tokyo"}, "tz goes with interval"),
+        ({"interval": "1h", "fields": ["power_kw"], "agg": {"soc_pct": "mean"}}, "agg names 'soc_pct'"),
     ],
 )
 def test_bad_conditions_are_named(conditions: dict[str, object], fragment: str) -> None:

@@ -225,6 +225,8 @@ def parse_query(request: Mapping[str, Any], config: QueryConfig, ders: Mapping[s
             raise bad(f"agg.{field}: unknown aggregation {how!r} (one of {', '.join(AGGREGATIONS)})")
         if how == "delta" and field != "energy_kwh":
             raise bad("delta is for energy_kwh, the cumulative register")
+    if fields and set(agg) - set(fields):
+        raise bad(f"agg names {sorted(set(agg) - set(fields))[0]!r}, which fields leaves out")
     chosen = fields or tuple(agg) or ("power_kw",)
     pairs = tuple((field, agg.get(field, "mean")) for field in chosen)
     return Query(
