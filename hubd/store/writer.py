@@ -67,11 +67,6 @@ class BatchWriter:
         finally:
             self._space.release()
 
-    async def run_in_store_thread(self, func: object, *args: object) -> object:
-        """Run a store call (a query) on the store thread, in turn with the writes."""
-        assert callable(func)
-        return await asyncio.get_running_loop().run_in_executor(self._thread, func, *args)
-
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
