@@ -31,6 +31,7 @@ from hubd.query.conditions import parse_query
 from hubd.query.execute import run as run_query
 from hubd.store.sqlite import SqliteStore
 from hubd.store.writer import BatchWriter
+from hubd.vendor_formats import Catalog, Change
 
 
 class Hub:
@@ -87,6 +88,9 @@ class Hub:
             self.writer.start()
             self.ingest = Ingest(self.auth, self.writer, quarantine, self.audit, config.limits)
             self.registration = Registration(self.auth, config.auth, self.audit, pool)
+            self.catalog = Catalog([config.formats_shipped_path, config.formats_user_path])
+            stack.callback(self.catalog.close)
+            self._formats_changed(self.catalog.scan())
             self.driver = MqttDriver(
                 config.broker,
                 url,
@@ -105,7 +109,9 @@ class Hub:
             await self.driver.start()
             logger.info("hubd serving on {} (prefix {}), {} DERs registered", url, self.prefix, len(self.auth.ders))
             self.ready.set()
+            watcher = asyncio.create_task(self._watch_formats(), name="hubd-formats")
             await self._stop.wait()
+            watcher.cancel()
             logger.info("stopping: taking no new messages, committing and answering those in hand")
             await self.driver.stop()
             await self.writer.close()
@@ -114,6 +120,26 @@ class Hub:
 
     def stop(self) -> None:
         self._stop.set()
+
+    async def _watch_formats(self) -> None:
+        """Keep the vendor formats in step with their folders: a change counts within ``formats.poll_s``."""
+        while True:
+            await asyncio.sleep(self.config.formats.poll_s)
+            try:
+                self._formats_changed(self.catalog.scan())
+            except Exception:  # a failing scan must not end the watching
+                logger.exception("scanning the format definitions failed")
+
+    def _formats_changed(self, changes: list[Change]) -> None:
+        for change in changes:
+            if change.event == "format.refused":
+                logger.warning("format definition refused: {}", change.reason)
+                self.audit.append(change.event, "error", code=change.code, file=change.file, reason=change.reason)
+            else:
+                logger.info("{} {} ({})", change.event, change.code, change.file)
+                self.audit.append(change.event, code=change.code, file=change.file)
+        if changes:
+            self.audit.flush()
 
     # -- routing ----------------------------------------------------------------------------------------
 
@@ -165,6 +191,7 @@ class Hub:
                 received_at=received_at,
                 topic=topic,
                 requester=response_topic,
+                properties=_user_properties(properties),
             )
             answer, decoded = await self.ingest.handle(raw)
             reply_to, request_id = (decoded.reply_to, decoded.request_id) if decoded else _reply_of(payload)
@@ -289,6 +316,12 @@ def _source_of(properties: dict[str, Any]) -> str:
         if key == "source_id":
             return str(value)
     return "unknown"
+
+
+def _user_properties(properties: dict[str, Any]) -> dict[str, str]:
+    """The MQTT v5 user properties as a dict (a key sent twice: the last value); a vendor format may read them."""
+    pairs = properties.get("user_property")
+    return {str(key): str(value) for key, value in pairs} if pairs else {}
 
 
 def _reply_of(payload: bytes) -> tuple[str | None, Any]:

@@ -30,6 +30,7 @@ from hubd.query.buckets import INTERVALS_MS
 from hubd.query.conditions import Query, decode_cursor, parse_query
 from hubd.query.execute import run as run_query
 from hubd.store.sqlite import SqliteStore
+from hubd.vendor_formats.commands import format_group
 
 
 def setup_logging(level: str) -> None:
@@ -467,6 +468,9 @@ def audit_tail(ctx: Context, count: int, der_id: str | None, event: str | None) 
     """The last records, optionally for one DER or one event type (prefix)."""
     for record in audit_trail.tail(ctx.config.audit_path, count, der_id=der_id, event=event):
         click.echo(orjson.dumps(record).decode())
+
+
+main.add_command(format_group)
 
 
 @contextmanager

@@ -85,6 +85,15 @@ class AuditConfig:
 
 
 @dataclass(frozen=True)
+class FormatsConfig:
+    """Where vendor format definitions live and how often the running hub looks for changes."""
+
+    user_dir: str | None = None  # null: <data_dir>/formats
+    shipped_dir: str | None = None  # null: the formats/ folder that comes with hubd
+    poll_s: float = 2.0
+
+
+@dataclass(frozen=True)
 class LogConfig:
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
@@ -101,6 +110,7 @@ class Config:
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     query: QueryConfig = field(default_factory=QueryConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
+    formats: FormatsConfig = field(default_factory=FormatsConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
     @property
@@ -118,6 +128,16 @@ class Config:
     @property
     def audit_path(self) -> Path:
         return Path(self.audit.path) if self.audit.path else self.data_path / "audit.jsonl"
+
+    @property
+    def formats_user_path(self) -> Path:
+        return Path(self.formats.user_dir).expanduser() if self.formats.user_dir else self.data_path / "formats"
+
+    @property
+    def formats_shipped_path(self) -> Path:
+        if self.formats.shipped_dir:
+            return Path(self.formats.shipped_dir).expanduser()
+        return Path(__file__).resolve().parent.parent / "formats"
 
 
 def _type_name(tp: Any) -> str:
@@ -215,6 +235,8 @@ def _check(config: Config) -> None:
         )
     if config.broker.url is not None and not config.broker.url.startswith(("mqtt://", "mqtts://")):
         raise ConfigError(f"broker.url: must start with mqtt:// or mqtts://, got {config.broker.url!r}")
+    if not 0.1 <= config.formats.poll_s <= 3600:
+        raise ConfigError(f"formats.poll_s: must be 0.1 … 3600 seconds, got {config.formats.poll_s}")
     if config.topic_prefix.endswith("/") or "#" in config.topic_prefix or "+" in config.topic_prefix:
         raise ConfigError(
             f"topic_prefix: must be a plain topic without wildcards or a trailing /, got {config.topic_prefix!r}"
@@ -259,4 +281,8 @@ def load_config(path: str | os.PathLike[str] | None = None) -> Config:
         )
     if config.audit.path:
         config = replace(config, audit=replace(config.audit, path=anchored(config.audit.path)))
+    if config.formats.user_dir:
+        config = replace(config, formats=replace(config.formats, user_dir=anchored(config.formats.user_dir)))
+    if config.formats.shipped_dir:
+        config = replace(config, formats=replace(config.formats, shipped_dir=anchored(config.formats.shipped_dir)))
     return config

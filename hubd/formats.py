@@ -32,9 +32,13 @@ class Decoded:
 
 @dataclass(frozen=True, slots=True)
 class Limits:
+    """What a decoder judges a message by: the hub's clock and limits, and the sender's MQTT v5 user properties
+    (a vendor format may take the DER id and password from them; the native format ignores them)."""
+
     now_ms: int
     max_future_ms: int
     max_readings: int
+    properties: dict[str, str] = field(default_factory=dict)
 
 
 Decoder = Callable[[bytes, Limits], Decoded]
@@ -49,6 +53,12 @@ def register(code: str) -> Callable[[Decoder], Decoder]:
         return decoder
 
     return wrap
+
+
+def unregister(code: str) -> None:
+    """Remove a format (a definition file was removed); the native format stays."""
+    if code != "hub.v1":
+        _DECODERS.pop(code, None)
 
 
 def decoder_for(code: str) -> Decoder:

@@ -75,7 +75,9 @@ class Ingest:
                 f"the payload has {len(raw.payload)} bytes; the limit is {self._limits.max_payload_bytes}",
             )
         decoder = formats.decoder_for(raw.format_code)
-        limits = Limits(now_ms(), int(self._limits.max_future_s * 1000), self._limits.max_readings_per_message)
+        limits = Limits(
+            now_ms(), int(self._limits.max_future_s * 1000), self._limits.max_readings_per_message, raw.properties
+        )
         try:
             return decoder(raw.payload, limits)
         except HubError:
