@@ -466,6 +466,8 @@ def audit_verify(ctx: Context, file: Path | None) -> None:
 @pass_context
 def audit_tail(ctx: Context, count: int, der_id: str | None, event: str | None) -> None:
     """The last records, optionally for one DER or one event type (prefix)."""
+    if not ctx.config.audit_path.exists():
+        raise click.ClickException(f"no audit trail at {ctx.config.audit_path} yet: the hub has not run there")
     for record in audit_trail.tail(ctx.config.audit_path, count, der_id=der_id, event=event):
         click.echo(orjson.dumps(record).decode())
 
