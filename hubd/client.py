@@ -50,13 +50,16 @@ class HubClient:
             future.set_result(orjson.loads(payload))
         return 0
 
-    async def request(self, topic: str, body: dict[str, Any] | bytes, timeout: float = 10.0) -> dict[str, Any]:
-        """Publish ``body`` on ``topic`` (QoS 1) and return the hub's answer."""
+    async def request(
+        self, topic: str, body: dict[str, Any] | bytes, timeout: float = 10.0, properties: dict[str, str] | None = None
+    ) -> dict[str, Any]:
+        """Publish ``body`` on ``topic`` (QoS 1), with MQTT v5 user ``properties``, and return the hub's answer."""
         correlation = str(next(self._counter)).encode()
         future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._waiting[correlation] = future
         payload = body if isinstance(body, bytes) else orjson.dumps(body)
-        self._client.publish(topic, payload, qos=1, response_topic=self._inbox, correlation_data=correlation)
+        extra = {"user_property": list(properties.items())} if properties else {}
+        self._client.publish(topic, payload, qos=1, response_topic=self._inbox, correlation_data=correlation, **extra)
         try:
             return await asyncio.wait_for(future, timeout)
         finally:

@@ -12,6 +12,7 @@ import tempfile
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 from hubd import audit as audit_trail
 from hubd.app import Hub
@@ -23,6 +24,7 @@ from hubd.client import HubClient
 from hubd.config import parse_config
 from hubd.model import now_ms
 
+VENDOR_SITE = ("PV-0100", "pv", "Vendor cloud site 100", {"lat": 35.70, "lon": 139.80, "area": "feeder-7"})
 FLEET = (
     ("PV-0001", "pv", "Rooftop PV 1", {"lat": 35.681, "lon": 139.767, "area": "feeder-12"}),
     ("ESS-0001", "ess", "Home battery 1", {"lat": 35.690, "lon": 139.700, "area": "feeder-12"}),
@@ -70,11 +72,11 @@ async def _demo(minutes: int, port: int, data_dir: Path) -> int:
         "demo",
     )
     say(f"hubd demo — data in {data_dir}")
-    say("1. The operator puts two DERs on the allowlist and creates the market system's account.")
+    say("1. The operator puts three DERs on the allowlist and creates the market system's account.")
     registry = Registry(config.registry_path)
     market_password = issue_password()
     with AuditLog(config.audit_path) as audit:
-        for der_id, der_type, name, location in FLEET:
+        for der_id, der_type, name, location in (*FLEET, VENDOR_SITE):
             registry.add_der(der_id, now_ms(), {"type": der_type, "name": name, **location})
             audit.append("der.added", der_id=der_id, by="operator")
         registry.add_system("market-1", "consumer", hash_password(market_password, 10), now_ms())
@@ -129,8 +131,34 @@ async def _demo(minutes: int, port: int, data_dir: Path) -> int:
             answer = await edge.request(f"{hub.prefix}/data", b"\x00\x01 not json")
             say(f"   a payload that is not JSON: {answer['error']['code']}, kept in quarantine")
 
+        async with HubClient(url, "vendor-connector") as cloud:
+            der_id, der_type, name, location = VENDOR_SITE
+            site = await cloud.request(
+                f"{hub.prefix}/register",
+                {"der_id": der_id, "password": initial, "type": der_type, "name": name, "location": location},
+            )
+            tokyo = ZoneInfo("Asia/Tokyo")
+            quarter = datetime.now(tokyo).replace(second=0, microsecond=0)
+            quarter -= timedelta(minutes=quarter.minute % 15)
+            values = [
+                {
+                    "date": (quarter - timedelta(minutes=15 * k)).strftime("%Y-%m-%d %H:%M:%S"),
+                    "value": None if k == 2 else round(2400 - 150 * k + 10 * random.random(), 1),
+                }
+                for k in range(8, 0, -1)
+            ]
+            answer = await cloud.request(
+                f"{hub.prefix}/data/solaredge.site_power",
+                {"power": {"timeUnit": "QUARTER_OF_AN_HOUR", "unit": "W", "values": values}},
+                properties={"der_id": der_id, "password": site["password"]},
+            )
+            say(
+                f"5. A vendor-cloud connector forwards {der_id}'s last two hours as the vendor sends them (format "
+                f"solaredge.site_power: watts, Tokyo local time, one null): accepted {answer['accepted']}"
+            )
+
         async with HubClient(url, "market-1") as market:
-            say("5. The market system extracts the readings back, 50 rows a page:")
+            say("6. The market system extracts the edge terminal's readings back, 50 rows a page:")
             rows: list[dict[str, Any]] = []
             cursor = None
             pages = 0
@@ -143,6 +171,7 @@ async def _demo(minutes: int, port: int, data_dir: Path) -> int:
                         "start": start.isoformat(),
                         "end": (start + timedelta(minutes=minutes)).isoformat(),
                         "fields": ["power_kw", "energy_kwh", "soc_pct"],
+                        "der_ids": [d for d, *_ in FLEET],
                         "limit": 50,
                         "cursor": cursor,
                     },
@@ -157,12 +186,32 @@ async def _demo(minutes: int, port: int, data_dir: Path) -> int:
                 say(f"   {row}")
             per_der = {d: sum(1 for r in rows if r["der_id"] == d) for d, *_ in FLEET}
             say(f"   per DER: {per_der} (each exactly {minutes * 6}: nothing lost, nothing doubled)")
+            slots = await market.request(
+                f"{hub.prefix}/query",
+                {
+                    "client_id": "market-1",
+                    "password": market_password,
+                    "types": ["pv"],
+                    "areas": ["feeder-7"],
+                    "start": (quarter - timedelta(hours=3)).isoformat(),
+                    "end": quarter.isoformat(),
+                    "interval": "30m",
+                    "tz": "Asia/Tokyo",
+                    "agg": {"power_kw": "mean"},
+                },
+            )
+            say("   and, by type and area, the vendor site's 30-minute settlement slots of the Tokyo day:")
+            for row in slots["rows"]:
+                say(
+                    f"   {row['der_id']} slot {row['slot']:2d} from {row['bucket_start']}: "
+                    f"mean {row['power_kw']:.3f} kW of {row['n']} reading{'s' if row['n'] != 1 else ''}"
+                )
     finally:
         hub.stop()
         await hub_task
     report = audit_trail.verify(config.audit_path)
     say(
-        f"6. The hub stopped cleanly. Audit log: {report.records} records, "
+        f"7. The hub stopped cleanly. Audit log: {report.records} records, "
         f"{'chain intact' if report.ok else 'BROKEN: ' + report.reason}."
     )
     events: dict[str, int] = {}
