@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import sqlite3
 from pathlib import Path
 from typing import Any
+
+from hubd.state import open_state
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS quarantine (
@@ -25,11 +26,7 @@ class Quarantine:
     """Raw payloads with topic, time and reason, in the hub's local state file."""
 
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA busy_timeout=10000")
-        self._db.executescript(_SCHEMA)
+        self._db = open_state(path, _SCHEMA)
 
     def add(
         self,

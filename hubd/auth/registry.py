@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from hubd.model import DER_TYPES, ErrorCode, HubError
+from hubd.state import open_state
 
 DerStatus = Literal["allowed", "registered", "revoked"]
 SystemRole = Literal["gateway", "consumer"]
@@ -116,11 +117,7 @@ class Registry:
     """DERs and systems in SQLite. Each method is one short transaction."""
 
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA busy_timeout=10000")
-        self._db.executescript(_SCHEMA)
+        self._db = open_state(path, _SCHEMA)
         self._db.row_factory = sqlite3.Row
 
     def close(self) -> None:
