@@ -6,6 +6,7 @@ Readings are keyed by (der_id, measured_at) so a re-sent reading replaces the ea
 
 from __future__ import annotations
 
+import functools
 import sqlite3
 from pathlib import Path
 from typing import Any
@@ -31,10 +32,27 @@ CREATE TABLE IF NOT EXISTS readings (
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS readings_by_time ON readings (measured_at, der_id);
 """
-_INSERT = (
-    f"INSERT OR REPLACE INTO readings (der_id, measured_at, {', '.join(FIELDS)}, received_at, stored_at, "
-    f"source_id, format_code) VALUES ({', '.join('?' * (len(FIELDS) + 6))})"
-)
+_KNOWN = frozenset(FIELDS)
+
+
+@functools.lru_cache(maxsize=256)
+def _insert(names: tuple[str, ...]) -> str:
+    """The INSERT for readings that carry exactly the quantities ``names``.
+
+    Binding only the quantities a reading has, not all ten with NULLs, makes a write about 2.5 times cheaper
+    (Python's sqlite3 pays per bound parameter); the columns left out are NULL, so a re-sent reading still
+    replaces the whole earlier one.
+    """
+    if not _KNOWN.issuperset(names):
+        raise ValueError(f"not quantities of the unified schema: {sorted(set(names) - _KNOWN)}")
+    columns = ", ".join(("der_id", "measured_at", *names, "received_at", "stored_at", "source_id", "format_code"))
+    return f"INSERT OR REPLACE INTO readings ({columns}) VALUES ({', '.join('?' * (len(names) + 6))})"
+
+
+# SQLite's page cache per connection (default 2 MB). Readings are clustered by DER, so a batch touches a leaf
+# page per DER; with 2 MB those pages are read back from the OS on every batch once the file outgrows the
+# cache. 16 MB holds them for a thousand DERs (bench/README.md: store time per reading -20 to -30 %).
+_CACHE_KIB = 16 * 1024
 
 
 class SqliteStore:
@@ -44,6 +62,7 @@ class SqliteStore:
         path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute(f"PRAGMA cache_size=-{_CACHE_KIB}")
         # FULL: a commit survives power loss, which is what "acknowledged after commit" promises.
         self._db.execute(f"PRAGMA synchronous={'FULL' if synchronous == 'full' else 'NORMAL'}")
         self._db.execute("PRAGMA busy_timeout=10000")
@@ -51,22 +70,16 @@ class SqliteStore:
         self._buckets: list[tuple[int, int]] = []
 
     def write(self, readings: list[StoredReading], stored_at: int) -> None:
-        rows = [
-            (
-                r.der_id,
-                r.measured_at,
-                *[r.values.get(name) for name in FIELDS],
-                r.received_at,
-                stored_at,
-                r.source_id,
-                r.format_code,
-            )
-            for r in readings
-        ]
+        # Readings of one sender mostly carry the same quantities: one statement per set of quantities.
+        groups: dict[tuple[str, ...], list[tuple[Any, ...]]] = {}
+        for r in readings:
+            row = (r.der_id, r.measured_at, *r.values.values(), r.received_at, stored_at, r.source_id, r.format_code)
+            groups.setdefault(tuple(r.values), []).append(row)
         db = self._db
         db.execute("BEGIN IMMEDIATE")
         try:
-            db.executemany(_INSERT, rows)
+            for names, rows in groups.items():
+                db.executemany(_insert(names), rows)
         except BaseException:
             db.execute("ROLLBACK")
             raise
