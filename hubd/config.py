@@ -32,7 +32,8 @@ class BrokerConfig:
     password_file: str | None = None
     shared_group: str | None = None
     session_expiry_s: int = 7 * 24 * 3600
-    receive_maximum: int = 2000
+    # Messages in hand at once (decoded, waiting for their commit); bounds memory. bench/README.md.
+    receive_maximum: int = 500
     keepalive_s: int = 30
 
 
