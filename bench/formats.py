@@ -6,7 +6,7 @@ over and over into validated readings, exactly as the hub's ingest calls the dec
 this machine, in this run: ``orjson.loads`` and ``json.loads`` of the same bytes (``csv.reader`` for CSV,
 ``struct.iter_unpack`` for a fixed binary layout). The ratio is decode time over floor time per message.
 
-Targets (issue 4): JSON formats within 3x of a bare orjson parse; binary formats at least 200,000 readings/s.
+Targets: JSON formats within 3x of a bare orjson parse; binary formats at least 200,000 readings/s.
 
 Rates are those of the fastest of many 10 ms rounds, a decoder's rounds alternating with its floors'.
 Run: ``.venv/bin/python bench/formats.py [--seconds 0.5] [--repeat 3]``; the figures of a run are in

@@ -1,4 +1,4 @@
-"""Bad input on the data and query paths (issue 2, "Bad input that must be handled").
+"""Bad input on the data and query paths (every case of the protocol's error codes).
 
 Each case is driven through the real Mosquitto clients and checked for what a user would notice:
 1. the answer carries the error code PROTOCOL.md documents;
