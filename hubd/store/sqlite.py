@@ -115,9 +115,13 @@ class SqliteStore:
         ).fetchall()
 
     def der_ids(self, start: int, end: int, first: str) -> list[str]:
-        # DISTINCT walks the primary key; one probe per DER keeps those with readings in range.
+        # A skip scan: one primary-key probe per DER (not a walk over every reading), then one probe per DER
+        # keeps those with readings in range.
         rows = self._db.execute(
-            "SELECT DISTINCT der_id FROM readings WHERE der_id >= ? ORDER BY der_id", (first,)
+            "WITH RECURSIVE d(der_id) AS (SELECT min(der_id) FROM readings WHERE der_id >= ? "
+            "UNION ALL SELECT (SELECT min(der_id) FROM readings WHERE der_id > d.der_id) FROM d "
+            "WHERE d.der_id IS NOT NULL) SELECT der_id FROM d WHERE der_id IS NOT NULL",
+            (first,),
         ).fetchall()
         probe = "SELECT 1 FROM readings WHERE der_id = ? AND measured_at >= ? AND measured_at < ? LIMIT 1"
         return [r[0] for r in rows if self._db.execute(probe, (r[0], start, end)).fetchone()]
