@@ -121,8 +121,8 @@ def _parse_time(value: object, name: str) -> int:
     if not isinstance(value, str):
         raise HubError(ErrorCode.BAD_REQUEST, f"{name} must be RFC 3339 with an offset or epoch milliseconds")
     text = value.strip()
-    if text.endswith(("Z", "z")):
-        text = text[:-1] + "+00:00"
+    if text.endswith("z"):  # fromisoformat takes a capital Z itself
+        text = text[:-1] + "Z"
     try:
         parsed = datetime.fromisoformat(text)
     except ValueError:
