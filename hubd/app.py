@@ -46,6 +46,7 @@ class Hub:
             "query": f"{self.prefix}/query",
             "time": f"{self.prefix}/time",
         }
+        self._request_topics = frozenset(self.topics.values())
         self._stop = asyncio.Event()
         self.ready = asyncio.Event()
 
@@ -246,9 +247,8 @@ class Hub:
 
     def _may_answer_on(self, topic: str) -> bool:
         # Never answer into a topic the hub itself takes requests on: that would loop.
-        subscribed = set(self.topics.values())
         return (
-            topic not in subscribed
+            topic not in self._request_topics
             and not topic.startswith(self.topics["data"] + "/")
             and "#" not in topic
             and "+" not in topic
