@@ -22,7 +22,7 @@ from loguru import logger
 from hubd import audit as audit_trail
 from hubd.audit import AuditError, AuditLog
 from hubd.auth.credentials import hash_password, issue_password
-from hubd.auth.registry import Registry, read_der_csv
+from hubd.auth.registry import Der, Registry, read_der_csv
 from hubd.config import Config, ConfigError, load_config
 from hubd.model import DER_TYPES, FIELDS, HubError, format_time, now_ms
 from hubd.quarantine import Quarantine
@@ -153,7 +153,7 @@ def der_add(ctx: Context, /, der_id: str, der_type: str | None, **meta: Any) -> 
     with ctx.registry() as (registry, audit), _errors():
         record = registry.add_der(der_id, now_ms(), {"type": der_type, **meta})
         audit.append("der.added", der_id=der_id, by="operator")
-    click.echo(orjson.dumps(record.public()).decode())
+    click.echo(orjson.dumps(_details(record)).decode())
 
 
 @der.command("import")
@@ -187,11 +187,7 @@ def der_show(ctx: Context, der_id: str) -> None:
         record = registry.der(der_id)
     if record is None:
         raise click.ClickException(f"no DER {der_id}")
-    details = record.public()
-    for key in ("added_at", "registered_at"):
-        if details[key] is not None:
-            details[key] = format_time(details[key])
-    click.echo(orjson.dumps(details, option=orjson.OPT_INDENT_2).decode())
+    click.echo(orjson.dumps(_details(record), option=orjson.OPT_INDENT_2).decode())
 
 
 @der.command("reset")
@@ -481,6 +477,15 @@ def _errors() -> Iterator[None]:
         yield
     except HubError as exc:
         raise click.ClickException(exc.message) from None
+
+
+def _details(record: Der) -> dict[str, Any]:
+    """A DER as an operator reads it: no password hash, times in UTC."""
+    details = record.public()
+    for key in ("added_at", "registered_at"):
+        if details[key] is not None:
+            details[key] = format_time(details[key])
+    return details
 
 
 def _rounds(ctx: Context) -> int:
