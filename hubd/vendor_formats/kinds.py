@@ -68,7 +68,35 @@ def parse_json_path(ctx: Context, where: str, raw: Any) -> JsonPath:
     return JsonPath(written, absolute, tuple(steps))
 
 
-class JsonAccess:
+class _Access:
+    """What every kind reads alike: constants and MQTT v5 user properties (both the same for a whole message).
+
+    A kind says how it reads its own fields (``fetch_field``) and, where it must, overrides the rest.
+    """
+
+    def message_level(self, source: Source) -> bool:
+        return source.kind in ("property", "const")
+
+    def fetch(self, gen: Gen, source: Source, var: str) -> None:
+        if source.kind == "const":
+            gen.line(f"{var} = {gen.const(self.constant(source.ref), 'const')}")
+        elif source.kind == "property":
+            gen.line(f"{var} = props.get({source.ref!r})")
+        else:
+            self.fetch_field(gen, source, var)
+
+    def constant(self, value: Any) -> Any:
+        """A constant as this kind's fetched values look (as they stand, unless a kind says otherwise)."""
+        return value
+
+    def fetch_field(self, gen: Gen, source: Source, var: str) -> None:
+        raise NotImplementedError
+
+    def check_record(self, gen: Gen) -> None:
+        """Most kinds can read any record they loop over: nothing to check."""
+
+
+class JsonAccess(_Access):
     """Records are found by walking ``records``; every ``[*]`` in it is a loop."""
 
     raw = "json"
@@ -110,23 +138,18 @@ class JsonAccess:
         if source.kind == "path":
             path: JsonPath = source.ref
             return path.absolute and not any(kind == "each" for kind, _ in path.steps)
-        return source.kind in ("property", "const")
+        return super().message_level(source)
 
-    def fetch(self, gen: Gen, source: Source, var: str) -> None:
-        if source.kind == "const":
-            gen.line(f"{var} = {gen.const(source.ref, 'const')}")
-        elif source.kind == "property":
-            gen.line(f"{var} = props.get({source.ref!r})")
+    def fetch_field(self, gen: Gen, source: Source, var: str) -> None:
+        path: JsonPath = source.ref
+        if not path.absolute:
+            self._walk(gen, "rec", list(path.steps), var, known_dict=True)
+            return
+        eaches = [i for i, (kind, _) in enumerate(path.steps) if kind == "each"]
+        if not eaches:
+            self._walk(gen, "src", list(path.steps), var)
         else:
-            path: JsonPath = source.ref
-            if not path.absolute:
-                self._walk(gen, "rec", list(path.steps), var, known_dict=True)
-                return
-            eaches = [i for i, (kind, _) in enumerate(path.steps) if kind == "each"]
-            if not eaches:
-                self._walk(gen, "src", list(path.steps), var)
-            else:
-                self._walk(gen, f"e{len(eaches) - 1}", list(path.steps[eaches[-1] + 1 :]), var)
+            self._walk(gen, f"e{len(eaches) - 1}", list(path.steps[eaches[-1] + 1 :]), var)
 
     @staticmethod
     def _walk(gen: Gen, base: str, steps: list[tuple[str, Any]], var: str, known_dict: bool = False) -> None:
@@ -221,7 +244,7 @@ def build_json(ctx: Context, document: dict[str, Any], code: str, source_id: str
 # -- CSV ------------------------------------------------------------------------------------------------------------
 
 
-class CsvAccess:
+class CsvAccess(_Access):
     """A record is a row; a column is named by the header or counted from 1."""
 
     raw = "text"
@@ -244,18 +267,12 @@ class CsvAccess:
             self.columns.append(column)
         return self.columns.index(column), label
 
-    def message_level(self, source: Source) -> bool:
-        return source.kind in ("property", "const")
+    def constant(self, value: Any) -> Any:
+        return value if isinstance(value, str) else repr(value)  # read like any other cell: as text
 
-    def fetch(self, gen: Gen, source: Source, var: str) -> None:
-        if source.kind == "const":
-            value = source.ref if isinstance(source.ref, str) else repr(source.ref)
-            gen.line(f"{var} = {gen.const(value, 'const')}")
-        elif source.kind == "property":
-            gen.line(f"{var} = props.get({source.ref!r})")
-        else:
-            c = f"c{source.ref}"
-            gen.line(f"{var} = (r[{c}].strip() or None) if {c} < len(r) else None")
+    def fetch_field(self, gen: Gen, source: Source, var: str) -> None:
+        c = f"c{source.ref}"
+        gen.line(f"{var} = (r[{c}].strip() or None) if {c} < len(r) else None")
 
     @contextmanager
     def loop(self, gen: Gen) -> Iterator[None]:
@@ -265,9 +282,6 @@ class CsvAccess:
             with gen.block("if not r or not ''.join(r).strip():"):
                 gen.line("continue  # a blank line")
             yield
-
-    def check_record(self, gen: Gen) -> None:
-        pass
 
     def location(self) -> str:
         return "'line ' + str(src.line_num)"
@@ -396,7 +410,7 @@ def _layout(ctx: Context, where: str, raw: Any, order: str, size: int | None = N
     return Layout(struct.Struct(fmt), names, expect, frozenset(texts)), end
 
 
-class BinaryAccess:
+class BinaryAccess(_Access):
     """Header fields are per message (``aux``), record fields per record (``r``)."""
 
     raw = "number"
@@ -408,14 +422,10 @@ class BinaryAccess:
     def message_level(self, source: Source) -> bool:
         if source.kind == "field":
             return self.header is not None and source.ref in self.header.names
-        return source.kind in ("property", "const")
+        return super().message_level(source)
 
-    def fetch(self, gen: Gen, source: Source, var: str) -> None:
-        if source.kind == "const":
-            gen.line(f"{var} = {gen.const(source.ref, 'const')}")
-        elif source.kind == "property":
-            gen.line(f"{var} = props.get({source.ref!r})")
-        elif self.header is not None and source.ref in self.header.names:
+    def fetch_field(self, gen: Gen, source: Source, var: str) -> None:
+        if self.header is not None and source.ref in self.header.names:
             gen.line(f"{var} = aux[{self.header.names[source.ref]}]")
         else:
             gen.line(f"{var} = r[{self.record.names[source.ref]}]")
@@ -424,9 +434,6 @@ class BinaryAccess:
     def loop(self, gen: Gen) -> Iterator[None]:
         with gen.block("for i0, r in enumerate(src):"):
             yield
-
-    def check_record(self, gen: Gen) -> None:
-        pass
 
     def location(self) -> str:
         return "'records[' + str(i0) + ']'"
@@ -534,29 +541,18 @@ def _no_text_numbers(ctx: Context, spec: ReadingSpec, header: Layout | None, rec
 # -- one record per message, already parsed: ECHONET Lite property lists (see echonet.py) ---------------------------
 
 
-class EpcAccess:
+class EpcAccess(_Access):
     """A record is ``{EPC: value}`` from one frame; ``aux`` names the frame for messages."""
 
     raw = "number"
 
-    def message_level(self, source: Source) -> bool:
-        return source.kind in ("property", "const")
-
-    def fetch(self, gen: Gen, source: Source, var: str) -> None:
-        if source.kind == "const":
-            gen.line(f"{var} = {gen.const(source.ref, 'const')}")
-        elif source.kind == "property":
-            gen.line(f"{var} = props.get({source.ref!r})")
-        else:
-            gen.line(f"{var} = r.get({source.ref})")
+    def fetch_field(self, gen: Gen, source: Source, var: str) -> None:
+        gen.line(f"{var} = r.get({source.ref})")
 
     @contextmanager
     def loop(self, gen: Gen) -> Iterator[None]:
         with gen.block("for r in src:"):
             yield
-
-    def check_record(self, gen: Gen) -> None:
-        pass
 
     def location(self) -> str:
         return "_seoj(aux)"
