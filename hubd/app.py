@@ -72,7 +72,7 @@ class Hub:
             stack.callback(pool.shutdown)
             registry = Registry(config.registry_path)
             stack.callback(registry.close)
-            self.quarantine = quarantine = Quarantine(config.registry_path)
+            quarantine = Quarantine(config.registry_path)
             stack.callback(quarantine.close)
             store = SqliteStore(config.readings_path, config.store.sqlite.synchronous)
             stack.callback(store.close)
@@ -155,17 +155,8 @@ class Hub:
         except Exception as exc:
             logger.exception("internal error on a message on {}", topic)
             reason = f"internal error ({type(exc).__name__}); the message is kept for the operator"
-            if topic.startswith(self.topics["data"]):
-                entry = self.quarantine.add(
-                    received_at=now_ms(),
-                    topic=topic,
-                    format_code="",
-                    source_id=None,
-                    code=ErrorCode.INTERNAL.value,
-                    reason=reason,
-                    payload=payload,
-                )
-                self.audit.append("data.quarantined", "internal", topic=topic, quarantine_id=entry, reason=reason)
+            if self._is_data(topic):
+                self.ingest.keep(self._raw_message(topic, payload, properties), HubError(ErrorCode.INTERNAL, reason))
             else:
                 self.audit.append("request.failed", "internal", topic=topic, reason=reason)
             self.audit.flush()
@@ -179,21 +170,27 @@ class Hub:
                 request_id,
             )
 
+    def _is_data(self, topic: str) -> bool:
+        return topic == self.topics["data"] or topic.startswith(self.topics["data"] + "/")
+
+    def _raw_message(self, topic: str, payload: bytes, properties: dict[str, Any]) -> RawMessage:
+        """A data message as the drivers hand it on: the format code from the topic, the v5 user properties."""
+        user = _user_properties(properties)
+        return RawMessage(
+            source_id=user.get("source_id", "unknown"),
+            format_code=topic[len(self.topics["data"]) + 1 :] or "hub.v1",
+            payload=payload,
+            received_at=now_ms(),
+            topic=topic,
+            requester=_first(properties.get("response_topic")),
+            properties=user,
+        )
+
     async def _route(self, topic: str, payload: bytes, properties: dict[str, Any]) -> None:
-        received_at = now_ms()
         response_topic = _first(properties.get("response_topic"))
         correlation = _first(properties.get("correlation_data"))
-        if topic == self.topics["data"] or topic.startswith(self.topics["data"] + "/"):
-            code = topic[len(self.topics["data"]) + 1 :] or "hub.v1"
-            raw = RawMessage(
-                source_id=_source_of(properties),
-                format_code=code,
-                payload=payload,
-                received_at=received_at,
-                topic=topic,
-                requester=response_topic,
-                properties=_user_properties(properties),
-            )
+        if self._is_data(topic):
+            raw = self._raw_message(topic, payload, properties)
             answer, decoded = await self.ingest.handle(raw)
             reply_to, request_id = (decoded.reply_to, decoded.request_id) if decoded else _reply_of(payload)
             if self._answer(answer, response_topic, correlation, reply_to, request_id):
@@ -308,14 +305,6 @@ def _first(values: Any) -> Any:
 
 def _text(value: Any) -> str | None:
     return value if isinstance(value, str) else None
-
-
-def _source_of(properties: dict[str, Any]) -> str:
-    """The sender's source id from the MQTT v5 user property ``source_id``, else ``unknown``."""
-    for key, value in properties.get("user_property", ()) or ():
-        if key == "source_id":
-            return str(value)
-    return "unknown"
 
 
 def _user_properties(properties: dict[str, Any]) -> dict[str, str]:

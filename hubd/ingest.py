@@ -46,7 +46,7 @@ class Ingest:
         try:
             decoded = self._decode(raw)
         except HubError as exc:
-            self._to_quarantine(raw, exc)
+            self.keep(raw, exc)
             return {"ok": False, "error": exc.as_dict()}, None
         source_id = decoded.source_id or raw.source_id
         good, rejected = await self._authenticate(decoded, source_id)
@@ -59,7 +59,7 @@ class Ingest:
                 await self._writer.write(source_id, stored, offered=len(decoded.items))
             except HubError as exc:
                 # The store failed: keep the whole message so it can be replayed, and say so.
-                self._to_quarantine(raw, exc)
+                self.keep(raw, exc)
                 return {"ok": False, "error": exc.as_dict()}, decoded
         else:
             self._audit.append(
@@ -130,7 +130,8 @@ class Ingest:
             reading.password = None  # not needed past this point; keep it out of every later structure
         return good, rejected
 
-    def _to_quarantine(self, raw: RawMessage, error: HubError) -> None:
+    def keep(self, raw: RawMessage, error: HubError) -> None:
+        """Keep a message the hub could not take in quarantine, whole, and audit it."""
         entry = self._quarantine.add(
             received_at=raw.received_at,
             topic=raw.topic,
