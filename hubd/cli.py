@@ -380,6 +380,8 @@ def _query_request(options: dict[str, Any]) -> dict[str, Any]:
 def query(ctx: Context, /, **options: Any) -> None:
     """Extract readings from the store with the conditions of the market system's queries."""
     request = _query_request(options)
+    if options["table"] and not request.get("interval"):
+        raise click.UsageError("--table needs --interval")
     registry = Registry(ctx.config.registry_path)
     store = SqliteStore(ctx.config.readings_path, ctx.config.store.sqlite.synchronous)
     try:
@@ -390,8 +392,6 @@ def query(ctx: Context, /, **options: Any) -> None:
         store.close()
         registry.close()
     if options["table"]:
-        if parsed.mode != "buckets":
-            raise click.UsageError("--table needs --interval")
         _print_table(rows, parsed.agg[0][0], parsed.tz)
     elif options["fmt"] == "csv":
         columns = list(dict.fromkeys(key for row in rows for key in row))

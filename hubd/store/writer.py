@@ -40,7 +40,7 @@ class BatchWriter:
     """Accepts readings from many coroutines and commits them in batches from one store thread."""
 
     def __init__(self, store: Store, audit: AuditLog, max_readings: int, queue_max_messages: int) -> None:
-        self.store = store
+        self._store = store
         self._audit = audit
         self._max = max_readings
         self._queue: deque[_Pending] = deque()
@@ -81,7 +81,7 @@ class BatchWriter:
                 batch = self._take()
                 rows = [r for p in batch for r in p.readings]
                 try:
-                    await loop.run_in_executor(self._thread, self.store.write, rows, now_ms())
+                    await loop.run_in_executor(self._thread, self._store.write, rows, now_ms())
                 except Exception as exc:
                     logger.error("store write of {} readings failed: {}", len(rows), exc)
                     self._audit.append("store.failed", "error", readings=len(rows), reason=str(exc))
