@@ -29,6 +29,7 @@ from hubd.model import ErrorCode, HubError, RawMessage, format_time, now_ms
 from hubd.quarantine import Quarantine
 from hubd.query.conditions import parse_query
 from hubd.query.execute import run as run_query
+from hubd.store.process import WriterProcess
 from hubd.store.sqlite import SqliteStore
 from hubd.store.writer import BatchWriter
 from hubd.vendor_formats import Catalog, Change
@@ -74,7 +75,7 @@ class Hub:
             stack.callback(registry.close)
             quarantine = Quarantine(config.registry_path)
             stack.callback(quarantine.close)
-            store = SqliteStore(config.readings_path, config.store.sqlite.synchronous)
+            store = WriterProcess(config.readings_path, config.store.sqlite.synchronous)
             stack.callback(store.close)
             # Queries read through their own connection and thread: WAL lets them run beside the writer, so a
             # long settlement query never holds up the acknowledgement of incoming data.

@@ -19,7 +19,7 @@ from hubd.config import LimitsConfig
 from hubd.formats import Decoded, Limits
 from hubd.model import ErrorCode, HubError, RawMessage, Reading, now_ms
 from hubd.quarantine import Quarantine
-from hubd.store import StoredReading
+from hubd.store import Rows
 from hubd.store.writer import BatchWriter
 
 
@@ -51,12 +51,14 @@ class Ingest:
         source_id = decoded.source_id or raw.source_id
         good, rejected = await self._authenticate(decoded, source_id)
         if good:
-            stored = [
-                StoredReading(r.der_id, r.measured_at, r.values, raw.received_at, source_id, raw.format_code)
-                for r in good
-            ]
+            rows: Rows = {}
+            der_ids = set()
+            tail = (raw.received_at, source_id, raw.format_code)
+            for r in good:
+                der_ids.add(r.der_id)
+                rows.setdefault(tuple(r.values), []).append((r.der_id, r.measured_at, *r.values.values(), *tail))
             try:
-                await self._writer.write(source_id, stored, offered=len(decoded.items))
+                await self._writer.write(source_id, rows, der_ids, offered=len(decoded.items))
             except HubError as exc:
                 # The store failed: keep the whole message so it can be replayed, and say so.
                 self.keep(raw, exc)

@@ -24,7 +24,30 @@ class StoredReading:
     format_code: str
 
 
+Rows = dict[tuple[str, ...], list[tuple[Any, ...]]]
+"""Readings ready to store, grouped by the quantities they carry: names → rows of (der_id, measured_at,
+*values in the order of names, received_at, source_id, format_code). A sender's readings mostly carry the same
+quantities, so a batch is a few groups, each written by one statement that binds only what is present."""
+
+
+def add_rows(rows: Rows, readings: list[StoredReading]) -> None:
+    """Add ``readings`` to ``rows``."""
+    for r in readings:
+        row = (r.der_id, r.measured_at, *r.values.values(), r.received_at, r.source_id, r.format_code)
+        rows.setdefault(tuple(r.values), []).append(row)
+
+
 Where = tuple[tuple[str, str, float], ...]  # (field, operator, operand), operators as in hubd.query
+
+
+class StoreWriter(Protocol):
+    """What the hub's batch writer needs: a durable ``write_rows`` (and ``close``)."""
+
+    def write_rows(self, rows: Rows, stored_at: int) -> None:
+        """Store ``rows`` (replacing readings of the same DER and time); durable when this returns."""
+        ...
+
+    def close(self) -> None: ...
 
 
 class Store(Protocol):
@@ -34,7 +57,7 @@ class Store(Protocol):
     ``hubd.query`` and is the same for every backend.
     """
 
-    def write(self, readings: list[StoredReading], stored_at: int) -> None: ...
+    def write_rows(self, rows: Rows, stored_at: int) -> None: ...
 
     def raw(
         self,

@@ -6,14 +6,13 @@ Readings are keyed by (der_id, measured_at) so a re-sent reading replaces the ea
 
 from __future__ import annotations
 
-import functools
 import sqlite3
 from pathlib import Path
 from typing import Any
 
 from hubd.model import FIELDS
 from hubd.query.buckets import Bucket
-from hubd.store import StoredReading, Where
+from hubd.store import Rows, StoredReading, Where, add_rows
 
 _SQL_AGGREGATES = {"mean": "avg", "min": "min", "max": "max", "sum": "sum", "count": "count"}
 _OPERATORS = {"gt": ">", "gte": ">=", "lt": "<", "lte": "<=", "eq": "=", "ne": "!="}
@@ -35,18 +34,18 @@ CREATE INDEX IF NOT EXISTS readings_by_time ON readings (measured_at, der_id);
 _KNOWN = frozenset(FIELDS)
 
 
-@functools.lru_cache(maxsize=256)
-def _insert(names: tuple[str, ...]) -> str:
+def _insert(names: tuple[str, ...], stored_at: int) -> str:
     """The INSERT for readings that carry exactly the quantities ``names``.
 
     Binding only the quantities a reading has, not all ten with NULLs, makes a write about 2.5 times cheaper
     (Python's sqlite3 pays per bound parameter); the columns left out are NULL, so a re-sent reading still
-    replaces the whole earlier one.
+    replaces the whole earlier one. ``stored_at`` is the same for a whole batch: written into the statement,
+    not bound per row.
     """
     if not _KNOWN.issuperset(names):
         raise ValueError(f"not quantities of the unified schema: {sorted(set(names) - _KNOWN)}")
-    columns = ", ".join(("der_id", "measured_at", *names, "received_at", "stored_at", "source_id", "format_code"))
-    return f"INSERT OR REPLACE INTO readings ({columns}) VALUES ({', '.join('?' * (len(names) + 6))})"
+    columns = ", ".join(("der_id", "measured_at", *names, "received_at", "source_id", "format_code", "stored_at"))
+    return f"INSERT OR REPLACE INTO readings ({columns}) VALUES ({'?, ' * (len(names) + 5)}{int(stored_at)})"
 
 
 # SQLite's page cache per connection (default 2 MB). Readings are clustered by DER, so a batch touches a leaf
@@ -70,16 +69,16 @@ class SqliteStore:
         self._buckets: list[tuple[int, int]] = []
 
     def write(self, readings: list[StoredReading], stored_at: int) -> None:
-        # Readings of one sender mostly carry the same quantities: one statement per set of quantities.
-        groups: dict[tuple[str, ...], list[tuple[Any, ...]]] = {}
-        for r in readings:
-            row = (r.der_id, r.measured_at, *r.values.values(), r.received_at, stored_at, r.source_id, r.format_code)
-            groups.setdefault(tuple(r.values), []).append(row)
+        rows: Rows = {}
+        add_rows(rows, readings)
+        self.write_rows(rows, stored_at)
+
+    def write_rows(self, rows: Rows, stored_at: int) -> None:
         db = self._db
         db.execute("BEGIN IMMEDIATE")
         try:
-            for names, rows in groups.items():
-                db.executemany(_insert(names), rows)
+            for names, group in rows.items():
+                db.executemany(_insert(names, stored_at), group)
         except BaseException:
             db.execute("ROLLBACK")
             raise

@@ -15,7 +15,7 @@ from loguru import logger
 
 from hubd.audit import AuditLog
 from hubd.model import ErrorCode, HubError, now_ms
-from hubd.store import Store, StoredReading
+from hubd.store import Rows, StoreWriter
 
 _LISTED_DERS = 200  # an audit record lists the DER ids up to this many, else gives their count
 
@@ -23,7 +23,9 @@ _LISTED_DERS = 200  # an audit record lists the DER ids up to this many, else gi
 @dataclass(slots=True)
 class _Pending:
     source_id: str
-    readings: list[StoredReading]
+    rows: Rows
+    count: int  # readings in rows
+    der_ids: set[str]
     offered: int
     done: asyncio.Future[None]
 
@@ -39,7 +41,7 @@ class _SourceTally:
 class BatchWriter:
     """Accepts readings from many coroutines and commits them in batches from one store thread."""
 
-    def __init__(self, store: Store, audit: AuditLog, max_readings: int, queue_max_messages: int) -> None:
+    def __init__(self, store: StoreWriter, audit: AuditLog, max_readings: int, queue_max_messages: int) -> None:
         self._store = store
         self._audit = audit
         self._max = max_readings
@@ -54,13 +56,15 @@ class BatchWriter:
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="hubd-store-writer")
 
-    async def write(self, source_id: str, readings: list[StoredReading], offered: int) -> None:
-        """Return once ``readings`` are committed; raise HubError(unavailable) if the store failed."""
+    async def write(self, source_id: str, rows: Rows, der_ids: set[str], offered: int) -> None:
+        """Return once ``rows`` (of the DERs ``der_ids``) are committed; raise HubError(unavailable) if the
+        store failed. ``offered`` is how many readings the message had, refused ones included (for the audit)."""
         if self._closing:
             raise HubError(ErrorCode.UNAVAILABLE, "the hub is shutting down")
         await self._space.acquire()
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._queue.append(_Pending(source_id, readings, offered, done))
+        count = sum(len(group) for group in rows.values())
+        self._queue.append(_Pending(source_id, rows, count, der_ids, offered, done))
         self._wake.set()
         try:
             await done
@@ -79,12 +83,16 @@ class BatchWriter:
             self._wake.clear()
             while self._queue:
                 batch = self._take()
-                rows = [r for p in batch for r in p.readings]
+                rows: Rows = {}
+                for p in batch:
+                    for names, group in p.rows.items():
+                        rows.setdefault(names, []).extend(group)
                 try:
-                    await loop.run_in_executor(self._thread, self._store.write, rows, now_ms())
+                    await loop.run_in_executor(self._thread, self._store.write_rows, rows, now_ms())
                 except Exception as exc:
-                    logger.error("store write of {} readings failed: {}", len(rows), exc)
-                    self._audit.append("store.failed", "error", readings=len(rows), reason=str(exc))
+                    count = sum(p.count for p in batch)
+                    logger.error("store write of {} readings failed: {}", count, exc)
+                    self._audit.append("store.failed", "error", readings=count, reason=str(exc))
                     self._audit.flush()
                     for p in batch:
                         p.done.set_exception(HubError(ErrorCode.UNAVAILABLE, "the store is unavailable"))
@@ -100,11 +108,11 @@ class BatchWriter:
     def _take(self) -> list[_Pending]:
         """Up to ``max_readings`` readings' worth of messages (always at least one message)."""
         batch = [self._queue.popleft()]
-        count = len(batch[0].readings)
-        while self._queue and count + len(self._queue[0].readings) <= self._max:
+        count = batch[0].count
+        while self._queue and count + self._queue[0].count <= self._max:
             item = self._queue.popleft()
             batch.append(item)
-            count += len(item.readings)
+            count += item.count
         return batch
 
     def _audit_batch(self, batch: list[_Pending]) -> None:
@@ -113,8 +121,8 @@ class BatchWriter:
             tally = tallies[p.source_id]
             tally.messages += 1
             tally.offered += p.offered
-            tally.readings += len(p.readings)
-            tally.der_ids.update(r.der_id for r in p.readings)
+            tally.readings += p.count
+            tally.der_ids |= p.der_ids
         for source_id, tally in tallies.items():
             listed = sorted(tally.der_ids) if len(tally.der_ids) <= _LISTED_DERS else None
             count = len(tally.der_ids)

@@ -1,0 +1,118 @@
+"""The store's writer process: commits before it answers, survives what it should, and a failed commit is
+answered ``unavailable``, audited and kept in quarantine while the hub goes on serving."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import RunningHub
+from helpers import at, quarantined, quarantined_bytes, reading, records
+
+from hubd.store import Rows
+from hubd.store.process import StoreProcessError, WriterProcess
+from hubd.store.sqlite import SqliteStore
+
+NAMES = ("power_kw",)
+
+
+def rows(*items: tuple[str, int, float]) -> Rows:
+    return {NAMES: [(der_id, minute * 60_000, power, 0, "edge", "hub.v1") for der_id, minute, power in items]}
+
+
+@pytest.fixture
+def writer(tmp_path: Path) -> Iterator[WriterProcess]:
+    process = WriterProcess(tmp_path / "readings.sqlite3")
+    try:
+        yield process
+    finally:
+        process.close()
+
+
+def stored(path: Path) -> list[tuple[str, int, float, int]]:
+    reader = SqliteStore(path)
+    try:
+        found = reader.raw(0, 10**12, None, ("power_kw",), (), None, 100)
+        stamps = reader._db.execute("SELECT DISTINCT stored_at FROM readings").fetchall()
+    finally:
+        reader.close()
+    return [(d, t, p, len(stamps)) for d, t, p in found]
+
+
+def child_pid(process: WriterProcess) -> int:
+    assert process._child is not None
+    return process._child.pid
+
+
+def test_a_batch_is_readable_once_write_returns_and_a_resend_replaces(writer: WriterProcess, tmp_path: Path) -> None:
+    writer.write_rows(rows(("A", 1, 1.0), ("B", 1, 2.0)), stored_at=111)
+    writer.write_rows(rows(("A", 1, 5.0)), stored_at=222)
+    assert [r[:3] for r in stored(tmp_path / "readings.sqlite3")] == [("A", 60_000, 5.0), ("B", 60_000, 2.0)]
+
+
+def test_sigterm_and_sigint_leave_the_writer_serving(writer: WriterProcess, tmp_path: Path) -> None:
+    """systemd and a terminal's Ctrl-C signal the whole process group; the hub drains, so its writer must stay."""
+    pid = child_pid(writer)
+    os.kill(pid, signal.SIGTERM)
+    os.kill(pid, signal.SIGINT)
+    writer.write_rows(rows(("A", 2, 1.0)), stored_at=1)
+    assert child_pid(writer) == pid
+    assert len(stored(tmp_path / "readings.sqlite3")) == 1
+
+
+def test_a_dead_writer_is_replaced_for_the_next_batch(writer: WriterProcess, tmp_path: Path) -> None:
+    first = child_pid(writer)
+    os.kill(first, signal.SIGKILL)
+    assert writer._child is not None
+    writer._child.wait()
+    writer.write_rows(rows(("A", 3, 1.0)), stored_at=1)
+    assert child_pid(writer) != first
+    assert [r[:2] for r in stored(tmp_path / "readings.sqlite3")] == [("A", 180_000)]
+
+
+def test_a_refused_batch_raises_and_the_writer_keeps_serving(writer: WriterProcess, tmp_path: Path) -> None:
+    pid = child_pid(writer)
+    with pytest.raises(StoreProcessError, match="not quantities of the unified schema"):
+        writer.write_rows({("power_kw; DROP TABLE readings",): [("A", 0, 1.0, 0, "edge", "hub.v1")]}, stored_at=1)
+    writer.write_rows(rows(("A", 4, 1.0)), stored_at=1)
+    assert child_pid(writer) == pid
+    assert len(stored(tmp_path / "readings.sqlite3")) == 1
+
+
+def test_a_store_that_cannot_be_opened_fails_at_start(tmp_path: Path) -> None:
+    (tmp_path / "taken").write_text("a file where the store's folder should be")
+    with pytest.raises(StoreProcessError):
+        WriterProcess(tmp_path / "taken" / "readings.sqlite3")
+
+
+def test_a_failed_commit_is_answered_unavailable_audited_and_quarantined(hub: RunningHub) -> None:
+    """A commit SQLite refuses (here a trigger standing in for a full disk): the message is not lost."""
+    pv1, pv2 = hub.register("PV-1"), hub.register("PV-2")
+    db = sqlite3.connect(hub.config.readings_path)
+    db.execute(
+        "CREATE TRIGGER full_disk BEFORE INSERT ON readings WHEN NEW.der_id = 'PV-2' "
+        "BEGIN SELECT RAISE(ABORT, 'database or disk is full'); END"
+    )
+    db.commit()
+    message = {"source_id": "edge-1", "readings": [reading("PV-2", pv2, at(0))]}
+    answer = hub.rr("hub/v1/data", message)
+    assert answer["ok"] is False and answer["error"]["code"] == "unavailable"
+    assert "disk" not in answer["error"]["message"]  # the operator's detail goes to the log and audit only
+    failed = records(hub, "store.failed")
+    assert len(failed) == 1 and "database or disk is full" in str(failed[0]["reason"])
+    [entry] = [e for e in quarantined(hub).values() if e["code"] == "unavailable"]
+    assert pv2 not in entry["reason"]
+    assert b'"PV-2"' in quarantined_bytes(hub, entry["id"])
+
+    # The hub goes on serving others, and the same message is stored once the store takes writes again.
+    assert hub.rr("hub/v1/data", {"readings": [reading("PV-1", pv1, at(60))]})["accepted"] == 1
+    db.execute("DROP TRIGGER full_disk")
+    db.commit()
+    db.close()
+    assert hub.rr("hub/v1/data", message)["accepted"] == 1
+    query = {"client_id": "market-1", "password": hub.consumer(), "start": at(0), "end": at(3600)}
+    assert sorted(r["der_id"] for r in hub.rr("hub/v1/query", query)["rows"]) == ["PV-1", "PV-2"]
