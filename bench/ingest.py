@@ -149,12 +149,13 @@ class HubProcess:
         return "\n".join(text.splitlines()[-lines:])
 
     def memory_mb(self) -> tuple[float, float]:
-        """(VmRSS, VmHWM) of the hub process in MB, from /proc/<pid>/status."""
-        values: dict[str, float] = {}
-        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
-            key, _, rest = line.partition(":")
-            if key in ("VmRSS", "VmHWM"):
-                values[key] = int(rest.split()[0]) / 1024  # kB → MB
+        """(VmRSS, VmHWM) in MB of the hub with its store writer process, from /proc/<pid>/status."""
+        values: dict[str, float] = {"VmRSS": 0.0, "VmHWM": 0.0}
+        for pid in (self.pid, *child_pids(self.pid)):
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                key, _, rest = line.partition(":")
+                if key in values:
+                    values[key] += int(rest.split()[0]) / 1024  # kB → MB
         return values["VmRSS"], values["VmHWM"]
 
     def stop(self, timeout: float = 30.0) -> None:
@@ -279,11 +280,24 @@ def cpu_seconds(pid: int, tid: int | None = None) -> tuple[float, float]:
     return int(fields[11]) / _TICK, int(fields[12]) / _TICK  # utime, stime: fields 14 and 15 of the line
 
 
+def child_pids(pid: int) -> list[int]:
+    """The processes ``pid`` started (the hub's store writer)."""
+    found: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):
+            found += [int(child) for child in (task / "children").read_text().split()]
+    return found
+
+
 def watched_cpu(watch: dict[str, int]) -> dict[str, tuple[float, float]]:
-    """CPU of each watched process; for the hub also of its main thread (the event loop) alone."""
+    """CPU of each watched process; the hub's includes its store writer process, and its main thread (the
+    event loop) and that writer are also given alone."""
     cpu = {key: cpu_seconds(pid) for key, pid in watch.items()}
     if "hub" in watch:
         cpu["hub event loop"] = cpu_seconds(watch["hub"], watch["hub"])
+        writers = [cpu_seconds(child) for child in child_pids(watch["hub"])]
+        cpu["hub store process"] = (sum(u for u, _ in writers), sum(s for _, s in writers))
+        cpu["hub"] = (cpu["hub"][0] + cpu["hub store process"][0], cpu["hub"][1] + cpu["hub store process"][1])
     return cpu
 
 

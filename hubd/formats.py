@@ -98,17 +98,28 @@ def _parse_int(text: str) -> int | float:
 
 # What a broker refuses in a topic (as Mosquitto's UTF-8 check does): control characters, surrogates and
 # non-characters; publishing to such a topic gets the hub disconnected, and the message delivered again.
-_NOT_IN_TOPICS = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff\ufdd0-\ufdef#+]")
+_NOT_IN_TOPICS = re.compile(
+    "[\x00-\x1f\x7f-\x9f\ud800-\udfff\ufdd0-\ufdef#+"
+    + "".join(chr(plane << 16 | 0xFFFE) + chr(plane << 16 | 0xFFFF) for plane in range(17))  # U+xFFFE, U+xFFFF
+    + "]"
+)
+# Reply topics already found good: senders reuse theirs, and a set lookup is cheaper than the check. Bounded.
+_GOOD_TOPICS: set[str] = set()
+_GOOD_TOPICS_MAX = 10_000
 
 
 def _is_topic(value: object) -> bool:
     """A topic the hub may answer on: 1-65535 bytes of UTF-8, no wildcards, nothing a broker refuses."""
-    return (
-        isinstance(value, str)
-        and 0 < len(value.encode("utf-8", "surrogatepass")) <= 65535
-        and not _NOT_IN_TOPICS.search(value)
-        and not any((ord(c) & 0xFFFE) == 0xFFFE for c in value)
-    )
+    if type(value) is not str:
+        return False
+    if value in _GOOD_TOPICS:
+        return True
+    if not 0 < len(value.encode("utf-8", "surrogatepass")) <= 65535 or _NOT_IN_TOPICS.search(value):
+        return False
+    if len(_GOOD_TOPICS) >= _GOOD_TOPICS_MAX:
+        _GOOD_TOPICS.clear()
+    _GOOD_TOPICS.add(value)
+    return True
 
 
 def reply_fields(data: dict[str, Any]) -> tuple[str | None, Any]:
