@@ -51,12 +51,17 @@ class Ingest:
         source_id = decoded.source_id or raw.source_id
         good, rejected = await self._authenticate(decoded, source_id)
         if good:
-            rows: Rows = {}
+            rows: Rows = []
             der_ids = set()
             tail = (raw.received_at, source_id, raw.format_code)
+            names: tuple[str, ...] = ()
+            run: list[tuple[Any, ...]] = []
             for r in good:
                 der_ids.add(r.der_id)
-                rows.setdefault(tuple(r.values), []).append((r.der_id, r.measured_at, *r.values.values(), *tail))
+                if tuple(r.values) != names:
+                    names, run = tuple(r.values), []
+                    rows.append((names, run))
+                run.append((r.der_id, r.measured_at, *r.values.values(), *tail))
             try:
                 await self._writer.write(source_id, rows, der_ids, offered=len(decoded.items))
             except HubError as exc:

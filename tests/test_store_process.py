@@ -21,7 +21,7 @@ NAMES = ("power_kw",)
 
 
 def rows(*items: tuple[str, int, float]) -> Rows:
-    return {NAMES: [(der_id, minute * 60_000, power, 0, "edge", "hub.v1") for der_id, minute, power in items]}
+    return [(NAMES, [(der_id, minute * 60_000, power, 0, "edge", "hub.v1") for der_id, minute, power in items])]
 
 
 @pytest.fixture
@@ -54,6 +54,23 @@ def test_a_batch_is_readable_once_write_returns_and_a_resend_replaces(writer: Wr
     assert [r[:3] for r in stored(tmp_path / "readings.sqlite3")] == [("A", 60_000, 5.0), ("B", 60_000, 2.0)]
 
 
+def test_of_two_readings_of_a_der_and_time_in_one_batch_the_later_wins(writer: WriterProcess, tmp_path: Path) -> None:
+    """Also when they carry different quantities, so are written by different statements."""
+    tail = (0, "edge", "hub.v1")
+    writer.write_rows(
+        [
+            (("power_kw",), [("A", 0, 1.0, *tail), ("B", 0, 1.0, *tail)]),
+            (("power_kw", "energy_kwh"), [("A", 0, 2.0, 50.0, *tail)]),
+            (("power_kw",), [("A", 0, 3.0, *tail)]),
+        ],
+        stored_at=1,
+    )
+    db = sqlite3.connect(tmp_path / "readings.sqlite3")
+    found = db.execute("SELECT der_id, power_kw, energy_kwh FROM readings ORDER BY der_id").fetchall()
+    db.close()
+    assert found == [("A", 3.0, None), ("B", 1.0, None)]
+
+
 def test_sigterm_and_sigint_leave_the_writer_serving(writer: WriterProcess, tmp_path: Path) -> None:
     """systemd and a terminal's Ctrl-C signal the whole process group; the hub drains, so its writer must stay."""
     pid = child_pid(writer)
@@ -77,7 +94,7 @@ def test_a_dead_writer_is_replaced_for_the_next_batch(writer: WriterProcess, tmp
 def test_a_refused_batch_raises_and_the_writer_keeps_serving(writer: WriterProcess, tmp_path: Path) -> None:
     pid = child_pid(writer)
     with pytest.raises(StoreProcessError, match="not quantities of the unified schema"):
-        writer.write_rows({("power_kw; DROP TABLE readings",): [("A", 0, 1.0, 0, "edge", "hub.v1")]}, stored_at=1)
+        writer.write_rows([(("power_kw; DROP TABLE readings",), [("A", 0, 1.0, 0, "edge", "hub.v1")])], stored_at=1)
     writer.write_rows(rows(("A", 4, 1.0)), stored_at=1)
     assert child_pid(writer) == pid
     assert len(stored(tmp_path / "readings.sqlite3")) == 1

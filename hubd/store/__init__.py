@@ -24,17 +24,20 @@ class StoredReading:
     format_code: str
 
 
-Rows = dict[tuple[str, ...], list[tuple[Any, ...]]]
-"""Readings ready to store, grouped by the quantities they carry: names → rows of (der_id, measured_at,
-*values in the order of names, received_at, source_id, format_code). A sender's readings mostly carry the same
-quantities, so a batch is a few groups, each written by one statement that binds only what is present."""
+Rows = list[tuple[tuple[str, ...], list[tuple[Any, ...]]]]
+"""Readings ready to store, in the order they arrived, as runs of rows that carry the same quantities:
+(names, [(der_id, measured_at, *values in the order of names, received_at, source_id, format_code), ...]).
+A sender's readings mostly carry the same quantities, so a message is one run; the order says which of two
+readings of the same DER and time came last, and so stays."""
 
 
 def add_rows(rows: Rows, readings: list[StoredReading]) -> None:
-    """Add ``readings`` to ``rows``."""
+    """Append ``readings`` to ``rows``."""
     for r in readings:
-        row = (r.der_id, r.measured_at, *r.values.values(), r.received_at, r.source_id, r.format_code)
-        rows.setdefault(tuple(r.values), []).append(row)
+        names = tuple(r.values)
+        if not rows or rows[-1][0] != names:
+            rows.append((names, []))
+        rows[-1][1].append((r.der_id, r.measured_at, *r.values.values(), r.received_at, r.source_id, r.format_code))
 
 
 Where = tuple[tuple[str, str, float], ...]  # (field, operator, operand), operators as in hubd.query

@@ -54,6 +54,25 @@ def _insert(names: tuple[str, ...], stored_at: int) -> str:
 _CACHE_KIB = 16 * 1024
 
 
+def _latest_by_quantities(rows: Rows) -> dict[tuple[str, ...], list[tuple[Any, ...]]]:
+    """The last row to arrive for each (der_id, measured_at), grouped by quantities, each group in key order.
+
+    One statement per group binds only the quantities present; in key order, consecutive rows land in the same
+    B-tree pages (about 30 % less work per row than arrival order, bench/README.md); and as each key is written
+    once, the order of the statements cannot let an earlier reading replace a later one.
+    """
+    latest: dict[tuple[str, int], tuple[tuple[str, ...], tuple[Any, ...]]] = {}
+    for names, run in rows:
+        for row in run:
+            latest[row[0], row[1]] = (names, row)
+    groups: dict[tuple[str, ...], list[tuple[Any, ...]]] = {}
+    for names, row in latest.values():
+        groups.setdefault(names, []).append(row)
+    for group in groups.values():
+        group.sort()  # keys are unique now, so this orders by (der_id, measured_at) alone
+    return groups
+
+
 class SqliteStore:
     """Readings in SQLite. Not thread-safe: the hub calls it from one store thread."""
 
@@ -69,15 +88,16 @@ class SqliteStore:
         self._buckets: list[tuple[int, int]] = []
 
     def write(self, readings: list[StoredReading], stored_at: int) -> None:
-        rows: Rows = {}
+        rows: Rows = []
         add_rows(rows, readings)
         self.write_rows(rows, stored_at)
 
     def write_rows(self, rows: Rows, stored_at: int) -> None:
+        groups = _latest_by_quantities(rows)
         db = self._db
         db.execute("BEGIN IMMEDIATE")
         try:
-            for names, group in rows.items():
+            for names, group in groups.items():
                 db.executemany(_insert(names, stored_at), group)
         except BaseException:
             db.execute("ROLLBACK")

@@ -63,7 +63,7 @@ class BatchWriter:
             raise HubError(ErrorCode.UNAVAILABLE, "the hub is shutting down")
         await self._space.acquire()
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        count = sum(len(group) for group in rows.values())
+        count = sum(len(run) for _, run in rows)
         self._queue.append(_Pending(source_id, rows, count, der_ids, offered, done))
         self._wake.set()
         try:
@@ -83,10 +83,7 @@ class BatchWriter:
             self._wake.clear()
             while self._queue:
                 batch = self._take()
-                rows: Rows = {}
-                for p in batch:
-                    for names, group in p.rows.items():
-                        rows.setdefault(names, []).extend(group)
+                rows: Rows = [run for p in batch for run in p.rows]
                 try:
                     await loop.run_in_executor(self._thread, self._store.write_rows, rows, now_ms())
                 except Exception as exc:
