@@ -44,13 +44,13 @@ class HubClient:
         await self._session.disconnect()
 
     def _on_publish(self, first: int, body: bytes) -> None:
-        message = parse_publish(first, body)
-        if message.qos:
-            self._session.ack(message.packet_id)
-        correlation = (message.properties.get("correlation_data") or [b""])[0]
+        _, payload, qos, packet_id, properties = parse_publish(first, body)
+        if qos:
+            self._session.ack(packet_id)
+        correlation = (properties.get("correlation_data") or [b""])[0]
         future = self._waiting.pop(correlation, None)
         if future is not None and not future.done():
-            future.set_result(orjson.loads(message.payload))
+            future.set_result(orjson.loads(payload))
 
     async def request(
         self, topic: str, body: dict[str, Any] | bytes, timeout: float = 10.0, properties: dict[str, str] | None = None

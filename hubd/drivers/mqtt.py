@@ -16,7 +16,6 @@ import random
 import ssl
 from collections import deque
 from collections.abc import Awaitable, Callable
-from functools import partial
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -74,14 +73,17 @@ class MqttDriver:
         # Messages done whose PUBACK waits until the answers queued before it have gone out:
         # (session.queued_total when it finished, packet id, connection generation).
         self._held: deque[tuple[int, int, int]] = deque()
-        self._tasks: set[asyncio.Future[None]] = set()  # strong references while they run
+        self._tasks: dict[int, asyncio.Task[None]] = {}  # strong references while they run
+        self._taken = 0  # messages ever taken: the key of each one's task
         self._drained: asyncio.Future[None] | None = None
         self._reconnecting: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop  # set by start()
 
     # -- connecting ----------------------------------------------------------------------------------------
 
     async def start(self) -> None:
         """Connect and subscribe; raise (OSError, MqttError, TimeoutError) if the broker cannot be reached."""
+        self._loop = asyncio.get_running_loop()
         await self._connect()
 
     async def _connect(self) -> None:
@@ -136,29 +138,32 @@ class MqttDriver:
 
     def _take(self, first: int, body: bytes) -> None:
         try:
-            message = parse_publish(first, body)
+            topic, payload, _, packet_id, properties = parse_publish(first, body)
         except MalformedPacket as exc:
             logger.error("a malformed PUBLISH from the broker ({}); not acknowledged", exc)
             return
         self._in_hand += 1
-        task: asyncio.Future[None] = asyncio.ensure_future(
-            self._handler(message.topic, message.payload, message.properties)
+        self._taken += 1
+        key = self._taken
+        self._tasks[key] = self._loop.create_task(
+            self._handle(topic, payload, properties, packet_id, self._session.generation, key)
         )
-        self._tasks.add(task)
-        task.add_done_callback(partial(self._handled, message.packet_id, self._session.generation, message.topic))
 
-    def _handled(self, packet_id: int, generation: int, topic: str, task: asyncio.Future[None]) -> None:
-        self._tasks.discard(task)
-        if task.cancelled():
+    async def _handle(
+        self, topic: str, payload: bytes, properties: dict[str, Any], packet_id: int, generation: int, key: int
+    ) -> None:
+        """One message: the handler, then its PUBACK; a wrapper coroutine rather than a done callback per task."""
+        try:
+            await self._handler(topic, payload, properties)
+        except Exception:
+            logger.exception("message on {} failed; not acknowledged, the broker will deliver it again", topic)
             self._release()
             return
-        exc = task.exception()
-        if exc is not None:
-            logger.opt(exception=exc).error(
-                "message on {} failed; not acknowledged, the broker will deliver it again", topic
-            )
+        except BaseException:  # cancelled: not acknowledged either
             self._release()
-            return
+            raise
+        finally:
+            del self._tasks[key]
         session = self._session
         if packet_id == 0 or generation != session.generation:
             self._release()  # QoS 0, or it came on a connection since lost: the broker sends it again

@@ -238,6 +238,7 @@ def encode_properties(properties: list[tuple[int, Any]]) -> bytes:
 
 
 _CONTENT_TYPE_JSON = b"\x03" + encode_string("application/json")
+_JSON_ONLY = encode_varint(len(_CONTENT_TYPE_JSON)) + _CONTENT_TYPE_JSON
 
 
 def publish_properties(
@@ -248,9 +249,9 @@ def publish_properties(
 ) -> bytes:
     """The properties of a PUBLISH hubd sends, encoded (with their length) once, ready for ``publish``."""
     if content_type == "application/json" and response_topic is None and not user_properties:
-        body = _CONTENT_TYPE_JSON  # the hub's answers: the common case, without the table walk
-        if correlation_data is not None:
-            body += b"\x09" + encode_binary(correlation_data)
+        if correlation_data is None:  # the hub's answers: the common cases, without the table walk
+            return _JSON_ONLY
+        body = _CONTENT_TYPE_JSON + b"\x09" + encode_binary(correlation_data)
         return encode_varint(len(body)) + body
     pairs: list[tuple[int, Any]] = []
     if content_type is not None:
@@ -318,6 +319,9 @@ def parse_connack(body: bytes) -> ConnAck:
 # -- PUBLISH / PUBACK ------------------------------------------------------------------------------------------
 
 
+_ONE_BYTE = [bytes((i,)) for i in range(128)]
+
+
 def publish(topic: str, payload: bytes, qos: int, packet_id: int, properties: bytes = b"\x00") -> bytes:
     """A PUBLISH; ``properties`` as ``publish_properties`` returns them (length included), the default none."""
     name = topic.encode()
@@ -325,7 +329,8 @@ def publish(topic: str, payload: bytes, qos: int, packet_id: int, properties: by
     if qos:
         head += packet_id.to_bytes(2, "big")
     size = len(head) + len(properties) + len(payload)
-    return b"".join((bytes((0x30 | qos << 1,)), encode_varint(size), head, properties, payload))
+    length = _ONE_BYTE[size] if size < 128 else encode_varint(size)
+    return b"".join((_ONE_BYTE[0x30 | qos << 1], length, head, properties, payload))
 
 
 def with_dup(packet: bytes) -> bytes:
@@ -333,16 +338,9 @@ def with_dup(packet: bytes) -> bytes:
     return bytes((packet[0] | DUP,)) + packet[1:]
 
 
-@dataclass(frozen=True, slots=True)
-class Publish:
-    """An inbound PUBLISH taken apart."""
-
-    topic: str
-    payload: bytes
-    qos: int
-    packet_id: int
-    properties: dict[str, list[Any]]
-    dup: bool = False
+# An inbound PUBLISH taken apart: (topic, payload, qos, packet id, properties). A plain tuple, not a class:
+# it is built once per message on the hub's hot path, and unpacked at once.
+Publish = tuple[str, bytes, int, int, dict[str, list[Any]]]
 
 
 def parse_publish(first: int, body: bytes) -> Publish:
@@ -365,7 +363,7 @@ def parse_publish(first: int, body: bytes) -> Publish:
         raise MalformedPacket(f"bad PUBLISH: {exc}") from None
     if qos == 3:
         raise MalformedPacket("PUBLISH with QoS 3")
-    return Publish(topic, body[pos + length :], qos, packet_id, properties, bool(first & DUP))
+    return topic, body[pos + length :], qos, packet_id, properties
 
 
 def puback(packet_id: int) -> bytes:

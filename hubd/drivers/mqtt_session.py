@@ -211,22 +211,39 @@ class MqttSession(asyncio.Protocol):
             self._chunks = []
         pos = 0
         end = len(data)
-        split = packets.split
+        on_publish = self._on_publish
+        inflight = self._inflight
+        acked = False
         try:
-            while pos < end:
-                where = split(data, pos)
-                if where is None:  # not even the fixed header yet
-                    self._need = end - pos + 1
-                    break
-                first, start, stop = where
+            while end - pos >= 2:
+                # The fixed header, inline for remaining lengths of one and two bytes (nearly every packet).
+                first = data[pos]
+                length = data[pos + 1]
+                if length < 0x80:
+                    start = pos + 2
+                elif end - pos > 2 and data[pos + 2] < 0x80:
+                    length = (length & 0x7F) | (data[pos + 2] << 7)
+                    start = pos + 3
+                else:
+                    where = packets.split(data, pos)
+                    if where is None:
+                        break
+                    _, start, stop = where
+                    length = stop - start
+                stop = start + length
                 if stop > end:
-                    self._need = stop - pos
                     break
                 kind = first >> 4
                 if kind == packets.PUBLISH:
-                    self._on_publish(first, data[start:stop])
-                elif kind == packets.PUBACK:
-                    self._acked(data[start:stop])
+                    on_publish(first, data[start:stop])
+                elif kind == packets.PUBACK:  # the broker took one of our publishes
+                    if length < 2:
+                        raise packets.MalformedPacket("PUBACK shorter than two bytes")
+                    if inflight.pop((data[start] << 8) | data[start + 1], None) is not None:
+                        acked = True
+                        if length > 2 and data[start + 2] >= 0x80:
+                            reason = packets.reason_text(data[start + 2])
+                            logger.warning("the broker refused a message published to it: {}", reason)
                 else:
                     self._control(kind, data[start:stop])
                 pos = stop
@@ -234,10 +251,14 @@ class MqttSession(asyncio.Protocol):
             logger.error("the broker sent a malformed packet ({}); closing the connection", exc)
             self._abort_lost()
             return
+        if acked and self._queue:
+            self._send_queued()  # once per read, for all the PUBACKs in it
         if pos < end:
             rest = data[pos:]
             self._chunks = [rest]
             self._have = len(rest)
+            where = packets.split(rest)
+            self._need = where[2] if where is not None else len(rest) + 1
 
     def _abort_lost(self) -> None:
         """Drop the connection as if the network had: the owner hears of it and may reconnect."""
@@ -284,22 +305,16 @@ class MqttSession(asyncio.Protocol):
         if self._up:
             self._write(packets.publish(topic, payload, 0, 0, properties))
 
-    def _acked(self, body: bytes) -> None:
-        packet_id, reason = packets.parse_ack(body)
-        if self._inflight.pop(packet_id, None) is not None and reason >= 0x80:
-            logger.warning("the broker refused a message the hub published: {}", packets.reason_text(reason))
-        if self._queue:
-            self._send_queued()
-
     def _send_queued(self) -> None:
         queue = self._queue
         inflight = self._inflight
         limit = self.server_receive_maximum
+        encode = packets.publish
         sent = 0
         while queue and self._up and len(inflight) < limit:
             topic, payload, properties = queue.popleft()
             packet_id = self._next_id()
-            packet = packets.publish(topic, payload, 1, packet_id, properties)
+            packet = encode(topic, payload, 1, packet_id, properties)
             inflight[packet_id] = packet
             self._write(packet)
             sent += 1
@@ -309,12 +324,11 @@ class MqttSession(asyncio.Protocol):
                 self._on_sent()
 
     def _next_id(self) -> int:
-        packet_id = self._last_id
-        while True:
+        packet_id = self._last_id % 65535 + 1
+        while packet_id in self._inflight or packet_id in self._subscribing:
             packet_id = packet_id % 65535 + 1
-            if packet_id not in self._inflight and packet_id not in self._subscribing:
-                self._last_id = packet_id
-                return packet_id
+        self._last_id = packet_id
+        return packet_id
 
     @property
     def unacknowledged(self) -> int:
@@ -326,7 +340,7 @@ class MqttSession(asyncio.Protocol):
     def ack(self, packet_id: int) -> None:
         """PUBACK an inbound QoS 1 message (on the current connection; the caller checks the generation)."""
         if self._up:
-            self._write(packets.puback(packet_id))
+            self._write(b"\x40\x02" + packet_id.to_bytes(2, "big"))  # packets.puback, inline: once a message
 
     # -- writing -------------------------------------------------------------------------------------------
 
