@@ -384,20 +384,44 @@ def test_reconnects_and_resubscribes_after_the_broker_restarts(broker: EmbeddedB
     assert sum("connected to mqtt://" in line for line in log_lines) == 2
 
 
-def test_refused_connection_raises_and_logs_no_password(tmp_path: Path, log_lines: list[str]) -> None:
-    template = tmp_path / "closed.conf.in"
-    template.write_text(load_template().replace("allow_anonymous true", "allow_anonymous false"), encoding="utf-8")
+def test_password_login_and_refusal_log_no_password(tmp_path: Path, log_lines: list[str]) -> None:
     secret = "do-not-log-this-3f1c"
+    passwords = tmp_path / "passwords"
+    subprocess.run(["mosquitto_passwd", "-b", "-c", str(passwords), "hub", secret], check=True, timeout=10)
+    template = tmp_path / "closed.conf.in"
+    closed = load_template().replace("allow_anonymous true", f"allow_anonymous false\npassword_file {passwords}")
+    template.write_text(closed, encoding="utf-8")
 
     async def main() -> None:
         with EmbeddedBroker(tmp_path / "closed-data", port=free_port(), template=template) as broker:
+            received: Received = []
             config = _config(broker, username="hub")
-            driver = MqttDriver(config, broker.url, ["t/x"], _recorder([]), password=secret)
+            driver = MqttDriver(config, broker.url, ["t/x"], _recorder(received), password=secret)
+            await driver.start()
+            await driver.stop()
+            wrong = MqttDriver(config, broker.url, ["t/x"], _recorder([]), password=secret + "-wrong")
             with pytest.raises(MqttError, match="refused the connection"):
-                await driver.start()
+                await wrong.start()
 
     asyncio.run(main())
+    assert any("connected to mqtt://" in line for line in log_lines)
     assert not any(secret in line for line in log_lines)
+
+
+def test_keepalive_holds_an_idle_connection(broker: EmbeddedBroker, log_lines: list[str]) -> None:
+    """Keepalive 1 s: Mosquitto drops a client silent for 1.5 s; PINGREQ every half keepalive keeps it."""
+
+    async def main() -> None:
+        received: Received = []
+        driver = MqttDriver(_config(broker, keepalive_s=1), broker.url, ["t/idle"], _recorder(received))
+        await driver.start()
+        await asyncio.sleep(2.5)
+        await _apub(broker, "t/idle", "-q", "1", message="still here")
+        await _until(lambda: len(received) == 1)
+        await driver.stop()
+
+    asyncio.run(main())
+    assert not any("disconnected from the broker" in line for line in log_lines)
 
 
 def test_start_raises_when_no_broker_listens() -> None:
