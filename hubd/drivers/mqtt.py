@@ -84,7 +84,14 @@ class MqttDriver:
     async def start(self) -> None:
         """Connect and subscribe; raise (OSError, MqttError, TimeoutError) if the broker cannot be reached."""
         self._loop = asyncio.get_running_loop()
-        await self._connect()
+        try:
+            await self._connect()
+        except BaseException:
+            self._accepting = False  # no reconnecting behind the caller's back: start() failed
+            if self._reconnecting is not None:
+                self._reconnecting.cancel()
+            await self._session.disconnect()
+            raise
 
     async def _connect(self) -> None:
         await self._session.connect(self._host, self._port, self._tls)
@@ -121,7 +128,11 @@ class MqttDriver:
             try:
                 await self._connect()
                 return
-            except (OSError, TimeoutError, MqttError) as exc:
+            except MqttError as exc:  # refused: worth saying each time, it will not pass by itself
+                logger.error("reconnecting to the broker failed: {}", exc)
+                await self._session.disconnect()
+                wait = min(wait * 2, longest)
+            except (OSError, TimeoutError) as exc:  # not there yet: said once, when the connection was lost
                 logger.debug("reconnecting to the broker failed: {}", exc)
                 await self._session.disconnect()
                 wait = min(wait * 2, longest)
