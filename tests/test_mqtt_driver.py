@@ -365,6 +365,35 @@ def test_answers_beyond_the_broker_receive_maximum_all_arrive(narrow_broker: Emb
     asyncio.run(main())
 
 
+def test_answers_unacknowledged_when_the_connection_drops_are_sent_again(broker: EmbeddedBroker) -> None:
+    """The answers are in flight (written to no socket yet) when the connection drops: resent with DUP=1."""
+
+    async def main() -> None:
+        answers: list[bytes] = []
+
+        def on_answer(first: int, body: bytes) -> None:
+            _, payload, _, packet_id, _ = packets.parse_publish(first, body)
+            listener.ack(packet_id)
+            answers.append(payload)
+
+        listener = MqttSession(f"listener-{broker.port}", on_publish=on_answer, clean_start=True)
+        await listener.connect("127.0.0.1", broker.port)
+        await listener.subscribe(["t/answers"])
+        driver = MqttDriver(_config(broker), broker.url, ["t/none"], _recorder([]))
+        await driver.start()
+        for i in range(5):
+            driver.publish("t/answers", {"i": i})
+        assert driver._session.unacknowledged == 5
+        driver._session._abort_lost()  # in the same loop turn: nothing of them reached the socket
+        await _until(lambda: len(answers) == 5)
+        assert driver._session.unacknowledged == 0
+        await driver.stop()
+        await listener.disconnect()
+        assert answers == [b'{"i":%d}' % i for i in range(5)]
+
+    asyncio.run(main())
+
+
 def test_reconnects_and_resubscribes_after_the_broker_restarts(broker: EmbeddedBroker, log_lines: list[str]) -> None:
     async def main() -> None:
         received: Received = []
