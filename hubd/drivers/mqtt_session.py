@@ -300,11 +300,6 @@ class MqttSession(asyncio.Protocol):
         self._inflight[packet_id] = packet
         self._write(packet)
 
-    def publish_qos0(self, topic: str, payload: bytes, properties: bytes = b"\x00") -> None:
-        """Publish at QoS 0: at most once, dropped when not connected."""
-        if self._up:
-            self._write(packets.publish(topic, payload, 0, 0, properties))
-
     def _send_queued(self) -> None:
         queue = self._queue
         inflight = self._inflight
