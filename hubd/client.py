@@ -1,18 +1,22 @@
 """A small MQTT v5 request/response client, for the simulated fleet, the demo and the tests.
 
 It does what ``mosquitto_rr`` does: publish with a response topic and correlation data, wait for the answer.
+It runs on the same MQTT session code as the hub's driver (``hubd.drivers.mqtt_session``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import ssl
 import uuid
 from typing import Any
 from urllib.parse import urlsplit
 
 import orjson
-from gmqtt import Client
+
+from hubd.drivers.mqtt_packets import parse_publish, publish_properties
+from hubd.drivers.mqtt_session import MqttError, MqttSession
 
 
 class HubClient:
@@ -24,31 +28,29 @@ class HubClient:
         self._inbox = f"clients/{self._id}/answers"
         self._waiting: dict[bytes, asyncio.Future[dict[str, Any]]] = {}
         self._counter = itertools.count()
-        self._client = Client(self._id)
-        self._client.on_message = self._on_message
+        self._session = MqttSession(self._id, on_publish=self._on_publish, clean_start=True)
 
     async def __aenter__(self) -> HubClient:
-        await self._client.connect(self._url.hostname or "127.0.0.1", self._url.port or 1883)
-        subscribed = asyncio.get_running_loop().create_future()
-
-        def on_subscribe(*args: object) -> None:
-            if not subscribed.done():
-                subscribed.set_result(None)
-
-        self._client.on_subscribe = on_subscribe
-        self._client.subscribe(self._inbox, qos=1)
-        await asyncio.wait_for(subscribed, 5)
+        tls = ssl.create_default_context() if self._url.scheme == "mqtts" else None
+        port = self._url.port or (8883 if tls else 1883)
+        await self._session.connect(self._url.hostname or "127.0.0.1", port, tls)
+        codes = await self._session.subscribe([self._inbox], qos=1, timeout_s=5)
+        if codes[0] >= 0x80:
+            await self._session.disconnect()
+            raise MqttError(f"the broker refused the subscription to {self._inbox} (reason 0x{codes[0]:02X})")
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        await self._client.disconnect()
+        await self._session.disconnect()
 
-    def _on_message(self, client: Client, topic: str, payload: bytes, qos: int, properties: dict[str, Any]) -> int:
+    def _on_publish(self, first: int, body: bytes) -> None:
+        _, payload, qos, packet_id, properties = parse_publish(first, body)
+        if qos:
+            self._session.ack(packet_id)
         correlation = (properties.get("correlation_data") or [b""])[0]
         future = self._waiting.pop(correlation, None)
         if future is not None and not future.done():
             future.set_result(orjson.loads(payload))
-        return 0
 
     async def request(
         self, topic: str, body: dict[str, Any] | bytes, timeout: float = 10.0, properties: dict[str, str] | None = None
@@ -58,8 +60,12 @@ class HubClient:
         future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._waiting[correlation] = future
         payload = body if isinstance(body, bytes) else orjson.dumps(body)
-        extra = {"user_property": list(properties.items())} if properties else {}
-        self._client.publish(topic, payload, qos=1, response_topic=self._inbox, correlation_data=correlation, **extra)
+        extra = publish_properties(
+            response_topic=self._inbox,
+            correlation_data=correlation,
+            user_properties=list(properties.items()) if properties else None,
+        )
+        self._session.publish(topic, payload, extra)
         try:
             return await asyncio.wait_for(future, timeout)
         finally:
@@ -67,4 +73,4 @@ class HubClient:
 
     def publish(self, topic: str, body: dict[str, Any] | bytes) -> None:
         """Fire and forget (QoS 1), no answer asked for."""
-        self._client.publish(topic, body if isinstance(body, bytes) else orjson.dumps(body), qos=1)
+        self._session.publish(topic, body if isinstance(body, bytes) else orjson.dumps(body))

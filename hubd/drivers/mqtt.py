@@ -1,112 +1,47 @@
-"""MQTT driver (gmqtt, MQTT v5): QoS 1, a fixed client id, a persistent session, PUBACK after commit.
+"""MQTT driver (MQTT v5): QoS 1, a fixed client id, a persistent session, PUBACK after commit.
 
-gmqtt with ``optimistic_acknowledgement=False`` sends the PUBACK only when the async message callback
-returns, so a message is acknowledged to the broker only once the hub has committed it. A message that
-arrives while the hub is stopping is never acknowledged: the broker keeps it in the persistent session and
-delivers it again when the hub comes back.
+A message is acknowledged to the broker only once the hub's handler has returned (the readings are
+committed and the answer is on its way). A message whose handler fails, or that arrives while the hub is
+stopping, is never acknowledged: the broker keeps it in the persistent session and delivers it again on the
+next connection. The protocol itself is ``mqtt_session`` (connection, flow control) and ``mqtt_packets``
+(bytes); this module is the hub's policy on top: how many messages are in hand, when each is acknowledged,
+reconnecting, stopping. Built on ``asyncio.Protocol`` rather than an MQTT library because the library's cost
+per message was the whole of the hub's budget (bench/README.md).
 """
 
 from __future__ import annotations
 
 import asyncio
+import random
 import ssl
-import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import urlsplit
 
 import orjson
-from gmqtt import Client
-from gmqtt.mqtt.protocol import BaseMQTTProtocol
 from loguru import logger
 
 from hubd.config import BrokerConfig
+from hubd.drivers.mqtt_packets import MalformedPacket, parse_publish, publish_properties, reason_text
+from hubd.drivers.mqtt_session import MqttError, MqttSession
+
+__all__ = ["Handler", "MqttDriver", "MqttError"]
 
 Handler = Callable[[str, bytes, dict[str, Any]], Awaitable[None]]
 
-# How long to wait before retrying an answer when every packet id is in flight. gmqtt signals no PUBACK;
-# a broker acknowledges within a fraction of a millisecond on a loopback or LAN link, so start short and
-# back off to the longer wait only while nothing moves (the connection is down).
-_ID_RETRY_S = (0.001, 0.05)
-
-
-def _cork(protocol: Any, data: bytes) -> None:
-    """gmqtt's write, coalesced: the packets one loop iteration writes go out in one send.
-
-    gmqtt writes each packet to the socket at once, so every PUBACK and every answer costs a system call;
-    under load that was a quarter of the hub's time. CONNECT and DISCONNECT still go out at once (after what
-    waits), so nothing is left behind when the connection closes.
-    """
-    protocol._connection._last_data_out = time.monotonic()
-    pending: list[bytes] | None = getattr(protocol, "_hubd_pending", None)
-    if pending is None:
-        pending = protocol._hubd_pending = []
-    pending.append(data)
-    if data[:1] in (b"\x10", b"\xe0"):
-        _flush(protocol)
-    elif len(pending) == 1:
-        asyncio.get_running_loop().call_soon(_flush, protocol)
-
-
-def _flush(protocol: Any) -> None:
-    pending: list[bytes] = protocol._hubd_pending
-    if not pending:
-        return
-    data = b"".join(pending)
-    pending.clear()
-    transport = protocol._transport
-    if transport is not None and not transport.is_closing():
-        transport.write(data)
-    else:
-        logger.warning("the broker connection closed with {} bytes unsent", len(data))
-
-
-# One place that reaches into gmqtt (pinned in pyproject.toml): its protocol's write_data.
-BaseMQTTProtocol.write_data = _cork
-
-
-class Deferred(Exception):
-    """Raised by the message callback to withhold the PUBACK (the hub is stopping)."""
-
-
-class _Gate:
-    """Lets at most ``size`` messages be worked on at once; the others wait, undecoded, in arrival order.
-
-    The broker should do this (the hub announces ``receive_maximum``), but Mosquitto 2.0.11 honours Receive
-    Maximum only until the first PUBACK and then sends up to that many more per PUBACK (bench/README.md):
-    a backlog reaches the hub all at once, and decoded it takes ten times its size in memory. Hand-rolled
-    because asyncio.Semaphore scans all its waiters on every call in Python 3.11.
-    """
-
-    def __init__(self, size: int) -> None:
-        self._free = size
-        self._waiting: deque[asyncio.Future[None]] = deque()
-
-    async def enter(self) -> None:
-        if self._free > 0 and not self._waiting:
-            self._free -= 1
-            return
-        turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiting.append(turn)
-        try:
-            await turn  # leave() hands its place over by resolving this
-        except asyncio.CancelledError:
-            if turn.done() and not turn.cancelled():
-                self.leave()  # handed a place but cancelled before taking it: pass it on
-            raise
-
-    def leave(self) -> None:
-        while self._waiting:
-            turn = self._waiting.popleft()
-            if not turn.done():
-                turn.set_result(None)
-                return
-        self._free += 1
+_RECONNECT_S = (0.1, 30.0)  # first and longest wait between attempts to reach the broker again
 
 
 class MqttDriver:
-    """One MQTT v5 connection that receives the hub's topics and publishes its answers."""
+    """One MQTT v5 connection that receives the hub's topics and publishes its answers.
+
+    At most ``config.receive_maximum`` messages are in hand at once (handed to the handler, or done and
+    waiting for their answer to go out); the others wait undecoded, in arrival order. The broker should do
+    this itself (the hub announces Receive Maximum), but Mosquitto 2.0.11 honours it only until the first
+    PUBACK and then sends up to that many more per PUBACK (bench/README.md): a backlog reaches the hub all at
+    once, and decoded it takes ten times its size in memory.
+    """
 
     def __init__(
         self, config: BrokerConfig, url: str, topics: list[str], handler: Handler, password: str | None = None
@@ -116,152 +51,181 @@ class MqttDriver:
         group = config.shared_group
         self._topics = [f"$share/{group}/{t}" if group else t for t in topics]
         self._handler = handler
-        self._password = password
-        self._accepting = True
-        self._in_flight = 0
-        self._idle = asyncio.Event()
-        self._idle.set()
-        # Answers waiting for a packet id: the broker's Receive Maximum (Mosquitto: max_inflight_messages)
-        # bounds the QoS 1 answers in flight, and gmqtt raises OverflowError past it instead of waiting.
-        self._backlog: deque[tuple[str, bytes, dict[str, Any]]] = deque()
-        self._backlog_in = 0  # answers ever put in the backlog
-        self._backlog_out = 0  # of those, handed to gmqtt
-        self._backlog_waiters: deque[tuple[int, asyncio.Future[None]]] = deque()  # (count, woken when out)
-        self._drainer: asyncio.Task[None] | None = None
-        self._gate = _Gate(config.receive_maximum)
-        self._client = Client(
+        self._tls = ssl.create_default_context() if self._url.scheme == "mqtts" else None
+        self._host = self._url.hostname or "127.0.0.1"
+        self._port = self._url.port or (8883 if self._tls else 1883)
+        self._session = MqttSession(
             config.client_id,
-            clean_session=False,
-            optimistic_acknowledgement=False,
-            session_expiry_interval=config.session_expiry_s,
+            on_publish=self._on_publish,
+            on_lost=self._on_lost,
+            on_sent=self._release_held,
+            clean_start=False,
+            session_expiry_s=config.session_expiry_s,
             receive_maximum=config.receive_maximum,
+            keepalive_s=config.keepalive_s,
+            username=config.username,
+            password=password if config.username else None,
         )
-        self._client.on_message = self._on_message
-        self._client.on_connect = self._on_connect
-        self._client.on_disconnect = self._on_disconnect
+        self._accepting = True
+        self._limit = config.receive_maximum
+        self._in_hand = 0
+        self._waiting: deque[tuple[int, bytes]] = deque()  # PUBLISH packets not yet taken, undecoded
+        # Messages done whose PUBACK waits until the answers queued before it have gone out:
+        # (session.queued_total when it finished, packet id, connection generation).
+        self._held: deque[tuple[int, int, int]] = deque()
+        self._tasks: dict[int, asyncio.Task[None]] = {}  # strong references while they run
+        self._taken = 0  # messages ever taken: the key of each one's task
+        self._drained: asyncio.Future[None] | None = None
+        self._reconnecting: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop  # set by start()
+
+    # -- connecting ----------------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        loop = asyncio.get_running_loop()
-        previous = loop.get_exception_handler()
+        """Connect and subscribe; raise (OSError, MqttError, TimeoutError) if the broker cannot be reached."""
+        self._loop = asyncio.get_running_loop()
+        try:
+            await self._connect()
+        except BaseException:
+            self._accepting = False  # no reconnecting behind the caller's back: start() failed
+            if self._reconnecting is not None:
+                self._reconnecting.cancel()
+            await self._session.disconnect()
+            raise
 
-        def quiet_deferred(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
-            if isinstance(context.get("exception"), Deferred):
-                return
-            if previous is not None:
-                previous(loop, context)
-            else:
-                loop.default_exception_handler(context)
-
-        loop.set_exception_handler(quiet_deferred)
-        if self._config.username:
-            self._client.set_auth_credentials(self._config.username, self._password)
-        tls: ssl.SSLContext | bool = ssl.create_default_context() if self._url.scheme == "mqtts" else False
-        port = self._url.port or (8883 if tls else 1883)
-        await self._client.connect(self._url.hostname or "127.0.0.1", port, ssl=tls, keepalive=self._config.keepalive_s)
-
-    def _on_connect(self, client: Client, flags: int, rc: int, properties: dict[str, Any]) -> None:
+    async def _connect(self) -> None:
+        await self._session.connect(self._host, self._port, self._tls)
         # Subscribe on every connect: cheap, and it restores the subscription if the broker lost the session.
-        for topic in self._topics:
-            client.subscribe(topic, qos=1)
+        codes = await self._session.subscribe(self._topics, qos=1)
+        refused = [
+            f"{topic}: {reason_text(code)}" for topic, code in zip(self._topics, codes, strict=False) if code >= 0x80
+        ]
+        if refused:
+            raise MqttError("the broker refused the subscription to " + "; ".join(refused))
         logger.info(
             "connected to {}://{}:{}; subscribed to {}",
             self._url.scheme,
-            self._url.hostname,
-            self._url.port,
+            self._host,
+            self._port,
             ", ".join(self._topics),
         )
 
-    def _on_disconnect(self, client: Client, packet: bytes, exc: BaseException | None = None) -> None:
-        if self._accepting:
-            logger.warning("disconnected from the broker; reconnecting")
+    def _on_lost(self, exc: Exception | None) -> None:
+        # What was not taken comes again on the next connection; what is held cannot be acknowledged now.
+        self._waiting.clear()
+        while self._held:
+            self._held.popleft()
+            self._release()
+        if self._accepting and (self._reconnecting is None or self._reconnecting.done()):
+            logger.warning("disconnected from the broker ({}); reconnecting", exc or "closed by the broker")
+            self._reconnecting = asyncio.get_running_loop().create_task(self._reconnect(), name="hubd-mqtt-reconnect")
 
-    async def _on_message(
-        self, client: Client, topic: str, payload: bytes, qos: int, properties: dict[str, Any]
-    ) -> int:
-        if not self._accepting:
-            raise Deferred
-        await self._gate.enter()
-        try:
-            if not self._accepting:  # the hub began to stop while this message waited at the gate
-                raise Deferred
-            self._in_flight += 1
-            self._idle.clear()
+    async def _reconnect(self) -> None:
+        """Try again with a capped, jittered exponential backoff until connected (or stopped)."""
+        wait, longest = _RECONNECT_S
+        while self._accepting:
+            await asyncio.sleep(wait * random.uniform(0.5, 1.0))
             try:
-                await self._handler(topic, payload, properties)
-                if self._backlog:
-                    # Its answer may wait for a packet id: acknowledge only once the answer is on its way.
-                    await self._backlog_sent(self._backlog_in)
-            except Exception:
-                logger.exception("message on {} failed; not acknowledged, the broker will deliver it again", topic)
-                raise Deferred from None
-            finally:
-                self._in_flight -= 1
-                if self._in_flight == 0:
-                    self._idle.set()
+                await self._connect()
+                return
+            except MqttError as exc:  # refused: worth saying each time, it will not pass by itself
+                logger.error("reconnecting to the broker failed: {}", exc)
+                await self._session.disconnect()
+                wait = min(wait * 2, longest)
+            except (OSError, TimeoutError) as exc:  # not there yet: said once, when the connection was lost
+                logger.debug("reconnecting to the broker failed: {}", exc)
+                await self._session.disconnect()
+                wait = min(wait * 2, longest)
+
+    # -- inbound -------------------------------------------------------------------------------------------
+
+    def _on_publish(self, first: int, body: bytes) -> None:
+        if not self._accepting:
+            return  # stopping: never acknowledged, so the broker delivers it again
+        if self._in_hand < self._limit and not self._waiting:
+            self._take(first, body)
+        else:
+            self._waiting.append((first, body))
+
+    def _take(self, first: int, body: bytes) -> None:
+        try:
+            topic, payload, _, packet_id, properties = parse_publish(first, body)
+        except MalformedPacket as exc:
+            logger.error("a malformed PUBLISH from the broker ({}); not acknowledged", exc)
+            return
+        self._in_hand += 1
+        self._taken += 1
+        key = self._taken
+        self._tasks[key] = self._loop.create_task(
+            self._handle(topic, payload, properties, packet_id, self._session.generation, key)
+        )
+
+    async def _handle(
+        self, topic: str, payload: bytes, properties: dict[str, Any], packet_id: int, generation: int, key: int
+    ) -> None:
+        """One message: the handler, then its PUBACK; a wrapper coroutine rather than a done callback per task."""
+        try:
+            await self._handler(topic, payload, properties)
+        except Exception:
+            logger.exception("message on {} failed; not acknowledged, the broker will deliver it again", topic)
+            self._release()
+            return
+        except BaseException:  # cancelled: not acknowledged either
+            self._release()
+            raise
         finally:
-            self._gate.leave()
-        return 0
+            del self._tasks[key]
+        session = self._session
+        if packet_id == 0 or generation != session.generation:
+            self._release()  # QoS 0, or it came on a connection since lost: the broker sends it again
+        elif session.sent_total >= session.queued_total:
+            session.ack(packet_id)
+            self._release()
+        else:
+            # Its answer may still wait for a packet id: acknowledge only once that answer is on its way.
+            self._held.append((session.queued_total, packet_id, generation))
+
+    def _release_held(self) -> None:
+        """Answers went out from the queue: acknowledge the messages that waited for them."""
+        held = self._held
+        session = self._session
+        while held and held[0][0] <= session.sent_total:
+            _, packet_id, generation = held.popleft()
+            if generation == session.generation:
+                session.ack(packet_id)
+            self._release()
+
+    def _release(self) -> None:
+        """One message out of hand: take the next waiting one."""
+        self._in_hand -= 1
+        waiting = self._waiting
+        while waiting and self._in_hand < self._limit:
+            self._take(*waiting.popleft())
+        if self._in_hand == 0 and self._drained is not None and not self._drained.done():
+            self._drained.set_result(None)
+
+    # -- outbound ------------------------------------------------------------------------------------------
 
     def publish(self, topic: str, body: dict[str, Any], correlation_data: bytes | None = None) -> int:
-        """Publish an answer (QoS 1), in order, waiting in the backlog for a packet id; return its size."""
+        """Publish an answer (QoS 1), in order, waiting in the session's queue for a packet id; return its size."""
         payload = orjson.dumps(body)
-        properties: dict[str, Any] = {"content_type": "application/json"}
-        if correlation_data is not None:
-            properties["correlation_data"] = correlation_data
-        if not self._backlog and self._send(topic, payload, properties):
-            return len(payload)
-        self._backlog.append((topic, payload, properties))
-        self._backlog_in += 1
-        if self._drainer is None or self._drainer.done():
-            self._drainer = asyncio.create_task(self._drain(), name="hubd-mqtt-answers")
+        self._session.publish(topic, payload, publish_properties("application/json", correlation_data=correlation_data))
         return len(payload)
 
-    def _send(self, topic: str, payload: bytes, properties: dict[str, Any]) -> bool:
-        """Hand one QoS 1 publish to gmqtt; False when all packet ids are in flight."""
-        try:
-            self._client.publish(topic, payload, qos=1, **properties)
-        except OverflowError:
-            return False
-        return True
-
-    async def _drain(self) -> None:
-        """Send the backlog as PUBACKs from the broker free packet ids."""
-        shortest, longest = _ID_RETRY_S
-        wait = shortest
-        while self._backlog:
-            sent = self._backlog_out
-            while self._backlog and self._send(*self._backlog[0]):
-                self._backlog.popleft()
-                self._backlog_out += 1
-            waiters = self._backlog_waiters
-            while waiters and waiters[0][0] <= self._backlog_out:
-                _, woken = waiters.popleft()
-                if not woken.done():
-                    woken.set_result(None)
-            if self._backlog:
-                wait = shortest if self._backlog_out > sent else min(wait * 2, longest)
-                await asyncio.sleep(wait)
-
-    async def _backlog_sent(self, count: int) -> None:
-        """Return once the first ``count`` answers that ever went through the backlog are handed to gmqtt."""
-        if self._backlog_out >= count:
-            return
-        woken: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._backlog_waiters.append((count, woken))  # counts only grow, so the deque stays in order
-        await woken
+    # -- stopping ------------------------------------------------------------------------------------------
 
     async def stop(self, timeout_s: float = 10.0) -> None:
-        """Stop taking messages, let those in hand finish (commit and answer), then disconnect."""
+        """Stop taking messages, let those in hand finish (commit, answer, PUBACK), then disconnect."""
         self._accepting = False
-        try:
-            await asyncio.wait_for(self._idle.wait(), timeout_s)
-        except TimeoutError:
-            logger.warning(
-                "{} messages still in hand after {} s; the broker will deliver them again",
-                self._in_flight,
-                timeout_s,
-            )
-        await asyncio.sleep(0.05)  # let the PUBACKs and answers of the last messages go out
-        await self._client.disconnect()
-        if self._drainer is not None:
-            self._drainer.cancel()
+        self._waiting.clear()
+        if self._reconnecting is not None and not self._reconnecting.done():
+            self._reconnecting.cancel()
+        if self._in_hand:
+            self._drained = asyncio.get_running_loop().create_future()
+            try:
+                await asyncio.wait_for(self._drained, timeout_s)
+            except TimeoutError:
+                logger.warning(
+                    "{} messages still in hand after {} s; the broker will deliver them again", self._in_hand, timeout_s
+                )
+        await self._session.disconnect()
