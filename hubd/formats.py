@@ -142,12 +142,8 @@ _BOUNDS = {
 _RESERVED = {"der_id", "password", "measured_at"}
 
 
-def check_reading(item: Any, limits: Limits, times: dict[str, int] | None = None) -> Reading:
-    """Validate one reading of the unified schema; raise HubError(bad_request) naming the field.
-
-    ``times`` remembers the RFC 3339 times already parsed in this message: a gateway reports many DERs at the
-    same instants, and parsing is a good part of a reading's cost.
-    """
+def check_reading(item: Any, limits: Limits) -> Reading:
+    """Validate one reading of the unified schema; raise HubError(bad_request) naming the field."""
     if type(item) is not dict:
         raise HubError(ErrorCode.BAD_REQUEST, "a reading must be a JSON object")
     der_id = item.get("der_id")
@@ -159,14 +155,15 @@ def check_reading(item: Any, limits: Limits, times: dict[str, int] | None = None
     if type(password) is not str or not password:
         raise HubError(ErrorCode.BAD_REQUEST, "password is missing or not a string")
     stated = item.get("measured_at", _MISSING)
-    if times is not None and type(stated) is str and stated in times:
-        measured_at = times[stated]
-    else:
+    measured_at = _TIMES.get(stated) if type(stated) is str else None
+    if measured_at is None:
         if stated is _MISSING:
             raise HubError(ErrorCode.BAD_REQUEST, "measured_at is missing")
         measured_at = parse_time(stated, "measured_at")
-        if times is not None and type(stated) is str:
-            times[stated] = measured_at
+        if type(stated) is str:
+            if len(_TIMES) >= _TIMES_MAX:
+                _TIMES.clear()
+            _TIMES[stated] = measured_at
     if measured_at > limits.now_ms + limits.max_future_ms:
         raise HubError(
             ErrorCode.BAD_REQUEST,
@@ -208,6 +205,10 @@ def check_reading(item: Any, limits: Limits, times: dict[str, int] | None = None
 _VALID_IDS: set[str] = set()
 _VALID_IDS_MAX = 200_000
 _MISSING = object()
+# RFC 3339 times already parsed: DERs report at the same instants (on the minute, per slot), and parsing is a
+# good part of a reading's cost. Bounded like the ids.
+_TIMES: dict[str, int] = {}
+_TIMES_MAX = 10_000
 
 
 def _remember_id(der_id: str) -> None:
@@ -248,10 +249,9 @@ def decode_native(payload: bytes, limits: Limits) -> Decoded:
             f"{len(readings)} readings in one message; the limit is {limits.max_readings}",
         )
     items: list[Reading | HubError] = []
-    times: dict[str, int] = {}
     for item in readings:
         try:
-            items.append(check_reading(item, limits, times))
+            items.append(check_reading(item, limits))
         except HubError as exc:
             named = item.get("der_id") if isinstance(item, dict) else None
             exc.der_id = named if isinstance(named, str) and ID_PATTERN.match(named) else None

@@ -47,7 +47,8 @@ class BatchWriter:
         self._max = max_readings
         self._queue: deque[_Pending] = deque()
         self._wake = asyncio.Event()
-        self._space = asyncio.Semaphore(queue_max_messages)
+        self._queue_max = queue_max_messages
+        self._room: deque[asyncio.Future[None]] = deque()  # writers waiting for the queue to shrink
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hubd-store")
         self._closing = False
         self._counts: dict[tuple[str, str], int] = {}
@@ -61,15 +62,16 @@ class BatchWriter:
         store failed. ``offered`` is how many readings the message had, refused ones included (for the audit)."""
         if self._closing:
             raise HubError(ErrorCode.UNAVAILABLE, "the hub is shutting down")
-        await self._space.acquire()
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        while len(self._queue) >= self._queue_max:  # not a Semaphore: its bookkeeping cost ~4 % of case A
+            room: asyncio.Future[None] = loop.create_future()
+            self._room.append(room)
+            await room
+        done: asyncio.Future[None] = loop.create_future()
         count = sum(len(run) for _, run in rows)
         self._queue.append(_Pending(source_id, rows, count, der_ids, offered, done))
         self._wake.set()
-        try:
-            await done
-        finally:
-            self._space.release()
+        await done
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -83,6 +85,10 @@ class BatchWriter:
             self._wake.clear()
             while self._queue:
                 batch = self._take()
+                while self._room:
+                    room = self._room.popleft()
+                    if not room.done():  # a waiter cancelled meanwhile
+                        room.set_result(None)
                 rows: Rows = [run for p in batch for run in p.rows]
                 try:
                     await loop.run_in_executor(self._thread, self._store.write_rows, rows, now_ms())
