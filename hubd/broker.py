@@ -88,10 +88,11 @@ autosave_interval 60
 max_queued_messages 1000000
 max_queued_bytes 0
 
-# Outgoing QoS 1/2 messages in flight per client (default 20). A little more keeps
-# hubd's subscription busy over loopback; MQTT v5 clients can lower it with
-# Receive Maximum.
-max_inflight_messages 100
+# Outgoing QoS 1/2 messages in flight per client (default 20), and the Receive
+# Maximum the broker announces. More keeps hubd's subscription busy and its commits
+# large under load (hubd bounds what it holds itself: broker.receive_maximum);
+# MQTT v5 clients can lower it with Receive Maximum.
+max_inflight_messages 1000
 
 # Forget sessions of clients that have not come back for a week, so abandoned
 # client ids do not hold queued messages forever.

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import subprocess
 import threading
 import time
@@ -23,7 +24,7 @@ from click.testing import CliRunner, Result
 
 from hubd.app import Hub
 from hubd.auth.credentials import hash_password
-from hubd.broker import EmbeddedBroker, free_port
+from hubd.broker import EmbeddedBroker, free_port, load_template
 from hubd.cli import main as hubd_main
 from hubd.config import load_config
 
@@ -56,6 +57,16 @@ def no_leaked_threads() -> Iterator[None]:
 
 
 # -- MQTT broker -----------------------------------------------------------------------
+
+
+def broker_allowing(tmp_path: Path, in_flight: int) -> EmbeddedBroker:
+    """An embedded Mosquitto (not started) that takes at most ``in_flight`` unacknowledged QoS 1 messages from
+    a client (max_inflight_messages, which it announces as its Receive Maximum)."""
+    text, count = re.subn(r"(?m)^max_inflight_messages \d+$", f"max_inflight_messages {in_flight}", load_template())
+    assert count == 1, "the embedded template no longer sets max_inflight_messages"
+    template = tmp_path / f"inflight-{in_flight}.conf.in"
+    template.write_text(text, encoding="utf-8")
+    return EmbeddedBroker(tmp_path / f"inflight-{in_flight}-data", port=free_port(), template=template)
 
 
 @pytest.fixture

@@ -1,9 +1,9 @@
 """A burst of data messages: every one committed and answered, even past the broker's in-flight limits.
 
-The broker takes at most its Receive Maximum (Mosquitto: max_inflight_messages, 100 in the embedded config)
-of the hub's QoS 1 answers unacknowledged; a commit of a few hundred messages owes more answers than that at
-once. They must wait for packet ids, not fail (which left messages unacknowledged and the hub stalled).
-The burst is queued by the broker while the hub is down, so that it arrives all at once.
+The broker takes at most its Receive Maximum (Mosquitto: max_inflight_messages; 100 for this test, 1,000 in
+the embedded config) of the hub's QoS 1 answers unacknowledged; a commit of a few hundred messages owes more
+answers than that at once. They must wait for packet ids, not fail (which left messages unacknowledged and the
+hub stalled). The burst is queued by the broker while the hub is down, so that it arrives all at once.
 """
 
 from __future__ import annotations
@@ -13,10 +13,27 @@ import sqlite3
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
+from pathlib import Path
 
-from conftest import RunningHub
+import pytest
+from conftest import RunningHub, broker_allowing
 
-BURST = 400  # messages: four times the embedded broker's max_inflight_messages
+from hubd.broker import EmbeddedBroker
+
+IN_FLIGHT = 100  # the broker's Receive Maximum here, below the hub's broker.receive_maximum (500)
+BURST = 400  # messages: four times that
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[EmbeddedBroker]:
+    """This module's hubs run on a broker that takes fewer answers in flight than the hub has messages in hand."""
+    embedded = broker_allowing(tmp_path, IN_FLIGHT)
+    embedded.start_sync()
+    try:
+        yield embedded
+    finally:
+        embedded.stop_sync()
 
 
 def test_a_burst_is_committed_and_every_message_answered(hub: RunningHub) -> None:

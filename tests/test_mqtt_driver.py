@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import broker_allowing
 from hypothesis import given
 from hypothesis import strategies as st
 from loguru import logger
@@ -315,11 +316,7 @@ def test_a_large_payload_arrives_whole(broker: EmbeddedBroker, tmp_path: Path) -
 @pytest.fixture
 def narrow_broker(tmp_path: Path) -> Iterator[EmbeddedBroker]:
     """A broker that takes at most 5 unacknowledged QoS 1 messages from a client (its Receive Maximum)."""
-    template = tmp_path / "narrow.conf.in"
-    template.write_text(
-        load_template().replace("max_inflight_messages 100", "max_inflight_messages 5"), encoding="utf-8"
-    )
-    embedded = EmbeddedBroker(tmp_path / "narrow-data", port=free_port(), template=template)
+    embedded = broker_allowing(tmp_path, 5)
     embedded.start_sync()
     try:
         yield embedded
