@@ -14,6 +14,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,14 +60,20 @@ def no_leaked_threads() -> Iterator[None]:
 # -- MQTT broker -----------------------------------------------------------------------
 
 
-def broker_allowing(tmp_path: Path, in_flight: int) -> EmbeddedBroker:
-    """An embedded Mosquitto (not started) that takes at most ``in_flight`` unacknowledged QoS 1 messages from
-    a client (max_inflight_messages, which it announces as its Receive Maximum)."""
+@contextmanager
+def broker_allowing(tmp_path: Path, in_flight: int) -> Iterator[EmbeddedBroker]:
+    """A running embedded Mosquitto that takes at most ``in_flight`` unacknowledged QoS 1 messages from a
+    client (max_inflight_messages, which it announces as its Receive Maximum)."""
     text, count = re.subn(r"(?m)^max_inflight_messages \d+$", f"max_inflight_messages {in_flight}", load_template())
     assert count == 1, "the embedded template no longer sets max_inflight_messages"
     template = tmp_path / f"inflight-{in_flight}.conf.in"
     template.write_text(text, encoding="utf-8")
-    return EmbeddedBroker(tmp_path / f"inflight-{in_flight}-data", port=free_port(), template=template)
+    embedded = EmbeddedBroker(tmp_path / f"inflight-{in_flight}-data", port=free_port(), template=template)
+    embedded.start_sync()
+    try:
+        yield embedded
+    finally:
+        embedded.stop_sync()
 
 
 @pytest.fixture

@@ -28,12 +28,8 @@ BURST = 400  # messages: four times that
 @pytest.fixture
 def broker(tmp_path: Path) -> Iterator[EmbeddedBroker]:
     """This module's hubs run on a broker that takes fewer answers in flight than the hub has messages in hand."""
-    embedded = broker_allowing(tmp_path, IN_FLIGHT)
-    embedded.start_sync()
-    try:
+    with broker_allowing(tmp_path, IN_FLIGHT) as embedded:
         yield embedded
-    finally:
-        embedded.stop_sync()
 
 
 def test_a_burst_is_committed_and_every_message_answered(hub: RunningHub) -> None:

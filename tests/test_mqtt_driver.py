@@ -316,12 +316,8 @@ def test_a_large_payload_arrives_whole(broker: EmbeddedBroker, tmp_path: Path) -
 @pytest.fixture
 def narrow_broker(tmp_path: Path) -> Iterator[EmbeddedBroker]:
     """A broker that takes at most 5 unacknowledged QoS 1 messages from a client (its Receive Maximum)."""
-    embedded = broker_allowing(tmp_path, 5)
-    embedded.start_sync()
-    try:
+    with broker_allowing(tmp_path, 5) as embedded:
         yield embedded
-    finally:
-        embedded.stop_sync()
 
 
 def test_answers_beyond_the_broker_receive_maximum_all_arrive(narrow_broker: EmbeddedBroker) -> None:
