@@ -12,6 +12,7 @@ a vendor reading is judged exactly as a native one; tests hold the two to the sa
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, suppress
@@ -138,12 +139,10 @@ class _Parts:
             per_message = self._level(*_number_sources(number))
 
             def emit(var: str = var, number: Number = number, name: str = name, once: bool = per_message) -> None:
-                if once:  # in the preamble: computed and checked; stored per record
+                # Once in the preamble (kept in values per record), or per record in the shortest form that fits.
+                if once or not self._simple_json(number, var, name):
                     self._number(number, var, name)
-                    self._in_range(var, name, store=False)
-                elif not self._simple_json(number, var, name):
-                    self._number(number, var, name)
-                    self._in_range(var, name, store=name != "interval_s")
+                    self._in_range(var, name)
 
             self.parts.append((var, emit, per_message))
             if not per_message:
@@ -177,40 +176,63 @@ class _Parts:
             label = gen.const(factor.source.label, "label")
             self.access.fetch(gen, factor.source, raw)
             with gen.block("try:"):
-                gen.line(f"{var} = _ratio(_factor({raw}, {spec}, {label}, {name!r}))")
+                gen.line(f"{var}_m, {var}_d = _ratio(_factor({raw}, {spec}, {label}, {name!r}))")
                 gen.line(f"{var}_e = None")
             with gen.block("except HubError as exc:"):
-                gen.line(f"{var} = None")
+                gen.line(f"{var}_m = {var}_d = None")
                 gen.line(f"{var}_e = exc")
             self._factor_vars[id(factor)] = var
 
     def record(self) -> None:
         gen = self.gen
-        gen.line("values = {}")
         checked = False
-        for var, emit, per_message in self.parts:
+        for _, emit, per_message in self.parts:
             if per_message:
                 if not checked:  # where the first of them would be judged
                     with gen.block("if msg_e is not None:"):
                         gen.line("raise HubError(msg_e.code, msg_e.message)")
                     checked = True
-                if var.startswith("q_") and var != "q_interval_s":
-                    with gen.block(f"if {var} is not None:"):
-                        gen.line(f"values[{var[2:]!r}] = {var}")
             else:
                 emit()
-        quantities = self.spec.quantities
-        if "energy_interval_kwh" in quantities:
-            # The length of an interval whose energy is not available is dropped with it.
-            with gen.block("if q_energy_interval_kwh is not None:"):
-                with gen.block("if q_interval_s is None:"):
-                    gen.line("raise HubError(BAD, 'energy_interval_kwh and interval_s go together')")
-                gen.line("values['interval_s'] = q_interval_s")
-        with gen.block("if not values:"):
-            gen.line("continue  # every value 'not available': no reading")
-        if "power_kw" in quantities and "power_factor" in quantities:
+        self._values()
+        if "power_kw" in self.spec.quantities and "power_factor" in self.spec.quantities:
             gen.line("derive_reactive_power(values)")
-        gen.line("append(Reading(d, t, values, pw))")
+        if _SLOT_STORES:  # the dataclass __init__ costs a Python call per reading; its four stores do not
+            gen.line("rd = _new(Reading)")
+            for slot, var in zip(_READING_SLOTS, ("d", "t", "values", "pw"), strict=True):
+                gen.line(f"rd.{slot} = {var}")
+            gen.line("append(rd)")
+        else:
+            gen.line("append(Reading(d, t, values, pw))")
+
+    def _values(self) -> None:
+        """``values``, in the order check_reading keeps: one dict display when every value is there (the common
+        case), else only those that are; a record whose values are all 'not available' gives no reading."""
+        gen = self.gen
+        names = [name for name in self.spec.quantities if name != "interval_s"]
+        interval = "energy_interval_kwh" in self.spec.quantities
+        shown = [*names, "interval_s"] if interval else names
+        if len(shown) == 1:
+            with gen.block(f"if q_{shown[0]} is None:"):
+                gen.line("continue  # 'not available': no reading")
+            gen.line(f"values = {{{shown[0]!r}: q_{shown[0]}}}")
+            return
+        test = " and ".join(f"q_{name} is not None" for name in shown)
+        with gen.block(f"if {test}:"):
+            gen.line("values = {" + ", ".join(f"{name!r}: q_{name}" for name in shown) + "}")
+        with gen.block("else:"):
+            gen.line("values = {}")
+            for name in names:
+                with gen.block(f"if q_{name} is not None:"):
+                    gen.line(f"values[{name!r}] = q_{name}")
+            if interval:
+                # The length of an interval whose energy is not available is dropped with it.
+                with gen.block("if q_energy_interval_kwh is not None:"):
+                    with gen.block("if q_interval_s is None:"):
+                        gen.line("raise HubError(BAD, 'energy_interval_kwh and interval_s go together')")
+                    gen.line("values['interval_s'] = q_interval_s")
+            with gen.block("if not values:"):
+                gen.line("continue  # every value 'not available': no reading")
 
     # -- the parts ------------------------------------------------------------------------------------------------
 
@@ -318,7 +340,10 @@ class _Parts:
         with gen.block(f"if {raw} is None:"):
             gen.line(f"{var} = None")
         with gen.block("else:"):
-            gen.line(f"{var} = {raw} {_scaled(number.factor)}")
+            if number.factor == 1.0 and number.factors and id(number.factors[0]) in self._factor_vars:
+                gen.line(f"{var} = {raw}")  # the factor the message states makes it a float
+            else:
+                gen.line(f"{var} = {raw} {_scaled(number.factor)}")
             for factor in number.factors:
                 self._factor(factor, var, what)
             if number.minus is not None:
@@ -329,13 +354,10 @@ class _Parts:
                 with gen.block("else:"):
                     gen.line(f"{var} = {var} - {other}")
 
-    def _in_range(self, var: str, name: str, store: bool) -> None:
-        """The native rule: finite (x - x is 0 only for finite x) and within the quantity's bounds; then kept."""
-        gen = self.gen
-        with gen.block(f"if {var} is not None:"):
+    def _in_range(self, var: str, name: str) -> None:
+        """The native rule: finite (x - x is 0 only for finite x) and within the quantity's bounds."""
+        with self.gen.block(f"if {var} is not None:"):
             self._check(var, name)
-            if store:
-                gen.line(f"values[{name!r}] = {var}")
 
     def _check(self, var: str, name: str) -> None:
         low, high = QUANTITIES[name]
@@ -362,8 +384,6 @@ class _Parts:
         with gen.block(f"if {raw}.__class__ is float or {raw}.__class__ is int:"):
             gen.line(f"{var} = {raw} {_scaled(number.factor)}")
             self._check(var, name)
-            if name != "interval_s":
-                gen.line(f"values[{name!r}] = {var}")
         with gen.block(f"elif {raw} is not None:"):
             gen.line(f"raise HubError(BAD, _not_a_number({name!r}, {label}, {raw}))")
         return True
@@ -383,8 +403,6 @@ class _Parts:
             for factor in number.factors:
                 self._factor(factor, var, gen.const(name, "name"))
             self._check(var, name)
-            if name != "interval_s":
-                gen.line(f"values[{name!r}] = {var}")
         return True
 
     def _factor(self, factor: Factor, var: str, what: str) -> None:
@@ -393,7 +411,7 @@ class _Parts:
         if once is not None:
             with gen.block(f"if {once}_e is not None:"):
                 gen.line(f"raise HubError(BAD, {once}_e.message)")
-            gen.line(f"{var} = {var} * {once}[0] / {once}[1]")
+            gen.line(f"{var} = {var} * {once}_m / {once}_d")
             return
         raw = gen.local("f")
         spec = gen.const(factor, "factor")
@@ -747,10 +765,20 @@ def _ratio(factor: float) -> tuple[float, float]:
     return float(factor), 1.0
 
 
+# A Reading made without its dataclass __init__ (a Python call per reading): the object, then its four fields
+# stored. Only while Reading is the plain slotted dataclass of these four fields; else Reading(...) is called.
+_READING_SLOTS = ("der_id", "measured_at", "values", "password")
+_SLOT_STORES = (
+    tuple(f.name for f in dataclasses.fields(Reading)) == _READING_SLOTS
+    and getattr(Reading, "__slots__", None) == _READING_SLOTS
+    and not hasattr(Reading, "__post_init__")
+)
+
 _POW10 = {exponent: _ratio(10.0**exponent) for exponent in range(-30, 31)}
 _RUNTIME: dict[str, Any] = {
     "HubError": HubError,
     "Reading": Reading,
+    "_new": Reading.__new__,
     "BAD": BAD,
     "DECODE": ErrorCode.DECODE_ERROR,
     "UNKNOWN_DER": ErrorCode.UNKNOWN_DER,
