@@ -277,33 +277,37 @@ class _Parts:
             return
         label = gen.const(spec.source.label, "label")
         self.access.fetch(gen, spec.source, "v")
-        with gen.block("if v is None:"):
+        # The common type first (an epoch number, a text), then a missing time, then anything else the long way.
+        if spec.kind in ("epoch_s", "epoch_ms"):
+            per_unit = 1000 if spec.kind == "epoch_s" else 1
+            test, fast = "v.__class__ is int", ["t = v * 1000" if per_unit == 1000 else "t = v"]
+            slow = f"t = _epoch(v, {per_unit}, {label})"
+        else:
+            test = "v.__class__ is str"
+            slow = f"t = {'_rfc3339' if spec.kind == 'rfc3339' else '_local'}(v, {label}, None, None)"
+            table = hour_table(_slow_time(spec), spec.format) if spec.kind == "local" else None
+            if table is None:
+                fast = [f"t = {gen.const(hourly(_slow_time(spec), spec.format), 'time')}(v)"]
+            else:  # the text's hour plus its minutes and seconds: two lookups (see HourTable)
+                hours, tails = gen.const(table.hours.get, "hours"), gen.const(table.tails.get, "tails")
+                parse = gen.const(table.parse, "time")
+                fast = [
+                    f"t = {hours}(v[:{table.cut}])",
+                    f"ms = {tails}(v[{table.cut}:])",
+                    f"t = {parse}(v) if t is None or ms is None else t + ms",
+                ]
+        shift = [f"t += {spec.shift_ms}"] if spec.shift_ms else []
+        with gen.block(f"if {test}:"):
+            for line in fast + shift:
+                gen.line(line)
+        with gen.block("elif v is None:"):
             if spec.default_now:
                 gen.line("t = now")
             else:
                 gen.line(f"raise HubError(BAD, 'measured_at is missing (' + {label} + ')')")
         with gen.block("else:"):
-            if spec.kind == "epoch_s":
-                gen.line(f"t = v * 1000 if v.__class__ is int else _epoch(v, 1000, {label})")
-            elif spec.kind == "epoch_ms":
-                gen.line(f"t = v if v.__class__ is int else _epoch(v, 1, {label})")
-            else:
-                slow = "_rfc3339" if spec.kind == "rfc3339" else "_local"
-                table = hour_table(_slow_time(spec), spec.format) if spec.kind == "local" else None
-                if table is None:
-                    parse = gen.const(hourly(_slow_time(spec), spec.format), "time")
-                    gen.line(f"t = {parse}(v) if v.__class__ is str else {slow}(v, {label}, None, None)")
-                else:  # the text's hour plus its minutes and seconds: two lookups (see HourTable)
-                    hours, tails = gen.const(table.hours.get, "hours"), gen.const(table.tails.get, "tails")
-                    parse = gen.const(table.parse, "time")
-                    with gen.block("if v.__class__ is str:"):
-                        gen.line(f"t = {hours}(v[:{table.cut}])")
-                        gen.line(f"ms = {tails}(v[{table.cut}:])")
-                        gen.line(f"t = {parse}(v) if t is None or ms is None else t + ms")
-                    with gen.block("else:"):
-                        gen.line(f"t = {slow}(v, {label}, None, None)")
-            if spec.shift_ms:
-                gen.line(f"t += {spec.shift_ms}")
+            for line in [slow, *shift]:
+                gen.line(line)
         with gen.block(f"if not {MIN_TIME_MS} <= t <= horizon:"):
             gen.line("raise HubError(BAD, _bad_time(t, limits))")
 
@@ -365,18 +369,16 @@ class _Parts:
                     gen.line(f"{var} = {var} - {other}")
 
     def _in_range(self, var: str, name: str) -> None:
-        """The native rule: finite (x - x is 0 only for finite x) and within the quantity's bounds."""
+        """The native rule: finite and within the quantity's bounds."""
         with self.gen.block(f"if {var} is not None:"):
             self._check(var, name)
 
     def _check(self, var: str, name: str) -> None:
+        """One chained comparison: false for a value outside the bounds, and for NaN and ±inf (1e999 is inf)."""
         low, high = QUANTITIES[name]
-        test = f"{var} - {var} != 0.0"
-        if low is not None:
-            test += f" or {var} < {float(low)!r}"
-        if high is not None:
-            test += f" or {var} > {float(high)!r}"
-        with self.gen.block(f"if {test}:"):
+        above = f"{float(low)!r} <=" if low is not None else "-1e999 <"
+        below = f"<= {float(high)!r}" if high is not None else "< 1e999"
+        with self.gen.block(f"if not {above} {var} {below}:"):
             self.gen.line(f"raise HubError(BAD, _bad_number({name!r}, {var}))")
 
     def _simple_json(self, number: Number, var: str, name: str) -> bool:
@@ -384,16 +386,33 @@ class _Parts:
         constant factor, and for a field its sentinels and valid range."""
         if number.source.kind in ("field", "epc") and not number.minus:
             return self._simple_field(number, var, name)
-        if self.access.raw != "json" or number.sentinels or number.valid or number.factors or number.minus:
+        once = [self._factor_vars.get(id(factor)) for factor in number.factors]
+        if self.access.raw != "json" or number.sentinels or number.valid or None in once or number.minus:
             return False
         gen = self.gen
         raw = gen.local("v")
         label = gen.const(number.source.label, "label")
         gen.line(f"{var} = None")
         self.access.fetch(gen, number.source, raw)
-        with gen.block(f"if {raw}.__class__ is float or {raw}.__class__ is int:"):
-            gen.line(f"{var} = {raw} {_scaled(number.factor)}")
-            self._check(var, name)
+        # A factor the message states (a unit) is known by now; one that failed refuses each value.
+        scaled = f"{raw} {_scaled(number.factor)}" if not once or number.factor != 1.0 else raw
+        scaled += "".join(f" * {factor}_m / {factor}_d" for factor in once)
+        # A JSON integer is below 2**64 (the parsers make bigger ones floats), so times a constant factor it is
+        # finite, and only bounds, if the quantity has any, are checked. A float may be NaN or ±inf.
+        exact = not once and abs(number.factor) <= 1e250 and QUANTITIES[name] == (None, None)
+        branches = (
+            [f"{raw}.__class__ is int", f"{raw}.__class__ is float"]
+            if exact
+            else [f"{raw}.__class__ is float or {raw}.__class__ is int"]
+        )
+        for index, test in enumerate(branches):
+            with gen.block(("if " if index == 0 else "elif ") + test + ":"):
+                for factor in once:
+                    with gen.block(f"if {factor}_e is not None:"):
+                        gen.line(f"raise HubError(BAD, {factor}_e.message)")
+                gen.line(f"{var} = {scaled}")
+                if not (exact and index == 0):
+                    self._check(var, name)
         with gen.block(f"elif {raw} is not None:"):
             gen.line(f"raise HubError(BAD, _not_a_number({name!r}, {label}, {raw}))")
         return True
