@@ -285,7 +285,7 @@ class _Parts:
         else:
             test = "v.__class__ is str"
             slow = f"t = {'_rfc3339' if spec.kind == 'rfc3339' else '_local'}(v, {label}, None, None)"
-            table = hour_table(_slow_time(spec), spec.format) if spec.kind == "local" else None
+            table = hour_table(_slow_time(spec), spec.format, spec.zone) if spec.kind == "local" else None
             if table is None:
                 fast = [f"t = {gen.const(hourly(_slow_time(spec), spec.format), 'time')}(v)"]
             else:  # the text's hour plus its minutes and seconds: two lookups (see HourTable)

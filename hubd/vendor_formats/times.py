@@ -233,18 +233,40 @@ class HourTable:
     """Wall-clock texts of one layout as two lookups the generated code adds, ``hours[text[:cut]]`` (the epoch
     ms of the text's hour) plus ``tails[text[cut:]]`` (exactly what follows the hour, such as ``:15:00``).
 
-    A text that either lookup misses goes to ``parse``: when the text has the exact layout it enters its hour
-    (computed by ``slow`` at :00:00 and :59:59, and only if the offset is the same at both, see ``_hour_of``);
-    the rest, and hours with a daylight-saving change, go to ``hourly`` and ``slow``, with the same result.
-    ``table(text)`` is what the generated code does, for tests.
+    A text that either lookup misses goes to ``parse``: when the text has the exact layout it enters the 24
+    hours of its day at once if the zone's offset is the same at each hour's start and at the day's last second
+    (the first message of a day costs one parse, not two per hour), else its own hour (computed by ``slow`` at
+    :00:00 and :59:59, and only if the offset is the same at both, see ``_hour_of``); the rest, and hours with a
+    daylight-saving change, go to ``hourly`` and ``slow``, with the same result. ``table(text)`` is what the
+    generated code does, for tests.
     """
 
-    def __init__(self, slow: Callable[[str], int], fmt: str | None, layout: tuple[int, int, int, int]) -> None:
+    def __init__(
+        self, slow: Callable[[str], int], fmt: str | None, layout: tuple[int, int, int, int], zone: ZoneInfo | None
+    ) -> None:
         cut, minute_at, second_at, width = layout
         self.cut = cut
         self.hours: dict[str, int | None] = {}
         self.tails = _tails(fmt, cut, minute_at, second_at, width)
         hours, tails, fallback = self.hours, self.tails, hourly(slow, fmt)
+        midnight = next(tail for tail, ms in tails.items() if ms == 0)  # what follows the hour at :00(:00)
+
+        def enter_day(text: str) -> bool:
+            head = text[: cut - 2]  # the text up to its hour's two digits
+            first = head + "00" + midnight
+            try:
+                start = slow(first)
+                moment = datetime.fromisoformat(first) if fmt is None else datetime.strptime(first, fmt)
+            except (HubError, ValueError):
+                return False
+            if zone is None or moment.tzinfo is not None:
+                return False
+            offset = zone.utcoffset(moment)
+            if any(zone.utcoffset(moment + step) != offset for step in _DAY_STEPS):
+                return False
+            for hour in range(24):
+                hours[f"{head}{hour:02d}"] = start + hour * 3_600_000
+            return True
 
         def parse(text: str) -> int:
             ms = tails.get(text[cut:])
@@ -253,7 +275,8 @@ class HourTable:
                 if key not in hours:
                     if len(hours) >= 4096:
                         hours.clear()
-                    hours[key] = _hour_of(slow, text, minute_at, second_at)
+                    if not enter_day(text) or key not in hours:
+                        hours[key] = _hour_of(slow, text, minute_at, second_at)
                 base = hours[key]
                 if base is not None:
                     return base + ms
@@ -267,11 +290,17 @@ class HourTable:
         return self.parse(text) if base is None or ms is None else base + ms
 
 
-def hour_table(slow: Callable[[str], int], fmt: str | None) -> HourTable | None:
+# Each hour's start after midnight, and the day's last second: a day whose offset is the same at all of them
+# and at midnight has no change of offset (one that came and went within an hour would pass, as in _hour_of).
+_DAY_STEPS = (*(timedelta(hours=hour) for hour in range(1, 24)), timedelta(hours=23, minutes=59, seconds=59))
+
+
+def hour_table(slow: Callable[[str], int], fmt: str | None, zone: ZoneInfo | None = None) -> HourTable | None:
     """An HourTable for a wall-clock layout: ISO-like (fmt None) or a fixed-width strptime format whose date
-    fields all come before ``%H``, followed only by ``%M`` and ``%S``; None for any other."""
+    fields all come before ``%H``, followed only by ``%M`` and ``%S``; None for any other. Without the zone
+    ``slow`` parses in, hours are entered one by one."""
     if fmt is None:
-        return HourTable(slow, None, (13, 14, 17, 19))
+        return HourTable(slow, None, (13, 14, 17, 19), zone)
     layout = _fixed_layout(fmt)
     if layout is None:
         return None
@@ -279,7 +308,7 @@ def hour_table(slow: Callable[[str], int], fmt: str | None) -> HourTable | None:
     hour = fmt.index("%H")
     if any(fmt.index(field) > hour for field in ("%Y", "%m", "%d")) or "%" in fmt[hour + 2 : fmt.index("%M")]:
         return None
-    return HourTable(slow, fmt, (minute_at - (fmt.index("%M") - hour - 2), minute_at, second_at, width))
+    return HourTable(slow, fmt, (minute_at - (fmt.index("%M") - hour - 2), minute_at, second_at, width), zone)
 
 
 @cache

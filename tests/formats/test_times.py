@@ -23,8 +23,8 @@ ZONES = ["Asia/Tokyo", "Europe/Berlin", "America/New_York", "Australia/Lord_Howe
 FORMATS = [None, "%Y/%m/%d %H:%M", "%Y-%m-%d %H:%M:%S", "%d.%m.%Y %H:%M:%S", "%Y%m%d%H%M"]
 
 
-def table(slow: Callable[[str], int], fmt: str | None) -> HourTable:
-    found = hour_table(slow, fmt)
+def table(slow: Callable[[str], int], fmt: str | None, zone: ZoneInfo | None = None) -> HourTable:
+    found = hour_table(slow, fmt, zone)
     assert found is not None, fmt
     return found
 
@@ -53,7 +53,7 @@ def test_local_times_by_the_hour_are_the_times_parsed_one_by_one(
     def slow(text: str) -> int:
         return _local(text, "t", tz, fmt)
 
-    for fast in (hourly(slow, fmt), table(slow, fmt)):
+    for fast in (hourly(slow, fmt), table(slow, fmt), table(slow, fmt, tz)):
         for step in range(0, 3 * 3600, 997):  # several texts of one series through the same cache
             at = moment + timedelta(seconds=shift + step)
             text = at.strftime(fmt or "%Y-%m-%d %H:%M:%S")
@@ -69,9 +69,9 @@ def test_malformed_texts_are_refused_alike(text: str, fmt: str | None) -> None:
         return _local(text, "t", tz, fmt)
 
     assert outcome(hourly(slow, fmt), text) == outcome(slow, text)
-    fast = table(slow, fmt)
-    assert outcome(fast, text) == outcome(slow, text)
-    assert outcome(fast, text) == outcome(slow, text)  # and again, from the tables
+    for fast in (table(slow, fmt), table(slow, fmt, tz)):
+        assert outcome(fast, text) == outcome(slow, text)
+        assert outcome(fast, text) == outcome(slow, text)  # and again, from the tables
 
 
 @pytest.mark.parametrize(
@@ -95,10 +95,10 @@ def test_every_quarter_hour_of_a_daylight_saving_day(zone: str, day: str) -> Non
     def slow(text: str) -> int:
         return _local(text, "t", tz, None)
 
-    fast = table(slow, None)
     texts = [f"{day} {q // 4:02d}:{q % 4 * 15:02d}:00" for q in range(96)]
-    for _ in range(2):
-        assert [outcome(fast, text) for text in texts] == [outcome(slow, text) for text in texts]
+    for fast in (table(slow, None), table(slow, None, tz)):  # hour by hour, and a day at once when it can
+        for _ in range(2):
+            assert [outcome(fast, text) for text in texts] == [outcome(slow, text) for text in texts]
 
 
 def test_layouts_the_tables_do_not_take_go_the_long_way() -> None:
@@ -138,3 +138,16 @@ def test_a_json_series_in_local_time_decodes_to_the_times_parsed_one_by_one(tmp_
         assert [item.measured_at for item in items if isinstance(item, Reading)] == [
             _local(text, "t", tz, None) for text in texts
         ]
+
+
+def test_a_day_without_a_change_of_offset_enters_its_hours_at_once() -> None:
+    def slow_in(tz: ZoneInfo) -> Callable[[str], int]:
+        return lambda text: _local(text, "t", tz, None)
+
+    tokyo, berlin = ZoneInfo("Asia/Tokyo"), ZoneInfo("Europe/Berlin")
+    fast = table(slow_in(tokyo), None, tokyo)
+    assert fast("2026-11-27 09:15:00") == _local("2026-11-27 09:15:00", "t", tokyo, None)
+    assert len(fast.hours) == 24
+    fast = table(slow_in(berlin), None, berlin)  # summer time begins at 02:00: hour by hour
+    assert fast("2026-03-29 09:15:00") == _local("2026-03-29 09:15:00", "t", berlin, None)
+    assert list(fast.hours) == ["2026-03-29 09"]
