@@ -3,10 +3,10 @@
 A definition says where a vendor payload keeps each value of a reading (a JSON path, a CSV column, a field of
 a binary layout, an MQTT v5 user property) and how to turn it into the unified schema (units, scale factors,
 sentinels, sign, time zone). ``language`` reads and checks a definition, ``codegen`` compiles it once into a
-plain Python function, ``kinds`` holds what differs between JSON, CSV and binary payloads, ``echonet`` is the
-Python hook for ECHONET Lite property lists (what a fixed layout cannot say), ``load`` turns one file into a
-decoder, and ``catalog`` keeps the registry in step with the definition folders while the hub runs. The
-language is documented in docs/formats.md.
+plain Python function, ``times`` turns vendor times into epoch milliseconds, ``kinds`` holds what differs
+between JSON, CSV and binary payloads, ``echonet`` is the Python hook for ECHONET Lite property lists (what a
+fixed layout cannot say), ``load`` turns one file into a decoder, and ``catalog`` keeps the registry in step
+with the definition folders while the hub runs. The language is documented in docs/formats.md.
 """
 
 from hubd.vendor_formats.catalog import Catalog, Change

@@ -12,17 +12,17 @@ a vendor reading is judged exactly as a native one; tests hold the two to the sa
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, suppress
-from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
-from zoneinfo import ZoneInfo
 
 from hubd.auth.registry import ID_PATTERN
 from hubd.formats import Limits, derive_reactive_power
-from hubd.model import MAX_TIME_MS, MIN_TIME_MS, QUANTITIES, ErrorCode, HubError, Reading, parse_time
+from hubd.model import MAX_TIME_MS, MIN_TIME_MS, QUANTITIES, ErrorCode, HubError, Reading
 from hubd.vendor_formats.language import Factor, Number, ReadingSpec, Source, TimeSpec
+from hubd.vendor_formats.times import _epoch, _local, _rfc3339, _slow_time, hour_table, hourly, show
 
 RecordFunction = Callable[[Any, Any, dict[str, str], Limits], list[Reading | HubError]]
 
@@ -138,12 +138,10 @@ class _Parts:
             per_message = self._level(*_number_sources(number))
 
             def emit(var: str = var, number: Number = number, name: str = name, once: bool = per_message) -> None:
-                if once:  # in the preamble: computed and checked; stored per record
+                # Once in the preamble (kept in values per record), or per record in the shortest form that fits.
+                if once or not self._simple_json(number, var, name):
                     self._number(number, var, name)
-                    self._in_range(var, name, store=False)
-                elif not self._simple_json(number, var, name):
-                    self._number(number, var, name)
-                    self._in_range(var, name, store=name != "interval_s")
+                    self._in_range(var, name)
 
             self.parts.append((var, emit, per_message))
             if not per_message:
@@ -177,40 +175,63 @@ class _Parts:
             label = gen.const(factor.source.label, "label")
             self.access.fetch(gen, factor.source, raw)
             with gen.block("try:"):
-                gen.line(f"{var} = _ratio(_factor({raw}, {spec}, {label}, {name!r}))")
+                gen.line(f"{var}_m, {var}_d = _ratio(_factor({raw}, {spec}, {label}, {name!r}))")
                 gen.line(f"{var}_e = None")
             with gen.block("except HubError as exc:"):
-                gen.line(f"{var} = None")
+                gen.line(f"{var}_m = {var}_d = None")
                 gen.line(f"{var}_e = exc")
             self._factor_vars[id(factor)] = var
 
     def record(self) -> None:
         gen = self.gen
-        gen.line("values = {}")
         checked = False
-        for var, emit, per_message in self.parts:
+        for _, emit, per_message in self.parts:
             if per_message:
                 if not checked:  # where the first of them would be judged
                     with gen.block("if msg_e is not None:"):
                         gen.line("raise HubError(msg_e.code, msg_e.message)")
                     checked = True
-                if var.startswith("q_") and var != "q_interval_s":
-                    with gen.block(f"if {var} is not None:"):
-                        gen.line(f"values[{var[2:]!r}] = {var}")
             else:
                 emit()
-        quantities = self.spec.quantities
-        if "energy_interval_kwh" in quantities:
-            # The length of an interval whose energy is not available is dropped with it.
-            with gen.block("if q_energy_interval_kwh is not None:"):
-                with gen.block("if q_interval_s is None:"):
-                    gen.line("raise HubError(BAD, 'energy_interval_kwh and interval_s go together')")
-                gen.line("values['interval_s'] = q_interval_s")
-        with gen.block("if not values:"):
-            gen.line("continue  # every value 'not available': no reading")
-        if "power_kw" in quantities and "power_factor" in quantities:
+        self._values()
+        if "power_kw" in self.spec.quantities and "power_factor" in self.spec.quantities:
             gen.line("derive_reactive_power(values)")
-        gen.line("append(Reading(d, t, values, pw))")
+        if _SLOT_STORES:  # the dataclass __init__ costs a Python call per reading; its four stores do not
+            gen.line("rd = _new(Reading)")
+            for slot, var in zip(_READING_SLOTS, ("d", "t", "values", "pw"), strict=True):
+                gen.line(f"rd.{slot} = {var}")
+            gen.line("append(rd)")
+        else:
+            gen.line("append(Reading(d, t, values, pw))")
+
+    def _values(self) -> None:
+        """``values``, in the order check_reading keeps: one dict display when every value is there (the common
+        case), else only those that are; a record whose values are all 'not available' gives no reading."""
+        gen = self.gen
+        names = [name for name in self.spec.quantities if name != "interval_s"]
+        interval = "energy_interval_kwh" in self.spec.quantities
+        shown = [*names, "interval_s"] if interval else names
+        if len(shown) == 1:
+            with gen.block(f"if q_{shown[0]} is None:"):
+                gen.line("continue  # 'not available': no reading")
+            gen.line(f"values = {{{shown[0]!r}: q_{shown[0]}}}")
+            return
+        test = " and ".join(f"q_{name} is not None" for name in shown)
+        with gen.block(f"if {test}:"):
+            gen.line("values = {" + ", ".join(f"{name!r}: q_{name}" for name in shown) + "}")
+        with gen.block("else:"):
+            gen.line("values = {}")
+            for name in names:
+                with gen.block(f"if q_{name} is not None:"):
+                    gen.line(f"values[{name!r}] = q_{name}")
+            if interval:
+                # The length of an interval whose energy is not available is dropped with it.
+                with gen.block("if q_energy_interval_kwh is not None:"):
+                    with gen.block("if q_interval_s is None:"):
+                        gen.line("raise HubError(BAD, 'energy_interval_kwh and interval_s go together')")
+                    gen.line("values['interval_s'] = q_interval_s")
+            with gen.block("if not values:"):
+                gen.line("continue  # every value 'not available': no reading")
 
     # -- the parts ------------------------------------------------------------------------------------------------
 
@@ -256,22 +277,37 @@ class _Parts:
             return
         label = gen.const(spec.source.label, "label")
         self.access.fetch(gen, spec.source, "v")
-        with gen.block("if v is None:"):
+        # The common type first (an epoch number, a text), then a missing time, then anything else the long way.
+        if spec.kind in ("epoch_s", "epoch_ms"):
+            per_unit = 1000 if spec.kind == "epoch_s" else 1
+            test, fast = "v.__class__ is int", ["t = v * 1000" if per_unit == 1000 else "t = v"]
+            slow = f"t = _epoch(v, {per_unit}, {label})"
+        else:
+            test = "v.__class__ is str"
+            slow = f"t = {'_rfc3339' if spec.kind == 'rfc3339' else '_local'}(v, {label}, None, None)"
+            table = hour_table(_slow_time(spec), spec.format, spec.zone) if spec.kind == "local" else None
+            if table is None:
+                fast = [f"t = {gen.const(hourly(_slow_time(spec), spec.format), 'time')}(v)"]
+            else:  # the text's hour plus its minutes and seconds: two lookups (see HourTable)
+                hours, tails = gen.const(table.hours.get, "hours"), gen.const(table.tails.get, "tails")
+                parse = gen.const(table.parse, "time")
+                fast = [
+                    f"t = {hours}(v[:{table.cut}])",
+                    f"ms = {tails}(v[{table.cut}:])",
+                    f"t = {parse}(v) if t is None or ms is None else t + ms",
+                ]
+        shift = [f"t += {spec.shift_ms}"] if spec.shift_ms else []
+        with gen.block(f"if {test}:"):
+            for line in fast + shift:
+                gen.line(line)
+        with gen.block("elif v is None:"):
             if spec.default_now:
                 gen.line("t = now")
             else:
                 gen.line(f"raise HubError(BAD, 'measured_at is missing (' + {label} + ')')")
         with gen.block("else:"):
-            if spec.kind == "epoch_s":
-                gen.line(f"t = v * 1000 if v.__class__ is int else _epoch(v, 1000, {label})")
-            elif spec.kind == "epoch_ms":
-                gen.line(f"t = v if v.__class__ is int else _epoch(v, 1, {label})")
-            else:
-                parse = gen.const(hourly(_slow_time(spec), spec.format), "time")
-                slow = "_rfc3339" if spec.kind == "rfc3339" else "_local"
-                gen.line(f"t = {parse}(v) if v.__class__ is str else {slow}(v, {label}, None, None)")
-            if spec.shift_ms:
-                gen.line(f"t += {spec.shift_ms}")
+            for line in [slow, *shift]:
+                gen.line(line)
         with gen.block(f"if not {MIN_TIME_MS} <= t <= horizon:"):
             gen.line("raise HubError(BAD, _bad_time(t, limits))")
 
@@ -318,7 +354,10 @@ class _Parts:
         with gen.block(f"if {raw} is None:"):
             gen.line(f"{var} = None")
         with gen.block("else:"):
-            gen.line(f"{var} = {raw} {_scaled(number.factor)}")
+            if number.factor == 1.0 and number.factors and id(number.factors[0]) in self._factor_vars:
+                gen.line(f"{var} = {raw}")  # the factor the message states makes it a float
+            else:
+                gen.line(f"{var} = {raw} {_scaled(number.factor)}")
             for factor in number.factors:
                 self._factor(factor, var, what)
             if number.minus is not None:
@@ -329,22 +368,17 @@ class _Parts:
                 with gen.block("else:"):
                     gen.line(f"{var} = {var} - {other}")
 
-    def _in_range(self, var: str, name: str, store: bool) -> None:
-        """The native rule: finite (x - x is 0 only for finite x) and within the quantity's bounds; then kept."""
-        gen = self.gen
-        with gen.block(f"if {var} is not None:"):
+    def _in_range(self, var: str, name: str) -> None:
+        """The native rule: finite and within the quantity's bounds."""
+        with self.gen.block(f"if {var} is not None:"):
             self._check(var, name)
-            if store:
-                gen.line(f"values[{name!r}] = {var}")
 
     def _check(self, var: str, name: str) -> None:
+        """One chained comparison: false for a value outside the bounds, and for NaN and ±inf (1e999 is inf)."""
         low, high = QUANTITIES[name]
-        test = f"{var} - {var} != 0.0"
-        if low is not None:
-            test += f" or {var} < {float(low)!r}"
-        if high is not None:
-            test += f" or {var} > {float(high)!r}"
-        with self.gen.block(f"if {test}:"):
+        above = f"{float(low)!r} <=" if low is not None else "-1e999 <"
+        below = f"<= {float(high)!r}" if high is not None else "< 1e999"
+        with self.gen.block(f"if not {above} {var} {below}:"):
             self.gen.line(f"raise HubError(BAD, _bad_number({name!r}, {var}))")
 
     def _simple_json(self, number: Number, var: str, name: str) -> bool:
@@ -352,18 +386,33 @@ class _Parts:
         constant factor, and for a field its sentinels and valid range."""
         if number.source.kind in ("field", "epc") and not number.minus:
             return self._simple_field(number, var, name)
-        if self.access.raw != "json" or number.sentinels or number.valid or number.factors or number.minus:
+        once = [self._factor_vars.get(id(factor)) for factor in number.factors]
+        if self.access.raw != "json" or number.sentinels or number.valid or None in once or number.minus:
             return False
         gen = self.gen
         raw = gen.local("v")
         label = gen.const(number.source.label, "label")
         gen.line(f"{var} = None")
         self.access.fetch(gen, number.source, raw)
-        with gen.block(f"if {raw}.__class__ is float or {raw}.__class__ is int:"):
-            gen.line(f"{var} = {raw} {_scaled(number.factor)}")
-            self._check(var, name)
-            if name != "interval_s":
-                gen.line(f"values[{name!r}] = {var}")
+        # A factor the message states (a unit) is known by now; one that failed refuses each value.
+        scaled = f"{raw} {_scaled(number.factor)}" if not once or number.factor != 1.0 else raw
+        scaled += "".join(f" * {factor}_m / {factor}_d" for factor in once)
+        # A JSON integer is below 2**64 (the parsers make bigger ones floats), so times a constant factor it is
+        # finite, and only bounds, if the quantity has any, are checked. A float may be NaN or ±inf.
+        exact = not once and abs(number.factor) <= 1e250 and QUANTITIES[name] == (None, None)
+        branches = (
+            [f"{raw}.__class__ is int", f"{raw}.__class__ is float"]
+            if exact
+            else [f"{raw}.__class__ is float or {raw}.__class__ is int"]
+        )
+        for index, test in enumerate(branches):
+            with gen.block(("if " if index == 0 else "elif ") + test + ":"):
+                for factor in once:
+                    with gen.block(f"if {factor}_e is not None:"):
+                        gen.line(f"raise HubError(BAD, {factor}_e.message)")
+                gen.line(f"{var} = {scaled}")
+                if not (exact and index == 0):
+                    self._check(var, name)
         with gen.block(f"elif {raw} is not None:"):
             gen.line(f"raise HubError(BAD, _not_a_number({name!r}, {label}, {raw}))")
         return True
@@ -383,8 +432,6 @@ class _Parts:
             for factor in number.factors:
                 self._factor(factor, var, gen.const(name, "name"))
             self._check(var, name)
-            if name != "interval_s":
-                gen.line(f"values[{name!r}] = {var}")
         return True
 
     def _factor(self, factor: Factor, var: str, what: str) -> None:
@@ -393,7 +440,7 @@ class _Parts:
         if once is not None:
             with gen.block(f"if {once}_e is not None:"):
                 gen.line(f"raise HubError(BAD, {once}_e.message)")
-            gen.line(f"{var} = {var} * {once}[0] / {once}[1]")
+            gen.line(f"{var} = {var} * {once}_m / {once}_d")
             return
         raw = gen.local("f")
         spec = gen.const(factor, "factor")
@@ -443,18 +490,10 @@ def _number_sources(number: Number) -> list[Source]:
 # -- what the generated code calls ------------------------------------------------------------------------------------
 
 BAD = ErrorCode.BAD_REQUEST
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_EPOCH_NAIVE = datetime(1970, 1, 1)
-_MS = timedelta(milliseconds=1)
-
-
-def _show(value: Any) -> str:
-    shown = repr(value)
-    return shown if len(shown) <= 40 else shown[:37] + "..."
 
 
 def _not_a_number(name: str, label: str, value: Any) -> str:
-    return f"{name}: {label} is {_show(value)}, not a number"
+    return f"{name}: {label} is {show(value)}, not a number"
 
 
 def _bad_number(name: str, value: float) -> str:
@@ -468,7 +507,7 @@ def _bad_number(name: str, value: float) -> str:
 def _unmapped(value: Any, label: str, where: str) -> str:
     if value is None:
         return f"der_id: {label} is missing"
-    return f"der_id: {label} {_show(value)} is not in {where}"
+    return f"der_id: {label} {show(value)} is not in {where}"
 
 
 def _bad_time(t: int, limits: Limits) -> str:
@@ -507,207 +546,6 @@ def _text(value: bytes, what: str, label: str) -> str:
         raise HubError(BAD, f"{what}: {label} is not ASCII text") from None
 
 
-def _epoch(value: Any, per_unit: int, label: str) -> int:
-    """Epoch seconds (per_unit 1000) or milliseconds (1) as a number or a numeric string."""
-    if value.__class__ is str:
-        try:
-            value = float(value)
-        except ValueError:
-            value = None
-    if value.__class__ is int:
-        return int(value * per_unit)
-    if value.__class__ is float and math.isfinite(value) and abs(value) < 1e17:
-        return round(value * per_unit)
-    unit = "seconds" if per_unit == 1000 else "milliseconds"
-    raise HubError(BAD, f"measured_at: {label} is {_show(value)}, not epoch {unit}")
-
-
-def _rfc3339(value: Any, label: str, _zone: None, _fmt: None) -> int:
-    """RFC 3339 with an offset, or epoch milliseconds (also as digits: a user property is always text)."""
-    if value.__class__ is str:
-        if value.lstrip("-").isdigit() and len(value) < 20:
-            value = int(value)
-        else:
-            try:  # the common case, at a third of parse_time's cost; anything unusual goes the long way
-                moment = datetime.fromisoformat(value)
-                if moment.tzinfo is not None and 1000 <= moment.year < 9999:
-                    return int(moment.timestamp() * 1000)
-            except ValueError:
-                pass
-    if isinstance(value, bytes | bool) or not isinstance(value, str | int | float):
-        raise HubError(BAD, f"measured_at: {label} is {_show(value)}, not an RFC 3339 time")
-    try:
-        return parse_time(value, "measured_at")
-    except HubError as exc:
-        raise HubError(BAD, f"{exc.message} ({label})") from None
-
-
-def _local(value: Any, label: str, zone: ZoneInfo | None, fmt: str | None) -> int:
-    """A vendor's local time in the zone the definition states; an offset in the text wins over the zone.
-
-    An ambiguous time (the hour repeated when daylight saving ends) is taken as its first occurrence.
-    """
-    if value.__class__ is not str:
-        raise HubError(BAD, f"measured_at: {label} is {_show(value)}, not a local time")
-    try:
-        moment = datetime.fromisoformat(value) if fmt is None else datetime.strptime(value, fmt)
-    except ValueError:
-        like = "YYYY-MM-DD hh:mm:ss" if fmt is None else fmt
-        raise HubError(BAD, f"measured_at: {label} is {_show(value)}, not a time like {like}") from None
-    try:
-        if moment.tzinfo is None:  # wall time in the zone: three times faster than attaching the zone
-            assert zone is not None
-            offset = zone.utcoffset(moment)
-            assert offset is not None
-            return (moment - _EPOCH_NAIVE - offset) // _MS
-        return (moment - _EPOCH) // _MS
-    except OverflowError:
-        raise HubError(BAD, "measured_at is out of range: the hub takes the years 1000 to 9998") from None
-
-
-def _slow_time(spec: TimeSpec) -> Callable[[str], int]:
-    assert spec.source is not None
-    label, zone, fmt = spec.source.label, spec.zone, spec.format
-    if spec.kind == "rfc3339":
-
-        def rfc3339(text: str) -> int:
-            return _rfc3339(text, label, None, None)
-
-        return rfc3339
-    assert zone is not None
-
-    def local(text: str) -> int:
-        return _local(text, label, zone, fmt)
-
-    return local
-
-
-def hourly(slow: Callable[[str], int], fmt: str | None) -> Callable[[str], int]:
-    """``slow`` made fast for the times of a series: they share their hour and differ in minutes and seconds.
-
-    The epoch milliseconds of each hour (a text's prefix up to the minutes, with what follows the seconds, such
-    as an offset) are computed once by ``slow`` and kept, provided its offset is the same at :00:00 and at
-    :59:59 (an hour with a daylight-saving change, or a text the cache does not fit, goes to ``slow`` every
-    time). A time is then that hour plus its minutes and seconds, with the same result as ``slow``. ``fmt``:
-    None for ISO-like texts (2026-11-27 09:15:00, ...T09:15:00+09:00), or a strptime format that ends with
-    %H<sep>%M[<sep>%S] after fixed-width %Y %m %d %H fields.
-    """
-    if fmt is None:  # ISO-like: minutes at 14, seconds at 17; what follows the seconds (an offset) is kept
-        minute_at, second_at, width = 14, 17, 19
-    else:
-        layout = _fixed_layout(fmt)
-        if layout is None:
-            return slow
-        minute_at, second_at, width = layout
-    cache: dict[str, int | None] = {}
-    minute_end, second_end = minute_at + 2, second_at + 2
-    get = cache.get
-
-    def fill(text: str) -> int:
-        """A text whose hour is not in the cache: its hour is computed once (or found unfit), then the text."""
-        if (
-            len(text) >= width
-            and (fmt is not None or (text[13] == ":" and text[16] == ":"))
-            and (fmt is None or len(text) == width)
-            and text[minute_at:minute_end] in _MINUTES
-            and (not second_at or text[second_at:second_end] in _SECONDS)
-        ):
-            key = _key(text, minute_at, second_at, width)
-            if key not in cache:
-                if len(cache) >= 4096:
-                    cache.clear()
-                cache[key] = _hour_of(slow, text, minute_at, second_at)
-        return slow(text)
-
-    if fmt is None:
-
-        def parse(text: str) -> int:
-            minutes = _MINUTES.get(text[14:16])
-            seconds = _SECONDS.get(text[17:19])
-            if minutes is not None and seconds is not None and text[13] == ":" and text[16] == ":":
-                base = get(text[:14] + text[16:17] + text[19:])
-                if base is not None:
-                    return base + minutes + seconds
-            return fill(text)
-
-    elif second_at:
-
-        def parse(text: str) -> int:
-            minutes = _MINUTES.get(text[minute_at:minute_end])
-            seconds = _SECONDS.get(text[second_at:second_end])
-            if minutes is not None and seconds is not None and len(text) == width:
-                base = get(text[:minute_at] + text[minute_end:second_at])
-                if base is not None:
-                    return base + minutes + seconds
-            return fill(text)
-
-    else:
-
-        def parse(text: str) -> int:
-            minutes = _MINUTES.get(text[minute_at:minute_end])
-            if minutes is not None and len(text) == width:
-                base = get(text[:minute_at])
-                if base is not None:
-                    return base + minutes
-            return fill(text)
-
-    return parse
-
-
-# "00".."59" -> milliseconds: one lookup checks two ASCII digits below 60 and gives their value.
-_MINUTES = {f"{n:02d}": n * 60_000 for n in range(60)}
-_SECONDS = {f"{n:02d}": n * 1000 for n in range(60)}
-
-
-def _key(text: str, minute_at: int, second_at: int, width: int) -> str:
-    """A text without its minutes and seconds: the same for every time of one hour."""
-    if not second_at:
-        return text[:minute_at] + text[width:]
-    return text[:minute_at] + text[minute_at + 2 : second_at] + text[width:]
-
-
-def _hour_of(slow: Callable[[str], int], text: str, minute_at: int, second_at: int) -> int | None:
-    """The epoch ms of ``text``'s hour at :00:00, or None if the offset changes within it (or it is no time)."""
-
-    def at(minutes: str, seconds: str) -> str:
-        if not second_at:
-            return text[:minute_at] + minutes + text[minute_at + 2 :]
-        return text[:minute_at] + minutes + text[minute_at + 2 : second_at] + seconds + text[second_at + 2 :]
-
-    try:
-        start, end = slow(at("00", "00")), slow(at("59", "59" if second_at else "00"))
-    except HubError:
-        return None
-    return start if end - start == (3_599_000 if second_at else 3_540_000) else None
-
-
-def _fixed_layout(fmt: str) -> tuple[int, int, int] | None:
-    """(minute position, second position or 0, width) of a fixed-width format ending in %M or %M<sep>%S."""
-    widths = {"Y": 4, "m": 2, "d": 2, "H": 2, "M": 2, "S": 2}
-    position, index, found = 0, 0, {}
-    while index < len(fmt):
-        if fmt[index] == "%":
-            if index + 1 >= len(fmt) or fmt[index + 1] not in widths or fmt[index + 1] in found:
-                return None
-            found[fmt[index + 1]] = position
-            position += widths[fmt[index + 1]]
-            index += 2
-        else:
-            if fmt[index].isdigit() or (fmt[index].isspace() and fmt[index] != " "):
-                return None
-            position += 1
-            index += 1
-    if set(found) not in ({"Y", "m", "d", "H", "M"}, {"Y", "m", "d", "H", "M", "S"}):
-        return None
-    minute_at, second_at = found["M"], found.get("S", 0)
-    last = (second_at or minute_at) + 2
-    if last != position or any(found[k] > minute_at for k in "YmdH") or (second_at and second_at < minute_at):
-        return None
-    if second_at and not fmt[fmt.index("%M") + 2 : fmt.index("%S")].strip():
-        return None  # whitespace between the minutes and seconds: strptime takes runs of it, positions would move
-    return minute_at, second_at, position
-
-
 def _factor(raw: Any, factor: Factor, label: str, name: str) -> float:
     """One factor from the payload: the value, its row in the table, or 10 to its power."""
     if raw is None:
@@ -717,20 +555,20 @@ def _factor(raw: Any, factor: Factor, label: str, name: str) -> float:
     if factor.table is not None:
         found = factor.table.get(raw.strip() if raw.__class__ is str else raw) if raw.__class__ in SCALARS else None
         if found is None:
-            raise HubError(BAD, f"{name}: {label} {_show(raw)} is not one of {', '.join(map(str, factor.table))}")
+            raise HubError(BAD, f"{name}: {label} {show(raw)} is not one of {', '.join(map(str, factor.table))}")
         return found
     if raw.__class__ is str:
         with suppress(ValueError):
             raw = float(raw)
     if (raw.__class__ is not int and raw.__class__ is not float) or not math.isfinite(raw):
-        raise HubError(BAD, f"{name}: its scale {label} is {_show(raw)}, not a number")
+        raise HubError(BAD, f"{name}: its scale {label} is {show(raw)}, not a number")
     if factor.valid is not None and not factor.valid[0] <= raw <= factor.valid[1]:
         if factor.default is None:
-            raise HubError(BAD, f"{name}: its scale {label} {_show(raw)} is outside {list(factor.valid)}")
+            raise HubError(BAD, f"{name}: its scale {label} {show(raw)} is outside {list(factor.valid)}")
         return factor.default
     if factor.pow10:
         if not -30 <= raw <= 30 or raw != int(raw):
-            raise HubError(BAD, f"{name}: its scale {label} {_show(raw)} is no power of ten the hub takes")
+            raise HubError(BAD, f"{name}: its scale {label} {show(raw)} is no power of ten the hub takes")
         return float(10.0 ** int(raw))
     return float(raw)
 
@@ -747,10 +585,20 @@ def _ratio(factor: float) -> tuple[float, float]:
     return float(factor), 1.0
 
 
+# A Reading made without its dataclass __init__ (a Python call per reading): the object, then its four fields
+# stored. Only while Reading is the plain slotted dataclass of these four fields; else Reading(...) is called.
+_READING_SLOTS = ("der_id", "measured_at", "values", "password")
+_SLOT_STORES = (
+    tuple(f.name for f in dataclasses.fields(Reading)) == _READING_SLOTS
+    and getattr(Reading, "__slots__", None) == _READING_SLOTS
+    and not hasattr(Reading, "__post_init__")
+)
+
 _POW10 = {exponent: _ratio(10.0**exponent) for exponent in range(-30, 31)}
 _RUNTIME: dict[str, Any] = {
     "HubError": HubError,
     "Reading": Reading,
+    "_new": Reading.__new__,
     "BAD": BAD,
     "DECODE": ErrorCode.DECODE_ERROR,
     "UNKNOWN_DER": ErrorCode.UNKNOWN_DER,

@@ -9,6 +9,7 @@ import struct
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
+from operator import itemgetter
 from typing import Any
 
 import orjson
@@ -110,6 +111,7 @@ class JsonAccess(_Access):
             else:
                 self.segments[-1].append(step)
         self.needs_object = False
+        self.record_keys: list[str] = []  # the keys a record's values are read from (their paths' first steps)
 
     def parse_path(self, ctx: Context, where: str, raw: Any) -> tuple[JsonPath, str]:
         path = parse_json_path(ctx, where, raw)
@@ -122,6 +124,8 @@ class JsonAccess(_Access):
                 )
         if not path.absolute:
             self.needs_object = True
+            if path.steps and path.steps[0][0] == "key" and path.steps[0][1] not in self.record_keys:
+                self.record_keys.append(path.steps[0][1])
         return path, path.text
 
     @staticmethod
@@ -143,7 +147,12 @@ class JsonAccess(_Access):
     def fetch_field(self, gen: Gen, source: Source, var: str) -> None:
         path: JsonPath = source.ref
         if not path.absolute:
-            self._walk(gen, "rec", list(path.steps), var, known_dict=True)
+            if len(self.record_keys) > 1 and path.steps and path.steps[0][0] == "key":  # read by check_record
+                gen.line(f"{var} = p{self.record_keys.index(path.steps[0][1])}")
+                if len(path.steps) > 1:
+                    self._walk(gen, var, list(path.steps[1:]), var)
+            else:
+                self._walk(gen, "rec", list(path.steps), var, known_dict=True)
             return
         eaches = [i for i, (kind, _) in enumerate(path.steps) if kind == "each"]
         if not eaches:
@@ -195,6 +204,14 @@ class JsonAccess(_Access):
         if self.needs_object:
             with gen.block("if rec.__class__ is not dict:"):
                 gen.line("raise HubError(BAD, 'the record is not a JSON object')")
+        keys = self.record_keys
+        if len(keys) > 1:  # one call reads them all; a record without one of them, one lookup each
+            names = ", ".join(f"p{index}" for index in range(len(keys)))
+            with gen.block("try:"):
+                gen.line(f"{names} = {gen.const(itemgetter(*keys), 'keys')}(rec)")
+            with gen.block("except KeyError:"):
+                for index, key in enumerate(keys):
+                    gen.line(f"p{index} = rec.get({key!r})")
 
     def _text(self, eaches: int) -> str:
         """The records path up to its ``eaches``-th [*] (without it)."""
