@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import time
@@ -152,16 +153,16 @@ def test_a_bug_in_the_hub_is_answered_internal_kept_and_acknowledged(hub: Runnin
     from hubd.ingest import Ingest
 
     pv = hub.register("PV-0004")
-    real = Ingest._authenticate
+    real = Ingest._precheck
     calls = {"n": 0}
 
-    async def failing_once(self: Ingest, *args: Any) -> Any:
+    def failing_once(self: Ingest, *args: Any) -> Any:
         calls["n"] += 1
         if calls["n"] == 1:
             raise RuntimeError("a bug")
-        return await real(self, *args)
+        return real(self, *args)
 
-    monkeypatch.setattr(Ingest, "_authenticate", failing_once)
+    monkeypatch.setattr(Ingest, "_precheck", failing_once)
     body = {"readings": [reading("PV-0004", pv, "2026-11-27T02:00:00Z")]}
     answer = hub.rr("hub/v1/data", body)
     assert answer["ok"] is False and answer["error"]["code"] == "internal"
@@ -170,3 +171,40 @@ def test_a_bug_in_the_hub_is_answered_internal_kept_and_acknowledged(hub: Runnin
     hub.restart()  # acknowledged: the broker does not deliver the failed message again
     records = audit_trail.tail(hub.config.audit_path, 1000, event="data.quarantined")
     assert [r["outcome"] for r in records] == ["internal"]
+
+
+def test_messages_taken_in_together_fail_one_by_one(hub: RunningHub, monkeypatch: Any) -> None:
+    """Messages of one loop turn are checked and committed as a group; a bug on one leaves the others stored."""
+    from hubd.ingest import Ingest
+
+    pv = hub.register("PV-0005")
+    real_precheck, real_many = Ingest._precheck, Ingest._handle_many
+    groups: list[int] = []
+
+    def failing_for_one_source(self: Ingest, decoded: Any) -> Any:
+        if decoded.source_id == "edge-bug":
+            raise RuntimeError("a bug")
+        return real_precheck(self, decoded)
+
+    async def recording(self: Ingest, raws: list[Any]) -> Any:
+        groups.append(len(raws))
+        return await real_many(self, raws)
+
+    monkeypatch.setattr(Ingest, "_precheck", failing_for_one_source)
+    monkeypatch.setattr(Ingest, "_handle_many", recording)
+    messages = [
+        {"source_id": source, "readings": [reading("PV-0005", pv, f"2026-11-27T03:0{minute}:00Z")]}
+        for minute, source in enumerate(("edge-a", "edge-bug", "edge-b"))
+    ]
+    assert hub._hub is not None and hub._loop is not None
+    on_message = hub._hub.on_message
+
+    async def together() -> None:
+        await asyncio.gather(*(on_message("hub/v1/data", json.dumps(m).encode(), {}) for m in messages))
+
+    asyncio.run_coroutine_threadsafe(together(), hub._loop).result(10)
+    assert groups == [3]
+    rows = query(hub, hub.consumer(), der_ids=["PV-0005"])["rows"]
+    assert [r["measured_at"] for r in rows] == ["2026-11-27T03:00:00.000Z", "2026-11-27T03:02:00.000Z"]
+    kept = audit_trail.tail(hub.config.audit_path, 1000, event="data.quarantined")
+    assert [(r["outcome"], r["source_id"]) for r in kept] == [("internal", "unknown")]

@@ -21,12 +21,21 @@ _LISTED_DERS = 200  # an audit record lists the DER ids up to this many, else gi
 
 
 @dataclass(slots=True)
-class _Pending:
+class Write:
+    """One message's readings for the store, and what the audit says of them."""
+
     source_id: str
     rows: Rows
-    count: int  # readings in rows
     der_ids: set[str]
-    offered: int
+    offered: int  # readings the message had, refused ones included
+
+
+@dataclass(slots=True)
+class _Pending:
+    """Messages committed together and told together: a group is never split between two commits."""
+
+    writes: list[Write]
+    count: int  # readings in all their rows
     done: asyncio.Future[None]
 
 
@@ -57,9 +66,9 @@ class BatchWriter:
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="hubd-store-writer")
 
-    async def write(self, source_id: str, rows: Rows, der_ids: set[str], offered: int) -> None:
-        """Return once ``rows`` (of the DERs ``der_ids``) are committed; raise HubError(unavailable) if the
-        store failed. ``offered`` is how many readings the message had, refused ones included (for the audit)."""
+    async def write(self, writes: list[Write]) -> None:
+        """Return once the readings of ``writes`` are committed (in one transaction); raise
+        HubError(unavailable) if the store failed."""
         if self._closing:
             raise HubError(ErrorCode.UNAVAILABLE, "the hub is shutting down")
         loop = asyncio.get_running_loop()
@@ -68,8 +77,8 @@ class BatchWriter:
             self._room.append(room)
             await room
         done: asyncio.Future[None] = loop.create_future()
-        count = sum(len(run) for _, run in rows)
-        self._queue.append(_Pending(source_id, rows, count, der_ids, offered, done))
+        count = sum(len(run) for w in writes for _, run in w.rows)
+        self._queue.append(_Pending(writes, count, done))
         self._wake.set()
         await done
 
@@ -89,7 +98,7 @@ class BatchWriter:
                     room = self._room.popleft()
                     if not room.done():  # a waiter cancelled meanwhile
                         room.set_result(None)
-                rows: Rows = [run for p in batch for run in p.rows]
+                rows: Rows = [run for p in batch for w in p.writes for run in w.rows]
                 try:
                     await loop.run_in_executor(self._thread, self._store.write_rows, rows, now_ms())
                 except Exception as exc:
@@ -109,7 +118,7 @@ class BatchWriter:
                 return
 
     def _take(self) -> list[_Pending]:
-        """Up to ``max_readings`` readings' worth of messages (always at least one message)."""
+        """Up to ``max_readings`` readings' worth of messages (always at least one group)."""
         batch = [self._queue.popleft()]
         count = batch[0].count
         while self._queue and count + self._queue[0].count <= self._max:
@@ -120,12 +129,12 @@ class BatchWriter:
 
     def _audit_batch(self, batch: list[_Pending]) -> None:
         tallies: dict[str, _SourceTally] = defaultdict(_SourceTally)
-        for p in batch:
-            tally = tallies[p.source_id]
+        for w in (w for p in batch for w in p.writes):
+            tally = tallies[w.source_id]
             tally.messages += 1
-            tally.offered += p.offered
-            tally.readings += p.count
-            tally.der_ids |= p.der_ids
+            tally.offered += w.offered
+            tally.readings += sum(len(run) for _, run in w.rows)
+            tally.der_ids |= w.der_ids
         for source_id, tally in tallies.items():
             listed = sorted(tally.der_ids) if len(tally.der_ids) <= _LISTED_DERS else None
             count = len(tally.der_ids)
