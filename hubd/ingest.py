@@ -28,6 +28,11 @@ Answer = tuple[dict[str, Any], Decoded | None]  # the answer, and what was decod
 _NO_ANSWER = HubError(ErrorCode.INTERNAL, "no answer was made for this message")  # a bug if ever seen
 
 
+# A message whose readings wait for the group's commit: its index in the group, the message, what was
+# decoded, its rows, and its refused readings for the answer.
+_ToCommit = tuple[int, RawMessage, Decoded, Write, list[dict[str, Any]]]
+
+
 @dataclass(slots=True)
 class _Checked:
     """A decoded message, its readings split by what memory knows of their credentials."""
@@ -101,8 +106,9 @@ class Ingest:
                 done.set_result(result)
 
     async def _handle_many(self, raws: list[RawMessage]) -> list[Answer | BaseException]:
+        """Each message's answer, or the exception a bug of the hub's raised on it (that message's alone)."""
         results: list[Answer | BaseException] = [_NO_ANSWER] * len(raws)
-        writes: list[tuple[int, RawMessage, Decoded, Write, list[dict[str, Any]]]] = []
+        writes: list[_ToCommit] = []
         slow: list[Awaitable[None]] = []
         for index, raw in enumerate(raws):
             try:
@@ -133,7 +139,7 @@ class Ingest:
         """A message with credentials only bcrypt can judge: checked and committed on its own."""
         try:
             await self._check_slow(checked.slow, checked.good, checked.refused)
-            writes: list[tuple[int, RawMessage, Decoded, Write, list[dict[str, Any]]]] = []
+            writes: list[_ToCommit] = []
             self._finish(index, checked, results, writes)
             self._audit.flush()
             await self._commit(writes, results)
@@ -145,7 +151,7 @@ class Ingest:
         index: int,
         checked: _Checked,
         results: list[Answer | BaseException],
-        writes: list[tuple[int, RawMessage, Decoded, Write, list[dict[str, Any]]]],
+        writes: list[_ToCommit],
     ) -> None:
         """Audit the refusals; answer a message with nothing to store, or add its rows to ``writes``."""
         raw, decoded, source_id, good = checked.raw, checked.decoded, checked.source_id, checked.good
@@ -172,7 +178,7 @@ class Ingest:
 
     async def _commit(
         self,
-        writes: list[tuple[int, RawMessage, Decoded, Write, list[dict[str, Any]]]],
+        writes: list[_ToCommit],
         results: list[Answer | BaseException],
     ) -> None:
         """Commit the messages' readings together, then answer each; if the store fails, keep each whole."""
