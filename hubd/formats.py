@@ -223,12 +223,14 @@ def derive_reactive_power(values: dict[str, float]) -> None:
     Q = P·tan(arccos|pf|); a negative power factor (leading, capacitive) gives a negative Q. A power
     factor of 0 says nothing about P, so nothing is derived.
     """
-    if "reactive_power_kvar" in values or "power_kw" not in values or "power_factor" not in values:
+    pf = values.get("power_factor")
+    power = values.get("power_kw")
+    if pf is None or pf == 0 or power is None or "reactive_power_kvar" in values:
         return
-    pf = values["power_factor"]
-    if pf == 0:
-        return
-    q = abs(values["power_kw"]) * math.tan(math.acos(min(abs(pf), 1.0)))
+    magnitude = abs(pf)
+    if magnitude > 1.0:  # min(abs(pf), 1.0), without min(): the call costs more than the trigonometry
+        magnitude = 1.0
+    q = abs(power) * math.tan(math.acos(magnitude))
     values["reactive_power_kvar"] = q if pf > 0 else -q
 
 
