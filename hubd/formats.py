@@ -337,31 +337,46 @@ def _decode_fast(payload: bytes, limits: Limits) -> Decoded | None:
 
 
 def _fast_readings(readings: list[Any], latest_ms: int) -> list[Reading | HubError] | None:
-    """The readings msgspec decoded, checked for what it cannot check; None at the first that fails."""
+    """The readings msgspec decoded, checked for what it cannot check; None if one fails.
+
+    The hub's hottest loop: it keeps to the fewest Python steps per reading, so derive_reactive_power's
+    arithmetic is written out here (without its clamp of ``|pf|`` to 1, which msgspec has checked).
+    """
     items: list[Reading | HubError] = []
-    for values in msgspec.to_builtins(readings):
+    append = items.append
+    times, valid_ids, tan, acos = _TIMES, _VALID_IDS, math.tan, math.acos
+    for values in msgspec.to_builtins(readings):  # a dict per reading, without its absent quantities
         der_id = values.pop("der_id")
-        if der_id not in _VALID_IDS:
-            if not ID_PATTERN.match(der_id):
-                return None
-            _remember_id(der_id)
         password = values.pop("password")
         stated = values.pop("measured_at")
-        measured_at = _TIMES.get(stated)  # None for an int: only strings are kept
+        measured_at = times.get(stated)  # None for an int: only strings are kept
         if measured_at is None:
             measured_at = _fast_time(stated)
         if (
-            not password
+            (der_id not in valid_ids and not _fast_id(der_id))
+            or not password
             or measured_at is None
             or measured_at > latest_ms
-            or not values
+            or not values  # no quantity
             or ("energy_interval_kwh" in values) != ("interval_s" in values)
         ):
             return None
-        if "power_factor" in values:
-            derive_reactive_power(values)
-        items.append(Reading(der_id, measured_at, values, password))
+        pf = values.get("power_factor")
+        if pf:  # as derive_reactive_power: not for a power factor of 0, nor over a sent reactive power
+            power = values.get("power_kw")
+            if power is not None and "reactive_power_kvar" not in values:
+                q = abs(power) * tan(acos(abs(pf)))
+                values["reactive_power_kvar"] = q if pf > 0 else -q
+        append(Reading(der_id, measured_at, values, password))
     return items
+
+
+def _fast_id(der_id: str) -> bool:
+    """Whether a DER id not seen before is well-formed, remembering it if so."""
+    if not ID_PATTERN.match(der_id):
+        return False
+    _remember_id(der_id)
+    return True
 
 
 def _fast_time(stated: str | int) -> int | None:
