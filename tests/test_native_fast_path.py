@@ -3,7 +3,8 @@
 Hypothesis writes hub.v1-like JSON text by hand, so that it can hold what a JSON library would not write:
 NaN and Infinity, lone surrogates, invalid UTF-8, duplicate keys, integers past 64 bits and numbers in
 every spelling. Each payload goes to both paths; whenever the fast path takes a message, its result must be
-the slow path's, value for value and type for type.
+the slow path's, value for value and type for type. A reading's values are compared as a mapping: the fast
+path lists them in the order of QUANTITIES, the slow path in the sender's (the store takes them by name).
 """
 
 from __future__ import annotations
@@ -47,9 +48,7 @@ def dump(value: Any) -> bytes:
         return b"{" + b",".join(dump(key) + b":" + dump(item) for key, item in value.pairs) + b"}"
     if isinstance(value, list):
         return b"[" + b",".join(dump(item) for item in value) + b"]"
-    if isinstance(value, str):
-        return json.dumps(value).encode()  # lone surrogates come out as \ud800 escapes
-    return json.dumps(value).encode()
+    return json.dumps(value).encode()  # a lone surrogate in a string comes out as a \ud800 escape
 
 
 def number_texts(value: float) -> list[bytes]:
@@ -194,6 +193,7 @@ def outcome(decode: Any, payload: bytes, limits: Limits) -> Any:
 
 
 def described(decoded: Decoded) -> Any:
+    """A decoded message as plain data: floats by repr (so -0.0 is not 0.0), every value with its type."""
     items = []
     for item in decoded.items:
         if isinstance(item, HubError):
