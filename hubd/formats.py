@@ -15,7 +15,7 @@ import math
 import re
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Annotated, Any
 
 import msgspec
@@ -308,6 +308,14 @@ _FastMessage = msgspec.defstruct(
     gc=False,
 )
 _FAST_DECODER = msgspec.json.Decoder(_FastMessage)
+# Whether a Reading can be made as its object and then its four fields stored, as its __init__ does: only while
+# Reading is the plain slotted dataclass of these four fields, without __post_init__.
+_READING_FIELDS = ("der_id", "measured_at", "values", "password")
+_STORE_SLOTS = (
+    tuple(item.name for item in fields(Reading)) == _READING_FIELDS
+    and getattr(Reading, "__slots__", None) == _READING_FIELDS
+    and not hasattr(Reading, "__post_init__")
+)
 # request_id ints the slow path keeps as ints; orjson reads wider ones as floats (and reply_fields drops those).
 _INT_IDS = range(-(2**63), 2**64)
 
@@ -340,11 +348,13 @@ def _fast_readings(readings: list[Any], latest_ms: int) -> list[Reading | HubErr
     """The readings msgspec decoded, checked for what it cannot check; None if one fails.
 
     The hub's hottest loop: it keeps to the fewest Python steps per reading, so derive_reactive_power's
-    arithmetic is written out here (without its clamp of ``|pf|`` to 1, which msgspec has checked).
+    arithmetic is written out here (without its clamp of ``|pf|`` to 1, which msgspec has checked), and a
+    Reading is made without the Python call of its dataclass ``__init__`` where that is the same (_STORE_SLOTS).
     """
     items: list[Reading | HubError] = []
     append = items.append
-    times, valid_ids, tan, acos = _TIMES, _VALID_IDS, math.tan, math.acos
+    times, valid_ids, new, store_slots = _TIMES, _VALID_IDS, Reading.__new__, _STORE_SLOTS
+    tan, acos = math.tan, math.acos
     for values in msgspec.to_builtins(readings):  # a dict per reading, without its absent quantities
         der_id = values.pop("der_id")
         password = values.pop("password")
@@ -367,7 +377,15 @@ def _fast_readings(readings: list[Any], latest_ms: int) -> list[Reading | HubErr
             if power is not None and "reactive_power_kvar" not in values:
                 q = abs(power) * tan(acos(abs(pf)))
                 values["reactive_power_kvar"] = q if pf > 0 else -q
-        append(Reading(der_id, measured_at, values, password))
+        if store_slots:
+            reading = new(Reading)
+            reading.der_id = der_id
+            reading.measured_at = measured_at
+            reading.values = values
+            reading.password = password
+        else:
+            reading = Reading(der_id, measured_at, values, password)
+        append(reading)
     return items
 
 
