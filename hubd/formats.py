@@ -2,6 +2,10 @@
 
 The hub's native format ``hub.v1`` (PROTOCOL.md, Power data) is registered here; vendor formats register
 the same way under their own codes. A decoder only decodes and validates: it never authenticates or stores.
+
+``hub.v1`` is decoded on two paths with one result. The fast path (msgspec, typed) takes the messages it can
+vouch for, all readings good; any other message goes whole to the slow path (orjson, then each reading
+checked in Python), which alone refuses messages and readings, with the exact reasons.
 """
 
 from __future__ import annotations
@@ -11,9 +15,10 @@ import math
 import re
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass, field, fields
+from typing import Annotated, Any
 
+import msgspec
 import orjson
 
 from hubd.auth.registry import ID_PATTERN
@@ -161,9 +166,7 @@ def check_reading(item: Any, limits: Limits) -> Reading:
             raise HubError(ErrorCode.BAD_REQUEST, "measured_at is missing")
         measured_at = parse_time(stated, "measured_at")
         if type(stated) is str:
-            if len(_TIMES) >= _TIMES_MAX:
-                _TIMES.clear()
-            _TIMES[stated] = measured_at
+            _remember_time(stated, measured_at)
     if measured_at > limits.now_ms + limits.max_future_ms:
         raise HubError(
             ErrorCode.BAD_REQUEST,
@@ -200,8 +203,8 @@ def check_reading(item: Any, limits: Limits) -> Reading:
     return Reading(der_id, measured_at, values, password)
 
 
-# DER ids already found well-formed: a set lookup instead of a regular expression per reading. Bounded, as
-# senders choose the ids: past the bound it starts over.
+# Ids already found well-formed (DER ids; source ids too on the fast path, one rule for both): a set lookup
+# instead of a regular expression per reading. Bounded, as senders choose the ids: past the bound it starts over.
 _VALID_IDS: set[str] = set()
 _VALID_IDS_MAX = 200_000
 _MISSING = object()
@@ -217,24 +220,41 @@ def _remember_id(der_id: str) -> None:
     _VALID_IDS.add(der_id)
 
 
+def _remember_time(text: str, epoch_ms: int) -> None:
+    if len(_TIMES) >= _TIMES_MAX:
+        _TIMES.clear()
+    _TIMES[text] = epoch_ms
+
+
 def derive_reactive_power(values: dict[str, float]) -> None:
     """Fill ``reactive_power_kvar`` from power and power factor when it was not sent.
 
     Q = P·tan(arccos|pf|); a negative power factor (leading, capacitive) gives a negative Q. A power
     factor of 0 says nothing about P, so nothing is derived.
     """
-    if "reactive_power_kvar" in values or "power_kw" not in values or "power_factor" not in values:
+    pf = values.get("power_factor")
+    power = values.get("power_kw")
+    if pf is None or pf == 0 or power is None or "reactive_power_kvar" in values:
         return
-    pf = values["power_factor"]
-    if pf == 0:
-        return
-    q = abs(values["power_kw"]) * math.tan(math.acos(min(abs(pf), 1.0)))
+    magnitude = abs(pf)
+    if magnitude > 1.0:  # min(abs(pf), 1.0), without min(): the call costs more than the trigonometry
+        magnitude = 1.0
+    q = abs(power) * math.tan(math.acos(magnitude))
     values["reactive_power_kvar"] = q if pf > 0 else -q
 
 
 @register("hub.v1")
 def decode_native(payload: bytes, limits: Limits) -> Decoded:
-    """The native format: ``{"source_id": ..., "readings": [...]}``."""
+    """The native format: ``{"source_id": ..., "readings": [...]}``.
+
+    The fast path where it can vouch for the result, else the slow path (the same result, only slower).
+    """
+    decoded = _decode_fast(payload, limits)
+    return decode_native_slow(payload, limits) if decoded is None else decoded
+
+
+def decode_native_slow(payload: bytes, limits: Limits) -> Decoded:
+    """The native format, every rule checked in Python: the reference, and what refuses with reasons."""
     data = load_json_object(payload)
     reply_to, request_id = reply_fields(data)
     source_id = data.get("source_id")
@@ -257,3 +277,132 @@ def decode_native(payload: bytes, limits: Limits) -> Decoded:
             exc.der_id = named if isinstance(named, str) and ID_PATTERN.match(named) else None
             items.append(exc)
     return Decoded(source_id, items, reply_to, request_id)
+
+
+# The fast path's message types, typed so that msgspec does most checks in C: a message without unknown keys,
+# readings without unknown fields, and each quantity a finite number in its range (an int becomes a float, as on
+# the slow path; a bool or a string is no number; null is absent). The quantities come from QUANTITIES, so the
+# two paths cannot drift apart. Unknown keys at the top are left to the slow path: msgspec skips a value it does
+# not decode without checking its UTF-8, and the slow path's fallback parser refuses some that orjson takes.
+_FastReading = msgspec.defstruct(
+    "_FastReading",
+    [
+        ("der_id", str),
+        ("password", str),
+        ("measured_at", str | int),
+        *((key, Annotated[float, msgspec.Meta(ge=low, le=high)] | None, None) for key, (low, high) in _BOUNDS.items()),
+    ],
+    forbid_unknown_fields=True,
+    omit_defaults=True,  # to_builtins then leaves out the absent quantities
+    gc=False,
+)
+_FastMessage = msgspec.defstruct(
+    "_FastMessage",
+    [
+        ("readings", list[_FastReading]),  # type: ignore[valid-type]
+        ("source_id", str | None, None),
+        ("reply_to", str | None, None),
+        ("request_id", str | int | None, None),
+    ],
+    forbid_unknown_fields=True,
+    gc=False,
+)
+_FAST_DECODER = msgspec.json.Decoder(_FastMessage)
+# Whether a Reading can be made as its object and then its four fields stored, as its __init__ does: only while
+# Reading is the plain slotted dataclass of these four fields, without __post_init__.
+_READING_FIELDS = ("der_id", "measured_at", "values", "password")
+_STORE_SLOTS = (
+    tuple(item.name for item in fields(Reading)) == _READING_FIELDS
+    and getattr(Reading, "__slots__", None) == _READING_FIELDS
+    and not hasattr(Reading, "__post_init__")
+)
+# request_id ints the slow path keeps as ints; orjson reads wider ones as floats (and reply_fields drops those).
+_INT_IDS = range(-(2**63), 2**64)
+
+
+def _decode_fast(payload: bytes, limits: Limits) -> Decoded | None:
+    """The message decoded, or None when the slow path must judge it (it would refuse something, or msgspec
+    cannot tell). It never refuses: every refusal and its reason comes from the slow path."""
+    try:
+        message: Any = _FAST_DECODER.decode(payload)
+    except (msgspec.DecodeError, ValueError, RecursionError):  # ValueError: invalid UTF-8 in a string
+        return None
+    source_id = message.source_id
+    if source_id is not None and source_id not in _VALID_IDS and not _fast_id(source_id):
+        return None
+    request_id = message.request_id
+    if type(request_id) is int and request_id not in _INT_IDS:
+        return None
+    if len(message.readings) > limits.max_readings:
+        return None
+    items = _fast_readings(message.readings, limits.now_ms + limits.max_future_ms)
+    if items is None:
+        return None
+    reply_to = message.reply_to
+    if reply_to is not None and not _is_topic(reply_to):
+        reply_to = None
+    return Decoded(source_id, items, reply_to, request_id)
+
+
+def _fast_readings(readings: list[Any], latest_ms: int) -> list[Reading | HubError] | None:
+    """The readings msgspec decoded, checked for what it cannot check; None if one fails.
+
+    The hub's hottest loop: it keeps to the fewest Python steps per reading, so derive_reactive_power's
+    arithmetic is written out here (without its clamp of ``|pf|`` to 1, which msgspec has checked), and a
+    Reading is made without the Python call of its dataclass ``__init__`` where that is the same (_STORE_SLOTS).
+    """
+    items: list[Reading | HubError] = []
+    append = items.append
+    times, valid_ids, new, store_slots = _TIMES, _VALID_IDS, Reading.__new__, _STORE_SLOTS
+    tan, acos = math.tan, math.acos
+    for values in msgspec.to_builtins(readings):  # a dict per reading, without its absent quantities
+        der_id = values.pop("der_id")
+        password = values.pop("password")
+        stated = values.pop("measured_at")
+        measured_at = times.get(stated)  # None for an int: only strings are kept
+        if measured_at is None:
+            measured_at = _fast_time(stated)
+        if (
+            (der_id not in valid_ids and not _fast_id(der_id))
+            or not password
+            or measured_at is None
+            or measured_at > latest_ms
+            or not values  # no quantity
+            or ("energy_interval_kwh" in values) != ("interval_s" in values)
+        ):
+            return None
+        pf = values.get("power_factor")
+        if pf:  # as derive_reactive_power: not for a power factor of 0, nor over a sent reactive power
+            power = values.get("power_kw")
+            if power is not None and "reactive_power_kvar" not in values:
+                q = abs(power) * tan(acos(abs(pf)))
+                values["reactive_power_kvar"] = q if pf > 0 else -q
+        if store_slots:
+            reading = new(Reading)
+            reading.der_id = der_id
+            reading.measured_at = measured_at
+            reading.values = values
+            reading.password = password
+        else:
+            reading = Reading(der_id, measured_at, values, password)
+        append(reading)
+    return items
+
+
+def _fast_id(value: str) -> bool:
+    """Whether a DER or source id not seen before is well-formed, remembering it if so (one rule for both)."""
+    if not ID_PATTERN.match(value):
+        return False
+    _remember_id(value)
+    return True
+
+
+def _fast_time(stated: str | int) -> int | None:
+    """``measured_at`` in epoch ms, remembering a parsed string; None when it is no time the hub takes."""
+    try:
+        measured_at = parse_time(stated, "measured_at")
+    except HubError:
+        return None
+    if type(stated) is str:
+        _remember_time(stated, measured_at)
+    return measured_at
