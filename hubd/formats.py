@@ -15,14 +15,14 @@ import math
 import re
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Annotated, Any
 
 import msgspec
 import orjson
 
 from hubd.auth.registry import ID_PATTERN
-from hubd.model import QUANTITIES, ErrorCode, HubError, Reading, parse_time
+from hubd.model import QUANTITIES, READING_BY_SLOTS, ErrorCode, HubError, Reading, parse_time
 
 
 @dataclass(slots=True)
@@ -308,14 +308,6 @@ _FastMessage = msgspec.defstruct(
     gc=False,
 )
 _FAST_DECODER = msgspec.json.Decoder(_FastMessage)
-# Whether a Reading can be made as its object and then its four fields stored, as its __init__ does: only while
-# Reading is the plain slotted dataclass of these four fields, without __post_init__.
-_READING_FIELDS = ("der_id", "measured_at", "values", "password")
-_STORE_SLOTS = (
-    tuple(item.name for item in fields(Reading)) == _READING_FIELDS
-    and getattr(Reading, "__slots__", None) == _READING_FIELDS
-    and not hasattr(Reading, "__post_init__")
-)
 # request_id ints the slow path keeps as ints; orjson reads wider ones as floats (and reply_fields drops those).
 _INT_IDS = range(-(2**63), 2**64)
 
@@ -349,11 +341,11 @@ def _fast_readings(readings: list[Any], latest_ms: int) -> list[Reading | HubErr
 
     The hub's hottest loop: it keeps to the fewest Python steps per reading, so derive_reactive_power's
     arithmetic is written out here (without its clamp of ``|pf|`` to 1, which msgspec has checked), and a
-    Reading is made without the Python call of its dataclass ``__init__`` where that is the same (_STORE_SLOTS).
+    Reading is made without the Python call of its dataclass ``__init__`` where that is the same (READING_BY_SLOTS).
     """
     items: list[Reading | HubError] = []
     append = items.append
-    times, valid_ids, new, store_slots = _TIMES, _VALID_IDS, Reading.__new__, _STORE_SLOTS
+    times, valid_ids, new, store_slots = _TIMES, _VALID_IDS, Reading.__new__, READING_BY_SLOTS
     tan, acos = math.tan, math.acos
     for values in msgspec.to_builtins(readings):  # a dict per reading, without its absent quantities
         der_id = values.pop("der_id")

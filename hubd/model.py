@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
@@ -71,6 +71,16 @@ class Reading:
     values: dict[str, float]
     password: str | None = field(default=None, repr=False)
 
+
+# Whether a decoder may make a Reading as ``Reading.__new__`` and then store its four slots, skipping the Python
+# call of the dataclass __init__ (about a fifth of a small reading's cost): only while Reading is exactly this
+# plain slotted dataclass, without __post_init__. Decoders fall back to Reading(...) otherwise.
+READING_FIELDS = ("der_id", "measured_at", "values", "password")
+READING_BY_SLOTS = (
+    tuple(f.name for f in fields(Reading)) == READING_FIELDS
+    and getattr(Reading, "__slots__", None) == READING_FIELDS
+    and not hasattr(Reading, "__post_init__")
+)
 
 Reply = Callable[[dict[str, Any]], Awaitable[None]]
 

@@ -12,7 +12,6 @@ a vendor reading is judged exactly as a native one; tests hold the two to the sa
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, suppress
@@ -20,7 +19,16 @@ from typing import Any, Protocol
 
 from hubd.auth.registry import ID_PATTERN
 from hubd.formats import Limits, derive_reactive_power
-from hubd.model import MAX_TIME_MS, MIN_TIME_MS, QUANTITIES, ErrorCode, HubError, Reading
+from hubd.model import (
+    MAX_TIME_MS,
+    MIN_TIME_MS,
+    QUANTITIES,
+    READING_BY_SLOTS,
+    READING_FIELDS,
+    ErrorCode,
+    HubError,
+    Reading,
+)
 from hubd.vendor_formats.language import Factor, Number, ReadingSpec, Source, TimeSpec
 from hubd.vendor_formats.times import _epoch, _local, _rfc3339, _slow_time, hour_table, hourly, show
 
@@ -196,9 +204,9 @@ class _Parts:
         self._values()
         if "power_kw" in self.spec.quantities and "power_factor" in self.spec.quantities:
             gen.line("derive_reactive_power(values)")
-        if _SLOT_STORES:  # the dataclass __init__ costs a Python call per reading; its four stores do not
+        if READING_BY_SLOTS:  # the dataclass __init__ costs a Python call per reading; its four stores do not
             gen.line("rd = _new(Reading)")
-            for slot, var in zip(_READING_SLOTS, ("d", "t", "values", "pw"), strict=True):
+            for slot, var in zip(READING_FIELDS, ("d", "t", "values", "pw"), strict=True):
                 gen.line(f"rd.{slot} = {var}")
             gen.line("append(rd)")
         else:
@@ -584,15 +592,6 @@ def _ratio(factor: float) -> tuple[float, float]:
             return 1.0, float(round(divisor))
     return float(factor), 1.0
 
-
-# A Reading made without its dataclass __init__ (a Python call per reading): the object, then its four fields
-# stored. Only while Reading is the plain slotted dataclass of these four fields; else Reading(...) is called.
-_READING_SLOTS = ("der_id", "measured_at", "values", "password")
-_SLOT_STORES = (
-    tuple(f.name for f in dataclasses.fields(Reading)) == _READING_SLOTS
-    and getattr(Reading, "__slots__", None) == _READING_SLOTS
-    and not hasattr(Reading, "__post_init__")
-)
 
 _POW10 = {exponent: _ratio(10.0**exponent) for exponent in range(-30, 31)}
 _RUNTIME: dict[str, Any] = {
