@@ -23,7 +23,6 @@ import io
 import json
 import struct
 import sys
-import time
 from collections.abc import Callable
 from datetime import date, timedelta
 from itertools import cycle
@@ -33,6 +32,8 @@ from typing import Any
 import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from timing import rates
 
 from hubd.formats import Limits, decode_native
 from hubd.model import parse_time
@@ -117,34 +118,6 @@ def native() -> bytes:
         for i in range(100)
     ]  # fmt: skip
     return json.dumps({"source_id": "edge-1", "readings": readings}).encode()
-
-
-def rates(functions: list[Callable[[], Any]], seconds: float) -> list[float]:
-    """Calls per second of each function: the fastest of many short rounds (about 10 ms each), as timeit advises.
-
-    The rounds of the functions alternate, so a decoder and its floor meet the same conditions; on a shared
-    machine other processes slow some rounds down, and the fastest round is the one they disturbed least.
-    """
-    sizes = []
-    for function in functions:
-        calls = 1
-        while True:  # calls per round: about 10 ms
-            start = time.perf_counter()
-            for _ in range(calls):
-                function()
-            if time.perf_counter() - start >= 0.01:
-                break
-            calls *= 2
-        sizes.append(calls)
-    best = [float("inf")] * len(functions)
-    deadline = time.perf_counter() + seconds * len(functions)
-    while time.perf_counter() < deadline:
-        for index, (function, calls) in enumerate(zip(functions, sizes, strict=True)):
-            start = time.perf_counter()
-            for _ in range(calls):
-                function()
-            best[index] = min(best[index], time.perf_counter() - start)
-    return [calls / elapsed for calls, elapsed in zip(sizes, best, strict=True)]
 
 
 def main() -> None:

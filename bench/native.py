@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,8 @@ from typing import Any
 import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from timing import rates
 
 from hubd import formats
 from hubd.formats import Limits
@@ -51,30 +52,6 @@ def message(count: int, bad: bool = False) -> bytes:
     return orjson.dumps({"source_id": "edge-1", "reply_to": "edge-1/answers", "request_id": 7, "readings": readings})
 
 
-def best_seconds_per_call(functions: list[Callable[[], Any]], seconds: float) -> list[float]:
-    """Seconds per call of each function: the fastest of many rounds of about 10 ms, the functions alternating."""
-    sizes = []
-    for function in functions:
-        calls = 1
-        while True:
-            start = time.perf_counter()
-            for _ in range(calls):
-                function()
-            if time.perf_counter() - start >= 0.01:
-                break
-            calls *= 2
-        sizes.append(calls)
-    best = [float("inf")] * len(functions)
-    deadline = time.perf_counter() + seconds * len(functions)
-    while time.perf_counter() < deadline:
-        for index, (function, calls) in enumerate(zip(functions, sizes, strict=True)):
-            start = time.perf_counter()
-            for _ in range(calls):
-                function()
-            best[index] = min(best[index], (time.perf_counter() - start) / calls)
-    return best
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=0.5, help="seconds of rounds per function")
@@ -92,7 +69,7 @@ def main() -> None:
             refused = sum(1 for item in decoded.items if not hasattr(item, "values"))
             assert refused == int(bad), refused
             functions = [lambda f=function, p=payload: f(p, LIMITS) for _, function in named]
-            per_call = best_seconds_per_call(functions, args.seconds)
+            per_call = [1 / rate for rate in rates(functions, args.seconds)]
             label = f"{count} reading{'s' if count > 1 else ''}{', 1 refused' if bad else ''}"
             cells = " ".join(f"{seconds / count * 1e6:21.2f}" for seconds in per_call)
             print(f"{label:26} {len(payload):6d} {cells}")
