@@ -3,6 +3,7 @@ answered ``unavailable``, audited and kept in quarantine while the hub goes on s
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import sqlite3
@@ -13,9 +14,11 @@ import pytest
 from conftest import RunningHub
 from helpers import at, quarantined, quarantined_bytes, reading, records
 
+from hubd.audit import AuditLog
 from hubd.store import Rows
 from hubd.store.process import StoreProcessError, WriterProcess
 from hubd.store.sqlite import SqliteStore
+from hubd.store.writer import BatchWriter, Write
 
 NAMES = ("power_kw",)
 
@@ -133,3 +136,31 @@ def test_a_failed_commit_is_answered_unavailable_audited_and_quarantined(hub: Ru
     assert hub.rr("hub/v1/data", message)["accepted"] == 1
     query = {"client_id": "market-1", "password": hub.consumer(), "start": at(0), "end": at(3600)}
     assert sorted(r["der_id"] for r in hub.rr("hub/v1/query", query)["rows"]) == ["PV-1", "PV-2"]
+
+
+def test_a_full_queue_holds_writers_back_and_then_takes_them_all(tmp_path: Path) -> None:
+    """``store.queue_max_messages``: past it, a message waits for room instead of queueing; none is lost."""
+
+    async def main() -> list[int]:
+        store = SqliteStore(tmp_path / "readings.sqlite3")
+        audit = AuditLog(tmp_path / "audit.jsonl")
+        writer = BatchWriter(store, audit, max_readings=1, queue_max_messages=1)
+        writer.start()
+        queued: list[int] = []
+
+        async def one(minute: int) -> None:
+            await writer.write([Write("edge", rows(("A", minute, 1.0)), {"A"}, 1)])
+
+        tasks = [asyncio.create_task(one(minute)) for minute in range(30)]
+        while not all(t.done() for t in tasks):
+            queued.append(writer._queued)
+            await asyncio.sleep(0)
+        await asyncio.gather(*tasks)
+        await writer.close()
+        audit.close()
+        count = store.count()
+        store.close()
+        return [max(queued), count]
+
+    most_queued, count = asyncio.run(main())
+    assert most_queued == 1 and count == 30

@@ -1,7 +1,7 @@
 """Where readings live: one interface, one module per backend.
 
-Backends are synchronous and called from one dedicated thread, so a slow disk never stalls the event loop
-and the backend needs no locking of its own.
+Backends are synchronous and called from one dedicated thread (SQLite's writes from a process of their own,
+``hubd.store.process``), so a slow disk never stalls the event loop and a backend needs no locking of its own.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ class StoreWriter(Protocol):
 
 
 class Store(Protocol):
-    """The readings store: idempotent on (der_id, measured_at); ``write`` is durable when it returns.
+    """The readings store: idempotent on (der_id, measured_at); ``write_rows`` is durable when it returns.
 
     The query primitives return plain tuples; the extraction logic (buckets, energy, paging) lives in
     ``hubd.query`` and is the same for every backend.

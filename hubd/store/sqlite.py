@@ -74,7 +74,8 @@ def _latest_by_quantities(rows: Rows) -> dict[tuple[str, ...], list[tuple[Any, .
 
 
 class SqliteStore:
-    """Readings in SQLite. Not thread-safe: the hub calls it from one store thread."""
+    """Readings in SQLite. Not thread-safe: one thread uses it (the hub's query thread to read, its writer
+    process to write)."""
 
     def __init__(self, path: Path, synchronous: str = "full") -> None:
         path.parent.mkdir(parents=True, exist_ok=True)

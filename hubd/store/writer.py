@@ -57,6 +57,7 @@ class BatchWriter:
         self._queue: deque[_Pending] = deque()
         self._wake = asyncio.Event()
         self._queue_max = queue_max_messages
+        self._queued = 0  # messages in the queue (a group counts each of its messages)
         self._room: deque[asyncio.Future[None]] = deque()  # writers waiting for the queue to shrink
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hubd-store")
         self._closing = False
@@ -72,13 +73,14 @@ class BatchWriter:
         if self._closing:
             raise HubError(ErrorCode.UNAVAILABLE, "the hub is shutting down")
         loop = asyncio.get_running_loop()
-        while len(self._queue) >= self._queue_max:  # not a Semaphore: its bookkeeping cost ~4 % of case A
+        while self._queued >= self._queue_max:  # not a Semaphore: its bookkeeping cost ~4 % of case A
             room: asyncio.Future[None] = loop.create_future()
             self._room.append(room)
             await room
         done: asyncio.Future[None] = loop.create_future()
         count = sum(len(run) for w in writes for _, run in w.rows)
         self._queue.append(_Pending(writes, count, done))
+        self._queued += len(writes)
         self._wake.set()
         await done
 
@@ -107,7 +109,8 @@ class BatchWriter:
                     self._audit.append("store.failed", "error", readings=count, reason=str(exc))
                     self._audit.flush()
                     for p in batch:
-                        p.done.set_exception(HubError(ErrorCode.UNAVAILABLE, "the store is unavailable"))
+                        if not p.done.done():
+                            p.done.set_exception(HubError(ErrorCode.UNAVAILABLE, "the store is unavailable"))
                     continue
                 self._audit_batch(batch)
                 for p in batch:
@@ -125,6 +128,7 @@ class BatchWriter:
             item = self._queue.popleft()
             batch.append(item)
             count += item.count
+        self._queued -= sum(len(p.writes) for p in batch)
         return batch
 
     def _audit_batch(self, batch: list[_Pending]) -> None:
