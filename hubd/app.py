@@ -116,6 +116,7 @@ class Hub:
             watcher.cancel()
             logger.info("stopping: taking no new messages, committing and answering those in hand")
             await self.driver.stop()
+            await self.ingest.close()
             await self.writer.close()
             self.audit.append("hub.stop")
         logger.info("hubd stopped")

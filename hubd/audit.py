@@ -155,10 +155,13 @@ def _parse_record(line: bytes) -> dict[str, object] | None:
 
 
 def _read_head(head_path: Path) -> tuple[int, str] | None:
-    """The (seq, hash) the writer last flushed, or None when there is no head file."""
+    """The (seq, hash) the writer last flushed, or None when there is no head file (or an empty one: a crash
+    between creating it and its first write)."""
     try:
         data = head_path.read_bytes()
     except FileNotFoundError:
+        return None
+    if not data.strip(b" \0"):
         return None
     try:
         head = orjson.loads(data)
@@ -258,6 +261,14 @@ class AuditLog:
         the evidence. Called under the lock, so no other writer moves the end meanwhile."""
         assert self._file is not None
         stat = os.fstat(self._file.fileno())
+        try:
+            named = os.stat(self._path)
+        except FileNotFoundError:
+            named = None
+        if named is None or (named.st_dev, named.st_ino) != (stat.st_dev, stat.st_ino):
+            # Moved, removed or replaced while open: appending on would write where nobody looks, and other
+            # writers would lock another file.
+            raise AuditError(f"{self._path} was moved or replaced while this writer had it open; restart it")
         left = self._left
         if left is not None and left[:2] == (stat.st_size, stat.st_mtime_ns):
             return left[2], left[3]  # nobody wrote since we did (about 300 µs a flush saved)

@@ -28,9 +28,19 @@ Answer = tuple[dict[str, Any], Decoded | None]  # the answer, and what was decod
 _NO_ANSWER = HubError(ErrorCode.INTERNAL, "no answer was made for this message")  # a bug if ever seen
 
 
-# A message whose readings wait for the group's commit: its index in the group, the message, what was
-# decoded, its rows, and its refused readings for the answer.
-_ToCommit = tuple[int, RawMessage, Decoded, Write, list[dict[str, Any]]]
+# A message whose readings wait for the group's commit: its answer's future, the message, what was decoded,
+# its rows, and its refused readings for the answer.
+_ToCommit = tuple["asyncio.Future[Answer]", RawMessage, Decoded, Write, list[dict[str, Any]]]
+
+
+def _settle(done: asyncio.Future[Answer], result: Answer | BaseException) -> None:
+    """Give a message its outcome, unless it has one (or its sender's task was cancelled)."""
+    if done.done():
+        return
+    if isinstance(result, BaseException):
+        done.set_exception(result)
+    else:
+        done.set_result(result)
 
 
 @dataclass(slots=True)
@@ -92,38 +102,41 @@ class Ingest:
         group.add_done_callback(self._groups.discard)
 
     async def _handle_group(self, intake: list[tuple[RawMessage, asyncio.Future[Answer]]]) -> None:
-        """Hand each message its answer, or the exception its own processing raised (a bug of the hub's)."""
+        """Settle each message's future as soon as its own outcome is known: its answer, or the exception a
+        bug of the hub's raised on it (that message's alone). Cancelled (the hub stopping): the messages not
+        yet answered are cancelled too, so they are not acknowledged and the broker delivers them again."""
+        answers = [done for _, done in intake]
         try:
-            results = await self._handle_many([raw for raw, _ in intake])
-        except BaseException as exc:  # not expected: each message's own failure is in results
-            results = [exc] * len(intake)
-        for (_, done), result in zip(intake, results, strict=True):
-            if done.done():  # its sender's task was cancelled meanwhile
-                continue
-            if isinstance(result, BaseException):
-                done.set_exception(result)
-            else:
-                done.set_result(result)
+            await self._handle_many([raw for raw, _ in intake], answers)
+        except asyncio.CancelledError:
+            for done in answers:
+                done.cancel()
+            raise
+        except Exception as exc:  # a failure of the group's own steps (the audit log): every message left
+            for done in answers:
+                _settle(done, exc)
+        for done in answers:
+            _settle(done, _NO_ANSWER)  # a bug if any is left
 
-    async def _handle_many(self, raws: list[RawMessage]) -> list[Answer | BaseException]:
-        """Each message's answer, or the exception a bug of the hub's raised on it (that message's alone)."""
-        results: list[Answer | BaseException] = [_NO_ANSWER] * len(raws)
+    async def _handle_many(self, raws: list[RawMessage], answers: list[asyncio.Future[Answer]]) -> None:
+        ready: list[tuple[asyncio.Future[Answer], Answer | Exception]] = []
         writes: list[_ToCommit] = []
         slow: list[Awaitable[None]] = []
-        for index, raw in enumerate(raws):
+        for raw, done in zip(raws, answers, strict=True):
             try:
                 checked = self._check(raw)
-                if isinstance(checked, _Checked) and checked.slow:
-                    slow.append(self._finish_slow(index, checked, results))
-                elif isinstance(checked, _Checked):
-                    self._finish(index, checked, results, writes)
-                else:
-                    results[index] = checked
+                if not isinstance(checked, _Checked):
+                    ready.append((done, checked))
+                elif checked.slow:  # on its own, so the others need not wait for bcrypt
+                    slow.append(self._finish_slow(checked, done))
+                elif (answer := self._finish(checked, done, writes)) is not None:
+                    ready.append((done, answer))
             except Exception as exc:  # a bug on one message must not fail the others
-                results[index] = exc
-        self._audit.flush()  # refusals are written before their answers
-        await asyncio.gather(self._commit(writes, results), *slow)
-        return results
+                ready.append((done, exc))
+        self._audit.flush()  # refusals and quarantined messages are written before their answers
+        for done, result in ready:
+            _settle(done, result)
+        await asyncio.gather(self._commit(writes), *slow)
 
     def _check(self, raw: RawMessage) -> _Checked | Answer:
         """Decode and check credentials from memory; a message that cannot be decoded is kept and answered."""
@@ -135,33 +148,28 @@ class Ingest:
         good, slow, refused = self._precheck(decoded)
         return _Checked(raw, decoded, decoded.source_id or raw.source_id, good, slow, refused)
 
-    async def _finish_slow(self, index: int, checked: _Checked, results: list[Answer | BaseException]) -> None:
+    async def _finish_slow(self, checked: _Checked, done: asyncio.Future[Answer]) -> None:
         """A message with credentials only bcrypt can judge: checked and committed on its own."""
         try:
             await self._check_slow(checked.slow, checked.good, checked.refused)
             writes: list[_ToCommit] = []
-            self._finish(index, checked, results, writes)
+            answer = self._finish(checked, done, writes)
             self._audit.flush()
-            await self._commit(writes, results)
+            if answer is not None:
+                _settle(done, answer)
+            await self._commit(writes)
         except Exception as exc:
-            results[index] = exc
+            _settle(done, exc)
 
-    def _finish(
-        self,
-        index: int,
-        checked: _Checked,
-        results: list[Answer | BaseException],
-        writes: list[_ToCommit],
-    ) -> None:
-        """Audit the refusals; answer a message with nothing to store, or add its rows to ``writes``."""
+    def _finish(self, checked: _Checked, done: asyncio.Future[Answer], writes: list[_ToCommit]) -> Answer | None:
+        """Audit the refusals; the answer of a message with nothing to store, else add its rows to ``writes``."""
         raw, decoded, source_id, good = checked.raw, checked.decoded, checked.source_id, checked.good
         rejected = self._refusals(checked.refused, source_id) if checked.refused else []
         if not good:
             self._audit.append(
                 "data.received", "rejected", source_id=source_id, topic=raw.topic, readings=len(decoded.items)
             )
-            results[index] = {"ok": True, "accepted": 0, "rejected": rejected}, decoded
-            return
+            return {"ok": True, "accepted": 0, "rejected": rejected}, decoded
         rows: Rows = []
         der_ids = set()
         tail = (raw.received_at, source_id, raw.format_code)
@@ -174,26 +182,40 @@ class Ingest:
                 names, run = tuple(r.values), []
                 rows.append((names, run))
             run.append((r.der_id, r.measured_at, *r.values.values(), *tail))
-        writes.append((index, raw, decoded, Write(source_id, rows, der_ids, len(decoded.items)), rejected))
+        writes.append((done, raw, decoded, Write(source_id, rows, der_ids, len(decoded.items)), rejected))
+        return None
 
-    async def _commit(
-        self,
-        writes: list[_ToCommit],
-        results: list[Answer | BaseException],
-    ) -> None:
+    async def _commit(self, writes: list[_ToCommit]) -> None:
         """Commit the messages' readings together, then answer each; if the store fails, keep each whole."""
         if not writes:
             return
         try:
             await self._writer.write([write for _, _, _, write, _ in writes])
         except HubError as exc:
-            for index, raw, decoded, _, _ in writes:
-                self.keep(raw, exc)  # so it can be replayed
-                results[index] = {"ok": False, "error": exc.as_dict()}, decoded
+            for done, raw, decoded, _, _ in writes:
+                try:
+                    self.keep(raw, exc)  # so it can be replayed
+                    _settle(done, ({"ok": False, "error": exc.as_dict()}, decoded))
+                except Exception as failed:
+                    _settle(done, failed)
             return
-        for index, _, decoded, write, rejected in writes:
+        except Exception as exc:
+            for done, *_ in writes:
+                _settle(done, exc)
+            return
+        for done, _, decoded, write, rejected in writes:
             accepted = sum(len(run) for _, run in write.rows)
-            results[index] = {"ok": True, "accepted": accepted, "rejected": rejected}, decoded
+            _settle(done, ({"ok": True, "accepted": accepted, "rejected": rejected}, decoded))
+
+    async def close(self, timeout_s: float = 5.0) -> None:
+        """Let the groups in hand finish (the driver has stopped taking messages), then cancel what is left."""
+        self._take_intake()
+        if not self._groups:
+            return
+        _, late = await asyncio.wait(set(self._groups), timeout=timeout_s)
+        for group in late:
+            group.cancel()
+        await asyncio.gather(*late, return_exceptions=True)
 
     def _decode(self, raw: RawMessage) -> Decoded:
         if len(raw.payload) > self._limits.max_payload_bytes:

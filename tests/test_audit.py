@@ -343,3 +343,30 @@ def test_tail_filters(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     with path.open("ab") as file:
         file.write(b'{"seq":8,"ev')  # a partial last line does not hide the records before it
     assert [r["seq"] for r in tail(path, n=1)] == [7]
+
+
+def test_an_empty_head_counts_as_none_and_is_written_again(tmp_path: Path) -> None:
+    """A crash between creating the head file and its first write must not keep the hub from starting."""
+    path = tmp_path / "audit.jsonl"
+    write_log(path, 3)
+    head = path.with_name(path.name + ".head")
+    head.write_bytes(b"")
+    with AuditLog(path) as log:
+        log.append("x.y")
+        log.flush()
+    assert verify(path).ok
+    assert orjson.loads(head.read_bytes())["seq"] == len(lines(path))
+
+
+def test_a_log_replaced_under_a_writer_is_refused_not_written_past(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    log = AuditLog(path)
+    log.append("x.y")
+    log.flush()
+    copy = tmp_path / "copy.jsonl"
+    copy.write_bytes(path.read_bytes())
+    copy.replace(path)  # the same records, another file (as a restore from backup or a rotation would do)
+    log.append("x.z")
+    with pytest.raises(AuditError, match="moved or replaced"):
+        log.flush()
+    assert b"x.z" not in path.read_bytes()

@@ -186,9 +186,9 @@ def test_messages_taken_in_together_fail_one_by_one(hub: RunningHub, monkeypatch
             raise RuntimeError("a bug")
         return real_precheck(self, decoded)
 
-    async def recording(self: Ingest, raws: list[Any]) -> Any:
+    async def recording(self: Ingest, raws: list[Any], answers: list[Any]) -> Any:
         groups.append(len(raws))
-        return await real_many(self, raws)
+        return await real_many(self, raws, answers)
 
     monkeypatch.setattr(Ingest, "_precheck", failing_for_one_source)
     monkeypatch.setattr(Ingest, "_handle_many", recording)
@@ -208,3 +208,40 @@ def test_messages_taken_in_together_fail_one_by_one(hub: RunningHub, monkeypatch
     assert [r["measured_at"] for r in rows] == ["2026-11-27T03:00:00.000Z", "2026-11-27T03:02:00.000Z"]
     kept = audit_trail.tail(hub.config.audit_path, 1000, event="data.quarantined")
     assert [(r["outcome"], r["source_id"]) for r in kept] == [("internal", "unknown")]
+
+
+def test_a_message_waiting_for_bcrypt_does_not_hold_back_its_group(hub: RunningHub, monkeypatch: Any) -> None:
+    from hubd.auth.credentials import VerifiedCache
+
+    fast, slow = hub.register("PV-0006"), hub.register("PV-0007")
+    hub.restart()  # both passwords forgotten: the first reading of each needs bcrypt
+    assert hub.rr("hub/v1/data", {"readings": [reading("PV-0006", fast, "2026-11-27T04:00:00Z")]})["accepted"] == 1
+    real_check = VerifiedCache.check
+
+    async def slow_check(self: VerifiedCache, *args: Any) -> Any:
+        await asyncio.sleep(2.0)  # a bcrypt check at a high cost
+        return await real_check(self, *args)
+
+    monkeypatch.setattr(VerifiedCache, "check", slow_check)
+    assert hub._hub is not None and hub._loop is not None
+    on_message = hub._hub.on_message
+    messages = {
+        "slow": {"readings": [reading("PV-0007", slow, "2026-11-27T04:01:00Z")]},
+        "fast": {"readings": [reading("PV-0006", fast, "2026-11-27T04:01:00Z")]},
+    }
+
+    async def together() -> dict[str, float]:
+        loop = asyncio.get_running_loop()
+        start, took = loop.time(), {}
+
+        async def one(name: str) -> None:
+            await on_message("hub/v1/data", json.dumps(messages[name]).encode(), {})
+            took[name] = loop.time() - start
+
+        await asyncio.gather(one("slow"), one("fast"))
+        return took
+
+    took = asyncio.run_coroutine_threadsafe(together(), hub._loop).result(20)
+    assert took["fast"] < 1.0 <= took["slow"]
+    rows = query(hub, hub.consumer(), der_ids=["PV-0006", "PV-0007"], start="2026-11-27T04:01:00Z")["rows"]
+    assert sorted(r["der_id"] for r in rows) == ["PV-0006", "PV-0007"]

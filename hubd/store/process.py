@@ -29,7 +29,8 @@ _HEADER = struct.Struct("<Q")
 
 
 class StoreProcessError(RuntimeError):
-    """The writer process is gone or refused the batch; the batch was not committed."""
+    """The writer process refused the batch (not committed), or ended before it answered (committed or not:
+    a replay of the quarantined message is idempotent either way)."""
 
 
 class WriterProcess:

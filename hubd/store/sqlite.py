@@ -100,10 +100,11 @@ class SqliteStore:
         try:
             for names, group in groups.items():
                 db.executemany(_insert(names, stored_at), group)
+            db.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")
+            if db.in_transaction:  # a failed COMMIT may leave it open: the next batch must start clean
+                db.execute("ROLLBACK")
             raise
-        db.execute("COMMIT")
 
     def raw(
         self,

@@ -39,6 +39,16 @@ class _Pending:
     done: asyncio.Future[None]
 
 
+def _settle(done: asyncio.Future[None], outcome: BaseException | None) -> None:
+    """Tell a waiting writer its batch's outcome, unless it has stopped waiting."""
+    if done.done():
+        return
+    if outcome is None:
+        done.set_result(None)
+    else:
+        done.set_exception(outcome)
+
+
 @dataclass(slots=True)
 class _SourceTally:
     messages: int = 0
@@ -85,6 +95,17 @@ class BatchWriter:
         await done
 
     async def _run(self) -> None:
+        try:
+            await self._serve()
+        finally:  # also if it failed: no writer may wait for a commit that will never come
+            self._closing = True
+            unavailable = HubError(ErrorCode.UNAVAILABLE, "the store is unavailable")
+            while self._queue:
+                _settle(self._queue.popleft().done, unavailable)
+            while self._room:
+                _settle(self._room.popleft(), unavailable)
+
+    async def _serve(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
             try:
@@ -97,25 +118,28 @@ class BatchWriter:
             while self._queue:
                 batch = self._take()
                 while self._room:
-                    room = self._room.popleft()
-                    if not room.done():  # a waiter cancelled meanwhile
-                        room.set_result(None)
+                    _settle(self._room.popleft(), None)
                 rows: Rows = [run for p in batch for w in p.writes for run in w.rows]
                 try:
                     await loop.run_in_executor(self._thread, self._store.write_rows, rows, now_ms())
                 except Exception as exc:
                     count = sum(p.count for p in batch)
                     logger.error("store write of {} readings failed: {}", count, exc)
-                    self._audit.append("store.failed", "error", readings=count, reason=str(exc))
-                    self._audit.flush()
-                    for p in batch:
-                        if not p.done.done():
-                            p.done.set_exception(HubError(ErrorCode.UNAVAILABLE, "the store is unavailable"))
-                    continue
-                self._audit_batch(batch)
+                    outcome: BaseException | None = HubError(ErrorCode.UNAVAILABLE, "the store is unavailable")
+                    try:
+                        self._audit.append("store.failed", "error", readings=count, reason=str(exc))
+                        self._audit.flush()
+                    except Exception as audit_failed:  # the senders are told all the same
+                        logger.error("auditing the failed write failed too: {}", audit_failed)
+                else:
+                    outcome = None
+                    try:
+                        self._audit_batch(batch)
+                    except Exception as audit_failed:  # committed but not audited: nobody is told "ok"
+                        logger.exception("auditing a committed batch failed")
+                        outcome = audit_failed
                 for p in batch:
-                    if not p.done.done():
-                        p.done.set_result(None)
+                    _settle(p.done, outcome)
             if self._closing:
                 self.flush_counts()
                 return
