@@ -164,3 +164,15 @@ def test_a_full_queue_holds_writers_back_and_then_takes_them_all(tmp_path: Path)
 
     most_queued, count = asyncio.run(main())
     assert most_queued == 1 and count == 30
+
+
+def test_a_reading_received_earlier_never_replaces_one_received_later(writer: WriterProcess, tmp_path: Path) -> None:
+    """A message that waited for bcrypt can commit after a later one of the same DER and time."""
+    writer.write_rows([(("power_kw",), [("A", 0, 2.0, 200, "edge", "hub.v1")])], stored_at=1)
+    writer.write_rows([(("power_kw", "energy_kwh"), [("A", 0, 1.0, 5.0, 100, "edge", "hub.v1")])], stored_at=2)
+    writer.write_rows([(("energy_kwh",), [("B", 0, 7.0, 100, "edge", "hub.v1")])], stored_at=3)
+    writer.write_rows([(("power_kw",), [("B", 0, 3.0, 300, "edge", "hub.v1")])], stored_at=4)
+    db = sqlite3.connect(tmp_path / "readings.sqlite3")
+    found = db.execute("SELECT der_id, power_kw, energy_kwh, received_at, stored_at FROM readings ORDER BY der_id")
+    assert found.fetchall() == [("A", 2.0, None, 200, 1), ("B", 3.0, None, 300, 4)]
+    db.close()

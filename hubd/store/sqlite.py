@@ -38,14 +38,23 @@ def _insert(names: tuple[str, ...], stored_at: int) -> str:
     """The INSERT for readings that carry exactly the quantities ``names``.
 
     Binding only the quantities a reading has, not all ten with NULLs, makes a write about 2.5 times cheaper
-    (Python's sqlite3 pays per bound parameter); the columns left out are NULL, so a re-sent reading still
-    replaces the whole earlier one. ``stored_at`` is the same for a whole batch: written into the statement,
-    not bound per row.
+    (Python's sqlite3 pays per bound parameter); on a conflict every column is set, the absent quantities to
+    NULL, so a reading replaces the whole earlier one of its DER and time. Only one received no earlier,
+    though: a message that waited for a bcrypt check can commit after a later one. ``stored_at`` is the same
+    for a whole batch: written into the statement, not bound per row.
     """
     if not _KNOWN.issuperset(names):
         raise ValueError(f"not quantities of the unified schema: {sorted(set(names) - _KNOWN)}")
     columns = ", ".join(("der_id", "measured_at", *names, "received_at", "source_id", "format_code", "stored_at"))
-    return f"INSERT OR REPLACE INTO readings ({columns}) VALUES ({'?, ' * (len(names) + 5)}{int(stored_at)})"
+    return (
+        f"INSERT INTO readings ({columns}) VALUES ({'?, ' * (len(names) + 5)}{int(stored_at)}) "
+        f"ON CONFLICT (der_id, measured_at) DO UPDATE SET {_SET_ALL} WHERE excluded.received_at >= received_at"
+    )
+
+
+_SET_ALL = ", ".join(
+    f"{column} = excluded.{column}" for column in (*FIELDS, "received_at", "stored_at", "source_id", "format_code")
+)
 
 
 # SQLite's page cache per connection (default 2 MB). Readings are clustered by DER, so a batch touches a leaf
