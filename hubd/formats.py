@@ -16,7 +16,7 @@ import re
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeGuard
 
 import msgspec
 import orjson
@@ -121,9 +121,7 @@ def _is_topic(value: object) -> bool:
         return True
     if not 0 < len(value.encode("utf-8", "surrogatepass")) <= 65535 or _NOT_IN_TOPICS.search(value):
         return False
-    if len(_GOOD_TOPICS) >= _GOOD_TOPICS_MAX:
-        _GOOD_TOPICS.clear()
-    _GOOD_TOPICS.add(value)
+    _remember(_GOOD_TOPICS, value, _GOOD_TOPICS_MAX)
     return True
 
 
@@ -152,10 +150,9 @@ def check_reading(item: Any, limits: Limits) -> Reading:
     if type(item) is not dict:
         raise HubError(ErrorCode.BAD_REQUEST, "a reading must be a JSON object")
     der_id = item.get("der_id")
-    if type(der_id) is not str or der_id not in _VALID_IDS:  # str first: a JSON list or object is unhashable
-        if not isinstance(der_id, str) or not ID_PATTERN.match(der_id):
-            raise HubError(ErrorCode.BAD_REQUEST, "der_id is missing or not a valid DER id")
-        _remember_id(der_id)
+    # str first: a JSON list or object is unhashable
+    if not ((type(der_id) is str and der_id in KNOWN_IDS) or valid_id(der_id)):
+        raise HubError(ErrorCode.BAD_REQUEST, "der_id is missing or not a valid DER id")
     password = item.get("password")
     if type(password) is not str or not password:
         raise HubError(ErrorCode.BAD_REQUEST, "password is missing or not a string")
@@ -203,10 +200,11 @@ def check_reading(item: Any, limits: Limits) -> Reading:
     return Reading(der_id, measured_at, values, password)
 
 
-# Ids already found well-formed (DER ids; source ids too on the fast path, one rule for both): a set lookup
-# instead of a regular expression per reading. Bounded, as senders choose the ids: past the bound it starts over.
-_VALID_IDS: set[str] = set()
-_VALID_IDS_MAX = 200_000
+# Ids already found well-formed (DER and source ids, one rule for both; the vendor formats' decoders too): a set
+# lookup instead of a regular expression per reading. Bounded, as senders choose the ids: past the bound it
+# starts over.
+KNOWN_IDS: set[str] = set()
+_KNOWN_IDS_MAX = 200_000
 _MISSING = object()
 # RFC 3339 times already parsed: DERs report at the same instants (on the minute, per slot), and parsing is a
 # good part of a reading's cost. Bounded like the ids.
@@ -214,10 +212,23 @@ _TIMES: dict[str, int] = {}
 _TIMES_MAX = 10_000
 
 
-def _remember_id(der_id: str) -> None:
-    if len(_VALID_IDS) >= _VALID_IDS_MAX:
-        _VALID_IDS.clear()
-    _VALID_IDS.add(der_id)
+def valid_id(value: object) -> TypeGuard[str]:
+    """Whether ``value`` is a well-formed DER or source id, remembering it in KNOWN_IDS if so."""
+    if type(value) is not str:
+        return False
+    if value in KNOWN_IDS:
+        return True
+    if not ID_PATTERN.match(value):
+        return False
+    _remember(KNOWN_IDS, value, _KNOWN_IDS_MAX)
+    return True
+
+
+def _remember(cache: set[str], value: str, most: int) -> None:
+    """Add to a bounded cache of values found good: past ``most`` it starts over."""
+    if len(cache) >= most:
+        cache.clear()
+    cache.add(value)
 
 
 def _remember_time(text: str, epoch_ms: int) -> None:
@@ -320,7 +331,7 @@ def _decode_fast(payload: bytes, limits: Limits) -> Decoded | None:
     except (msgspec.DecodeError, ValueError, RecursionError):  # ValueError: invalid UTF-8 in a string
         return None
     source_id = message.source_id
-    if source_id is not None and source_id not in _VALID_IDS and not _fast_id(source_id):
+    if source_id is not None and not valid_id(source_id):
         return None
     request_id = message.request_id
     if type(request_id) is int and request_id not in _INT_IDS:
@@ -345,7 +356,7 @@ def _fast_readings(readings: list[Any], latest_ms: int) -> list[Reading | HubErr
     """
     items: list[Reading | HubError] = []
     append = items.append
-    times, valid_ids, new, store_slots = _TIMES, _VALID_IDS, Reading.__new__, READING_BY_SLOTS
+    times, valid_ids, new, store_slots = _TIMES, KNOWN_IDS, Reading.__new__, READING_BY_SLOTS
     tan, acos = math.tan, math.acos
     for values in msgspec.to_builtins(readings):  # a dict per reading, without its absent quantities
         der_id = values.pop("der_id")
@@ -355,7 +366,7 @@ def _fast_readings(readings: list[Any], latest_ms: int) -> list[Reading | HubErr
         if measured_at is None:
             measured_at = _fast_time(stated)
         if (
-            (der_id not in valid_ids and not _fast_id(der_id))
+            (der_id not in valid_ids and not valid_id(der_id))
             or not password
             or measured_at is None
             or measured_at > latest_ms
@@ -379,14 +390,6 @@ def _fast_readings(readings: list[Any], latest_ms: int) -> list[Reading | HubErr
             reading = Reading(der_id, measured_at, values, password)
         append(reading)
     return items
-
-
-def _fast_id(value: str) -> bool:
-    """Whether a DER or source id not seen before is well-formed, remembering it if so (one rule for both)."""
-    if not ID_PATTERN.match(value):
-        return False
-    _remember_id(value)
-    return True
 
 
 def _fast_time(stated: str | int) -> int | None:

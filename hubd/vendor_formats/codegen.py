@@ -17,8 +17,7 @@ from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, suppress
 from typing import Any, Protocol
 
-from hubd.auth.registry import ID_PATTERN
-from hubd.formats import Limits, derive_reactive_power
+from hubd.formats import KNOWN_IDS, Limits, derive_reactive_power, valid_id
 from hubd.model import (
     MAX_TIME_MS,
     MIN_TIME_MS,
@@ -534,19 +533,6 @@ def _seoj(frame: bytes) -> str:
     return f"SEOJ 0x{frame[4]:02X}{frame[5]:02X}{frame[6]:02X}"
 
 
-# DER ids seen valid, so that a DER's next reading costs a set lookup rather than the id pattern.
-KNOWN_IDS: set[str] = set()
-
-
-def _valid_id(value: Any) -> bool:
-    if value.__class__ is not str or not ID_PATTERN.match(value):
-        return False
-    if len(KNOWN_IDS) >= 100_000:
-        KNOWN_IDS.clear()
-    KNOWN_IDS.add(value)
-    return True
-
-
 def _text(value: bytes, what: str, label: str) -> str:
     try:
         return value.rstrip(b"\x00 ").decode("ascii")
@@ -602,7 +588,7 @@ _RUNTIME: dict[str, Any] = {
     "DECODE": ErrorCode.DECODE_ERROR,
     "UNKNOWN_DER": ErrorCode.UNKNOWN_DER,
     "KNOWN_IDS": KNOWN_IDS,
-    "_valid_id": _valid_id,
+    "_valid_id": valid_id,
     "SCALARS": SCALARS,
     "_POW10": _POW10,
     "_ratio": _ratio,
