@@ -20,8 +20,8 @@ from hubd.config import LimitsConfig
 from hubd.formats import Decoded, Limits
 from hubd.model import ErrorCode, HubError, RawMessage, Reading, now_ms
 from hubd.quarantine import Quarantine
-from hubd.store import Rows
-from hubd.store.writer import BatchWriter, Write
+from hubd.store import Rows, add_rows
+from hubd.store.writer import BatchWriter, Write, settle
 
 Answer = tuple[dict[str, Any], Decoded | None]  # the answer, and what was decoded (for the reply address)
 _NO_ANSWER = HubError(ErrorCode.INTERNAL, "no answer was made for this message")  # a bug if ever seen
@@ -30,16 +30,6 @@ _NO_ANSWER = HubError(ErrorCode.INTERNAL, "no answer was made for this message")
 # A message whose readings wait for the group's commit: its answer's future, the message, what was decoded,
 # its rows, and its refused readings for the answer.
 _ToCommit = tuple["asyncio.Future[Answer]", RawMessage, Decoded, Write, list[dict[str, Any]]]
-
-
-def _settle(done: asyncio.Future[Answer], result: Answer | BaseException) -> None:
-    """Give a message its outcome, unless it has one (or its sender's task was cancelled)."""
-    if done.done():
-        return
-    if isinstance(result, BaseException):
-        done.set_exception(result)
-    else:
-        done.set_result(result)
 
 
 @dataclass(slots=True)
@@ -112,9 +102,9 @@ class Ingest:
             raise
         except Exception as exc:  # a failure of the group's own steps (the audit log): every message left
             for done in answers:
-                _settle(done, exc)
+                settle(done, exc)
         for done in answers:
-            _settle(done, _NO_ANSWER)  # a bug if any is left
+            settle(done, _NO_ANSWER)  # a bug if any is left
 
     async def _handle_many(self, raws: list[RawMessage], answers: list[asyncio.Future[Answer]]) -> None:
         # The operator's rotate, reset or revoke (another process) counts for every message after its commit:
@@ -136,7 +126,7 @@ class Ingest:
                 ready.append((done, exc))
         self._audit.flush()  # refusals and quarantined messages are written before their answers
         for done, result in ready:
-            _settle(done, result)
+            settle(done, result)
         await asyncio.gather(self._commit(writes), *slow)
 
     def _check(self, raw: RawMessage) -> _Checked | Answer:
@@ -157,10 +147,10 @@ class Ingest:
             answer = self._finish(checked, done, writes)
             self._audit.flush()
             if answer is not None:
-                _settle(done, answer)
+                settle(done, answer)
             await self._commit(writes)
         except Exception as exc:
-            _settle(done, exc)
+            settle(done, exc)
 
     def _finish(self, checked: _Checked, done: asyncio.Future[Answer], writes: list[_ToCommit]) -> Answer | None:
         """Audit the refusals; the answer of a message with nothing to store, else add its rows to ``writes``."""
@@ -171,19 +161,12 @@ class Ingest:
                 "data.received", "rejected", source_id=source_id, topic=raw.topic, readings=len(decoded.items)
             )
             return {"ok": True, "accepted": 0, "rejected": rejected}, decoded
-        rows: Rows = []
-        der_ids = set()
-        tail = (raw.received_at, source_id, raw.format_code)
-        names: tuple[str, ...] = ()
-        run: list[tuple[Any, ...]] = []
         for r in good:
             r.password = None  # not needed past this point; keep it out of every later structure
-            der_ids.add(r.der_id)
-            if tuple(r.values) != names:
-                names, run = tuple(r.values), []
-                rows.append((names, run))
-            run.append((r.der_id, r.measured_at, *r.values.values(), *tail))
-        writes.append((done, raw, decoded, Write(source_id, rows, der_ids, len(decoded.items)), rejected))
+        rows: Rows = []
+        add_rows(rows, good, (raw.received_at, source_id, raw.format_code))
+        der_ids = {r.der_id for r in good}
+        writes.append((done, raw, decoded, Write(source_id, rows, len(good), der_ids, len(decoded.items)), rejected))
         return None
 
     async def _commit(self, writes: list[_ToCommit]) -> None:
@@ -196,17 +179,16 @@ class Ingest:
             for done, raw, decoded, _, _ in writes:
                 try:
                     self.keep(raw, exc)  # so it can be replayed
-                    _settle(done, ({"ok": False, "error": exc.as_dict()}, decoded))
+                    settle(done, ({"ok": False, "error": exc.as_dict()}, decoded))
                 except Exception as failed:
-                    _settle(done, failed)
+                    settle(done, failed)
             return
         except Exception as exc:
             for done, *_ in writes:
-                _settle(done, exc)
+                settle(done, exc)
             return
         for done, _, decoded, write, rejected in writes:
-            accepted = sum(len(run) for _, run in write.rows)
-            _settle(done, ({"ok": True, "accepted": accepted, "rejected": rejected}, decoded))
+            settle(done, ({"ok": True, "accepted": write.readings, "rejected": rejected}, decoded))
 
     async def close(self, timeout_s: float = 5.0) -> None:
         """Let the groups in hand finish (the driver has stopped taking messages), then cancel what is left."""

@@ -149,7 +149,7 @@ def test_a_full_queue_holds_writers_back_and_then_takes_them_all(tmp_path: Path)
         queued: list[int] = []
 
         async def one(minute: int) -> None:
-            await writer.write([Write("edge", rows(("A", minute, 1.0)), {"A"}, 1)])
+            await writer.write([Write("edge", rows(("A", minute, 1.0)), 1, {"A"}, 1)])
 
         tasks = [asyncio.create_task(one(minute)) for minute in range(30)]
         while not all(t.done() for t in tasks):

@@ -6,9 +6,11 @@ Backends are synchronous and called from one dedicated thread (SQLite's writes f
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from hubd.model import Reading
 from hubd.query.buckets import Bucket
 
 
@@ -31,13 +33,14 @@ A sender's readings mostly carry the same quantities, so a message is one run; t
 readings of the same DER and time came last, and so stays."""
 
 
-def add_rows(rows: Rows, readings: list[StoredReading]) -> None:
-    """Append ``readings`` to ``rows``."""
+def add_rows(rows: Rows, readings: Iterable[Reading | StoredReading], tail: tuple[int, str, str]) -> None:
+    """Append ``readings`` to ``rows``, each with ``tail``: (received_at, source_id, format_code)."""
+    names, run = rows[-1] if rows else ((), [])
     for r in readings:
-        names = tuple(r.values)
-        if not rows or rows[-1][0] != names:
-            rows.append((names, []))
-        rows[-1][1].append((r.der_id, r.measured_at, *r.values.values(), r.received_at, r.source_id, r.format_code))
+        if tuple(r.values) != names:
+            names, run = tuple(r.values), []
+            rows.append((names, run))
+        run.append((r.der_id, r.measured_at, *r.values.values(), *tail))
 
 
 Where = tuple[tuple[str, str, float], ...]  # (field, operator, operand), operators as in hubd.query

@@ -99,7 +99,8 @@ class SqliteStore:
 
     def write(self, readings: list[StoredReading], stored_at: int) -> None:
         rows: Rows = []
-        add_rows(rows, readings)
+        for r in readings:
+            add_rows(rows, (r,), (r.received_at, r.source_id, r.format_code))
         self.write_rows(rows, stored_at)
 
     def write_rows(self, rows: Rows, stored_at: int) -> None:

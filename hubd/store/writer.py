@@ -10,6 +10,7 @@ import asyncio
 from collections import defaultdict, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from loguru import logger
 
@@ -17,6 +18,7 @@ from hubd.audit import AuditLog
 from hubd.model import ErrorCode, HubError, now_ms
 from hubd.store import Rows, StoreWriter
 
+T = TypeVar("T")
 _LISTED_DERS = 200  # an audit record lists the DER ids up to this many, else gives their count
 
 
@@ -26,6 +28,7 @@ class Write:
 
     source_id: str
     rows: Rows
+    readings: int  # in rows
     der_ids: set[str]
     offered: int  # readings the message had, refused ones included
 
@@ -39,14 +42,14 @@ class _Pending:
     done: asyncio.Future[None]
 
 
-def _settle(done: asyncio.Future[None], outcome: BaseException | None) -> None:
-    """Tell a waiting writer its batch's outcome, unless it has stopped waiting."""
+def settle(done: asyncio.Future[T], outcome: T | BaseException) -> None:
+    """Give a waiter its outcome (a result, or an exception to raise), unless it has one or stopped waiting."""
     if done.done():
         return
-    if outcome is None:
-        done.set_result(None)
-    else:
+    if isinstance(outcome, BaseException):
         done.set_exception(outcome)
+    else:
+        done.set_result(outcome)
 
 
 @dataclass(slots=True)
@@ -88,7 +91,7 @@ class BatchWriter:
             self._room.append(room)
             await room
         done: asyncio.Future[None] = loop.create_future()
-        count = sum(len(run) for w in writes for _, run in w.rows)
+        count = sum(w.readings for w in writes)
         self._queue.append(_Pending(writes, count, done))
         self._queued += len(writes)
         self._wake.set()
@@ -101,9 +104,9 @@ class BatchWriter:
             self._closing = True
             unavailable = HubError(ErrorCode.UNAVAILABLE, "the store is unavailable")
             while self._queue:
-                _settle(self._queue.popleft().done, unavailable)
+                settle(self._queue.popleft().done, unavailable)
             while self._room:
-                _settle(self._room.popleft(), unavailable)
+                settle(self._room.popleft(), unavailable)
 
     async def _serve(self) -> None:
         loop = asyncio.get_running_loop()
@@ -118,7 +121,7 @@ class BatchWriter:
             while self._queue:
                 batch = self._take()
                 while self._room:
-                    _settle(self._room.popleft(), None)
+                    settle(self._room.popleft(), None)
                 rows: Rows = [run for p in batch for w in p.writes for run in w.rows]
                 try:
                     await loop.run_in_executor(self._thread, self._store.write_rows, rows, now_ms())
@@ -139,7 +142,7 @@ class BatchWriter:
                         logger.exception("auditing a committed batch failed")
                         outcome = audit_failed
                 for p in batch:
-                    _settle(p.done, outcome)
+                    settle(p.done, outcome)
             if self._closing:
                 self.flush_counts()
                 return
@@ -161,7 +164,7 @@ class BatchWriter:
             tally = tallies[w.source_id]
             tally.messages += 1
             tally.offered += w.offered
-            tally.readings += sum(len(run) for _, run in w.rows)
+            tally.readings += w.readings
             tally.der_ids |= w.der_ids
         for source_id, tally in tallies.items():
             listed = sorted(tally.der_ids) if len(tally.der_ids) <= _LISTED_DERS else None
