@@ -156,14 +156,9 @@ def check_reading(item: Any, limits: Limits) -> Reading:
     password = item.get("password")
     if type(password) is not str or not password:
         raise HubError(ErrorCode.BAD_REQUEST, "password is missing or not a string")
-    stated = item.get("measured_at", _MISSING)
-    measured_at = _TIMES.get(stated) if type(stated) is str else None
-    if measured_at is None:
-        if stated is _MISSING:
-            raise HubError(ErrorCode.BAD_REQUEST, "measured_at is missing")
-        measured_at = parse_time(stated, "measured_at")
-        if type(stated) is str:
-            _remember_time(stated, measured_at)
+    if "measured_at" not in item:
+        raise HubError(ErrorCode.BAD_REQUEST, "measured_at is missing")
+    measured_at = _measured_at(item["measured_at"])
     if measured_at > limits.now_ms + limits.max_future_ms:
         raise HubError(
             ErrorCode.BAD_REQUEST,
@@ -205,7 +200,6 @@ def check_reading(item: Any, limits: Limits) -> Reading:
 # starts over.
 KNOWN_IDS: set[str] = set()
 _KNOWN_IDS_MAX = 200_000
-_MISSING = object()
 # RFC 3339 times already parsed: DERs report at the same instants (on the minute, per slot), and parsing is a
 # good part of a reading's cost. Bounded like the ids.
 _TIMES: dict[str, int] = {}
@@ -231,10 +225,17 @@ def _remember(cache: set[str], value: str, most: int) -> None:
     cache.add(value)
 
 
-def _remember_time(text: str, epoch_ms: int) -> None:
-    if len(_TIMES) >= _TIMES_MAX:
-        _TIMES.clear()
-    _TIMES[text] = epoch_ms
+def _measured_at(stated: object) -> int:
+    """``measured_at`` in epoch ms (HubError if it is no time the hub takes), a string parsed once."""
+    if type(stated) is not str:
+        return parse_time(stated, "measured_at")
+    measured_at = _TIMES.get(stated)
+    if measured_at is None:
+        measured_at = parse_time(stated, "measured_at")
+        if len(_TIMES) >= _TIMES_MAX:
+            _TIMES.clear()
+        _TIMES[stated] = measured_at
+    return measured_at
 
 
 def derive_reactive_power(values: dict[str, float]) -> None:
@@ -269,7 +270,7 @@ def decode_native_slow(payload: bytes, limits: Limits) -> Decoded:
     data = load_json_object(payload)
     reply_to, request_id = reply_fields(data)
     source_id = data.get("source_id")
-    if source_id is not None and (not isinstance(source_id, str) or not ID_PATTERN.match(source_id)):
+    if source_id is not None and not valid_id(source_id):
         raise HubError(ErrorCode.DECODE_ERROR, "source_id must be 1-64 characters of letters, digits and ._:-")
     readings = data.get("readings")
     if not isinstance(readings, list):
@@ -285,7 +286,7 @@ def decode_native_slow(payload: bytes, limits: Limits) -> Decoded:
             items.append(check_reading(item, limits))
         except HubError as exc:
             named = item.get("der_id") if isinstance(item, dict) else None
-            exc.der_id = named if isinstance(named, str) and ID_PATTERN.match(named) else None
+            exc.der_id = named if valid_id(named) else None
             items.append(exc)
     return Decoded(source_id, items, reply_to, request_id)
 
@@ -393,11 +394,8 @@ def _fast_readings(readings: list[Any], latest_ms: int) -> list[Reading | HubErr
 
 
 def _fast_time(stated: str | int) -> int | None:
-    """``measured_at`` in epoch ms, remembering a parsed string; None when it is no time the hub takes."""
+    """``measured_at`` in epoch ms; None when it is no time the hub takes (the slow path then says why)."""
     try:
-        measured_at = parse_time(stated, "measured_at")
+        return _measured_at(stated)
     except HubError:
         return None
-    if type(stated) is str:
-        _remember_time(stated, measured_at)
-    return measured_at
