@@ -48,8 +48,9 @@ class WriterProcess:
         self._call(None)
 
     def write_rows(self, rows: Rows, stored_at: int) -> None:
-        """Commit ``rows``; durable when this returns. Raises StoreProcessError if not committed."""
+        """Commit ``rows``; durable when this returns. Raises StoreProcessError otherwise."""
         if self._child is None or self._child.poll() is not None:
+            self._reap()
             self._start()  # the previous child died: a fresh one for this batch
         self._call((rows, stored_at))
 
@@ -66,10 +67,13 @@ class WriterProcess:
             raise StoreProcessError(error)
 
     def _reap(self) -> None:
-        if self._child is not None:
-            self._child.kill()
-            self._child.wait()
-            self._child = None
+        child, self._child = self._child, None
+        if child is not None:
+            child.kill()
+            child.wait()
+            for pipe in (child.stdin, child.stdout):
+                if pipe is not None:
+                    pipe.close()
 
     def close(self) -> None:
         """Close the pipe; the child finishes and exits."""
