@@ -736,7 +736,17 @@ def start_profiler(processes: Processes, pid: int, args: argparse.Namespace, cas
     output = directory / f"hub-{case}.{suffix}"
     profiler = processes.start(
         [
-            *(str(py_spy), "record", "--pid", str(pid), "--rate", "250", "--threads", "--nonblocking"),
+            *(
+                str(py_spy),
+                "record",
+                "--pid",
+                str(pid),
+                "--rate",
+                "250",
+                "--threads",
+                "--subprocesses",
+                "--nonblocking",
+            ),
             *("--format", args.profile_format, "--output", str(output)),
         ],
         stdout=subprocess.DEVNULL,

@@ -76,7 +76,8 @@ class Hub:
             quarantine = Quarantine(config.registry_path)
             stack.callback(quarantine.close)
             store = WriterProcess(config.readings_path, config.store.sqlite.synchronous)
-            stack.callback(store.close)
+            await store.start()
+            stack.push_async_callback(store.close)
             # Queries read through their own connection and thread: WAL lets them run beside the writer, so a
             # long settlement query never holds up the acknowledgement of incoming data.
             self.reader = SqliteStore(config.readings_path, config.store.sqlite.synchronous)

@@ -27,9 +27,25 @@ def rows(*items: tuple[str, int, float]) -> Rows:
     return [(NAMES, [(der_id, minute * 60_000, power, 0, "edge", "hub.v1") for der_id, minute, power in items])]
 
 
+class Writer:
+    """A WriterProcess on an event loop of its own, driven from a plain test."""
+
+    def __init__(self, path: Path) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.process = WriterProcess(path)
+        self.loop.run_until_complete(self.process.start())
+
+    def write_rows(self, rows: Rows, stored_at: int) -> None:
+        self.loop.run_until_complete(self.process.write_rows(rows, stored_at))
+
+    def close(self) -> None:
+        self.loop.run_until_complete(self.process.close())
+        self.loop.close()
+
+
 @pytest.fixture
-def writer(tmp_path: Path) -> Iterator[WriterProcess]:
-    process = WriterProcess(tmp_path / "readings.sqlite3")
+def writer(tmp_path: Path) -> Iterator[Writer]:
+    process = Writer(tmp_path / "readings.sqlite3")
     try:
         yield process
     finally:
@@ -46,18 +62,18 @@ def stored(path: Path) -> list[tuple[str, int, float, int]]:
     return [(d, t, p, len(stamps)) for d, t, p in found]
 
 
-def child_pid(process: WriterProcess) -> int:
-    assert process._child is not None
-    return process._child.pid
+def child_pid(writer: Writer) -> int:
+    assert writer.process._child is not None
+    return writer.process._child.pid
 
 
-def test_a_batch_is_readable_once_write_returns_and_a_resend_replaces(writer: WriterProcess, tmp_path: Path) -> None:
+def test_a_batch_is_readable_once_write_returns_and_a_resend_replaces(writer: Writer, tmp_path: Path) -> None:
     writer.write_rows(rows(("A", 1, 1.0), ("B", 1, 2.0)), stored_at=111)
     writer.write_rows(rows(("A", 1, 5.0)), stored_at=222)
     assert [r[:3] for r in stored(tmp_path / "readings.sqlite3")] == [("A", 60_000, 5.0), ("B", 60_000, 2.0)]
 
 
-def test_of_two_readings_of_a_der_and_time_in_one_batch_the_later_wins(writer: WriterProcess, tmp_path: Path) -> None:
+def test_of_two_readings_of_a_der_and_time_in_one_batch_the_later_wins(writer: Writer, tmp_path: Path) -> None:
     """Also when they carry different quantities, so are written by different statements."""
     tail = (0, "edge", "hub.v1")
     writer.write_rows(
@@ -74,7 +90,7 @@ def test_of_two_readings_of_a_der_and_time_in_one_batch_the_later_wins(writer: W
     assert found == [("A", 3.0, None), ("B", 1.0, None)]
 
 
-def test_sigterm_and_sigint_leave_the_writer_serving(writer: WriterProcess, tmp_path: Path) -> None:
+def test_sigterm_and_sigint_leave_the_writer_serving(writer: Writer, tmp_path: Path) -> None:
     """systemd and a terminal's Ctrl-C signal the whole process group; the hub drains, so its writer must stay."""
     pid = child_pid(writer)
     os.kill(pid, signal.SIGTERM)
@@ -84,17 +100,17 @@ def test_sigterm_and_sigint_leave_the_writer_serving(writer: WriterProcess, tmp_
     assert len(stored(tmp_path / "readings.sqlite3")) == 1
 
 
-def test_a_dead_writer_is_replaced_for_the_next_batch(writer: WriterProcess, tmp_path: Path) -> None:
+def test_a_dead_writer_is_replaced_for_the_next_batch(writer: Writer, tmp_path: Path) -> None:
     first = child_pid(writer)
     os.kill(first, signal.SIGKILL)
-    assert writer._child is not None
-    writer._child.wait()
+    assert writer.process._child is not None
+    writer.process._child.wait()
     writer.write_rows(rows(("A", 3, 1.0)), stored_at=1)
     assert child_pid(writer) != first
     assert [r[:2] for r in stored(tmp_path / "readings.sqlite3")] == [("A", 180_000)]
 
 
-def test_a_refused_batch_raises_and_the_writer_keeps_serving(writer: WriterProcess, tmp_path: Path) -> None:
+def test_a_refused_batch_raises_and_the_writer_keeps_serving(writer: Writer, tmp_path: Path) -> None:
     pid = child_pid(writer)
     with pytest.raises(StoreProcessError, match="not quantities of the unified schema"):
         writer.write_rows([(("power_kw; DROP TABLE readings",), [("A", 0, 1.0, 0, "edge", "hub.v1")])], stored_at=1)
@@ -106,7 +122,7 @@ def test_a_refused_batch_raises_and_the_writer_keeps_serving(writer: WriterProce
 def test_a_store_that_cannot_be_opened_fails_at_start(tmp_path: Path) -> None:
     (tmp_path / "taken").write_text("a file where the store's folder should be")
     with pytest.raises(StoreProcessError):
-        WriterProcess(tmp_path / "taken" / "readings.sqlite3")
+        Writer(tmp_path / "taken" / "readings.sqlite3")
 
 
 def test_a_failed_commit_is_answered_unavailable_audited_and_quarantined(hub: RunningHub) -> None:
@@ -142,7 +158,8 @@ def test_a_full_queue_holds_writers_back_and_then_takes_them_all(tmp_path: Path)
     """``store.queue_max_messages``: past it, a message waits for room instead of queueing; none is lost."""
 
     async def main() -> list[int]:
-        store = SqliteStore(tmp_path / "readings.sqlite3")
+        store = WriterProcess(tmp_path / "readings.sqlite3")
+        await store.start()
         audit = AuditLog(tmp_path / "audit.jsonl")
         writer = BatchWriter(store, audit, max_readings=1, queue_max_messages=1)
         writer.start()
@@ -157,16 +174,18 @@ def test_a_full_queue_holds_writers_back_and_then_takes_them_all(tmp_path: Path)
             await asyncio.sleep(0)
         await asyncio.gather(*tasks)
         await writer.close()
+        await store.close()
         audit.close()
-        count = store.count()
-        store.close()
+        reader = SqliteStore(tmp_path / "readings.sqlite3")
+        count = reader.count()
+        reader.close()
         return [max(queued), count]
 
     most_queued, count = asyncio.run(main())
     assert most_queued == 1 and count == 30
 
 
-def test_a_reading_received_earlier_never_replaces_one_received_later(writer: WriterProcess, tmp_path: Path) -> None:
+def test_a_reading_received_earlier_never_replaces_one_received_later(writer: Writer, tmp_path: Path) -> None:
     """A message that waited for bcrypt can commit after a later one of the same DER and time."""
     writer.write_rows([(("power_kw",), [("A", 0, 2.0, 200, "edge", "hub.v1")])], stored_at=1)
     writer.write_rows([(("power_kw", "energy_kwh"), [("A", 0, 1.0, 5.0, 100, "edge", "hub.v1")])], stored_at=2)
@@ -176,3 +195,22 @@ def test_a_reading_received_earlier_never_replaces_one_received_later(writer: Wr
     found = db.execute("SELECT der_id, power_kw, energy_kwh, received_at, stored_at FROM readings ORDER BY der_id")
     assert found.fetchall() == [("A", 2.0, None, 200, 1), ("B", 3.0, None, 300, 4)]
     db.close()
+
+
+def test_in_a_batch_of_one_quantity_set_the_last_to_arrive_of_a_der_and_time_stays(
+    writer: Writer, tmp_path: Path
+) -> None:
+    """Rows are sorted by key for the write; among rows of one key, the later arrival wins (same receive time),
+    and a row received earlier never replaces one received later, wherever it sits in the batch."""
+    writer.write_rows(
+        [
+            (NAMES, [("B", 0, 1.0, 100, "edge", "hub.v1"), ("A", 0, 3.0, 100, "edge", "hub.v1")]),
+            (NAMES, [("A", 0, 2.0, 100, "edge", "hub.v1"), ("B", 0, 9.0, 50, "edge", "hub.v1")]),
+            (NAMES, [("A", 0, 1.0, 100, "edge", "hub.v1")]),
+        ],
+        stored_at=1,
+    )
+    db = sqlite3.connect(tmp_path / "readings.sqlite3")
+    found = db.execute("SELECT der_id, power_kw, received_at FROM readings ORDER BY der_id").fetchall()
+    db.close()
+    assert found == [("A", 1.0, 100), ("B", 1.0, 100)]

@@ -1,7 +1,8 @@
 """Where readings live: one interface, one module per backend.
 
-Backends are synchronous and called from one dedicated thread (SQLite's writes from a process of their own,
-``hubd.store.process``), so a slow disk never stalls the event loop and a backend needs no locking of its own.
+Reading backends are synchronous and called from one dedicated thread, so a slow disk never stalls the event
+loop and a backend needs no locking of its own; writes go through a ``StoreWriter`` awaited on the loop
+(SQLite's from a process of its own, ``hubd.store.process``).
 """
 
 from __future__ import annotations
@@ -47,13 +48,12 @@ Where = tuple[tuple[str, str, float], ...]  # (field, operator, operand), operat
 
 
 class StoreWriter(Protocol):
-    """What the hub's batch writer needs: a durable ``write_rows`` (and ``close``)."""
+    """What the hub's batch writer needs: a durable ``write_rows`` awaited on the event loop."""
 
-    def write_rows(self, rows: Rows, stored_at: int) -> None:
-        """Store ``rows`` (replacing readings of the same DER and time); durable when this returns."""
+    async def write_rows(self, rows: Rows, stored_at: int) -> None:
+        """Store ``rows`` (replacing readings of the same DER and time); durable when this returns. May be
+        called again before an earlier call returned: batches are committed in the order of the calls."""
         ...
-
-    def close(self) -> None: ...
 
 
 class Store(Protocol):

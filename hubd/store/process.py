@@ -3,7 +3,7 @@
 Python's sqlite3 gives up the GIL around every row it steps and must take it back for the next one. In the
 hub's process that meant waiting, for every row, until the busy event loop paused: with the writer a thread
 of the hub, a batch crawled at a few thousand rows a second (bench/README.md). Here the rows travel as one
-pickled batch over a pipe to a child (``python -m hubd.store.process``) that owns the write connection and
+batch over a pipe to a child (``python -m hubd.store.process``) that owns the write connection and
 answers after the commit, so "acknowledged after commit" still holds. Queries read through the hub's own
 connection: WAL lets them see every committed batch.
 
@@ -13,18 +13,25 @@ when the hub closes the pipe, after the batch in hand, so a hub that drains on s
 
 from __future__ import annotations
 
-import contextlib
-import pickle
+import asyncio
+import marshal
+import os
 import signal
 import struct
 import subprocess
 import sys
+from collections import deque
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
 from hubd.store import Rows
 from hubd.store.sqlite import SqliteStore
+from hubd.store.writer import settle
 
+# Batches travel in ``marshal``'s format: rows are tuples of str, int, float and None, which it writes and
+# reads two to three times faster than pickle (bench/README.md); both ends are the same interpreter, the one
+# format version marshal guarantees to read back.
 _HEADER = struct.Struct("<Q")
 
 
@@ -34,65 +41,143 @@ class StoreProcessError(RuntimeError):
 
 
 class WriterProcess:
-    """``write_rows`` and ``close`` of a SqliteStore, run in a child process. Called from one thread at a time."""
+    """``write_rows`` and ``close`` of a SqliteStore, run in a child process and awaited on the event loop.
+
+    No thread in between: one handing each batch over cost the loop a GIL switch per batch and per answer
+    (bench/README.md). A batch is written to the child only while the child waits for one (just started, or
+    just answered), so the write goes through at once and never blocks the loop behind a commit; a batch
+    that comes during a commit is serialized meanwhile and written the moment the commit is answered.
+    """
 
     def __init__(self, path: Path, synchronous: str = "full") -> None:
         self._args = [sys.executable, "-m", "hubd.store.process", str(path), synchronous]
         self._child: subprocess.Popen[bytes] | None = None
-        self._start()
+        self._answers: _Answers | None = None
+        self._sent: asyncio.Future[str | None] | None = None  # the answer the child owes
+        self._unsent: deque[tuple[bytes, asyncio.Future[str | None]]] = deque()
 
-    def _start(self) -> None:
-        self._child = subprocess.Popen(self._args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, close_fds=True)
-        # The child opens the store (and creates the schema) before its first answer: wait for it, so a store
-        # that cannot be opened fails the hub's start, not its first batch.
-        self._call(None)
+    async def start(self) -> None:
+        """Start the child and wait until it has opened the store (and created the schema), so a store that
+        cannot be opened fails the hub's start, not its first batch."""
+        child = subprocess.Popen(self._args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, close_fds=True)
+        self._child = child
+        _, self._answers = await asyncio.get_running_loop().connect_read_pipe(
+            lambda: _Answers(self._answered, self._ended), child.stdout
+        )
+        await self._call(None)
 
-    def write_rows(self, rows: Rows, stored_at: int) -> None:
+    async def write_rows(self, rows: Rows, stored_at: int) -> None:
         """Commit ``rows``; durable when this returns. Raises StoreProcessError otherwise."""
-        if self._child is None or self._child.poll() is not None:
+        if self._child is None or self._child.poll() is not None or self._answers is None:
             self._reap()
-            self._start()  # the previous child died: a fresh one for this batch
-        self._call((rows, stored_at))
+            await self.start()  # the previous child died: a fresh one for this batch
+        await self._call((rows, stored_at))
 
-    def _call(self, request: Any) -> None:
-        child = self._child
-        assert child is not None and child.stdin is not None and child.stdout is not None
-        try:
-            _send(child.stdin, request)
-            error = _receive(child.stdout)
-        except (OSError, EOFError, pickle.UnpicklingError) as exc:
-            self._reap()
-            raise StoreProcessError(f"the store's writer process ended ({exc or type(exc).__name__})") from None
+    async def _call(self, request: Any) -> None:
+        data = marshal.dumps(request)
+        answer: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
+        self._unsent.append((_HEADER.pack(len(data)) + data, answer))
+        if self._sent is None:
+            self._send_next()
+        error = await answer
         if error is not None:
             raise StoreProcessError(error)
 
+    def _send_next(self) -> None:
+        """Write the oldest unsent batch; the child is waiting for it, so this returns as soon as it has read."""
+        data, answer = self._unsent.popleft()
+        assert self._child is not None and self._child.stdin is not None
+        try:
+            _write_all(self._child.stdin.fileno(), data)
+        except OSError as exc:
+            self._unsent.appendleft((data, answer))
+            self._ended(exc)
+            return
+        self._sent = answer
+
+    def _answered(self, error: str | None) -> None:
+        sent, self._sent = self._sent, None
+        if sent is not None:
+            settle(sent, error)
+        if self._unsent:
+            self._send_next()
+
+    def _ended(self, exc: Exception | None) -> None:
+        """The child is gone: every batch not answered fails (the next ``write_rows`` starts a new child)."""
+        self._answers = None
+        ended = StoreProcessError(f"the store's writer process ended ({exc or 'its pipe closed'})")
+        sent, self._sent = self._sent, None
+        if sent is not None:
+            settle(sent, ended)
+        while self._unsent:
+            settle(self._unsent.popleft()[1], ended)
+
     def _reap(self) -> None:
         child, self._child = self._child, None
+        if self._answers is not None:
+            self._answers.close()
         if child is not None:
             child.kill()
             child.wait()
-            for pipe in (child.stdin, child.stdout):
-                if pipe is not None:
-                    pipe.close()
+            if child.stdin is not None:
+                child.stdin.close()
 
-    def close(self) -> None:
-        """Close the pipe; the child finishes and exits."""
+    async def close(self) -> None:
+        """Close the pipe; the child commits what it holds, then exits (waited for, 30 s at most)."""
         child, self._child = self._child, None
         if child is None:
             return
-        assert child.stdin is not None and child.stdout is not None
-        with contextlib.suppress(OSError):
-            child.stdin.close()
+        assert child.stdin is not None
+        child.stdin.close()
         try:
-            child.wait(timeout=30)
-        except subprocess.TimeoutExpired:
+            await asyncio.wait_for(asyncio.to_thread(child.wait), 30)
+        except TimeoutError:
             child.kill()
-            child.wait()
-        child.stdout.close()
+            await asyncio.to_thread(child.wait)
+        if self._answers is not None:
+            self._answers.close()
+
+
+class _Answers(asyncio.Protocol):
+    """The child's answers (None, or the error of a batch it refused), in the order of the requests."""
+
+    def __init__(self, on_answer: Callable[[str | None], None], on_end: Callable[[Exception | None], None]) -> None:
+        self._on_answer = on_answer
+        self._on_end = on_end
+        self._buffer = bytearray()
+        self._transport: asyncio.BaseTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        buffer = self._buffer
+        buffer += data
+        while len(buffer) >= _HEADER.size:
+            (size,) = _HEADER.unpack_from(buffer)
+            end = _HEADER.size + size
+            if len(buffer) < end:
+                return
+            answer = marshal.loads(buffer[_HEADER.size : end])
+            del buffer[:end]
+            self._on_answer(answer)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._on_end(exc)
+
+    def close(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
 
 
 def _send(stream: IO[bytes], obj: Any) -> None:
-    data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    data = marshal.dumps(obj)
     stream.write(_HEADER.pack(len(data)) + data)
     stream.flush()
 
@@ -105,7 +190,7 @@ def _receive(stream: IO[bytes]) -> Any:
     data = stream.read(size)
     if len(data) < size:
         raise EOFError("the pipe closed mid-message")
-    return pickle.loads(data)
+    return marshal.loads(data)
 
 
 def serve(path: Path, synchronous: str) -> None:

@@ -1,6 +1,6 @@
 """Group commit: readings from many messages written in one transaction, each sender told only after it.
 
-Messages queue up while the store thread commits the previous batch, so batches grow with the load and the
+Messages queue up while the store commits the previous batch, so batches grow with the load and the
 cost of a commit is shared; a bounded queue pushes back on the broker instead of dropping anything.
 """
 
@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 from collections import defaultdict, deque
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -20,6 +19,9 @@ from hubd.store import Rows, StoreWriter
 
 T = TypeVar("T")
 _LISTED_DERS = 200  # an audit record lists the DER ids up to this many, else gives their count
+# Batches sent to the store before the first is answered: the next one waits at the store while a commit
+# runs, instead of being put together only after it (bench/README.md).
+_IN_FLIGHT = 2
 
 
 @dataclass(slots=True)
@@ -61,7 +63,7 @@ class _SourceTally:
 
 
 class BatchWriter:
-    """Accepts readings from many coroutines and commits them in batches from one store thread."""
+    """Accepts readings from many coroutines and commits them in batches, in order."""
 
     def __init__(self, store: StoreWriter, audit: AuditLog, max_readings: int, queue_max_messages: int) -> None:
         self._store = store
@@ -72,7 +74,6 @@ class BatchWriter:
         self._queue_max = queue_max_messages
         self._queued = 0  # messages in the queue (a group counts each of its messages)
         self._room: deque[asyncio.Future[None]] = deque()  # writers waiting for the queue to shrink
-        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hubd-store")
         self._closing = False
         self._counts: dict[tuple[str, str], int] = {}
         self._task: asyncio.Task[None] | None = None
@@ -109,7 +110,7 @@ class BatchWriter:
                 settle(self._room.popleft(), unavailable)
 
     async def _serve(self) -> None:
-        loop = asyncio.get_running_loop()
+        in_flight: set[asyncio.Task[None]] = set()
         while True:
             try:
                 await asyncio.wait_for(self._wake.wait(), timeout=1.0)
@@ -118,34 +119,40 @@ class BatchWriter:
                     self.flush_counts()
                 continue
             self._wake.clear()
-            while self._queue:
-                batch = self._take()
+            while self._queue and len(in_flight) < _IN_FLIGHT:
+                commit = asyncio.create_task(self._commit(self._take()))
+                in_flight.add(commit)
+                commit.add_done_callback(in_flight.discard)
+                commit.add_done_callback(lambda _: self._wake.set())
                 while self._room:
                     settle(self._room.popleft(), None)
-                rows: Rows = [run for p in batch for w in p.writes for run in w.rows]
-                try:
-                    await loop.run_in_executor(self._thread, self._store.write_rows, rows, now_ms())
-                except Exception as exc:
-                    count = sum(p.count for p in batch)
-                    logger.error("store write of {} readings failed: {}", count, exc)
-                    outcome: BaseException | None = HubError(ErrorCode.UNAVAILABLE, "the store is unavailable")
-                    try:
-                        self._audit.append("store.failed", "error", readings=count, reason=str(exc))
-                        self._audit.flush()
-                    except Exception as audit_failed:  # the senders are told all the same
-                        logger.error("auditing the failed write failed too: {}", audit_failed)
-                else:
-                    outcome = None
-                    try:
-                        self._audit_batch(batch)
-                    except Exception as audit_failed:  # committed but not audited: nobody is told "ok"
-                        logger.exception("auditing a committed batch failed")
-                        outcome = audit_failed
-                for p in batch:
-                    settle(p.done, outcome)
-            if self._closing:
+            if self._closing and not self._queue and not in_flight:
                 self.flush_counts()
                 return
+
+    async def _commit(self, batch: list[_Pending]) -> None:
+        """Commit one batch, audit it, then tell its writers."""
+        rows: Rows = [run for p in batch for w in p.writes for run in w.rows]
+        try:
+            await self._store.write_rows(rows, now_ms())
+        except Exception as exc:
+            count = sum(p.count for p in batch)
+            logger.error("store write of {} readings failed: {}", count, exc)
+            outcome: BaseException | None = HubError(ErrorCode.UNAVAILABLE, "the store is unavailable")
+            try:
+                self._audit.append("store.failed", "error", readings=count, reason=str(exc))
+                self._audit.flush()
+            except Exception as audit_failed:  # the senders are told all the same
+                logger.error("auditing the failed write failed too: {}", audit_failed)
+        else:
+            outcome = None
+            try:
+                self._audit_batch(batch)
+            except Exception as audit_failed:  # committed but not audited: nobody is told "ok"
+                logger.exception("auditing a committed batch failed")
+                outcome = audit_failed
+        for p in batch:
+            settle(p.done, outcome)
 
     def _take(self) -> list[_Pending]:
         """Up to ``max_readings`` readings' worth of messages (always at least one group)."""
@@ -187,9 +194,8 @@ class BatchWriter:
         self._audit.flush()
 
     async def close(self) -> None:
-        """Commit what is queued, then stop the store thread."""
+        """Commit what is queued, then stop."""
         self._closing = True
         self._wake.set()
         if self._task is not None:
             await self._task
-        self._thread.shutdown(wait=True)
