@@ -34,7 +34,7 @@ import orjson
 
 from hubd.broker import EmbeddedBroker, free_port
 from hubd.config import BrokerConfig
-from hubd.drivers.mqtt import MqttDriver
+from hubd.drivers.mqtt import Done, MqttDriver
 
 HOST = "127.0.0.1"
 ASKS = "bench/asks"
@@ -76,8 +76,9 @@ Stop = Callable[[], Awaitable[None]]
 async def run_hubd(port: int, round_no: int) -> Stop:
     driver: MqttDriver
 
-    async def answer(topic: str, payload: bytes, properties: dict[str, Any]) -> None:
+    def answer(topic: str, payload: bytes, properties: dict[str, Any], done: Done) -> None:
         driver.publish(properties["response_topic"][0], {"ok": True, "accepted": 1, "rejected": []})
+        done(True)
 
     config = BrokerConfig(client_id=f"bench-hubd-{round_no}", receive_maximum=RECEIVE_MAXIMUM)
     driver = MqttDriver(config, f"mqtt://{HOST}:{port}", [ASKS], answer)

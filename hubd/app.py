@@ -12,6 +12,7 @@ import gc
 import signal
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AsyncExitStack
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +24,9 @@ from hubd.auth.registration import Registration
 from hubd.auth.registry import Registry
 from hubd.broker import EmbeddedBroker
 from hubd.config import Config
-from hubd.drivers.mqtt import MqttDriver
+from hubd.drivers.mqtt import Done, MqttDriver, per_message
 from hubd.formats import load_json_object, reply_fields
-from hubd.ingest import Ingest
+from hubd.ingest import Ingest, Outcome
 from hubd.model import ErrorCode, HubError, RawMessage, format_time, now_ms
 from hubd.quarantine import Quarantine
 from hubd.query.conditions import parse_query
@@ -51,6 +52,7 @@ class Hub:
         self._request_topics = frozenset(self.topics.values())
         self._stop = asyncio.Event()
         self.ready = asyncio.Event()
+        self._requests = per_message(self._on_request)
 
     async def run(self) -> None:
         """Run until SIGTERM/SIGINT (or ``stop()``), then drain: commit and answer what is in hand."""
@@ -149,31 +151,65 @@ class Hub:
 
     # -- routing ----------------------------------------------------------------------------------------
 
-    async def on_message(self, topic: str, payload: bytes, properties: dict[str, Any]) -> None:
-        """Route one message; a failure of the hub's own is answered ``internal`` and the payload kept.
+    def on_message(self, topic: str, payload: bytes, properties: dict[str, Any], done: Done) -> None:
+        """Route one message: data to ingest (taken in with the others of its loop turn), a request to a task
+        of its own. ``done(True)`` once it is answered (or needs no answer), so the driver acknowledges it."""
+        if self._is_data(topic):
+            raw = self._raw_message(topic, payload, properties)
+            self.ingest.submit(raw, partial(self._data_answered, raw, properties, done))
+        else:
+            self._requests(topic, payload, properties, done)
+
+    def _data_answered(self, raw: RawMessage, properties: dict[str, Any], done: Done, outcome: Outcome) -> None:
+        """Send a data message's answer, then let the driver acknowledge it; stopping: not acknowledged."""
+        if isinstance(outcome, asyncio.CancelledError):
+            done(False)
+            return
+        try:
+            if isinstance(outcome, BaseException):
+                self._failed(raw.topic, raw.payload, properties, outcome)
+            else:
+                answer, decoded = outcome
+                reply_to, request_id = (decoded.reply_to, decoded.request_id) if decoded else _reply_of(raw.payload)
+                response_topic = _first(properties.get("response_topic"))
+                correlation = _first(properties.get("correlation_data"))
+                if self._answer(answer, response_topic, correlation, reply_to, request_id):
+                    source_id = decoded.source_id or raw.source_id if decoded else raw.source_id
+                    self.writer.count("data.answered", source_id)
+        except Exception:
+            logger.exception("message on {} failed; not acknowledged, the broker will deliver it again", raw.topic)
+            done(False)
+            return
+        done(True)
+
+    async def _on_request(self, topic: str, payload: bytes, properties: dict[str, Any]) -> None:
+        try:
+            await self._route(topic, payload, properties)
+        except Exception as exc:
+            self._failed(topic, payload, properties, exc)
+
+    def _failed(self, topic: str, payload: bytes, properties: dict[str, Any], exc: BaseException) -> None:
+        """A failure of the hub's own: answered ``internal`` and the payload kept.
 
         Acknowledging such a message (after keeping it) stops one poison message from being delivered again
         and again; if even keeping it fails, the exception propagates and the broker keeps the message.
         """
-        try:
-            await self._route(topic, payload, properties)
-        except Exception as exc:
-            logger.exception("internal error on a message on {}", topic)
-            reason = f"internal error ({type(exc).__name__}); the message is kept for the operator"
-            if self._is_data(topic):
-                self.ingest.keep(self._raw_message(topic, payload, properties), HubError(ErrorCode.INTERNAL, reason))
-            else:
-                self.audit.append("request.failed", "internal", topic=topic, reason=reason)
-            self.audit.flush()
-            reply_to, request_id = _reply_of(payload)
-            error = HubError(ErrorCode.INTERNAL, "the hub failed on this message; the operator can find it")
-            self._answer(
-                {"ok": False, "error": error.as_dict()},
-                _first(properties.get("response_topic")),
-                _first(properties.get("correlation_data")),
-                reply_to,
-                request_id,
-            )
+        logger.opt(exception=exc).error("internal error on a message on {}", topic)
+        reason = f"internal error ({type(exc).__name__}); the message is kept for the operator"
+        if self._is_data(topic):
+            self.ingest.keep(self._raw_message(topic, payload, properties), HubError(ErrorCode.INTERNAL, reason))
+        else:
+            self.audit.append("request.failed", "internal", topic=topic, reason=reason)
+        self.audit.flush()
+        reply_to, request_id = _reply_of(payload)
+        error = HubError(ErrorCode.INTERNAL, "the hub failed on this message; the operator can find it")
+        self._answer(
+            {"ok": False, "error": error.as_dict()},
+            _first(properties.get("response_topic")),
+            _first(properties.get("correlation_data")),
+            reply_to,
+            request_id,
+        )
 
     def _is_data(self, topic: str) -> bool:
         return topic == self.topics["data"] or topic.startswith(self.topics["data"] + "/")
@@ -192,18 +228,13 @@ class Hub:
         )
 
     async def _route(self, topic: str, payload: bytes, properties: dict[str, Any]) -> None:
+        """A request (registration, query, time): answered from its own task."""
         response_topic = _first(properties.get("response_topic"))
         correlation = _first(properties.get("correlation_data"))
-        if self._is_data(topic):
-            raw = self._raw_message(topic, payload, properties)
-            answer, decoded = await self.ingest.handle(raw)
-            reply_to, request_id = (decoded.reply_to, decoded.request_id) if decoded else _reply_of(payload)
-            if self._answer(answer, response_topic, correlation, reply_to, request_id):
-                self.writer.count("data.answered", decoded.source_id or raw.source_id if decoded else raw.source_id)
-            return
         request, error = _json_request(payload, self.config.limits.max_payload_bytes)
         reply_to, request_id = reply_fields(request) if request else (None, None)
         requester = response_topic or reply_to
+        answer: dict[str, Any]
         if topic == self.topics["register"]:
             if request is None:
                 assert error is not None

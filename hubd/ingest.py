@@ -7,7 +7,7 @@ message that cannot be decoded at all goes to quarantine whole, so nothing recei
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,15 +21,37 @@ from hubd.formats import Decoded, Limits
 from hubd.model import ErrorCode, HubError, RawMessage, Reading, now_ms
 from hubd.quarantine import Quarantine
 from hubd.store import Rows, add_rows
-from hubd.store.writer import BatchWriter, Write, settle
+from hubd.store.writer import BatchWriter, Write
 
 Answer = tuple[dict[str, Any], Decoded | None]  # the answer, and what was decoded (for the reply address)
+Outcome = Answer | BaseException
+"""What becomes of a message: its answer; or the exception a bug of the hub's raised on it; or
+``asyncio.CancelledError`` when the hub stopped before it was committed (then it must not be acknowledged)."""
 _NO_ANSWER = HubError(ErrorCode.INTERNAL, "no answer was made for this message")  # a bug if ever seen
 
 
-# A message whose readings wait for the group's commit: its answer's future, the message, what was decoded,
+class _Reply:
+    """Where one message's outcome goes, exactly once (the first outcome given wins)."""
+
+    __slots__ = ("_to", "given")
+
+    def __init__(self, to: Callable[[Outcome], None]) -> None:
+        self._to = to
+        self.given = False
+
+    def __call__(self, outcome: Outcome) -> None:
+        if self.given:
+            return
+        self.given = True
+        try:
+            self._to(outcome)
+        except Exception:  # the receiver's own failure: logged, and it must not stop the other messages
+            logger.exception("handing a message's outcome on failed")
+
+
+# A message whose readings wait for the group's commit: where its outcome goes, the message, what was decoded,
 # its rows, and its refused readings for the answer.
-_ToCommit = tuple["asyncio.Future[Answer]", RawMessage, Decoded, Write, list[dict[str, Any]]]
+_ToCommit = tuple[_Reply, RawMessage, Decoded, Write, list[dict[str, Any]]]
 
 
 @dataclass(slots=True)
@@ -60,26 +82,23 @@ class Ingest:
         self._quarantine = quarantine
         self._audit = audit
         self._limits = limits
-        self._intake: list[tuple[RawMessage, asyncio.Future[Answer]]] = []
+        self._intake: list[tuple[RawMessage, _Reply]] = []
         self._intake_bytes = 0
         self._groups: set[asyncio.Task[None]] = set()
 
-    async def handle(self, raw: RawMessage) -> Answer:
-        """Process one data message; return the answer and what was decoded (for the reply address).
+    def submit(self, raw: RawMessage, reply: Callable[[Outcome], None]) -> None:
+        """Take in one data message; ``reply`` is called once, later, with its outcome.
 
         The messages that arrive in one turn of the event loop are taken in together: decoded and checked one
         after the other, committed in one write, so the hub does each step for many messages at a time instead
         of switching between messages at every step (case A of bench/ingest: most of its time went there).
         """
-        loop = asyncio.get_running_loop()
-        done: asyncio.Future[Answer] = loop.create_future()
-        self._intake.append((raw, done))
+        self._intake.append((raw, _Reply(reply)))
         self._intake_bytes += len(raw.payload)
         if len(self._intake) == 1:
-            loop.call_soon(self._take_intake)
+            asyncio.get_running_loop().call_soon(self._take_intake)
         elif len(self._intake) >= _GROUP_MESSAGES or self._intake_bytes >= _GROUP_BYTES:
             self._take_intake()  # a group no larger than this, so decoding and committing overlap
-        return await done
 
     def _take_intake(self) -> None:
         intake, self._intake, self._intake_bytes = self._intake, [], 0
@@ -89,44 +108,44 @@ class Ingest:
         self._groups.add(group)  # a strong reference while it runs
         group.add_done_callback(self._groups.discard)
 
-    async def _handle_group(self, intake: list[tuple[RawMessage, asyncio.Future[Answer]]]) -> None:
-        """Settle each message's future as soon as its own outcome is known: its answer, or the exception a
-        bug of the hub's raised on it (that message's alone). Cancelled (the hub stopping): the messages not
-        yet answered are cancelled too, so they are not acknowledged and the broker delivers them again."""
-        answers = [done for _, done in intake]
+    async def _handle_group(self, intake: list[tuple[RawMessage, _Reply]]) -> None:
+        """Reply to each message as soon as its own outcome is known: its answer, or the exception a bug of
+        the hub's raised on it (that message's alone). Cancelled (the hub stopping): the messages not yet
+        answered get CancelledError, so they are not acknowledged and the broker delivers them again."""
+        replies = [reply for _, reply in intake]
         try:
-            await self._handle_many([raw for raw, _ in intake], answers)
-        except asyncio.CancelledError:
-            for done in answers:
-                done.cancel()
+            await self._handle_many([raw for raw, _ in intake], replies)
+        except asyncio.CancelledError as exc:
+            for reply in replies:
+                reply(exc)
             raise
         except Exception as exc:  # a failure of the group's own steps (the audit log): every message left
-            for done in answers:
-                settle(done, exc)
-        for done in answers:
-            settle(done, _NO_ANSWER)  # a bug if any is left
+            for reply in replies:
+                reply(exc)
+        for reply in replies:
+            reply(_NO_ANSWER)  # a bug if any is left
 
-    async def _handle_many(self, raws: list[RawMessage], answers: list[asyncio.Future[Answer]]) -> None:
+    async def _handle_many(self, raws: list[RawMessage], replies: list[_Reply]) -> None:
         # The operator's rotate, reset or revoke (another process) counts for every message after its commit:
         # asked once per group (PRAGMA data_version, ~12 µs), not per message (4 % of case A's time).
         self._auth.refresh()
-        ready: list[tuple[asyncio.Future[Answer], Answer | Exception]] = []
+        ready: list[tuple[_Reply, Outcome]] = []
         writes: list[_ToCommit] = []
         slow: list[Awaitable[None]] = []
-        for raw, done in zip(raws, answers, strict=True):
+        for raw, reply in zip(raws, replies, strict=True):
             try:
                 checked = self._check(raw)
                 if not isinstance(checked, _Checked):
-                    ready.append((done, checked))
+                    ready.append((reply, checked))
                 elif checked.slow:  # on its own, so the others need not wait for bcrypt
-                    slow.append(self._finish_slow(checked, done))
-                elif (answer := self._finish(checked, done, writes)) is not None:
-                    ready.append((done, answer))
+                    slow.append(self._finish_slow(checked, reply))
+                elif (answer := self._finish(checked, reply, writes)) is not None:
+                    ready.append((reply, answer))
             except Exception as exc:  # a bug on one message must not fail the others
-                ready.append((done, exc))
+                ready.append((reply, exc))
         self._audit.flush()  # refusals and quarantined messages are written before their answers
-        for done, result in ready:
-            settle(done, result)
+        for reply, outcome in ready:
+            reply(outcome)
         await asyncio.gather(self._commit(writes), *slow)
 
     def _check(self, raw: RawMessage) -> _Checked | Answer:
@@ -139,20 +158,20 @@ class Ingest:
         good, slow, refused = self._precheck(decoded)
         return _Checked(raw, decoded, decoded.source_id or raw.source_id, good, slow, refused)
 
-    async def _finish_slow(self, checked: _Checked, done: asyncio.Future[Answer]) -> None:
+    async def _finish_slow(self, checked: _Checked, reply: _Reply) -> None:
         """A message with credentials only bcrypt can judge: checked and committed on its own."""
         try:
             await self._check_slow(checked.slow, checked.good, checked.refused)
             writes: list[_ToCommit] = []
-            answer = self._finish(checked, done, writes)
+            answer = self._finish(checked, reply, writes)
             self._audit.flush()
             if answer is not None:
-                settle(done, answer)
+                reply(answer)
             await self._commit(writes)
         except Exception as exc:
-            settle(done, exc)
+            reply(exc)
 
-    def _finish(self, checked: _Checked, done: asyncio.Future[Answer], writes: list[_ToCommit]) -> Answer | None:
+    def _finish(self, checked: _Checked, reply: _Reply, writes: list[_ToCommit]) -> Answer | None:
         """Audit the refusals; the answer of a message with nothing to store, else add its rows to ``writes``."""
         raw, decoded, source_id, good = checked.raw, checked.decoded, checked.source_id, checked.good
         rejected = self._refusals(checked.refused, source_id) if checked.refused else []
@@ -166,7 +185,7 @@ class Ingest:
         rows: Rows = []
         add_rows(rows, good, (raw.received_at, source_id, raw.format_code))
         der_ids = {r.der_id for r in good}
-        writes.append((done, raw, decoded, Write(source_id, rows, len(good), der_ids, len(decoded.items)), rejected))
+        writes.append((reply, raw, decoded, Write(source_id, rows, len(good), der_ids, len(decoded.items)), rejected))
         return None
 
     async def _commit(self, writes: list[_ToCommit]) -> None:
@@ -176,19 +195,19 @@ class Ingest:
         try:
             await self._writer.write([write for _, _, _, write, _ in writes])
         except HubError as exc:
-            for done, raw, decoded, _, _ in writes:
+            for reply, raw, decoded, _, _ in writes:
                 try:
                     self.keep(raw, exc)  # so it can be replayed
-                    settle(done, ({"ok": False, "error": exc.as_dict()}, decoded))
+                    reply(({"ok": False, "error": exc.as_dict()}, decoded))
                 except Exception as failed:
-                    settle(done, failed)
+                    reply(failed)
             return
         except Exception as exc:
-            for done, *_ in writes:
-                settle(done, exc)
+            for reply, *_ in writes:
+                reply(exc)
             return
-        for done, _, decoded, write, rejected in writes:
-            settle(done, ({"ok": True, "accepted": write.readings, "rejected": rejected}, decoded))
+        for reply, _, decoded, write, rejected in writes:
+            reply(({"ok": True, "accepted": write.readings, "rejected": rejected}, decoded))
 
     async def close(self, timeout_s: float = 5.0) -> None:
         """Let the groups in hand finish (the driver has stopped taking messages), then cancel what is left."""

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import subprocess
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,7 @@ from loguru import logger
 from hubd.broker import EmbeddedBroker, free_port, load_template
 from hubd.config import BrokerConfig
 from hubd.drivers import mqtt_packets as packets
-from hubd.drivers.mqtt import MqttDriver, MqttError
+from hubd.drivers.mqtt import Handler, MqttDriver, MqttError, per_message
 from hubd.drivers.mqtt_session import MqttSession
 
 Received = list[tuple[str, bytes, dict[str, Any]]]
@@ -167,11 +167,11 @@ async def _until(predicate: Callable[[], bool], timeout_s: float = 5.0) -> None:
             await asyncio.sleep(0.01)
 
 
-def _recorder(received: Received) -> Callable[[str, bytes, dict[str, Any]], Awaitable[None]]:
+def _recorder(received: Received) -> Handler:
     async def handler(topic: str, payload: bytes, properties: dict[str, Any]) -> None:
         received.append((topic, payload, properties))
 
-    return handler
+    return per_message(handler)
 
 
 async def _nothing_arrives(broker: EmbeddedBroker, topics: list[str], wait_s: float = 0.3) -> None:
@@ -203,7 +203,7 @@ def test_failed_message_is_delivered_again_after_reconnect_then_acknowledged(
             raise RuntimeError("the store is down")
 
     async def main() -> None:
-        driver = MqttDriver(_config(broker), broker.url, ["t/flaky"], flaky)
+        driver = MqttDriver(_config(broker), broker.url, ["t/flaky"], per_message(flaky))
         await driver.start()
         await _apub(broker, "t/flaky", "-q", "1", message="m1")
         await _until(lambda: len(calls) == 1)
@@ -232,7 +232,7 @@ def test_messages_not_finished_when_stopping_go_to_the_next_driver(broker: Embed
     async def main() -> None:
         nonlocal release
         release = asyncio.Event()
-        driver = MqttDriver(_config(broker, receive_maximum=1), broker.url, ["t/slow"], slow)
+        driver = MqttDriver(_config(broker, receive_maximum=1), broker.url, ["t/slow"], per_message(slow))
         await driver.start()
         await _apub(broker, "t/slow", "-q", "1", message="in-hand")
         await _apub(broker, "t/slow", "-q", "1", message="waiting")
@@ -343,7 +343,7 @@ def test_answers_beyond_the_broker_receive_maximum_all_arrive(narrow_broker: Emb
             for i in range(3):  # three answers a message: the queue is always longer than the broker takes
                 driver.publish("t/answers", {"ok": True}, payload + b"/%d" % i)
 
-        driver = MqttDriver(_config(broker), broker.url, ["t/asks"], answer)
+        driver = MqttDriver(_config(broker), broker.url, ["t/asks"], per_message(answer))
         await driver.start()
         assert driver._session.server_receive_maximum == 5
         lines = "".join(f"{i}\n" for i in range(count)).encode()

@@ -1,9 +1,9 @@
 """MQTT driver (MQTT v5): QoS 1, a fixed client id, a persistent session, PUBACK after commit.
 
-A message is acknowledged to the broker only once the hub's handler has returned (the readings are
-committed and the answer is on its way). A message whose handler fails, or that arrives while the hub is
-stopping, is never acknowledged: the broker keeps it in the persistent session and delivers it again on the
-next connection. The protocol itself is ``mqtt_session`` (connection, flow control) and ``mqtt_packets``
+A message is acknowledged to the broker only once the hub's handler has said it is done with it (the
+readings are committed and the answer is on its way). A message whose handler fails, or that arrives while
+the hub is stopping, is never acknowledged: the broker keeps it in the persistent session and delivers it
+again on the next connection. The protocol itself is ``mqtt_session`` (connection, flow control) and ``mqtt_packets``
 (bytes); this module is the hub's policy on top: how many messages are in hand, when each is acknowledged,
 reconnecting, stopping. Built on ``asyncio.Protocol`` rather than an MQTT library because the library's cost
 per message was the whole of the hub's budget (bench/README.md).
@@ -16,6 +16,7 @@ import random
 import ssl
 from collections import deque
 from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -26,9 +27,39 @@ from hubd.config import BrokerConfig
 from hubd.drivers.mqtt_packets import MalformedPacket, parse_publish, publish_properties, reason_text
 from hubd.drivers.mqtt_session import MqttError, MqttSession
 
-__all__ = ["Handler", "MqttDriver", "MqttError"]
+__all__ = ["Done", "Handler", "MqttDriver", "MqttError", "per_message"]
 
-Handler = Callable[[str, bytes, dict[str, Any]], Awaitable[None]]
+Done = Callable[[bool], None]
+Handler = Callable[[str, bytes, dict[str, Any], Done], None]
+"""Called with each message (topic, payload, v5 properties) in arrival order, and ``done``: the handler calls
+``done(True)`` once, later, when it is finished with the message (it is then acknowledged), or ``done(False)``
+(never acknowledged: the broker delivers it again). No task per message: a handler that takes messages in
+by the hundred (the hub's data path) need not pay for one each."""
+
+
+def per_message(handler: Callable[[str, bytes, dict[str, Any]], Awaitable[None]]) -> Handler:
+    """A coroutine per message, in a task of its own: done when it returns, not done if it raises."""
+    tasks: set[asyncio.Task[None]] = set()  # strong references while they run
+
+    async def run(topic: str, payload: bytes, properties: dict[str, Any], done: Done) -> None:
+        try:
+            await handler(topic, payload, properties)
+        except Exception:
+            logger.exception("message on {} failed; not acknowledged, the broker will deliver it again", topic)
+            done(False)
+            return
+        except BaseException:  # cancelled: not acknowledged either
+            done(False)
+            raise
+        done(True)
+
+    def start(topic: str, payload: bytes, properties: dict[str, Any], done: Done) -> None:
+        task = asyncio.get_running_loop().create_task(run(topic, payload, properties, done))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
+    return start
+
 
 _RECONNECT_S = (0.1, 30.0)  # first and longest wait between attempts to reach the broker again
 
@@ -73,8 +104,6 @@ class MqttDriver:
         # Messages done whose PUBACK waits until the answers queued before it have gone out:
         # (session.queued_total when it finished, packet id, connection generation).
         self._held: deque[tuple[int, int, int]] = deque()
-        self._tasks: dict[int, asyncio.Task[None]] = {}  # strong references while they run
-        self._taken = 0  # messages ever taken: the key of each one's task
         self._drained: asyncio.Future[None] | None = None
         self._reconnecting: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop  # set by start()
@@ -154,30 +183,18 @@ class MqttDriver:
             logger.error("a malformed PUBLISH from the broker ({}); not acknowledged", exc)
             return
         self._in_hand += 1
-        self._taken += 1
-        key = self._taken
-        self._tasks[key] = self._loop.create_task(
-            self._handle(topic, payload, properties, packet_id, self._session.generation, key)
-        )
-
-    async def _handle(
-        self, topic: str, payload: bytes, properties: dict[str, Any], packet_id: int, generation: int, key: int
-    ) -> None:
-        """One message: the handler, then its PUBACK; a wrapper coroutine rather than a done callback per task."""
+        done = partial(self._finished, packet_id, self._session.generation)
         try:
-            await self._handler(topic, payload, properties)
+            self._handler(topic, payload, properties, done)
         except Exception:
             logger.exception("message on {} failed; not acknowledged, the broker will deliver it again", topic)
-            self._release()
-            return
-        except BaseException:  # cancelled: not acknowledged either
-            self._release()
-            raise
-        finally:
-            del self._tasks[key]
+            done(False)
+
+    def _finished(self, packet_id: int, generation: int, handled: bool) -> None:
+        """One message done with: its PUBACK (if handled), or none so that the broker delivers it again."""
         session = self._session
-        if packet_id == 0 or generation != session.generation:
-            self._release()  # QoS 0, or it came on a connection since lost: the broker sends it again
+        if not handled or packet_id == 0 or generation != session.generation:
+            self._release()  # failed, QoS 0, or it came on a connection since lost: the broker sends it again
         elif session.sent_total >= session.queued_total:
             session.ack(packet_id)
             self._release()

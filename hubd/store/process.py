@@ -14,8 +14,9 @@ when the hub closes the pipe, after the batch in hand, so a hub that drains on s
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import marshal
-import os
 import signal
 import struct
 import subprocess
@@ -33,6 +34,7 @@ from hubd.store.writer import settle
 # reads two to three times faster than pickle (bench/README.md); both ends are the same interpreter, the one
 # format version marshal guarantees to read back.
 _HEADER = struct.Struct("<Q")
+_PIPE_BYTES = 1 << 20  # Linux's largest pipe for an unprivileged process by default (fs.pipe-max-size)
 
 
 class StoreProcessError(RuntimeError):
@@ -45,13 +47,14 @@ class WriterProcess:
 
     No thread in between: one handing each batch over cost the loop a GIL switch per batch and per answer
     (bench/README.md). A batch is written to the child only while the child waits for one (just started, or
-    just answered), so the write goes through at once and never blocks the loop behind a commit; a batch
-    that comes during a commit is serialized meanwhile and written the moment the commit is answered.
+    just answered), so it drains the pipe at once; a batch that comes during a commit is serialized meanwhile
+    and written the moment the commit is answered. The pipe is enlarged so that most batches fit whole.
     """
 
     def __init__(self, path: Path, synchronous: str = "full") -> None:
         self._args = [sys.executable, "-m", "hubd.store.process", str(path), synchronous]
         self._child: subprocess.Popen[bytes] | None = None
+        self._requests: asyncio.WriteTransport | None = None
         self._answers: _Answers | None = None
         self._sent: asyncio.Future[str | None] | None = None  # the answer the child owes
         self._unsent: deque[tuple[bytes, asyncio.Future[str | None]]] = deque()
@@ -61,9 +64,13 @@ class WriterProcess:
         cannot be opened fails the hub's start, not its first batch."""
         child = subprocess.Popen(self._args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, close_fds=True)
         self._child = child
-        _, self._answers = await asyncio.get_running_loop().connect_read_pipe(
-            lambda: _Answers(self._answered, self._ended), child.stdout
-        )
+        assert child.stdin is not None
+        if hasattr(fcntl, "F_SETPIPE_SZ"):  # Linux; the default 64 KiB holds a few hundred rows
+            with contextlib.suppress(OSError):
+                fcntl.fcntl(child.stdin.fileno(), fcntl.F_SETPIPE_SZ, _PIPE_BYTES)
+        loop = asyncio.get_running_loop()
+        self._requests, _ = await loop.connect_write_pipe(asyncio.Protocol, child.stdin)
+        _, self._answers = await loop.connect_read_pipe(lambda: _Answers(self._answered, self._ended), child.stdout)
         await self._call(None)
 
     async def write_rows(self, rows: Rows, stored_at: int) -> None:
@@ -84,16 +91,10 @@ class WriterProcess:
             raise StoreProcessError(error)
 
     def _send_next(self) -> None:
-        """Write the oldest unsent batch; the child is waiting for it, so this returns as soon as it has read."""
-        data, answer = self._unsent.popleft()
-        assert self._child is not None and self._child.stdin is not None
-        try:
-            _write_all(self._child.stdin.fileno(), data)
-        except OSError as exc:
-            self._unsent.appendleft((data, answer))
-            self._ended(exc)
-            return
-        self._sent = answer
+        """Hand the oldest unsent batch to the pipe (what does not fit goes as the child reads)."""
+        data, self._sent = self._unsent.popleft()
+        assert self._requests is not None
+        self._requests.write(data)
 
     def _answered(self, error: str | None) -> None:
         sent, self._sent = self._sent, None
@@ -114,28 +115,33 @@ class WriterProcess:
 
     def _reap(self) -> None:
         child, self._child = self._child, None
-        if self._answers is not None:
-            self._answers.close()
+        self._close_pipes()
         if child is not None:
             child.kill()
             child.wait()
-            if child.stdin is not None:
-                child.stdin.close()
+
+    def _close_pipes(self) -> None:
+        if self._requests is not None:
+            self._requests.close()  # after what it holds is written, if the child still reads
+            self._requests = None
+        if self._answers is not None:
+            self._answers.close()
+            self._answers = None
 
     async def close(self) -> None:
         """Close the pipe; the child commits what it holds, then exits (waited for, 30 s at most)."""
         child, self._child = self._child, None
         if child is None:
             return
-        assert child.stdin is not None
-        child.stdin.close()
+        if self._requests is not None:
+            self._requests.close()  # the child reads to the end of the pipe, then exits
+            self._requests = None
         try:
             await asyncio.wait_for(asyncio.to_thread(child.wait), 30)
         except TimeoutError:
             child.kill()
             await asyncio.to_thread(child.wait)
-        if self._answers is not None:
-            self._answers.close()
+        self._close_pipes()
 
 
 class _Answers(asyncio.Protocol):
@@ -168,12 +174,6 @@ class _Answers(asyncio.Protocol):
     def close(self) -> None:
         if self._transport is not None:
             self._transport.close()
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
 
 
 def _send(stream: IO[bytes], obj: Any) -> None:
