@@ -15,6 +15,7 @@ from contextlib import AsyncExitStack
 from functools import partial
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from loguru import logger
 
@@ -22,9 +23,9 @@ from hubd.audit import AuditLog
 from hubd.auth import Authenticator
 from hubd.auth.registration import Registration
 from hubd.auth.registry import Registry
-from hubd.broker import EmbeddedBroker
+from hubd.broker import BrokerUnreachable, EmbeddedBroker
 from hubd.config import Config
-from hubd.drivers.mqtt import Done, MqttDriver, per_message
+from hubd.drivers.mqtt import Done, MqttDriver, MqttError, per_message
 from hubd.formats import load_json_object, reply_fields
 from hubd.ingest import Ingest, Outcome
 from hubd.model import ErrorCode, HubError, RawMessage, format_time, now_ms
@@ -112,7 +113,13 @@ class Hub:
             )
             self.audit.append("hub.start", broker=url, store=str(config.readings_path))
             self.audit.flush()
-            await self.driver.start()
+            try:
+                await self.driver.start()
+            except (OSError, TimeoutError, MqttError) as exc:
+                where = f"{urlsplit(url).scheme}://{self.driver.address}"  # never the URL's user or password
+                raise BrokerUnreachable(
+                    f"cannot connect to the broker at {where}: {exc or type(exc).__name__}"
+                ) from exc
             logger.info("hubd serving on {} (prefix {}), {} DERs registered", url, self.prefix, len(self.auth.ders))
             _quiet_gc()
             self.ready.set()

@@ -112,6 +112,11 @@ log_type notice
 _PLACEHOLDER = re.compile(r"\{[a-z_]+\}")
 
 
+class BrokerUnreachable(Exception):
+    """The hub could not connect to its broker at start (not listening, refused, or its TLS certificate not
+    trusted): said in one line, and the daemon exits (systemd's Restart= tries again)."""
+
+
 class BrokerNotInstalled(Exception):
     """Mosquitto is needed for the embedded broker but cannot be found."""
 

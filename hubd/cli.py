@@ -74,13 +74,13 @@ class _Group(click.Group):
     """Turns the errors an operator can act on into one clear line instead of a traceback."""
 
     def invoke(self, ctx: click.Context) -> Any:
-        from hubd.broker import BrokerNotInstalled
+        from hubd.broker import BrokerNotInstalled, BrokerUnreachable
 
         try:
             return super().invoke(ctx)
         except AuditError as exc:
             raise click.ClickException(f"audit trail: {exc}") from None
-        except BrokerNotInstalled as exc:
+        except (BrokerNotInstalled, BrokerUnreachable) as exc:
             raise click.ClickException(str(exc)) from None
 
 

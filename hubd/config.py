@@ -12,6 +12,7 @@ import typing
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
+from urllib.parse import urlsplit
 
 import yaml
 
@@ -234,8 +235,11 @@ def _check(config: Config) -> None:
             "auth.initial_password_hash: must be a bcrypt hash (make one with `hubd hash-password`), "
             "never the password itself"
         )
-    if config.broker.url is not None and not config.broker.url.startswith(("mqtt://", "mqtts://")):
-        raise ConfigError(f"broker.url: must start with mqtt:// or mqtts://, got {config.broker.url!r}")
+    url = config.broker.url
+    if url is not None and "@" in urlsplit(url).netloc:  # checked first: such a URL is never echoed or logged
+        raise ConfigError("broker.url: no user or password in the URL; use broker.username and broker.password_file")
+    if url is not None and not url.startswith(("mqtt://", "mqtts://")):
+        raise ConfigError(f"broker.url: must start with mqtt:// or mqtts://, got {url!r}")
     if not 0.1 <= config.formats.poll_s <= 3600:
         raise ConfigError(f"formats.poll_s: must be 0.1 … 3600 seconds, got {config.formats.poll_s}")
     if config.topic_prefix.endswith("/") or "#" in config.topic_prefix or "+" in config.topic_prefix:

@@ -49,6 +49,16 @@ def test_plain_initial_password_is_not_echoed(tmp_path: Path) -> None:
     assert "my-secret-initial" not in str(caught.value)
 
 
+@pytest.mark.parametrize("url", ["mqtts://hubd:s3cret-pass@broker:8883", "tcp://hubd:s3cret-pass@broker:1883"])
+def test_a_password_in_the_broker_url_is_refused_and_not_echoed(tmp_path: Path, url: str) -> None:
+    path = tmp_path / "hubd.yaml"
+    path.write_text(f"broker:\n  url: {url}\n", encoding="utf-8")
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert "broker.url: no user or password in the URL" in str(caught.value)
+    assert "s3cret-pass" not in str(caught.value)
+
+
 def test_relative_data_dir_is_relative_to_the_file(tmp_path: Path) -> None:
     path = tmp_path / "etc" / "hubd.yaml"
     path.parent.mkdir()

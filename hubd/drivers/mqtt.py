@@ -108,6 +108,11 @@ class MqttDriver:
         self._reconnecting: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop  # set by start()
 
+    @property
+    def address(self) -> str:
+        """host:port of the broker."""
+        return f"{self._host}:{self._port}"
+
     # -- connecting ----------------------------------------------------------------------------------------
 
     async def start(self) -> None:
