@@ -113,6 +113,7 @@ class Hub:
             )
             self.audit.append("hub.start", broker=url, store=str(config.readings_path))
             self.audit.flush()
+            _quiet_gc()  # before the first message: what is frozen is never collected
             try:
                 await self.driver.start()
             except (OSError, TimeoutError, MqttError) as exc:
@@ -121,7 +122,6 @@ class Hub:
                     f"cannot connect to the broker at {where}: {exc or type(exc).__name__}"
                 ) from exc
             logger.info("hubd serving on {} (prefix {}), {} DERs registered", url, self.prefix, len(self.auth.ders))
-            _quiet_gc()
             self.ready.set()
             watcher = asyncio.create_task(self._watch_formats(), name="hubd-formats")
             await self._stop.wait()
@@ -361,7 +361,9 @@ def _quiet_gc() -> None:
 
     What start-up built (registry, formats, caches) is frozen out of every later collection, and the youngest
     generation is collected every 50,000 allocations instead of 700: a collection per few dozen messages was
-    15-20 % of the event loop's time in both cases of bench/ingest (bench/README.md).
+    15-20 % of the event loop's time in both cases of bench/ingest (bench/README.md). Frozen objects are never
+    collected, so this runs before the first message is taken; a format definition replaced later stays in
+    memory if it was loaded at start (a few KB each).
     """
     gc.collect()
     gc.freeze()

@@ -91,8 +91,11 @@ max_queued_bytes 0
 # Outgoing QoS 1/2 messages in flight per client (default 20), and the Receive
 # Maximum the broker announces. More keeps hubd's subscription busy and its commits
 # large under load (hubd bounds what it holds itself: broker.receive_maximum);
-# MQTT v5 clients can lower it with Receive Maximum.
+# MQTT v5 clients can lower it with Receive Maximum. And at most 16 MiB of them:
+# a thousand messages of 10,000 readings would otherwise all be sent at once and
+# wait, 1.8 GB of them, in hubd's memory (bench/README.md).
 max_inflight_messages 1000
+max_inflight_bytes 16777216
 
 # Forget sessions of clients that have not come back for a week, so abandoned
 # client ids do not hold queued messages forever.

@@ -35,6 +35,8 @@ class BrokerConfig:
     session_expiry_s: int = 7 * 24 * 3600
     # Messages in hand at once (decoded, waiting for their commit); bounds memory. bench/README.md.
     receive_maximum: int = 500
+    # And bytes of them: a message of 10,000 readings takes ~10 times its 1.8 MB decoded (bench/README.md).
+    max_bytes_in_hand: int = 16 * 1024 * 1024
     keepalive_s: int = 30
 
 
@@ -208,11 +210,21 @@ def _build(cls: Any, data: Any, prefix: str) -> Any:
     return cls(**values)
 
 
+def _valid_broker_url(url: str) -> bool:
+    try:
+        parts = urlsplit(url)
+        port = parts.port  # raises ValueError on a port that is no number or out of range
+    except ValueError:
+        return False
+    return bool(parts.hostname) and parts.path in ("", "/") and not parts.query and not parts.fragment and port != 0
+
+
 def _check(config: Config) -> None:
     """Rules a type cannot say."""
     positive = {
         "broker.embedded_port": config.broker.embedded_port,
         "broker.receive_maximum": config.broker.receive_maximum,
+        "broker.max_bytes_in_hand": config.broker.max_bytes_in_hand,
         "store.batch_max_readings": config.store.batch_max_readings,
         "store.queue_max_messages": config.store.queue_max_messages,
         "limits.max_payload_bytes": config.limits.max_payload_bytes,
@@ -235,11 +247,14 @@ def _check(config: Config) -> None:
             "auth.initial_password_hash: must be a bcrypt hash (make one with `hubd hash-password`), "
             "never the password itself"
         )
+    # The URL is logged and audited: it may hold no user or password, and is never echoed in an error.
     url = config.broker.url
-    if url is not None and "@" in urlsplit(url).netloc:  # checked first: such a URL is never echoed or logged
+    if url is not None and "@" in url:
         raise ConfigError("broker.url: no user or password in the URL; use broker.username and broker.password_file")
     if url is not None and not url.startswith(("mqtt://", "mqtts://")):
-        raise ConfigError(f"broker.url: must start with mqtt:// or mqtts://, got {url!r}")
+        raise ConfigError("broker.url: must start with mqtt:// or mqtts://")
+    if url is not None and not _valid_broker_url(url):
+        raise ConfigError("broker.url: must be mqtt[s]://host[:port] with a port number 1 … 65535")
     if not 0.1 <= config.formats.poll_s <= 3600:
         raise ConfigError(f"formats.poll_s: must be 0.1 … 3600 seconds, got {config.formats.poll_s}")
     if config.topic_prefix.endswith("/") or "#" in config.topic_prefix or "+" in config.topic_prefix:

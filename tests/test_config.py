@@ -30,6 +30,8 @@ def test_no_file_is_the_embedded_default(monkeypatch: pytest.MonkeyPatch) -> Non
         ({"auth": {"initial_password_hash": "hunter2-in-plain-text"}}, "auth.initial_password_hash: must be a bcrypt"),
         ({"limits": {"max_payload_bytes": 0}}, "limits.max_payload_bytes: must be positive"),
         ({"broker": {"url": "tcp://broker:1883"}}, "broker.url: must start with mqtt://"),
+        ({"broker": {"url": "mqtt://broker:18830000"}}, "broker.url: must be mqtt[s]://host[:port]"),
+        ({"broker": {"url": "mqtt://broker/some/path"}}, "broker.url: must be mqtt[s]://host[:port]"),
         ({"topic_prefix": "hub/#"}, "topic_prefix: must be a plain topic"),
         ([1, 2], "config: expected a mapping"),
     ],
@@ -49,7 +51,16 @@ def test_plain_initial_password_is_not_echoed(tmp_path: Path) -> None:
     assert "my-secret-initial" not in str(caught.value)
 
 
-@pytest.mark.parametrize("url", ["mqtts://hubd:s3cret-pass@broker:8883", "tcp://hubd:s3cret-pass@broker:1883"])
+@pytest.mark.parametrize(
+    "url",
+    [
+        "mqtts://hubd:s3cret-pass@broker:8883",
+        "tcp://hubd:s3cret-pass@broker:1883",
+        "hubd:s3cret-pass@broker:8883",  # no scheme at all
+        "mqtts://hubd:1234/s3cret-pass@broker:8883",  # a / in the password: urlsplit sees a path
+        "mqtts://hubd:se#s3cret-pass@broker:8883",  # a # in the password: urlsplit sees a fragment
+    ],
+)
 def test_a_password_in_the_broker_url_is_refused_and_not_echoed(tmp_path: Path, url: str) -> None:
     path = tmp_path / "hubd.yaml"
     path.write_text(f"broker:\n  url: {url}\n", encoding="utf-8")

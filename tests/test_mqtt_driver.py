@@ -255,6 +255,34 @@ def test_messages_not_finished_when_stopping_go_to_the_next_driver(broker: Embed
     asyncio.run(main())
 
 
+def test_a_byte_limit_bounds_what_is_in_hand_and_a_larger_message_still_passes_alone(broker: EmbeddedBroker) -> None:
+    """``broker.max_bytes_in_hand``: messages wait undecoded past it; one larger than it is taken when nothing else
+    is in hand, so it is never stuck; every message is handled and acknowledged."""
+    in_hand: list[int] = []  # sizes of the messages being handled
+    seen: list[list[int]] = []  # what was in hand as each message started
+
+    async def slow(topic: str, payload: bytes, properties: dict[str, Any]) -> None:
+        in_hand.append(len(payload))
+        seen.append(list(in_hand))
+        await asyncio.sleep(0.05)
+        in_hand.remove(len(payload))
+
+    async def main() -> None:
+        driver = MqttDriver(_config(broker, max_bytes_in_hand=5000), broker.url, ["t/bytes"], per_message(slow))
+        await driver.start()
+        lines = "\n".join(["a" * 3000] * 4 + ["b" * 9000, "c" * 3000]) + "\n"
+        command = ["mosquitto_pub", "-h", "127.0.0.1", "-p", str(broker.port), "-q", "1", "-t", "t/bytes", "-l"]
+        await asyncio.to_thread(subprocess.run, command, input=lines.encode(), check=True, timeout=10)
+        await _until(lambda: len(seen) == 6)
+        await driver.stop()
+        await _nothing_arrives(broker, ["t/bytes"])
+
+    asyncio.run(main())
+    # At most two of 3,000 bytes: the second took the total past 5,000, so the next waited.
+    assert max(sum(sizes) for sizes in seen if 9000 not in sizes) == 6000
+    assert [sizes for sizes in seen if 9000 in sizes] == [[9000]]  # the large one alone
+
+
 def test_messages_published_while_down_arrive_on_connect(broker: EmbeddedBroker) -> None:
     async def main() -> None:
         received: Received = []

@@ -197,6 +197,23 @@ def test_a_reading_received_earlier_never_replaces_one_received_later(writer: Wr
     db.close()
 
 
+def test_across_quantity_sets_in_one_batch_a_row_received_earlier_never_replaces(
+    writer: Writer, tmp_path: Path
+) -> None:
+    """A message that waited for bcrypt lands in the same batch as one received after it, with other quantities."""
+    writer.write_rows(
+        [
+            (("power_kw",), [("A", 0, 2.0, 200, "edge", "hub.v1")]),
+            (("power_kw", "energy_kwh"), [("A", 0, 1.0, 5.0, 100, "edge", "hub.v1")]),
+        ],
+        stored_at=1,
+    )
+    db = sqlite3.connect(tmp_path / "readings.sqlite3")
+    found = db.execute("SELECT der_id, power_kw, energy_kwh, received_at FROM readings").fetchall()
+    db.close()
+    assert found == [("A", 2.0, None, 200)]
+
+
 def test_in_a_batch_of_one_quantity_set_the_last_to_arrive_of_a_der_and_time_stays(
     writer: Writer, tmp_path: Path
 ) -> None:
@@ -214,3 +231,35 @@ def test_in_a_batch_of_one_quantity_set_the_last_to_arrive_of_a_der_and_time_sta
     found = db.execute("SELECT der_id, power_kw, received_at FROM readings ORDER BY der_id").fetchall()
     db.close()
     assert found == [("A", 1.0, 100), ("B", 1.0, 100)]
+
+
+def test_writers_that_find_the_child_dead_together_share_one_new_child_in_call_order(tmp_path: Path) -> None:
+    """Two batches in flight (as the batch writer sends them) when the child is found dead: one new child is
+    started for both, both are committed, in the order they were written, and writing goes on."""
+
+    async def main() -> tuple[list[int], list[int]]:
+        process = WriterProcess(tmp_path / "readings.sqlite3")
+        await process.start()
+        try:
+            pids = []
+            for minute in range(3):
+                assert process._child is not None
+                pids.append(process._child.pid)
+                os.kill(process._child.pid, signal.SIGKILL)
+                await asyncio.to_thread(process._child.wait)
+                first = asyncio.create_task(process.write_rows(rows(("A", minute, 1.0)), stored_at=1))
+                await asyncio.sleep(0.01)  # the first is starting the new child when the second comes
+                second = asyncio.create_task(process.write_rows(rows(("A", minute, 2.0)), stored_at=2))
+                await asyncio.gather(first, second)
+            await process.write_rows(rows(("B", 0, 3.0)), stored_at=3)
+            assert process._child is not None
+            return pids, [process._child.pid]
+        finally:
+            await process.close()
+
+    pids, last = asyncio.run(main())
+    assert len(set(pids + last)) == 4  # a new child after each death, one only
+    db = sqlite3.connect(tmp_path / "readings.sqlite3")
+    found = db.execute("SELECT der_id, measured_at, power_kw, stored_at FROM readings ORDER BY 1, 2").fetchall()
+    db.close()
+    assert found == [("A", 0, 2.0, 2), ("A", 60_000, 2.0, 2), ("A", 120_000, 2.0, 2), ("B", 0, 3.0, 3)]

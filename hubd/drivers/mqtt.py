@@ -99,11 +99,13 @@ class MqttDriver:
         )
         self._accepting = True
         self._limit = config.receive_maximum
+        self._byte_limit = config.max_bytes_in_hand
         self._in_hand = 0
+        self._bytes_in_hand = 0  # of the PUBLISH packets in hand
         self._waiting: deque[tuple[int, bytes]] = deque()  # PUBLISH packets not yet taken, undecoded
         # Messages done whose PUBACK waits until the answers queued before it have gone out:
-        # (session.queued_total when it finished, packet id, connection generation).
-        self._held: deque[tuple[int, int, int]] = deque()
+        # (session.queued_total when it finished, packet id, connection generation, packet size).
+        self._held: deque[tuple[int, int, int, int]] = deque()
         self._drained: asyncio.Future[None] | None = None
         self._reconnecting: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop  # set by start()
@@ -148,8 +150,7 @@ class MqttDriver:
         # What was not taken comes again on the next connection; what is held cannot be acknowledged now.
         self._waiting.clear()
         while self._held:
-            self._held.popleft()
-            self._release()
+            self._release(self._held.popleft()[3])
         if self._accepting and (self._reconnecting is None or self._reconnecting.done()):
             logger.warning("disconnected from the broker ({}); reconnecting", exc or "closed by the broker")
             self._reconnecting = asyncio.get_running_loop().create_task(self._reconnect(), name="hubd-mqtt-reconnect")
@@ -176,10 +177,15 @@ class MqttDriver:
     def _on_publish(self, first: int, body: bytes) -> None:
         if not self._accepting:
             return  # stopping: never acknowledged, so the broker delivers it again
-        if self._in_hand < self._limit and not self._waiting:
+        if not self._waiting and self._has_room():
             self._take(first, body)
         else:
             self._waiting.append((first, body))
+
+    def _has_room(self) -> bool:
+        """Room for one more message in hand: under both limits, or nothing in hand (a message larger than the
+        byte limit still goes through, alone)."""
+        return self._in_hand == 0 or (self._in_hand < self._limit and self._bytes_in_hand < self._byte_limit)
 
     def _take(self, first: int, body: bytes) -> None:
         try:
@@ -188,40 +194,42 @@ class MqttDriver:
             logger.error("a malformed PUBLISH from the broker ({}); not acknowledged", exc)
             return
         self._in_hand += 1
-        done = partial(self._finished, packet_id, self._session.generation)
+        self._bytes_in_hand += len(body)
+        done = partial(self._finished, packet_id, self._session.generation, len(body))
         try:
             self._handler(topic, payload, properties, done)
         except Exception:
             logger.exception("message on {} failed; not acknowledged, the broker will deliver it again", topic)
             done(False)
 
-    def _finished(self, packet_id: int, generation: int, handled: bool) -> None:
+    def _finished(self, packet_id: int, generation: int, size: int, handled: bool) -> None:
         """One message done with: its PUBACK (if handled), or none so that the broker delivers it again."""
         session = self._session
         if not handled or packet_id == 0 or generation != session.generation:
-            self._release()  # failed, QoS 0, or it came on a connection since lost: the broker sends it again
+            self._release(size)  # failed, QoS 0, or it came on a connection since lost: the broker sends it again
         elif session.sent_total >= session.queued_total:
             session.ack(packet_id)
-            self._release()
+            self._release(size)
         else:
             # Its answer may still wait for a packet id: acknowledge only once that answer is on its way.
-            self._held.append((session.queued_total, packet_id, generation))
+            self._held.append((session.queued_total, packet_id, generation, size))
 
     def _release_held(self) -> None:
         """Answers went out from the queue: acknowledge the messages that waited for them."""
         held = self._held
         session = self._session
         while held and held[0][0] <= session.sent_total:
-            _, packet_id, generation = held.popleft()
+            _, packet_id, generation, size = held.popleft()
             if generation == session.generation:
                 session.ack(packet_id)
-            self._release()
+            self._release(size)
 
-    def _release(self) -> None:
-        """One message out of hand: take the next waiting one."""
+    def _release(self, size: int) -> None:
+        """One message out of hand: take the next waiting ones while there is room."""
         self._in_hand -= 1
+        self._bytes_in_hand -= size
         waiting = self._waiting
-        while waiting and self._in_hand < self._limit:
+        while waiting and self._has_room():
             self._take(*waiting.popleft())
         if self._in_hand == 0 and self._drained is not None and not self._drained.done():
             self._drained.set_result(None)

@@ -23,6 +23,7 @@ import subprocess
 import sys
 from collections import deque
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import IO, Any
 
@@ -46,49 +47,76 @@ class WriterProcess:
     """``write_rows`` and ``close`` of a SqliteStore, run in a child process and awaited on the event loop.
 
     No thread in between: one handing each batch over cost the loop a GIL switch per batch and per answer
-    (bench/README.md). A batch is written to the child only while the child waits for one (just started, or
-    just answered), so it drains the pipe at once; a batch that comes during a commit is serialized meanwhile
-    and written the moment the commit is answered. The pipe is enlarged so that most batches fit whole.
+    (bench/README.md). Batches queue in call order; one is written to the child only while the child waits
+    for one (just started, or just answered), so it drains the pipe at once, and a batch that comes during a
+    commit is written the moment that commit is answered. The pipe is enlarged so that most batches fit whole.
+
+    A child that dies fails the batch it was committing (and, if it is found dead by its closed pipe, the
+    batches queued behind it); the next ``write_rows`` starts a new child, one start at a time, and batches
+    queued meanwhile go to it in order. Each child's answers carry its generation, so a dead child's last
+    words never settle a batch sent to its successor.
     """
 
     def __init__(self, path: Path, synchronous: str = "full") -> None:
         self._args = [sys.executable, "-m", "hubd.store.process", str(path), synchronous]
         self._child: subprocess.Popen[bytes] | None = None
+        self._generation = 0  # of the current child
         self._requests: asyncio.WriteTransport | None = None
-        self._answers: _Answers | None = None
-        self._sent: asyncio.Future[str | None] | None = None  # the answer the child owes
+        self._answers: _Answers | None = None  # None once the child's pipe has closed
+        self._sent: asyncio.Future[str | None] | None = None  # the answer the child owes (first: its start)
         self._unsent: deque[tuple[bytes, asyncio.Future[str | None]]] = deque()
+        self._starting: asyncio.Future[None] | None = None
 
     async def start(self) -> None:
         """Start the child and wait until it has opened the store (and created the schema), so a store that
         cannot be opened fails the hub's start, not its first batch."""
-        child = subprocess.Popen(self._args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, close_fds=True)
-        self._child = child
-        assert child.stdin is not None
-        if hasattr(fcntl, "F_SETPIPE_SZ"):  # Linux; the default 64 KiB holds a few hundred rows
-            with contextlib.suppress(OSError):
-                fcntl.fcntl(child.stdin.fileno(), fcntl.F_SETPIPE_SZ, _PIPE_BYTES)
-        loop = asyncio.get_running_loop()
-        self._requests, _ = await loop.connect_write_pipe(asyncio.Protocol, child.stdin)
-        _, self._answers = await loop.connect_read_pipe(lambda: _Answers(self._answered, self._ended), child.stdout)
-        await self._call(None)
+        await self._running()
 
     async def write_rows(self, rows: Rows, stored_at: int) -> None:
         """Commit ``rows``; durable when this returns. Raises StoreProcessError otherwise."""
-        if self._child is None or self._child.poll() is not None or self._answers is None:
-            self._reap()
-            await self.start()  # the previous child died: a fresh one for this batch
-        await self._call((rows, stored_at))
-
-    async def _call(self, request: Any) -> None:
-        data = marshal.dumps(request)
+        data = marshal.dumps((rows, stored_at))
         answer: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
-        self._unsent.append((_HEADER.pack(len(data)) + data, answer))
-        if self._sent is None:
+        self._unsent.append((_HEADER.pack(len(data)) + data, answer))  # in call order, before any wait
+        if not self._alive():
+            with contextlib.suppress(StoreProcessError):  # the failed start has failed ``answer`` too
+                await self._running()
+        elif self._sent is None:
             self._send_next()
         error = await answer
         if error is not None:
             raise StoreProcessError(error)
+
+    def _alive(self) -> bool:
+        return self._child is not None and self._child.poll() is None and self._answers is not None
+
+    async def _running(self) -> None:
+        """Until a child has opened the store: a new one, started once however many writers wait for it."""
+        if self._starting is None:
+            self._starting = asyncio.ensure_future(self._spawn())
+        await asyncio.shield(self._starting)
+
+    async def _spawn(self) -> None:
+        try:
+            self._reap()
+            self._generation += 1
+            generation = self._generation
+            child = subprocess.Popen(self._args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, close_fds=True)
+            self._child = child
+            assert child.stdin is not None
+            if hasattr(fcntl, "F_SETPIPE_SZ"):  # Linux; the default 64 KiB holds a few hundred rows
+                with contextlib.suppress(OSError):
+                    fcntl.fcntl(child.stdin.fileno(), fcntl.F_SETPIPE_SZ, _PIPE_BYTES)
+            loop = asyncio.get_running_loop()
+            ready: asyncio.Future[str | None] = loop.create_future()
+            self._sent = ready  # the child answers once when it has opened the store
+            self._requests, _ = await loop.connect_write_pipe(asyncio.Protocol, child.stdin)
+            _, self._answers = await loop.connect_read_pipe(
+                lambda: _Answers(partial(self._answered, generation), partial(self._ended, generation)),
+                child.stdout,
+            )
+            await ready
+        finally:
+            self._starting = None
 
     def _send_next(self) -> None:
         """Hand the oldest unsent batch to the pipe (what does not fit goes as the child reads)."""
@@ -96,15 +124,19 @@ class WriterProcess:
         assert self._requests is not None
         self._requests.write(data)
 
-    def _answered(self, error: str | None) -> None:
+    def _answered(self, generation: int, error: str | None) -> None:
+        if generation != self._generation:
+            return
         sent, self._sent = self._sent, None
         if sent is not None:
             settle(sent, error)
-        if self._unsent:
+        if self._unsent and self._answers is not None:
             self._send_next()
 
-    def _ended(self, exc: Exception | None) -> None:
-        """The child is gone: every batch not answered fails (the next ``write_rows`` starts a new child)."""
+    def _ended(self, generation: int, exc: Exception | None) -> None:
+        """The child's pipe closed: what it held and what waited for it fail (the next write starts another)."""
+        if generation != self._generation:
+            return
         self._answers = None
         ended = StoreProcessError(f"the store's writer process ended ({exc or 'its pipe closed'})")
         sent, self._sent = self._sent, None
@@ -114,7 +146,11 @@ class WriterProcess:
             settle(self._unsent.popleft()[1], ended)
 
     def _reap(self) -> None:
+        """End the current child, if any: the batch it held fails; queued batches wait for the next child."""
         child, self._child = self._child, None
+        sent, self._sent = self._sent, None
+        if sent is not None:
+            settle(sent, StoreProcessError("the store's writer process ended"))
         self._close_pipes()
         if child is not None:
             child.kill()
@@ -194,11 +230,13 @@ def _receive(stream: IO[bytes]) -> Any:
 
 
 def serve(path: Path, synchronous: str) -> None:
-    """The child: open the store, then commit each batch from stdin and answer None or the error."""
+    """The child: open the store and say so (None), then commit each batch from stdin and answer None or the
+    error. A store that cannot be opened ends the child before its first answer."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     requests, answers = sys.stdin.buffer, sys.stdout.buffer
     store = SqliteStore(path, synchronous)
+    _send(answers, None)
     try:
         while True:
             try:
@@ -206,11 +244,10 @@ def serve(path: Path, synchronous: str) -> None:
             except EOFError:
                 return
             error = None
-            if batch is not None:
-                try:
-                    store.write_rows(*batch)
-                except Exception as exc:  # answered, not raised: the hub decides what a failed batch means
-                    error = f"{type(exc).__name__}: {exc}"
+            try:
+                store.write_rows(*batch)
+            except Exception as exc:  # answered, not raised: the hub decides what a failed batch means
+                error = f"{type(exc).__name__}: {exc}"
             _send(answers, error)
     finally:
         store.close()

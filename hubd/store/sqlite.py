@@ -71,8 +71,8 @@ def _latest_by_quantities(rows: Rows) -> dict[tuple[str, ...], list[tuple[Any, .
     One statement per group binds only the quantities present; in key order, consecutive rows land in the same
     B-tree pages (about 30 % less work per row than arrival order, bench/README.md). With one group (the usual
     case) a stable sort keeps arrival order among rows of the same key, and the upsert lets the later replace
-    the earlier; across groups the statements' order cannot say which came last, so each key keeps only its
-    last row first.
+    the earlier (unless it was received earlier); across groups the statements' order cannot say which came
+    last, so each key keeps only its last row first, by the same rule.
     """
     names = rows[0][0] if rows else ()
     if all(run_names == names for run_names, _ in rows):
@@ -82,7 +82,9 @@ def _latest_by_quantities(rows: Rows) -> dict[tuple[str, ...], list[tuple[Any, .
     latest: dict[tuple[str, int], tuple[tuple[str, ...], tuple[Any, ...]]] = {}
     for names, run in rows:
         for row in run:
-            latest[row[0], row[1]] = (names, row)
+            kept = latest.get((row[0], row[1]))
+            if kept is None or row[-3] >= kept[1][-3]:  # received_at: one received earlier never replaces
+                latest[row[0], row[1]] = (names, row)
     groups: dict[tuple[str, ...], list[tuple[Any, ...]]] = {}
     for names, row in latest.values():
         groups.setdefault(names, []).append(row)
