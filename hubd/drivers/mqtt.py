@@ -3,10 +3,10 @@
 A message is acknowledged to the broker only once the hub's handler has said it is done with it (the
 readings are committed and the answer is on its way). A message whose handler fails, or that arrives while
 the hub is stopping, is never acknowledged: the broker keeps it in the persistent session and delivers it
-again on the next connection. The protocol itself is ``mqtt_session`` (connection, flow control) and ``mqtt_packets``
-(bytes); this module is the hub's policy on top: how many messages are in hand, when each is acknowledged,
-reconnecting, stopping. Built on ``asyncio.Protocol`` rather than an MQTT library because the library's cost
-per message was the whole of the hub's budget (bench/README.md).
+again on the next connection. The protocol itself is ``mqtt_session`` (connection, flow control) and
+``mqtt_packets`` (bytes); this module is the hub's policy on top: how many messages are in hand, when each
+is acknowledged, reconnecting, stopping. Built on ``asyncio.Protocol`` rather than an MQTT library because
+the library's cost per message was the whole of the hub's budget (bench/README.md).
 """
 
 from __future__ import annotations
@@ -108,7 +108,6 @@ class MqttDriver:
         self._held: deque[tuple[int, int, int, int]] = deque()
         self._drained: asyncio.Future[None] | None = None
         self._reconnecting: asyncio.Task[None] | None = None
-        self._loop: asyncio.AbstractEventLoop  # set by start()
 
     @property
     def address(self) -> str:
@@ -119,7 +118,6 @@ class MqttDriver:
 
     async def start(self) -> None:
         """Connect and subscribe; raise (OSError, MqttError, TimeoutError) if the broker cannot be reached."""
-        self._loop = asyncio.get_running_loop()
         try:
             await self._connect()
         except BaseException:
