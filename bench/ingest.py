@@ -656,7 +656,11 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=3, help="runs of each case, alternating A and B (default 3)")
     parser.add_argument("--timeout", type=float, default=300.0, help="limit for each wait, in seconds")
     parser.add_argument(
-        "--set", action="append", default=[], metavar="KEY=VALUE", help="hubd.yaml override, e.g. store.sqlite.synchronous=normal"
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="hubd.yaml override, e.g. store.sqlite.synchronous=normal",
     )
     parser.add_argument("--hubd", metavar="CMD", help="the command that runs hubd (default: the venv's hubd)")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (data, logs) and say where")
