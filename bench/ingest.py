@@ -715,7 +715,8 @@ def main() -> int:
             ):
                 if messages <= 0:
                     continue
-                base_ms = (now_s - (2 * run + day + 2) * 86400) * 1000  # a day of its own: every reading is new
+                # A day of its own, each run's later than the last (as a fleet's data comes): every reading is new.
+                base_ms = (now_s - (2 * (args.repeat - run) - day + 1) * 86400) * 1000
                 case = run_case(
                     processes, broker.port, work, name, messages, per_message, passwords, base_ms, watch, args
                 )
