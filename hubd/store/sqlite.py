@@ -64,6 +64,14 @@ _SET_ALL = ", ".join(
 _CACHE_KIB = 16 * 1024
 
 
+# Pages the WAL may hold before a commit copies them into the database (SQLite's default: 1,000). Once each DER
+# has a leaf page of its own (a few hundred readings each), every row of a batch dirties its own page, and with
+# 1,000 pages a checkpoint came every few batches of one-reading messages; with 10,000 a DER's page is written
+# back once for many batches. Commit CPU 27.6 → 16.3 µs per row with 500,000 rows stored (bench/README.md);
+# the WAL file grows to ~40 MB.
+_CHECKPOINT_PAGES = 10_000
+
+
 def _latest_by_quantities(rows: Rows) -> dict[tuple[str, ...], list[tuple[Any, ...]]]:
     """The rows grouped by quantities, each group in key order, so that the last row to arrive for each
     (der_id, measured_at) is the one that stays.
@@ -105,6 +113,7 @@ class SqliteStore:
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute(f"PRAGMA cache_size=-{_CACHE_KIB}")
+        self._db.execute(f"PRAGMA wal_autocheckpoint={_CHECKPOINT_PAGES}")
         # FULL: a commit survives power loss, which is what "acknowledged after commit" promises.
         self._db.execute(f"PRAGMA synchronous={'FULL' if synchronous == 'full' else 'NORMAL'}")
         self._db.execute("PRAGMA busy_timeout=10000")
