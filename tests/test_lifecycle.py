@@ -139,3 +139,24 @@ def test_embedded_default_starts_and_stops_its_own_broker(tmp_path: Path) -> Non
     )
     assert probe.returncode != 0, "the embedded broker is still running after hubd stopped"
     assert (tmp_path / "data" / "audit.jsonl").exists()
+
+
+def test_a_broker_that_does_not_listen_stops_hubd_run_with_one_line(tmp_path: Path, broker: EmbeddedBroker) -> None:
+    """broker.url pointing where nothing listens: exit 1, one line naming the broker and the reason, no traceback."""
+    port = free_port()
+    config = write_config(tmp_path / "hubd.yaml", broker)
+    text = config.read_text(encoding="utf-8").replace(broker.url, f"mqtt://127.0.0.1:{port}")
+    config.write_text(text, encoding="utf-8")
+    out = subprocess.run(
+        [sys.executable, "-c", "from hubd.cli import main; main()", "--config", str(config), "run"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert out.returncode == 1
+    assert "Traceback" not in out.stderr
+    assert (
+        out.stderr.strip()
+        .splitlines()[-1]
+        .startswith(f"Error: cannot connect to the broker at mqtt://127.0.0.1:{port}: ")
+    )
