@@ -4,11 +4,13 @@ answered ``unavailable``, audited and kept in quarantine while the hub goes on s
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import RunningHub
@@ -263,3 +265,42 @@ def test_writers_that_find_the_child_dead_together_share_one_new_child_in_call_o
     found = db.execute("SELECT der_id, measured_at, power_kw, stored_at FROM readings ORDER BY 1, 2").fetchall()
     db.close()
     assert found == [("A", 0, 2.0, 2), ("A", 60_000, 2.0, 2), ("A", 120_000, 2.0, 2), ("B", 0, 3.0, 3)]
+
+
+def test_under_load_commits_gather_readings_and_alone_a_message_is_not_held(tmp_path: Path) -> None:
+    """Writes of 300 readings every 20 ms: after the first, each commit waits for more (up to 4,000 readings or
+    0.5 s after the last commit), so there are a few large commits, not one per write; and once the load is
+    over, a lone write is committed at once."""
+
+    async def main() -> tuple[list[int], float]:
+        store = WriterProcess(tmp_path / "readings.sqlite3")
+        await store.start()
+        audit = AuditLog(tmp_path / "audit.jsonl")
+        writer = BatchWriter(store, audit, max_readings=20000, queue_max_messages=20000)
+        writer.start()
+        try:
+            tasks = []
+            for n in range(40):
+                batch = rows(*((f"D{k:04d}", n, 1.0) for k in range(300)))
+                tasks.append(asyncio.create_task(writer.write([Write("edge", batch, 300, set(), 300)])))
+                await asyncio.sleep(0.02)
+            await asyncio.gather(*tasks)
+            await asyncio.sleep(0.7)  # the load is over
+            began = asyncio.get_running_loop().time()
+            await writer.write([Write("edge", rows(("LONE", 0, 1.0)), 1, {"LONE"}, 1)])
+            took = asyncio.get_running_loop().time() - began
+        finally:
+            await writer.close()
+            await store.close()
+            audit.close()
+        stored = [r["readings"] for r in records_in(tmp_path / "audit.jsonl", "data.stored")]
+        return stored, took
+
+    stored, took = asyncio.run(main())
+    assert sum(stored) == 40 * 300 + 1
+    assert len(stored) <= 12 and max(stored) >= 3000  # gathered: not 40 commits of 300
+    assert took < 0.3  # alone: not held for the window
+
+
+def records_in(path: Path, event: str) -> list[dict[str, Any]]:
+    return [r for r in (json.loads(line) for line in path.read_text().splitlines()) if r.get("event") == event]
