@@ -94,7 +94,7 @@ max_queued_bytes 0
 # MQTT v5 clients can lower it with Receive Maximum. And at most 16 MiB of them:
 # a thousand messages of 10,000 readings would otherwise all be sent at once and
 # wait, 1.8 GB of them, in hubd's memory (bench/README.md).
-max_inflight_messages 5000
+max_inflight_messages 10000
 max_inflight_bytes 16777216
 
 # Forget sessions of clients that have not come back for a week, so abandoned

@@ -35,7 +35,7 @@ class BrokerConfig:
     session_expiry_s: int = 7 * 24 * 3600
     # Messages in hand at once (decoded, waiting for their commit): enough for a commit to gather thousands of
     # one-reading messages under load (store/writer.py); memory is bounded by bytes below. bench/README.md.
-    receive_maximum: int = 5000
+    receive_maximum: int = 10000
     # And bytes of them: a message of 10,000 readings takes ~10 times its 1.8 MB decoded (bench/README.md).
     max_bytes_in_hand: int = 8 * 1024 * 1024
     keepalive_s: int = 30

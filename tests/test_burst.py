@@ -21,7 +21,7 @@ from conftest import RunningHub, broker_allowing
 
 from hubd.broker import EmbeddedBroker
 
-IN_FLIGHT = 100  # the broker's Receive Maximum here, below the hub's broker.receive_maximum (5,000)
+IN_FLIGHT = 100  # the broker's Receive Maximum here, below the hub's broker.receive_maximum (10,000)
 BURST = 400  # messages: four times that
 
 

@@ -18,6 +18,7 @@ from helpers import at, quarantined, quarantined_bytes, reading, records
 
 from hubd.audit import AuditLog
 from hubd.store import Rows
+from hubd.store import writer as writer_module
 from hubd.store.process import StoreProcessError, WriterProcess
 from hubd.store.sqlite import SqliteStore
 from hubd.store.writer import BatchWriter, Write
@@ -268,9 +269,9 @@ def test_writers_that_find_the_child_dead_together_share_one_new_child_in_call_o
 
 
 def test_under_load_commits_gather_readings_and_alone_a_message_is_not_held(tmp_path: Path) -> None:
-    """Writes of 300 readings every 20 ms: after the first, each commit waits for more (up to 4,000 readings or
-    0.5 s after the last commit), so there are a few large commits, not one per write; and once the load is
-    over, a lone write is committed at once."""
+    """Writes of 300 readings every 20 ms: after the first, each commit waits for more (up to _TARGET_ROWS
+    readings, or _WINDOW_S after the last commit), so there are a few large commits, not one per write; and
+    once the load is over, a lone write is committed at once."""
 
     async def main() -> tuple[list[int], float]:
         store = WriterProcess(tmp_path / "readings.sqlite3")
@@ -285,7 +286,7 @@ def test_under_load_commits_gather_readings_and_alone_a_message_is_not_held(tmp_
                 tasks.append(asyncio.create_task(writer.write([Write("edge", batch, 300, set(), 300)])))
                 await asyncio.sleep(0.02)
             await asyncio.gather(*tasks)
-            await asyncio.sleep(0.7)  # the load is over
+            await asyncio.sleep(writer_module._WINDOW_S + 0.2)  # the load is over
             began = asyncio.get_running_loop().time()
             await writer.write([Write("edge", rows(("LONE", 0, 1.0)), 1, {"LONE"}, 1)])
             took = asyncio.get_running_loop().time() - began

@@ -24,11 +24,11 @@ _LISTED_DERS = 200  # an audit record lists the DER ids up to this many, else gi
 _IN_FLIGHT = 2
 # Under load, a commit waits for more rows: readings of many DERs dirty a page per DER, so a batch of a few
 # readings per DER costs far less per row than one of a reading each (bench/README.md: 27 µs per row in
-# batches of 300, 14 in 3,000, with 1,000 DERs). "Under load": the last batch had at least _BUSY_ROWS rows; then
-# the next waits until _TARGET_ROWS are queued, or _WINDOW_S after the last commit ended.
+# batches of 300, 14 in 3,000, 9 in 10,000, with 1,000 DERs). "Under load": the last batch had at least
+# _BUSY_ROWS rows; then the next waits until _TARGET_ROWS are queued, or _WINDOW_S after the last commit ended.
 _BUSY_ROWS = 200
-_TARGET_ROWS = 4000
-_WINDOW_S = 0.5
+_TARGET_ROWS = 8000
+_WINDOW_S = 1.0
 
 
 @dataclass(slots=True)
