@@ -273,7 +273,7 @@ def test_under_load_commits_gather_readings_and_alone_a_message_is_not_held(tmp_
     readings, or _WINDOW_S after the last commit), so there are a few large commits, not one per write; and
     once the load is over, a lone write is committed at once."""
 
-    async def main() -> tuple[list[int], float]:
+    async def main() -> tuple[list[int], float, float]:
         store = WriterProcess(tmp_path / "readings.sqlite3")
         await store.start()
         audit = AuditLog(tmp_path / "audit.jsonl")
@@ -285,7 +285,9 @@ def test_under_load_commits_gather_readings_and_alone_a_message_is_not_held(tmp_
                 batch = rows(*((f"D{k:04d}", n, 1.0) for k in range(300)))
                 tasks.append(asyncio.create_task(writer.write([Write("edge", batch, 300, set(), 300)])))
                 await asyncio.sleep(0.02)
+            last_write = asyncio.get_running_loop().time()
             await asyncio.gather(*tasks)
+            tail = asyncio.get_running_loop().time() - last_write  # the last writes wait one window at most
             await asyncio.sleep(writer_module._WINDOW_S + 0.2)  # the load is over
             began = asyncio.get_running_loop().time()
             await writer.write([Write("edge", rows(("LONE", 0, 1.0)), 1, {"LONE"}, 1)])
@@ -295,12 +297,13 @@ def test_under_load_commits_gather_readings_and_alone_a_message_is_not_held(tmp_
             await store.close()
             audit.close()
         stored = [r["readings"] for r in records_in(tmp_path / "audit.jsonl", "data.stored")]
-        return stored, took
+        return stored, took, tail
 
-    stored, took = asyncio.run(main())
+    stored, took, tail = asyncio.run(main())
     assert sum(stored) == 40 * 300 + 1
     assert len(stored) <= 12 and max(stored) >= 3000  # gathered: not 40 commits of 300
     assert took < 0.3  # alone: not held for the window
+    assert tail < writer_module._WINDOW_S + 0.5
 
 
 def records_in(path: Path, event: str) -> list[dict[str, Any]]:

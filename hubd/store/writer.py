@@ -25,7 +25,9 @@ _IN_FLIGHT = 2
 # Under load, a commit waits for more rows: readings of many DERs dirty a page per DER, so a batch of a few
 # readings per DER costs far less per row than one of a reading each (bench/README.md: 27 µs per row in
 # batches of 300, 14 in 3,000, 9 in 10,000, with 1,000 DERs). "Under load": the last batch had at least
-# _BUSY_ROWS rows; then the next waits until _TARGET_ROWS are queued, or _WINDOW_S after the last commit ended.
+# _BUSY_ROWS rows; then, when no commit runs, the next waits until _TARGET_ROWS are queued, or _WINDOW_S after
+# the last commit ended. Under sustained load the batch taken while a commit runs (_IN_FLIGHT) sets the size
+# instead: 1,500-2,800 rows in bench/ingest's case A, and waiting for full batches there was slower.
 _BUSY_ROWS = 200
 _TARGET_ROWS = 8000
 _WINDOW_S = 1.0
@@ -126,10 +128,9 @@ class BatchWriter:
         while True:
             try:
                 await asyncio.wait_for(self._wake.wait(), timeout=1.0)
-            except TimeoutError:
+            except TimeoutError:  # quiet for a second: the counted answers go to the audit (and the queue is seen)
                 if self._counts:
                     self.flush_counts()
-                continue
             self._wake.clear()
             while self._queue and len(in_flight) < _IN_FLIGHT:
                 if not in_flight and self._gathering():
@@ -160,8 +161,12 @@ class BatchWriter:
                 self._timer = None
             return False
         if self._timer is None:
-            self._timer = loop.call_at(until, self._wake.set)
+            self._timer = loop.call_at(until, self._window_over)
         return True
+
+    def _window_over(self) -> None:
+        self._timer = None  # the next _gathering() sets one for its own window
+        self._wake.set()
 
     async def _commit(self, batch: list[_Pending]) -> None:
         """Commit one batch, audit it, then tell its writers."""
