@@ -15,7 +15,7 @@ from loguru import logger
 
 from hubd import formats
 from hubd.audit import AuditLog
-from hubd.auth import Authenticator
+from hubd.auth import Authenticator, Refused
 from hubd.config import LimitsConfig
 from hubd.formats import Decoded, Limits
 from hubd.model import ErrorCode, HubError, RawMessage, Reading, now_ms
@@ -63,7 +63,7 @@ class _Checked:
     source_id: str
     good: list[Reading]
     slow: list[tuple[int, Reading]]
-    refused: list[tuple[int, str | None, HubError]]
+    refused: Refused
 
 
 class Ingest:
@@ -237,31 +237,12 @@ class Ingest:
             logger.exception("decoder {} failed on a payload from {}", raw.format_code, raw.topic)
             raise HubError(ErrorCode.DECODE_ERROR, f"the {raw.format_code} decoder failed: {exc}") from None
 
-    def _precheck(
-        self, decoded: Decoded
-    ) -> tuple[list[Reading], list[tuple[int, Reading]], list[tuple[int, str | None, HubError]]]:
+    def _precheck(self, decoded: Decoded) -> tuple[list[Reading], list[tuple[int, Reading]], Refused]:
         """Split readings by what memory knows: verified, needing bcrypt (index, reading), refused (index, der_id,
-        error). Synchronous, so a message of known senders costs no extra coroutine."""
-        auth = self._auth
-        good: list[Reading] = []
-        slow: list[tuple[int, Reading]] = []
-        refused: list[tuple[int, str | None, HubError]] = []
-        for index, item in enumerate(decoded.items):
-            if isinstance(item, HubError):
-                refused.append((index, item.der_id, item))
-                continue
-            verdict = auth.der_precheck(item.der_id, item.password or "")
-            if verdict is True:
-                good.append(item)
-            elif verdict is None:
-                slow.append((index, item))
-            else:
-                refused.append((index, item.der_id, verdict))
-        return good, slow, refused
+        error)."""
+        return self._auth.split_readings(decoded.items)
 
-    async def _check_slow(
-        self, slow: list[tuple[int, Reading]], good: list[Reading], refused: list[tuple[int, str | None, HubError]]
-    ) -> None:
+    async def _check_slow(self, slow: list[tuple[int, Reading]], good: list[Reading], refused: Refused) -> None:
         """bcrypt the credentials memory does not know, adding each reading to ``good`` or ``refused``."""
         # A few checks at a time: the bcrypt pool runs two at once anyway, and a message's hundred checks
         # in flight, times every message in hand, held hundreds of MB (bench/README.md, memory).
@@ -276,7 +257,7 @@ class Ingest:
             else:
                 refused.append((index, reading.der_id, error))
 
-    def _refusals(self, refused: list[tuple[int, str | None, HubError]], source_id: str) -> list[dict[str, Any]]:
+    def _refusals(self, refused: Refused, source_id: str) -> list[dict[str, Any]]:
         """Audit each refused reading and describe it for the answer, in the message's order."""
         rejected = []
         for index, der_id, error in sorted(refused, key=lambda item: item[0]):

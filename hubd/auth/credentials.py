@@ -54,6 +54,17 @@ class VerifiedCache:
             return False
         return None
 
+    def verified(self, key: str, stored_hash: str | None, password: str) -> bool:
+        """Whether ``password`` is the one bcrypt already found good against ``stored_hash``: the data path's
+        question for nearly every reading, answered in one call."""
+        entry = self._known.get(key)
+        return (
+            entry is not None
+            and entry[0] == stored_hash
+            and entry[1] is not None
+            and secrets.compare_digest(entry[1], _digest(password))
+        )
+
     def remember(self, key: str, stored_hash: str, password: str, good: bool) -> None:
         entry = self._known.get(key)
         if entry is None or entry[0] != stored_hash:

@@ -94,7 +94,7 @@ class Registration:
         if not self._auth.registry.claim(der_id, hashed, now, meta, create=der is None):
             raise HubError(ErrorCode.ALREADY_REGISTERED, f"DER {der_id} was registered by another request")
         self._auth.reload_der(der_id)
-        self._auth.cache.remember("der:" + der_id, hashed, unique, good=True)
+        self._auth.der_cache.remember(der_id, hashed, unique, good=True)
         self._audit.append("register.ok", der_id=der_id, mode=self._config.registration_mode)
         self._audit.append("password.issued", der_id=der_id)
         return {"ok": True, "der_id": der_id, "password": unique, "registered_at": format_time(now)}
