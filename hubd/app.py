@@ -51,6 +51,7 @@ class Hub:
             "time": f"{self.prefix}/time",
         }
         self._request_topics = frozenset(self.topics.values())
+        self._data_prefix = self.topics["data"] + "/"  # hub/v1/data/<format code>
         self._stop = asyncio.Event()
         self.ready = asyncio.Event()
         self._requests = per_message(self._on_request)
@@ -219,14 +220,14 @@ class Hub:
         )
 
     def _is_data(self, topic: str) -> bool:
-        return topic == self.topics["data"] or topic.startswith(self.topics["data"] + "/")
+        return topic == self.topics["data"] or topic.startswith(self._data_prefix)
 
     def _raw_message(self, topic: str, payload: bytes, properties: dict[str, Any]) -> RawMessage:
         """A data message as the drivers hand it on: the format code from the topic, the v5 user properties."""
         user = _user_properties(properties)
         return RawMessage(
             source_id=user.get("source_id", "unknown"),
-            format_code=topic[len(self.topics["data"]) + 1 :] or "hub.v1",
+            format_code=topic[len(self._data_prefix) :] or "hub.v1",
             payload=payload,
             received_at=now_ms(),
             topic=topic,
@@ -289,7 +290,7 @@ class Hub:
         # Never answer into a topic the hub itself takes requests on: that would loop.
         return (
             topic not in self._request_topics
-            and not topic.startswith(self.topics["data"] + "/")
+            and not topic.startswith(self._data_prefix)
             and "#" not in topic
             and "+" not in topic
         )

@@ -129,12 +129,13 @@ class Ingest:
         # The operator's rotate, reset or revoke (another process) counts for every message after its commit:
         # asked once per group (PRAGMA data_version, ~12 µs), not per message (4 % of case A's time).
         self._auth.refresh()
+        limits = self._limits_now()
         ready: list[tuple[_Reply, Outcome]] = []
         writes: list[_ToCommit] = []
         slow: list[Awaitable[None]] = []
         for raw, reply in zip(raws, replies, strict=True):
             try:
-                checked = self._check(raw)
+                checked = self._check(raw, limits)
                 if not isinstance(checked, _Checked):
                     ready.append((reply, checked))
                 elif checked.slow:  # on its own, so the others need not wait for bcrypt
@@ -148,10 +149,10 @@ class Ingest:
             reply(outcome)
         await asyncio.gather(self._commit(writes), *slow)
 
-    def _check(self, raw: RawMessage) -> _Checked | Answer:
+    def _check(self, raw: RawMessage, limits: Limits) -> _Checked | Answer:
         """Decode and check credentials from memory; a message that cannot be decoded is kept and answered."""
         try:
-            decoded = self._decode(raw)
+            decoded = self._decode(raw, limits)
         except HubError as exc:
             self.keep(raw, exc)
             return {"ok": False, "error": exc.as_dict()}, None
@@ -219,16 +220,20 @@ class Ingest:
             group.cancel()
         await asyncio.gather(*late, return_exceptions=True)
 
-    def _decode(self, raw: RawMessage) -> Decoded:
+    def _limits_now(self) -> Limits:
+        """The limits a group of messages is decoded by (its messages arrived within one loop turn)."""
+        config = self._limits
+        return Limits(now_ms(), int(config.max_future_s * 1000), config.max_readings_per_message)
+
+    def _decode(self, raw: RawMessage, limits: Limits) -> Decoded:
         if len(raw.payload) > self._limits.max_payload_bytes:
             raise HubError(
                 ErrorCode.TOO_LARGE,
                 f"the payload has {len(raw.payload)} bytes; the limit is {self._limits.max_payload_bytes}",
             )
         decoder = formats.decoder_for(raw.format_code)
-        limits = Limits(
-            now_ms(), int(self._limits.max_future_s * 1000), self._limits.max_readings_per_message, raw.properties
-        )
+        if raw.properties:  # MQTT v5 user properties, which a vendor format may read
+            limits = Limits(limits.now_ms, limits.max_future_ms, limits.max_readings, raw.properties)
         try:
             return decoder(raw.payload, limits)
         except HubError:
