@@ -123,7 +123,8 @@ class Ingest:
             for reply in replies:
                 reply(exc)
         for reply in replies:
-            reply(_NO_ANSWER)  # a bug if any is left
+            if not reply.given:
+                reply(_NO_ANSWER)  # a bug if any is left
 
     async def _handle_many(self, raws: list[RawMessage], replies: list[_Reply]) -> None:
         # The operator's rotate, reset or revoke (another process) counts for every message after its commit:
