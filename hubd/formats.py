@@ -22,7 +22,7 @@ import msgspec
 import orjson
 
 from hubd.auth.registry import ID_PATTERN
-from hubd.model import QUANTITIES, READING_BY_SLOTS, ErrorCode, HubError, Reading, parse_time
+from hubd.model import QUANTITIES, ErrorCode, HubError, Reading, parse_time
 
 
 @dataclass(slots=True)
@@ -352,12 +352,11 @@ def _fast_readings(readings: list[Any], latest_ms: int) -> list[Reading | HubErr
     """The readings msgspec decoded, checked for what it cannot check; None if one fails.
 
     The hub's hottest loop: it keeps to the fewest Python steps per reading, so derive_reactive_power's
-    arithmetic is written out here (without its clamp of ``|pf|`` to 1, which msgspec has checked), and a
-    Reading is made without the Python call of its dataclass ``__init__`` where that is the same (READING_BY_SLOTS).
+    arithmetic is written out here (without its clamp of ``|pf|`` to 1, which msgspec has checked).
     """
     items: list[Reading | HubError] = []
     append = items.append
-    times, valid_ids, new, store_slots = _TIMES, KNOWN_IDS, Reading.__new__, READING_BY_SLOTS
+    times, valid_ids = _TIMES, KNOWN_IDS
     tan, acos = math.tan, math.acos
     for values in msgspec.to_builtins(readings):  # a dict per reading, without its absent quantities
         der_id = values.pop("der_id")
@@ -381,15 +380,7 @@ def _fast_readings(readings: list[Any], latest_ms: int) -> list[Reading | HubErr
             if power is not None and "reactive_power_kvar" not in values:
                 q = abs(power) * tan(acos(abs(pf)))
                 values["reactive_power_kvar"] = q if pf > 0 else -q
-        if store_slots:
-            reading = new(Reading)
-            reading.der_id = der_id
-            reading.measured_at = measured_at
-            reading.values = values
-            reading.password = password
-        else:
-            reading = Reading(der_id, measured_at, values, password)
-        append(reading)
+        append(Reading(der_id, measured_at, values, password))
     return items
 
 

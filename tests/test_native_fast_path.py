@@ -272,7 +272,6 @@ def valid_message(count: int) -> bytes:
 
 def test_valid_messages_take_the_fast_path() -> None:
     """Else the property above would hold by falling back every time."""
-    assert formats.READING_BY_SLOTS  # and Readings are made as the fast path makes them while Reading stays as it is
     limits = Limits(NOW, 300_000, 100)
     for count in (0, 1, 100):
         payload = valid_message(count)

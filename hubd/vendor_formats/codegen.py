@@ -18,16 +18,7 @@ from contextlib import AbstractContextManager, contextmanager, suppress
 from typing import Any, Protocol
 
 from hubd.formats import KNOWN_IDS, Limits, derive_reactive_power, valid_id
-from hubd.model import (
-    MAX_TIME_MS,
-    MIN_TIME_MS,
-    QUANTITIES,
-    READING_BY_SLOTS,
-    READING_FIELDS,
-    ErrorCode,
-    HubError,
-    Reading,
-)
+from hubd.model import MAX_TIME_MS, MIN_TIME_MS, QUANTITIES, ErrorCode, HubError, Reading
 from hubd.vendor_formats.language import Factor, Number, ReadingSpec, Source, TimeSpec
 from hubd.vendor_formats.times import _epoch, _local, _rfc3339, _slow_time, hour_table, hourly, show
 
@@ -203,13 +194,7 @@ class _Parts:
         self._values()
         if "power_kw" in self.spec.quantities and "power_factor" in self.spec.quantities:
             gen.line("derive_reactive_power(values)")
-        if READING_BY_SLOTS:  # the dataclass __init__ costs a Python call per reading; its four stores do not
-            gen.line("rd = _new(Reading)")
-            for slot, var in zip(READING_FIELDS, ("d", "t", "values", "pw"), strict=True):
-                gen.line(f"rd.{slot} = {var}")
-            gen.line("append(rd)")
-        else:
-            gen.line("append(Reading(d, t, values, pw))")
+        gen.line("append(Reading(d, t, values, pw))")
 
     def _values(self) -> None:
         """``values``, in the order check_reading keeps: one dict display when every value is there (the common
@@ -583,7 +568,6 @@ _POW10 = {exponent: _ratio(10.0**exponent) for exponent in range(-30, 31)}
 _RUNTIME: dict[str, Any] = {
     "HubError": HubError,
     "Reading": Reading,
-    "_new": Reading.__new__,
     "BAD": BAD,
     "DECODE": ErrorCode.DECODE_ERROR,
     "UNKNOWN_DER": ErrorCode.UNKNOWN_DER,
