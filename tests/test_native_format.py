@@ -93,3 +93,14 @@ def test_reply_fields_for_mqtt311() -> None:
     assert (decoded.reply_to, decoded.request_id) == ("edge/a", "r1")
     wildcard = decode_native(b'{"reply_to": "edge/#", "readings": []}', LIMITS)
     assert wildcard.reply_to is None
+
+
+def test_a_reading_never_shows_its_password() -> None:
+    """Readings reach log lines and error messages; what they print must not carry the DER's password."""
+    reading = decode_native(
+        orjson.dumps({"readings": [{"der_id": "PV-1", "password": "s3cret-pw", "measured_at": 0, "power_kw": 1.5}]}),
+        LIMITS,
+    ).items[0]
+    assert isinstance(reading, Reading) and reading.password == "s3cret-pw"
+    for shown in (repr(reading), str(reading), f"{reading}", repr([reading])):
+        assert "s3cret-pw" not in shown and "PV-1" in shown and "1.5" in shown
