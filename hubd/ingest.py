@@ -18,7 +18,7 @@ from hubd.audit import AuditLog
 from hubd.auth import Authenticator, Refused
 from hubd.config import LimitsConfig
 from hubd.formats import Decoded, Limits
-from hubd.model import ErrorCode, HubError, RawMessage, Reading, now_ms
+from hubd.model import ErrorCode, HubError, RawMessage, Reading
 from hubd.quarantine import Quarantine
 from hubd.store import Rows, add_rows
 from hubd.store.writer import BatchWriter, Write
@@ -82,6 +82,7 @@ class Ingest:
         self._quarantine = quarantine
         self._audit = audit
         self._limits = limits
+        self._max_future_ms = int(limits.max_future_s * 1000)
         self._intake: list[tuple[RawMessage, _Reply]] = []
         self._intake_bytes = 0
         self._groups: set[asyncio.Task[None]] = set()
@@ -130,13 +131,12 @@ class Ingest:
         # The operator's rotate, reset or revoke (another process) counts for every message after its commit:
         # asked once per group (PRAGMA data_version, ~12 µs), not per message (4 % of case A's time).
         self._auth.refresh()
-        limits = self._limits_now()
         ready: list[tuple[_Reply, Outcome]] = []
         writes: list[_ToCommit] = []
         slow: list[Awaitable[None]] = []
         for raw, reply in zip(raws, replies, strict=True):
             try:
-                checked = self._check(raw, limits)
+                checked = self._check(raw)
                 if not isinstance(checked, _Checked):
                     ready.append((reply, checked))
                 elif checked.slow:  # on its own, so the others need not wait for bcrypt
@@ -150,10 +150,10 @@ class Ingest:
             reply(outcome)
         await asyncio.gather(self._commit(writes), *slow)
 
-    def _check(self, raw: RawMessage, limits: Limits) -> _Checked | Answer:
+    def _check(self, raw: RawMessage) -> _Checked | Answer:
         """Decode and check credentials from memory; a message that cannot be decoded is kept and answered."""
         try:
-            decoded = self._decode(raw, limits)
+            decoded = self._decode(raw)
         except HubError as exc:
             self.keep(raw, exc)
             return {"ok": False, "error": exc.as_dict()}, None
@@ -221,20 +221,16 @@ class Ingest:
             group.cancel()
         await asyncio.gather(*late, return_exceptions=True)
 
-    def _limits_now(self) -> Limits:
-        """The limits a group of messages is decoded by (its messages arrived within one loop turn)."""
-        config = self._limits
-        return Limits(now_ms(), int(config.max_future_s * 1000), config.max_readings_per_message)
-
-    def _decode(self, raw: RawMessage, limits: Limits) -> Decoded:
+    def _decode(self, raw: RawMessage) -> Decoded:
         if len(raw.payload) > self._limits.max_payload_bytes:
             raise HubError(
                 ErrorCode.TOO_LARGE,
                 f"the payload has {len(raw.payload)} bytes; the limit is {self._limits.max_payload_bytes}",
             )
         decoder = formats.decoder_for(raw.format_code)
-        if raw.properties:  # MQTT v5 user properties, which a vendor format may read
-            limits = Limits(limits.now_ms, limits.max_future_ms, limits.max_readings, raw.properties)
+        # The message's own receive time: "too far in the future" is judged against it, and a vendor format's
+        # ``default: received`` time is it.
+        limits = Limits(raw.received_at, self._max_future_ms, self._limits.max_readings_per_message, raw.properties)
         try:
             return decoder(raw.payload, limits)
         except HubError:

@@ -80,6 +80,9 @@ class Reading(msgspec.Struct, gc=False):
     def __repr__(self) -> str:  # never the password
         return f"Reading(der_id={self.der_id!r}, measured_at={self.measured_at!r}, values={self.values!r})"
 
+    def __rich_repr__(self) -> list[tuple[str, Any]]:  # msgspec's own would show the password to rich
+        return [("der_id", self.der_id), ("measured_at", self.measured_at), ("values", self.values)]
+
 
 Reply = Callable[[dict[str, Any]], Awaitable[None]]
 

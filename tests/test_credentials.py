@@ -63,3 +63,64 @@ def test_rate_limiter_window() -> None:
     assert limiter.blocked("der:PV-1", 3.0)
     assert not limiter.blocked("der:PV-2", 3.0)
     assert not limiter.blocked("der:PV-1", 12.5)  # the oldest failures have left the window
+
+
+def test_a_message_s_readings_are_split_by_what_memory_knows(tmp_path: Path) -> None:
+    """Verified from memory, needing bcrypt, or refused, each in the message's order; and a change made by the
+    operator in another process (revoke, reset, rotate) counts at once for a credential memory had verified."""
+    from hubd.model import HubError, Reading
+
+    registry = Registry(tmp_path / "hub.sqlite3")
+    for der_id in ("PV-1", "PV-2", "PV-3"):
+        registry.add_der(der_id, 0, {"type": "pv"})
+        registry.set_der_password(der_id, hash_password(f"{der_id}-pw", 4), "registered")
+    pool = ThreadPoolExecutor(1)
+    auth = Authenticator(registry, pool)
+
+    def message() -> list[Reading | HubError]:
+        return [
+            Reading("PV-1", 0, {"power_kw": 1.0}, "PV-1-pw"),
+            HubError(ErrorCode.BAD_REQUEST, "refused by the decoder"),
+            Reading("PV-2", 0, {"power_kw": 1.0}, "PV-2-pw"),
+            Reading("PV-3", 0, {"power_kw": 1.0}, "PV-1-pw"),  # another DER's password
+            Reading("PV-9", 0, {"power_kw": 1.0}, "PV-9-pw"),
+            Reading("PV-1", 0, {"power_kw": 1.0}, None),
+        ]
+
+    try:
+        good, slow, refused = auth.split_readings(message())
+        assert good == [] and [i for i, _ in slow] == [0, 2, 3, 5]  # nothing verified yet: bcrypt decides
+        assert [(i, der_id, e.code) for i, der_id, e in refused] == [
+            (1, None, ErrorCode.BAD_REQUEST),
+            (4, "PV-9", ErrorCode.UNKNOWN_DER),
+        ]
+        for der_id, password in (("PV-1", "PV-1-pw"), ("PV-2", "PV-2-pw"), ("PV-3", "PV-1-pw"), ("PV-1", "")):
+            asyncio.run(auth.check_der(der_id, password))
+        good, slow, refused = auth.split_readings(message())
+        assert [r.der_id for r in good] == ["PV-1", "PV-2"] and slow == []
+        assert good[0].der_id is auth.ders["PV-1"].der_id  # the registry's own string
+        assert [(i, e.code) for i, _, e in refused] == [
+            (1, ErrorCode.BAD_REQUEST),
+            (3, ErrorCode.BAD_CREDENTIALS),
+            (4, ErrorCode.UNKNOWN_DER),
+            (5, ErrorCode.BAD_CREDENTIALS),
+        ]
+
+        other = Registry(tmp_path / "hub.sqlite3")  # the operator CLI
+        other.set_der_password("PV-1", auth.ders["PV-1"].password_hash, "revoked")
+        other.set_der_password("PV-2", None, "allowed")  # reset: registers again
+        other.close()
+        assert auth.refresh()
+        good, slow, refused = auth.split_readings(message())
+        assert good == [] and slow == []
+        assert [(i, e.code) for i, _, e in refused] == [
+            (0, ErrorCode.NOT_ALLOWED),
+            (1, ErrorCode.BAD_REQUEST),
+            (2, ErrorCode.BAD_CREDENTIALS),
+            (3, ErrorCode.BAD_CREDENTIALS),
+            (4, ErrorCode.UNKNOWN_DER),
+            (5, ErrorCode.NOT_ALLOWED),
+        ]
+    finally:
+        pool.shutdown()
+        registry.close()

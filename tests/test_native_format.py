@@ -102,5 +102,6 @@ def test_a_reading_never_shows_its_password() -> None:
         LIMITS,
     ).items[0]
     assert isinstance(reading, Reading) and reading.password == "s3cret-pw"
-    for shown in (repr(reading), str(reading), f"{reading}", repr([reading])):
+    rich = repr(list(reading.__rich_repr__()))  # what rich's pretty-printer shows
+    for shown in (repr(reading), str(reading), f"{reading}", repr([reading]), rich):
         assert "s3cret-pw" not in shown and "PV-1" in shown and "1.5" in shown

@@ -115,7 +115,7 @@ class Number:
 
 @dataclass(frozen=True)
 class TimeSpec:
-    source: Source | None  # None: the hub's clock when it decodes the message
+    source: Source | None  # None: the hub's clock when it received the message (Limits.now_ms)
     kind: str
     zone: ZoneInfo | None = None
     format: str | None = None
