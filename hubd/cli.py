@@ -192,12 +192,19 @@ def der_show(ctx: Context, der_id: str) -> None:
 
 @der.command("reset")
 @click.argument("der_id")
+@click.option("--reinstate", is_flag=True, help="Also lift a revocation (a revoked DER is refused without it).")
 @pass_context
-def der_reset(ctx: Context, der_id: str) -> None:
+def der_reset(ctx: Context, der_id: str, reinstate: bool) -> None:
     """Forget DER_ID's unique password: it may register again with the initial password."""
     with ctx.registry() as (registry, audit):
-        if not registry.set_der_password(der_id, None, "allowed"):
+        record = registry.der(der_id)
+        if record is None:
             raise click.ClickException(f"no DER {der_id}")
+        if record.status == "revoked" and not reinstate:  # a revocation is lifted on purpose, never by the way
+            raise click.ClickException(f"{der_id} is revoked; to lift that too: hubd der reset {der_id} --reinstate")
+        registry.set_der_password(der_id, None, "allowed")
+        if record.status == "revoked":
+            audit.append("der.reinstated", der_id=der_id, by="operator")
         audit.append("password.reset", der_id=der_id, by="operator")
     click.echo(f"{der_id}: reset; it may register again with the initial password")
 

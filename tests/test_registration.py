@@ -177,12 +177,28 @@ def test_rotate_reset_and_revoke_from_the_cli_take_effect_at_once(shared: Site) 
     assert register(hub, {"der_id": "PV-B", "password": INITIAL_PASSWORD})["error"]["code"] == "not_allowed"
     assert der_status(hub, "PV-B") == "revoked"
 
+    # A plain reset does not lift a revocation; --reinstate does, on purpose.
+    refused = hub.cli("der", "reset", "PV-B")
+    assert refused.exit_code == 1 and "--reinstate" in refused.output
+    assert der_status(hub, "PV-B") == "revoked"
+    assert hub.cli("der", "reset", "PV-B", "--reinstate").exit_code == 0
+    answer = register(hub, {"der_id": "PV-B", "password": INITIAL_PASSWORD})
+    assert answer["ok"] is True, answer
+    assert send(hub, "PV-B", answer["password"], at(start + 240))["accepted"] == 1
+
     failures = [(r["outcome"], r["der_id"]) for r in records(hub, "auth.failed", since)]
     assert failures == [("bad_credentials", "PV-B"), ("bad_credentials", "PV-B"), ("not_allowed", "PV-B")]
     assert outcomes(hub, "register.failed", since) == ["not_allowed"]
     by_operator = [r["event"] for r in records(hub, since=since) if r.get("by") == "operator"]
-    assert by_operator == ["der.added", "password.rotated", "password.reset", "der.revoked"]
+    assert by_operator == [
+        "der.added",
+        "password.rotated",
+        "password.reset",
+        "der.revoked",
+        "der.reinstated",
+        "password.reset",
+    ]
 
     # What was accepted stays; the hub serves the others.
-    assert shared.stored(start) == [("PV-B", stamp(start + s)) for s in (0, 60, 120)]
+    assert shared.stored(start) == [("PV-B", stamp(start + s)) for s in (0, 60, 120, 240)]
     shared.keeps_serving(start)
