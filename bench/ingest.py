@@ -447,6 +447,19 @@ def stored_rows(path: Path) -> int:
 # -- the run -------------------------------------------------------------------------------------------
 
 
+def machine_pace() -> float:
+    """Milliseconds for a fixed pure-Python workload (the fastest of three): how fast this shared machine runs
+    Python just now. The same build's CPU per message follows it, so runs of different hours compare by it."""
+    best = float("inf")
+    for _ in range(3):
+        began = time.perf_counter()
+        table = {f"PV-{i:05d}": i * 0.5 for i in range(20_000)}
+        rows = sorted(((key, value) for key, value in table.items()), key=lambda row: -row[1])
+        sum(value for _, value in rows)
+        best = min(best, time.perf_counter() - began)
+    return best * 1000
+
+
 @dataclass
 class CaseResult:
     name: str
@@ -454,6 +467,7 @@ class CaseResult:
     per_message: int
     raw: Timed
     hub: Timed
+    pace_ms: float  # machine_pace() around the hub's run: before and after, averaged
 
     @property
     def readings(self) -> int:
@@ -480,6 +494,7 @@ def run_case(
         processes, port, lines, RAW, RAW, messages, args.inflight, args.timeout, f"raw-{name}", False, watch
     )
     print(f"  raw: {raw.seconds:.2f} s → {messages / raw.seconds:,.0f} messages/s; {raw.cpu_text()}")
+    pace_before = machine_pace()
     profiler = start_profiler(processes, watch["hub"], args, name) if args.profile else None
     try:
         hub = timed_publish(
@@ -503,11 +518,13 @@ def run_case(
         f"{readings / hub.seconds:,.0f} readings/s (publishing took {hub.publish_s:.2f} s)"
     )
     print(f"       {hub.cpu_text()}")
+    pace = (pace_before + machine_pace()) / 2
+    print(f"       machine pace {pace:.1f} ms (a fixed Python workload, before and after; lower is faster)")
     check_answers(hub.received, messages, per_message)
     hub.received = []
     if not args.keep:
         lines.unlink()
-    return CaseResult(name, messages, per_message, raw, hub)
+    return CaseResult(name, messages, per_message, raw, hub, pace)
 
 
 def memory_run(processes: Processes, broker: EmbeddedBroker, work: Path, args: argparse.Namespace) -> dict[str, float]:
@@ -624,7 +641,7 @@ def print_table(cases: list[CaseResult], registration: tuple[int, float], memory
     print()
     for name, each in runs.items():
         if len(each) > 1:
-            rates = ", ".join(f"{c.readings / c.hub.seconds:,.0f}" for c in each)
+            rates = ", ".join(f"{c.readings / c.hub.seconds:,.0f} (pace {c.pace_ms:.1f} ms)" for c in each)
             print(f"case {name}, hub readings/s of each run in order (the table shows the median run): {rates}")
     ders, seconds = registration
     print(f"registration: {ders:,} DERs in {seconds:.1f} s ({ders / seconds:.1f}/s, bcrypt cost {args.bcrypt_rounds})")
