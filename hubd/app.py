@@ -179,8 +179,7 @@ class Hub:
             else:
                 answer, decoded = outcome
                 reply_to, request_id = (decoded.reply_to, decoded.request_id) if decoded else _reply_of(raw.payload)
-                response_topic = _first(properties.get("response_topic"))
-                correlation = _first(properties.get("correlation_data"))
+                response_topic, correlation = _v5_reply(properties)
                 if self._answer(answer, response_topic, correlation, reply_to, request_id):
                     source_id = decoded.source_id or raw.source_id if decoded else raw.source_id
                     self.writer.count("data.answered", source_id)
@@ -211,13 +210,7 @@ class Hub:
         self.audit.flush()
         reply_to, request_id = _reply_of(payload)
         error = HubError(ErrorCode.INTERNAL, "the hub failed on this message; the operator can find it")
-        self._answer(
-            {"ok": False, "error": error.as_dict()},
-            _first(properties.get("response_topic")),
-            _first(properties.get("correlation_data")),
-            reply_to,
-            request_id,
-        )
+        self._answer({"ok": False, "error": error.as_dict()}, *_v5_reply(properties), reply_to, request_id)
 
     def _is_data(self, topic: str) -> bool:
         return topic == self.topics["data"] or topic.startswith(self._data_prefix)
@@ -237,8 +230,7 @@ class Hub:
 
     async def _route(self, topic: str, payload: bytes, properties: dict[str, Any]) -> None:
         """A request (registration, query, time): answered from its own task."""
-        response_topic = _first(properties.get("response_topic"))
-        correlation = _first(properties.get("correlation_data"))
+        response_topic, correlation = _v5_reply(properties)
         request, error = _json_request(payload, self.config.limits.max_payload_bytes)
         reply_to, request_id = reply_fields(request) if request else (None, None)
         requester = response_topic or reply_to
@@ -345,6 +337,11 @@ class Hub:
 
 def _first(values: Any) -> Any:
     return values[0] if values else None
+
+
+def _v5_reply(properties: dict[str, Any]) -> tuple[str | None, bytes | None]:
+    """Where an MQTT v5 sender wants its answer: the response topic and the correlation data to echo."""
+    return _first(properties.get("response_topic")), _first(properties.get("correlation_data"))
 
 
 def _text(value: Any) -> str | None:

@@ -250,12 +250,15 @@ def _check(config: Config) -> None:
         )
     # The URL is logged and audited: it may hold no user or password, and is never echoed in an error.
     url = config.broker.url
-    if url is not None and "@" in url:
-        raise ConfigError("broker.url: no user or password in the URL; use broker.username and broker.password_file")
-    if url is not None and not url.startswith(("mqtt://", "mqtts://")):
-        raise ConfigError("broker.url: must start with mqtt:// or mqtts://")
-    if url is not None and not _valid_broker_url(url):
-        raise ConfigError("broker.url: must be mqtt[s]://host[:port] with a port number 1 … 65535")
+    if url is not None:
+        if "@" in url:
+            raise ConfigError(
+                "broker.url: no user or password in the URL; use broker.username and broker.password_file"
+            )
+        if not url.startswith(("mqtt://", "mqtts://")):
+            raise ConfigError("broker.url: must start with mqtt:// or mqtts://")
+        if not _valid_broker_url(url):
+            raise ConfigError("broker.url: must be mqtt[s]://host[:port] with a port number 1 … 65535")
     if not 0.1 <= config.formats.poll_s <= 3600:
         raise ConfigError(f"formats.poll_s: must be 0.1 … 3600 seconds, got {config.formats.poll_s}")
     if config.topic_prefix.endswith("/") or "#" in config.topic_prefix or "+" in config.topic_prefix:
