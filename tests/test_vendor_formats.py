@@ -4,11 +4,13 @@ runs, and bad definitions refused without taking down the formats already loaded
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import struct
 import subprocess
 import time
+import weakref
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -206,6 +208,35 @@ def test_bad_definition_at_start_is_refused_and_the_others_serve(hub_factory: An
     assert answer == {"ok": True, "accepted": 1, "rejected": []}
     (row,) = stored(hub, "PV-1")
     assert (row["power_kw"], row["energy_interval_kwh"], row["interval_s"]) == (0.812, 0.067, 300.0)
+
+
+def test_a_definition_replaced_or_removed_while_the_hub_runs_is_freed(hub_factory: Any, tmp_path: Path) -> None:
+    # The hub freezes what it loaded at start out of garbage collection, so a definition loaded then is freed
+    # only by reference counting: it must hold no reference cycle, or each replacement would stay in memory.
+    user = tmp_path / "user-formats"
+    user.mkdir()
+    (user / "acme.box.yaml").write_text(NEW_FORMAT, encoding="utf-8")
+    hub = hub_factory(formats={"user_dir": str(user), "poll_s": POLL_S})
+    catalog = hub._hub.catalog  # the running hub's own catalog
+    first = weakref.ref(catalog.find("acme.box").decoder)
+    since = last_seq(hub)
+    (user / "acme.box.yaml").write_text(NEW_FORMAT.replace("acme-box", "acme-box-2"), encoding="utf-8")
+    wait_for(hub, "format.loaded", "acme.box", since)
+    second = weakref.ref(catalog.find("acme.box").decoder)
+    assert freed(first)
+    since = last_seq(hub)
+    (user / "acme.box.yaml").unlink()
+    wait_for(hub, "format.removed", "acme.box", since)
+    assert freed(second)
+
+
+def freed(ref: weakref.ref[Any]) -> bool:
+    """Whether the object is gone within a few seconds (the hub drops it once it has audited the change)."""
+    deadline = time.monotonic() + 5
+    while ref() is not None and time.monotonic() < deadline:
+        gc.collect()  # skips what the hub froze: a frozen cycle would survive it
+        time.sleep(0.05)
+    return ref() is None
 
 
 def test_format_test_prints_readings_or_where_it_fails(hub: RunningHub, tmp_path: Path) -> None:
