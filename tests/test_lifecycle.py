@@ -73,7 +73,9 @@ def test_data_published_while_hub_is_down_is_stored_after_restart(hub: RunningHu
     assert _wait_for(lambda: readings.exists() and _count(readings) == 1)
 
 
-def test_sigterm_mid_burst_exits_quickly_and_loses_nothing(tmp_path: Path, broker: EmbeddedBroker) -> None:
+def test_sigterm_mid_burst_answers_what_it_committed_exits_quickly_and_loses_nothing(
+    tmp_path: Path, broker: EmbeddedBroker
+) -> None:
     config = write_config(tmp_path / "hubd.yaml", broker)
     hub = RunningHub(config, broker)
     hub.start()
@@ -83,18 +85,23 @@ def test_sigterm_mid_burst_exits_quickly_and_loses_nothing(tmp_path: Path, broke
     total = 20000
     lines = "\n".join(
         json.dumps(
-            {"readings": [{"der_id": "PV-0001", "password": password, "measured_at": i * 1000, "power_kw": 1.0}]}
+            {
+                "reply_to": "burst/answers",
+                "request_id": i,
+                "readings": [{"der_id": "PV-0001", "password": password, "measured_at": i * 1000, "power_kw": 1.0}],
+            }
         )
         for i in range(total)
     )
+    answers = tmp_path / "answers.jsonl"
+    mqtt = ["-h", "127.0.0.1", "-p", str(broker.port), "-q", "1"]
+    with answers.open("wb") as out:
+        receiver = subprocess.Popen(["mosquitto_sub", *mqtt, "-t", "burst/answers"], stdout=out)
     daemon = _start_daemon(config)
     publisher = None
     try:
         assert _wait_for(lambda: _serving(broker.port), 20)
-        publisher = subprocess.Popen(
-            ["mosquitto_pub", "-h", "127.0.0.1", "-p", str(broker.port), "-q", "1", "-t", "hub/v1/data", "-l"],
-            stdin=subprocess.PIPE,
-        )
+        publisher = subprocess.Popen(["mosquitto_pub", *mqtt, "-t", "hub/v1/data", "-l"], stdin=subprocess.PIPE)
         assert publisher.stdin is not None
         publisher.stdin.write(lines.encode())
         publisher.stdin.close()
@@ -104,12 +111,16 @@ def test_sigterm_mid_burst_exits_quickly_and_loses_nothing(tmp_path: Path, broke
         assert daemon.wait(15) == 0
         assert time.monotonic() - started < 10
         assert publisher.wait(60) == 0
+        stored_at_stop = _count(hub.config.readings_path)
+        # Every message committed before the stop was answered before hubd exited (none waits for the restart).
+        assert _wait_for(lambda: _lines(answers) >= stored_at_stop, 5), (_lines(answers), stored_at_stop)
     finally:
-        for process in (daemon, publisher):
+        for process in (daemon, publisher, receiver):
             if process is not None and process.poll() is None:
                 process.kill()
-    stored_at_stop = _count(hub.config.readings_path)
     assert 0 < stored_at_stop < total, "the burst was not interrupted; make it longer"
+    answered = {json.loads(line)["request_id"] for line in answers.read_bytes().splitlines()}
+    assert len(answered) == _lines(answers) == stored_at_stop  # each once, and only those
     hub.start()  # whatever was not acknowledged is delivered again
     try:
         assert _wait_for(lambda: _count(hub.config.readings_path) == total, 30), (
@@ -118,6 +129,10 @@ def test_sigterm_mid_burst_exits_quickly_and_loses_nothing(tmp_path: Path, broke
         )
     finally:
         hub.stop()
+
+
+def _lines(path: Path) -> int:
+    return path.read_bytes().count(b"\n")
 
 
 def test_embedded_default_starts_and_stops_its_own_broker(tmp_path: Path) -> None:
