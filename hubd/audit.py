@@ -219,7 +219,7 @@ class AuditLog:
         self._second = -1  # epoch second whose formatted prefix is cached in _second_text
         self._second_text = ""
         self._left: tuple[int, int, int, str] | None = None  # (size, mtime ns, seq, hash) after our last write
-        self._path.parent.mkdir(parents=True, exist_ok=True)
+        self._path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._file: BinaryIO | None = self._path.open("ab")
         try:
             with self._locked():

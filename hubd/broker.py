@@ -284,7 +284,7 @@ class EmbeddedBroker:
                 "(another broker, perhaps one left over from an earlier hubd run?); "
                 "choose another port or set broker.url to use that broker"
             )
-        self.broker_dir.mkdir(parents=True, exist_ok=True)
+        self.broker_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.config_path.write_text(config, encoding="utf-8")
         with self.log_path.open("ab") as log:
             self._log_offset = log.tell()

@@ -25,7 +25,7 @@ from hubd.auth.credentials import hash_password, issue_password
 from hubd.auth.registry import Der, Registry, read_der_csv
 from hubd.config import Config, ConfigError, load_config
 from hubd.model import DER_TYPES, FIELDS, HubError, format_time, now_ms
-from hubd.quarantine import Quarantine
+from hubd.quarantine import Quarantine, masked
 from hubd.query.buckets import INTERVALS_MS
 from hubd.query.conditions import Query, decode_cursor, parse_query
 from hubd.query.execute import run as run_query
@@ -303,10 +303,10 @@ def quarantine_list(ctx: Context, limit: int) -> None:
 
 @quarantine.command("show")
 @click.argument("entry_id", type=int)
-@click.option("--raw", is_flag=True, help="write the payload bytes to stdout, nothing else")
+@click.option("--raw", is_flag=True, help="write the payload bytes to stdout, nothing else (passwords included)")
 @pass_context
 def quarantine_show(ctx: Context, entry_id: int, raw: bool) -> None:
-    """One quarantined payload with its details."""
+    """One quarantined payload with its details; password values in it are shown as ***."""
     store = Quarantine(ctx.config.registry_path)
     found = store.get(entry_id)
     store.close()
@@ -318,7 +318,7 @@ def quarantine_show(ctx: Context, entry_id: int, raw: bool) -> None:
         return
     meta["received_at"] = format_time(meta["received_at"])
     click.echo(orjson.dumps(meta, option=orjson.OPT_INDENT_2).decode())
-    click.echo(payload.decode("utf-8", errors="backslashreplace")[:4000])
+    click.echo(masked(payload.decode("utf-8", errors="backslashreplace"))[:4000])
 
 
 # -- query ---------------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,17 @@ CREATE TABLE IF NOT EXISTS quarantine (
     payload BLOB NOT NULL
 );
 """
+
+
+# The value of any JSON key that names a password ("password", "password:PV-1", "initial_password", ...), in a
+# payload that may not even parse: the string after the key, escapes included.
+_PASSWORD_VALUE = re.compile(r'("(?:[^"\\]|\\.)*password(?:[^"\\]|\\.)*"\s*:\s*)"(?:[^"\\]|\\.)*"', re.IGNORECASE)
+
+
+def masked(text: str) -> str:
+    """A quarantined payload as text with every password value replaced by ``***``: the payload is kept whole
+    (so it can be replayed), but showing it must not show a DER's credentials."""
+    return _PASSWORD_VALUE.sub(r'\1"***"', text)
 
 
 class Quarantine:

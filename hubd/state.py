@@ -9,7 +9,7 @@ from pathlib import Path
 
 def open_state(path: Path, schema: str) -> sqlite3.Connection:
     """Open (creating if needed) the state file in WAL mode, waiting up to 10 s for another writer."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)  # it holds hashes and quarantined payloads
     db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     db.execute("PRAGMA journal_mode=WAL")
     db.execute("PRAGMA busy_timeout=10000")

@@ -119,6 +119,21 @@ def test_undecodable_payload_is_answered_quarantined_and_audited(
     assert problems == []
 
 
+def test_a_quarantined_payload_is_kept_whole_but_shown_without_its_passwords(shared: Site) -> None:
+    hub, start, since = shared.hub, shared.window(), last_seq(shared.hub)
+    good = reading("PV-1", shared.pv1, at(start))
+    payload = json.dumps({"source_id": "not an id!", "readings": [good]})  # a bad source id: the whole message
+    assert shared.send(payload)["error"]["code"] == "decode_error"
+    (record,) = records(hub, "data.quarantined", since)
+    assert quarantined_bytes(hub, record["quarantine_id"]) == payload.encode()  # for replay, byte for byte
+    shown = hub.cli("quarantine", "show", str(record["quarantine_id"]))
+    assert shown.exit_code == 0, shown.output
+    assert shared.pv1 not in shown.output
+    assert '"password": "***"' in shown.output and '"der_id": "PV-1"' in shown.output
+    # The data directory hubd made holds the payload: its own user's only.
+    assert hub.config.data_path.stat().st_mode & 0o077 == 0
+
+
 # -- readings judged one by one: the good ones stored, the bad one refused with its code ----------------------
 
 

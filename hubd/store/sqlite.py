@@ -109,7 +109,7 @@ class SqliteStore:
     process to write)."""
 
     def __init__(self, path: Path, synchronous: str = "full") -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute(f"PRAGMA cache_size=-{_CACHE_KIB}")
