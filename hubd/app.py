@@ -122,7 +122,14 @@ class Hub:
                 raise BrokerUnreachable(
                     f"cannot connect to the broker at {where}: {exc or type(exc).__name__}"
                 ) from exc
-            logger.info("hubd serving on {} (prefix {}), {} DERs registered", url, self.prefix, len(self.auth.ders))
+            registered = sum(der.status == "registered" for der in self.auth.ders.values())
+            logger.info(
+                "hubd serving on {} (prefix {}), {} DERs known, {} of them registered",
+                url,
+                self.prefix,
+                len(self.auth.ders),
+                registered,
+            )
             self.ready.set()
             watcher = asyncio.create_task(self._watch_formats(), name="hubd-formats")
             await self._stop.wait()

@@ -216,8 +216,12 @@ def der_rotate(ctx: Context, der_id: str) -> None:
     """Issue DER_ID a new unique password and print it once; the old one stops working at once."""
     with ctx.registry() as (registry, audit):
         record = registry.der(der_id)
-        if record is None or record.status == "revoked":
-            raise click.ClickException(f"no active DER {der_id}")
+        if record is None:
+            raise click.ClickException(f"no DER {der_id}")
+        if record.status == "revoked":
+            raise click.ClickException(
+                f"DER {der_id} is revoked; `hubd der reset {der_id} --reinstate` lifts that, then it registers again"
+            )
         password = issue_password()
         registry.set_der_password(der_id, hash_password(password, _rounds(ctx)), "registered")
         audit.append("password.rotated", der_id=der_id, by="operator")
@@ -288,7 +292,7 @@ def quarantine() -> None:
 
 
 @quarantine.command("list")
-@click.option("-n", "limit", default=50, show_default=True)
+@click.option("-n", "limit", default=50, show_default=True, type=click.IntRange(min=1))
 @pass_context
 def quarantine_list(ctx: Context, limit: int) -> None:
     """The newest quarantined payloads: id, time, topic, code, reason."""
@@ -463,7 +467,7 @@ def audit_verify(ctx: Context, file: Path | None) -> None:
 
 
 @audit.command("tail")
-@click.option("-n", "count", default=20, show_default=True)
+@click.option("-n", "count", default=20, show_default=True, type=click.IntRange(min=1))
 @click.option("--der", "der_id")
 @click.option("--event")
 @pass_context

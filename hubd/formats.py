@@ -22,7 +22,7 @@ import msgspec
 import orjson
 
 from hubd.auth.registry import ID_PATTERN
-from hubd.model import QUANTITIES, ErrorCode, HubError, Reading, parse_time
+from hubd.model import QUANTITIES, ErrorCode, HubError, Reading, out_of_range, parse_time
 
 
 @dataclass(slots=True)
@@ -183,8 +183,7 @@ def check_reading(item: Any, limits: Limits) -> Reading:
         if not bounds[0] <= number <= bounds[1]:  # also false for NaN and ±Infinity
             if not math.isfinite(number):
                 raise HubError(ErrorCode.BAD_REQUEST, f"{key} must be a finite number")
-            low, high = QUANTITIES[key]
-            raise HubError(ErrorCode.BAD_REQUEST, f"{key} {number} is out of range [{low}, {high}]")
+            raise HubError(ErrorCode.BAD_REQUEST, out_of_range(key, number))
         values[key] = number
     if not values:
         raise HubError(ErrorCode.BAD_REQUEST, "a reading needs at least one quantity")

@@ -64,6 +64,15 @@ QUANTITIES: dict[str, tuple[float | None, float | None]] = {
 FIELDS = tuple(QUANTITIES)
 
 
+def out_of_range(name: str, value: float) -> str:
+    """The refusal of a quantity outside its range: ``soc_pct 104.0 is out of range [0.0, 100.0]``, or with one
+    bound only ``voltage_v -1.0 is out of range: it must be at least 0.0``."""
+    low, high = QUANTITIES[name]
+    if low is not None and high is not None:
+        return f"{name} {value} is out of range [{low}, {high}]"
+    return f"{name} {value} is out of range: it must be " + (f"at least {low}" if high is None else f"at most {high}")
+
+
 class Reading(msgspec.Struct, gc=False):
     """One DER's quantities at one measurement time (epoch milliseconds, UTC).
 

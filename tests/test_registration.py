@@ -177,9 +177,11 @@ def test_rotate_reset_and_revoke_from_the_cli_take_effect_at_once(shared: Site) 
     assert register(hub, {"der_id": "PV-B", "password": INITIAL_PASSWORD})["error"]["code"] == "not_allowed"
     assert der_status(hub, "PV-B") == "revoked"
 
-    # A plain reset does not lift a revocation; --reinstate does, on purpose.
+    # A plain reset does not lift a revocation, nor does a rotate (each says how); --reinstate does, on purpose.
     refused = hub.cli("der", "reset", "PV-B")
     assert refused.exit_code == 1 and "--reinstate" in refused.output
+    refused = hub.cli("der", "rotate", "PV-B")
+    assert refused.exit_code == 1 and "is revoked" in refused.output and "--reinstate" in refused.output
     assert der_status(hub, "PV-B") == "revoked"
     assert hub.cli("der", "reset", "PV-B", "--reinstate").exit_code == 0
     answer = register(hub, {"der_id": "PV-B", "password": INITIAL_PASSWORD})

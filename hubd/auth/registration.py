@@ -47,7 +47,7 @@ class Registration:
         der_id = check_id(request.get("der_id"))
         password = request.get("password")
         if not isinstance(password, str) or not password:
-            raise HubError(ErrorCode.BAD_REQUEST, "password (the initial password) is missing")
+            raise HubError(ErrorCode.BAD_REQUEST, "password (the initial password) is missing or not a string")
         location = request.get("location") or {}
         if not isinstance(location, dict):
             raise HubError(ErrorCode.BAD_REQUEST, "location must be an object with lat, lon and area")

@@ -18,7 +18,7 @@ from contextlib import AbstractContextManager, contextmanager, suppress
 from typing import Any, Protocol
 
 from hubd.formats import KNOWN_IDS, Limits, derive_reactive_power, valid_id
-from hubd.model import MAX_TIME_MS, MIN_TIME_MS, QUANTITIES, ErrorCode, HubError, Reading
+from hubd.model import MAX_TIME_MS, MIN_TIME_MS, QUANTITIES, ErrorCode, HubError, Reading, out_of_range
 from hubd.vendor_formats.language import Factor, Number, ReadingSpec, Source, TimeSpec
 from hubd.vendor_formats.times import _epoch, _local, _rfc3339, _slow_time, hour_table, hourly, show
 
@@ -492,8 +492,7 @@ def _bad_number(name: str, value: float) -> str:
     """The messages of check_reading, for a value out of range or not finite."""
     if not math.isfinite(value):
         return f"{name} must be a finite number"
-    low, high = QUANTITIES[name]
-    return f"{name} {value} is out of range [{low}, {high}]"
+    return out_of_range(name, value)
 
 
 def _unmapped(value: Any, label: str, where: str) -> str:
