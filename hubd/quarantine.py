@@ -24,8 +24,9 @@ CREATE TABLE IF NOT EXISTS quarantine (
 
 
 # The value of any JSON key that names a password ("password", "password:PV-1", "initial_password", ...), in a
-# payload that may not even parse: the string after the key, escapes included.
-_PASSWORD_VALUE = re.compile(r'("(?:[^"\\]|\\.)*password(?:[^"\\]|\\.)*"\s*:\s*)"(?:[^"\\]|\\.)*"', re.IGNORECASE)
+# payload that may not even parse: the string after the key, escapes included. The key's length is bounded, so a
+# crafted payload cannot make the search quadratic.
+_PASSWORD_VALUE = re.compile(r'("[^"\\]{0,100}password[^"\\]{0,100}"\s*:\s*)"(?:[^"\\]|\\.)*"', re.IGNORECASE)
 
 
 def masked(text: str) -> str:
