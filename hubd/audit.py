@@ -420,8 +420,8 @@ def verify(path: Path) -> VerifyReport:
                 if line_no == 1:
                     return bad(line_no, f"{where}: the log starts at seq {seq}, not 1 (start removed?)")
                 if seq > prev_seq:
-                    return bad(line_no, f"seq jumps from {prev_seq} to {seq} (record removed or reordered?)")
-                return bad(line_no, f"seq goes back from {prev_seq} to {seq} (reordered or duplicated?)")
+                    return bad(line_no, f"{where}: seq jumps from {prev_seq} to {seq} (record removed or reordered?)")
+                return bad(line_no, f"{where}: seq goes back from {prev_seq} to {seq} (reordered or duplicated?)")
             if prev != prev_hash:
                 return bad(line_no, f"{where}: prev does not match the record before (removed or reordered?)")
             good += 1

@@ -114,7 +114,7 @@ def test_swapped_lines_are_named(tmp_path: Path) -> None:
     report = verify(path)
     assert not report.ok
     assert report.bad_line == 6
-    assert "seq jumps from 5 to 7" in report.reason
+    assert "record 7 (line 6): seq jumps from 5 to 7" in report.reason
 
 
 def test_cut_last_lines_is_caught_by_the_head(tmp_path: Path) -> None:
