@@ -18,12 +18,12 @@ import sqlite3
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from hubd.store import Rows
 from hubd.store.sqlite import SqliteStore
 
 NAMES = ("power_kw", "energy_kwh", "voltage_v", "power_factor", "reactive_power_kvar")
@@ -60,9 +60,10 @@ class Floor:
         self._db.execute("COMMIT")
 
 
-def timed(write: Any, argument: Any) -> tuple[float, float]:
+def timed(write: Callable[[list[tuple[Any, ...]]], None], rows: list[tuple[Any, ...]]) -> tuple[float, float]:
+    """(CPU, wall) seconds of one write."""
     wall, cpu = time.perf_counter(), time.process_time()
-    write(argument)
+    write(rows)
     return time.process_time() - cpu, time.perf_counter() - wall
 
 
@@ -78,13 +79,11 @@ def main() -> int:
         floor = Floor(Path(tmp) / "floor.sqlite3")
         for run in batches(args.ders, args.batch, args.prefill):
             store.write_rows([(NAMES, run)], BASE_MS)
-        totals = {"store": [0.0, 0.0], "floor": [0.0, 0.0]}
+        writers = {"store": lambda run: store.write_rows([(NAMES, run)], BASE_MS), "floor": floor.write}
+        totals = {name: [0.0, 0.0] for name in writers}
         for run in batches(args.ders, args.batch, args.rows, first=args.prefill):
-            rows: Rows = [(NAMES, run)]
-            for name, (cpu, wall) in (
-                ("store", timed(lambda r: store.write_rows(r, BASE_MS), rows)),
-                ("floor", timed(floor.write, run)),
-            ):
+            for name, write in writers.items():  # batch by batch in turn, so both meet the same machine
+                cpu, wall = timed(write, run)
                 totals[name][0] += cpu
                 totals[name][1] += wall
         store.close()
