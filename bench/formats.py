@@ -35,9 +35,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from timing import rates
 
-from hubd.formats import Limits, decode_native
+from hubd.decode.native import decode_native
+from hubd.decode.registry import Limits
+from hubd.decode.vendor import load_definition
 from hubd.model import parse_time
-from hubd.vendor_formats import load_definition
 
 ROOT = Path(__file__).resolve().parent.parent
 NOW = parse_time("2026-12-01T00:00:00Z")
@@ -188,7 +189,7 @@ def _in_turn(function: Callable[..., Any], payloads: list[bytes]) -> Callable[[]
 
 
 def _load(code: str) -> Callable[..., Any]:
-    return load_definition(ROOT / "formats" / f"{code}.yaml").decoder
+    return load_definition(ROOT / "hubd" / "formats" / f"{code}.yaml").decoder
 
 
 if __name__ == "__main__":

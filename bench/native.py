@@ -25,8 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from timing import rates
 
-from hubd import formats
-from hubd.formats import Limits
+from hubd import decode
+from hubd.decode.registry import Limits
 from hubd.model import parse_time
 
 NOW = parse_time("2026-12-01T00:00:00Z")
@@ -56,8 +56,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=0.5, help="seconds of rounds per function")
     args = parser.parse_args()
-    slow = getattr(formats, "decode_native_slow", None)  # absent before the fast path existed
-    named: list[tuple[str, Callable[[bytes, Limits], Any]]] = [("decode_native", formats.decode_native)]
+    slow = getattr(decode.native, "decode_native_slow", None)  # absent before the fast path existed
+    named: list[tuple[str, Callable[[bytes, Limits], Any]]] = [("decode_native", decode.native.decode_native)]
     if slow is not None:
         named.append(("decode_native_slow", slow))
     named.append(("orjson.loads (floor)", lambda payload, _limits: orjson.loads(payload)))
@@ -65,7 +65,7 @@ def main() -> None:
     for count in (100, 1):
         for bad in (False, True):
             payload = message(count, bad)
-            decoded = formats.decode_native(payload, LIMITS)
+            decoded = decode.native.decode_native(payload, LIMITS)
             refused = sum(1 for item in decoded.items if not hasattr(item, "values"))
             assert refused == int(bad), refused
             functions = [lambda f=function, p=payload: f(p, LIMITS) for _, function in named]

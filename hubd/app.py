@@ -25,8 +25,10 @@ from hubd.auth.registration import Registration
 from hubd.auth.registry import Registry
 from hubd.broker import BrokerUnreachable, EmbeddedBroker
 from hubd.config import Config
+from hubd.decode.native import reply_fields
+from hubd.decode.registry import load_json_object
+from hubd.decode.vendor import Catalog, Change
 from hubd.drivers.mqtt import Done, MqttDriver, MqttError, per_message
-from hubd.formats import load_json_object, reply_fields
 from hubd.ingest import Ingest, Outcome
 from hubd.model import ErrorCode, HubError, RawMessage, format_time, now_ms
 from hubd.quarantine import Quarantine
@@ -35,7 +37,6 @@ from hubd.query.execute import run as run_query
 from hubd.store.process import WriterProcess
 from hubd.store.sqlite import SqliteStore
 from hubd.store.writer import BatchWriter
-from hubd.vendor_formats import Catalog, Change
 
 
 class Hub:

@@ -1,7 +1,7 @@
 """The embedded Mosquitto broker hubd starts when no broker.url is configured.
 
 Mosquitto runs as a child process with a configuration rendered from
-``mosquitto/embedded.conf.in``. The child is driven with :class:`subprocess.Popen` and
+``hubd/mosquitto/embedded.conf.in``. The child is driven with :class:`subprocess.Popen` and
 polled, not with asyncio's subprocess support, so that the same code serves the
 async hub (``start``/``stop``) and the sync test fixtures (``start_sync``/``stop_sync``)
 and works from any thread or event loop.
@@ -24,7 +24,6 @@ from types import TracebackType
 from typing import NoReturn
 
 __all__ = [
-    "EMBEDDED_TEMPLATE",
     "TEMPLATE_PATH",
     "BrokerNotInstalled",
     "EmbeddedBroker",
@@ -34,8 +33,8 @@ __all__ = [
     "render_config",
 ]
 
-#: The documented template in the repo checkout; the single source of truth.
-TEMPLATE_PATH = Path(__file__).resolve().parent.parent / "mosquitto" / "embedded.conf.in"
+#: The template, shipped inside the package (package data), so an installed wheel has it too.
+TEMPLATE_PATH = Path(__file__).resolve().parent / "mosquitto" / "embedded.conf.in"
 
 #: Where Mosquitto lives when it is not on PATH: Debian/Ubuntu install it to
 #: /usr/sbin, which is often missing from a normal user's PATH; source builds use
@@ -46,71 +45,6 @@ START_TIMEOUT = 10.0
 STOP_TIMEOUT = 5.0
 _POLL_INTERVAL = 0.02
 _LOG_TAIL_LINES = 15
-
-# Verbatim copy of mosquitto/embedded.conf.in, used when hubd runs from an installed
-# wheel that does not contain the repo's mosquitto/ directory. tests/test_broker.py
-# checks that it matches the file.
-EMBEDDED_TEMPLATE = """\
-# Mosquitto configuration for the broker hubd starts itself (the "embedded default").
-#
-# hubd renders this template (hubd/broker.py, render_config) into
-# <data_dir>/mosquitto/mosquitto.conf and runs `mosquitto -c` on it. The placeholders
-# are names in curly braces: port and bind (the listener, by default 1883 on
-# 127.0.0.1), data_dir (hubd's data directory, absolute) and user (see below).
-# hubd/broker.py carries a verbatim copy of this file (EMBEDDED_TEMPLATE) for installs
-# without the repo checkout; tests/test_broker.py fails if the two differ.
-#
-# This broker is for a single host only: anonymous access is allowed because the
-# listener binds to loopback, so only local processes (hubd, local gateways, tests)
-# can reach it. Never bind it to a public address; for a networked broker with TLS
-# and per-client credentials use mosquitto/production.conf.
-
-per_listener_settings false
-listener {port} {bind}
-allow_anonymous true
-
-# When started as root, Mosquitto switches to the "mosquitto" user by default and
-# could then no longer write its database under hubd's data dir. Run as hubd's user.
-user {user}
-
-# Keep subscriptions and queued messages on disk, so the QoS 1 messages waiting for
-# hubd's persistent session (clean start false) survive a broker restart. The
-# database is written on a clean shutdown (SIGTERM) and every autosave_interval
-# seconds; a crash loses at most that window of queued messages.
-persistence true
-persistence_location {data_dir}/mosquitto/
-autosave_interval 60
-
-# By default Mosquitto keeps at most 1000 QoS 1/2 messages per client beyond those in
-# flight and silently DROPS the rest. A slow or restarting hubd would lose power
-# data that way, so allow a very deep queue (bounded only to survive a runaway
-# publisher) and no byte limit (0 = unlimited).
-max_queued_messages 1000000
-max_queued_bytes 0
-
-# Outgoing QoS 1/2 messages in flight per client (default 20), and the Receive
-# Maximum the broker announces. More keeps hubd's subscription busy and its commits
-# large under load (hubd bounds what it holds itself: broker.receive_maximum);
-# MQTT v5 clients can lower it with Receive Maximum. And at most 16 MiB of them:
-# a thousand messages of 10,000 readings would otherwise all be sent at once and
-# wait, 1.8 GB of them, in hubd's memory (bench/README.md).
-max_inflight_messages 10000
-max_inflight_bytes 16777216
-
-# Forget sessions of clients that have not come back for a week, so abandoned
-# client ids do not hold queued messages forever.
-persistent_client_expiration 7d
-
-# hubd starts Mosquitto with stderr redirected to <data_dir>/mosquitto/mosquitto.log
-# (it shows the log's tail when the broker fails to start). Client connects and
-# disconnects are logged as notices; "information" and "debug" are left out.
-log_dest stderr
-log_type error
-log_type warning
-log_type notice
-
-# max_packet_size is deliberately unset: hubd enforces its own payload limit.
-"""
 
 _PLACEHOLDER = re.compile(r"\{[a-z_]+\}")
 
@@ -152,13 +86,10 @@ def find_mosquitto(executable: str | None = None) -> str:
 
 
 def load_template(template: Path | None = None) -> str:
-    """Read the config template: ``template``, else the repo file, else the built-in copy."""
+    """Read the config template: ``template``, else the one shipped with hubd."""
     if template is not None:
         return template.read_text(encoding="utf-8")
-    try:
-        return TEMPLATE_PATH.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        return EMBEDDED_TEMPLATE
+    return TEMPLATE_PATH.read_text(encoding="utf-8")
 
 
 def _current_user() -> str:
@@ -222,7 +153,7 @@ def _accepts(host: str, port: int) -> bool:
 
 
 class EmbeddedBroker:
-    """A local Mosquitto that hubd starts from mosquitto/embedded.conf.in and stops on exit.
+    """A local Mosquitto that hubd starts from hubd/mosquitto/embedded.conf.in and stops on exit.
 
     Its files live in ``<data_dir>/mosquitto/``: the rendered ``mosquitto.conf``, the
     ``mosquitto.log`` (the broker's stderr, appended across runs) and the persistence

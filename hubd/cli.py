@@ -24,13 +24,13 @@ from hubd.audit import AuditError, AuditLog
 from hubd.auth.credentials import hash_password, issue_password
 from hubd.auth.registry import Der, Registry, read_der_csv
 from hubd.config import Config, ConfigError, load_config
+from hubd.decode.vendor.commands import format_group
 from hubd.model import DER_TYPES, FIELDS, HubError, format_time, now_ms
 from hubd.quarantine import Quarantine, masked
 from hubd.query.buckets import INTERVALS_MS
 from hubd.query.conditions import Query, decode_cursor, parse_query
 from hubd.query.execute import run as run_query
 from hubd.store.sqlite import SqliteStore
-from hubd.vendor_formats.commands import format_group
 
 
 def setup_logging(level: str) -> None:

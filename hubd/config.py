@@ -142,7 +142,7 @@ class Config:
     def formats_shipped_path(self) -> Path:
         if self.formats.shipped_dir:
             return Path(self.formats.shipped_dir).expanduser()
-        return Path(__file__).resolve().parent.parent / "formats"
+        return Path(__file__).resolve().parent / "formats"
 
 
 def _type_name(tp: Any) -> str:

@@ -13,11 +13,11 @@ from typing import Any
 
 from loguru import logger
 
-from hubd import formats
+from hubd import decode
 from hubd.audit import AuditLog
 from hubd.auth import Authenticator, Refused
 from hubd.config import LimitsConfig
-from hubd.formats import Decoded, Limits
+from hubd.decode.registry import Decoded, Limits
 from hubd.model import ErrorCode, HubError, RawMessage, Reading
 from hubd.quarantine import Quarantine
 from hubd.store import Rows, add_rows
@@ -227,7 +227,7 @@ class Ingest:
                 ErrorCode.TOO_LARGE,
                 f"the payload has {len(raw.payload)} bytes; the limit is {self._limits.max_payload_bytes}",
             )
-        decoder = formats.decoder_for(raw.format_code)
+        decoder = decode.decoder_for(raw.format_code)
         # The message's own receive time: "too far in the future" is judged against it, and a vendor format's
         # ``default: received`` time is it.
         limits = Limits(raw.received_at, self._max_future_ms, self._limits.max_readings_per_message, raw.properties)

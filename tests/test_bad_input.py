@@ -43,9 +43,9 @@ from helpers import (
 )
 from loguru import logger
 
-from hubd import formats
+from hubd import decode
 from hubd.cli import setup_logging
-from hubd.formats import Decoded, Limits
+from hubd.decode.registry import Decoded, Limits
 from hubd.model import Reading, now_ms
 
 
@@ -475,15 +475,15 @@ def crashing_format() -> Iterator[str]:
     """A vendor format whose decoder has a bug: it fails on a payload with too few fields."""
     code = "test.crashing"
 
-    @formats.register(code)
-    def decode(payload: bytes, limits: Limits) -> Decoded:
+    @decode.registry.register(code)
+    def crashing(payload: bytes, limits: Limits) -> Decoded:
         der_id, measured_at, password, power = payload.decode().split(";")  # fails on 3 fields
         return Decoded(None, [Reading(der_id, int(measured_at), {"power_kw": float(power)}, password)])
 
     try:
         yield code
     finally:
-        formats._DECODERS.pop(code)
+        decode.registry._DECODERS.pop(code)
 
 
 def test_failing_vendor_decoder_is_decode_error_and_leaks_nothing(

@@ -11,8 +11,6 @@ import pytest
 
 from hubd import broker as broker_module
 from hubd.broker import (
-    EMBEDDED_TEMPLATE,
-    TEMPLATE_PATH,
     BrokerNotInstalled,
     EmbeddedBroker,
     free_port,
@@ -48,20 +46,8 @@ def _pub(broker: EmbeddedBroker, topic: str, payload: str) -> None:
 # -- template ---------------------------------------------------------------------------
 
 
-def test_builtin_template_matches_the_file() -> None:
-    """The copy in broker.py (for installed wheels) must not drift from the documented file."""
-    assert TEMPLATE_PATH.is_file()
-    assert TEMPLATE_PATH.read_text(encoding="utf-8") == EMBEDDED_TEMPLATE
-    assert load_template() == EMBEDDED_TEMPLATE
-
-
-def test_load_template_falls_back_to_builtin(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setattr(broker_module, "TEMPLATE_PATH", tmp_path / "missing.conf.in")
-    assert load_template() == EMBEDDED_TEMPLATE
-
-
 def test_render_config(tmp_path: Path) -> None:
-    text = render_config(EMBEDDED_TEMPLATE, port=18830, bind="127.0.0.1", data_dir=tmp_path, user="hubd")
+    text = render_config(load_template(), port=18830, bind="127.0.0.1", data_dir=tmp_path, user="hubd")
     lines = text.splitlines()
     assert "listener 18830 127.0.0.1" in lines
     assert f"persistence_location {tmp_path.resolve()}/mosquitto/" in lines
@@ -77,7 +63,7 @@ def test_render_config(tmp_path: Path) -> None:
 )
 def test_render_config_rejects_injection(tmp_path: Path, bind: str, data_dir: str) -> None:
     with pytest.raises(ValueError, match="invalid"):
-        render_config(EMBEDDED_TEMPLATE, port=1883, bind=bind, data_dir=tmp_path / data_dir, user="u")
+        render_config(load_template(), port=1883, bind=bind, data_dir=tmp_path / data_dir, user="u")
 
 
 def test_render_config_rejects_unknown_placeholder(tmp_path: Path) -> None:

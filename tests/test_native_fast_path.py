@@ -18,8 +18,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from hubd import formats
-from hubd.formats import Decoded, Limits, _decode_fast, decode_native, decode_native_slow
+from hubd import decode
+from hubd.decode.native import _decode_fast, decode_native, decode_native_slow
+from hubd.decode.registry import Decoded, Limits
 from hubd.model import MAX_TIME_MS, MIN_TIME_MS, QUANTITIES, HubError, Reading, parse_time
 
 NOW = parse_time("2026-11-27T00:00:00Z")
@@ -226,8 +227,8 @@ def assert_same(payload: bytes, limits: Limits) -> None:
 @given(messages(), limits_strategy, st.booleans())
 def test_fast_path_gives_what_the_slow_path_gives(payload: bytes, limits: Limits, cold: bool) -> None:
     if cold:  # the per-process caches of times and ids are a speed-up only
-        formats._TIMES.clear()
-        formats.KNOWN_IDS.clear()
+        decode.native._TIMES.clear()
+        decode.native.KNOWN_IDS.clear()
     assert_same(payload, limits)
 
 

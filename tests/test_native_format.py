@@ -8,7 +8,8 @@ from typing import Any
 import orjson
 import pytest
 
-from hubd.formats import Limits, decode_native
+from hubd.decode.native import decode_native
+from hubd.decode.registry import Limits
 from hubd.model import ErrorCode, HubError, Reading, parse_time
 
 NOW = parse_time("2026-11-27T00:00:00Z")

@@ -266,9 +266,9 @@ def test_format_test_prints_readings_or_where_it_fails(hub: RunningHub, tmp_path
 def test_each_message_is_decoded_with_its_own_receive_time_and_user_properties() -> None:
     """Messages are decoded in groups, but a format's ``default: received`` time and "too far in the future"
     are each message's own receive time, and one message's MQTT v5 user properties never reach another's."""
-    from hubd import formats
+    from hubd import decode
     from hubd.config import LimitsConfig
-    from hubd.formats import Decoded, Limits
+    from hubd.decode.registry import Decoded, Limits
     from hubd.ingest import Ingest
     from hubd.model import RawMessage, Reading
 
@@ -278,14 +278,14 @@ def test_each_message_is_decoded_with_its_own_receive_time_and_user_properties()
         seen.append(limits)
         return Decoded(None, [Reading("PV-1", limits.now_ms, {"power_kw": 1.0}, limits.properties.get("password"))])
 
-    formats.register("test.receive_time")(decoder)
+    decode.registry.register("test.receive_time")(decoder)
     try:
         ingest = Ingest(None, None, None, None, LimitsConfig(max_future_s=60))  # type: ignore[arg-type]
         first = RawMessage("edge", "test.receive_time", b"x", received_at=1_000, properties={"password": "pw-1"})
         second = RawMessage("edge", "test.receive_time", b"x", received_at=2_000)
         times = [ingest._decode(raw).items[0] for raw in (first, second)]
     finally:
-        formats.unregister("test.receive_time")
+        decode.registry.unregister("test.receive_time")
     assert [r.measured_at for r in times if isinstance(r, Reading)] == [1_000, 2_000]
     assert [limits.max_future_ms for limits in seen] == [60_000, 60_000]
     assert [limits.properties for limits in seen] == [{"password": "pw-1"}, {}]

@@ -3,7 +3,7 @@
 decode to: ``expected.jsonl`` (one reading or refusal per line, in order) or ``error.txt`` (``<code>: <message>``
 for a payload refused whole). Adding a sample is adding files.
 
-Definitions come from the shipped ``formats/`` and, for the language features no shipped format uses, from
+Definitions come from the shipped ``hubd/formats/`` and, for the language features no shipped format uses, from
 ``tests/formats/definitions/``.
 """
 
@@ -14,14 +14,14 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-from hubd.formats import Decoder, Limits
+from hubd.decode.registry import Decoder, Limits
+from hubd.decode.vendor import load_definition
 from hubd.model import HubError, Reading, format_time, parse_time
-from hubd.vendor_formats import load_definition
 
 HERE = Path(__file__).parent
 REPO = HERE.parent.parent
 CASES = HERE / "cases"
-DEFINITION_FOLDERS = (REPO / "formats", HERE / "definitions")
+DEFINITION_FOLDERS = (REPO / "hubd" / "formats", HERE / "definitions")
 NOW = parse_time("2026-12-01T00:00:00Z")  # the hub's clock for every case: after every sample
 
 

@@ -13,7 +13,8 @@ from format_cases import NOW, case_dirs, decoder, definition_files, limits_of, p
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from hubd.formats import Limits, check_reading
+from hubd.decode.native import check_reading
+from hubd.decode.registry import Limits
 from hubd.model import HubError, Reading, format_time
 
 CODES = sorted(path.stem for path in definition_files())

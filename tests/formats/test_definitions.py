@@ -10,11 +10,11 @@ import orjson
 import pytest
 import yaml
 
-from hubd import formats
+from hubd import decode
 from hubd.config import ConfigError, load_config, parse_config
-from hubd.formats import Limits
+from hubd.decode.registry import Limits
+from hubd.decode.vendor import Catalog, DefinitionError, load_definition
 from hubd.model import HubError, parse_time
-from hubd.vendor_formats import Catalog, DefinitionError, load_definition
 
 GOOD = {
     "kind": "json",
@@ -117,30 +117,30 @@ def test_catalog_follows_the_folders_and_keeps_a_good_version(tmp_path: Path) ->
     try:
         changes = catalog.scan()
         assert [(c.event, c.code) for c in changes] == [("format.loaded", "acme.v1")]
-        shipped_decoder = formats.decoder_for("acme.v1")
+        shipped_decoder = decode.registry.decoder_for("acme.v1")
         assert catalog.scan() == []  # nothing changed, nothing done
 
         override = write(user, "acme.v1.yaml", _with(["reading", "power_kw", "unit"], "kW"))
         assert [(c.event, c.file) for c in catalog.scan()] == [("format.loaded", str(override))]
         payload = b'{"items": [{"id": "PV-1", "pw": "x", "t": 1764201600000, "w": 2}]}'
-        (reading,) = formats.decoder_for("acme.v1")(payload, LIMITS).items
+        (reading,) = decode.registry.decoder_for("acme.v1")(payload, LIMITS).items
         assert reading.values == {"power_kw": 2.0}  # type: ignore[union-attr]
 
         write(user, "acme.v1.yaml", "kind: json\nreading: [\n")
         os.utime(override, ns=(1, 1))  # a different time even on a coarse clock
         (refused,) = catalog.scan()
         assert refused.event == "format.refused" and "not valid YAML" in (refused.reason or "")
-        (reading,) = formats.decoder_for("acme.v1")(payload, LIMITS).items  # the good version still serves
+        (reading,) = decode.registry.decoder_for("acme.v1")(payload, LIMITS).items  # the good version still serves
         assert reading.values == {"power_kw": 2.0}  # type: ignore[union-attr]
         assert catalog.errors() == {override: refused.reason}
 
         override.unlink()
         assert [(c.event, c.code) for c in catalog.scan()] == [("format.loaded", "acme.v1")]
-        assert formats.decoder_for("acme.v1") is shipped_decoder
+        assert decode.registry.decoder_for("acme.v1") is shipped_decoder
         (shipped / "acme.v1.yaml").unlink()
         assert [(c.event, c.code) for c in catalog.scan()] == [("format.removed", "acme.v1")]
         with pytest.raises(HubError):
-            formats.decoder_for("acme.v1")
+            decode.registry.decoder_for("acme.v1")
     finally:
         catalog.close()
 

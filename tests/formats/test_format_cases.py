@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from format_cases import CASES, as_line, case_dirs, decoder, definition_files, limits_of, payload_of
 
-from hubd.formats import check_reading
+from hubd.decode.native import check_reading
 from hubd.model import HubError, Reading, format_time
 
 

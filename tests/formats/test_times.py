@@ -14,10 +14,10 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hubd.formats import Limits
+from hubd.decode.registry import Limits
+from hubd.decode.vendor import load_definition
+from hubd.decode.vendor.times import HourTable, _local, _rfc3339, hour_table, hourly
 from hubd.model import HubError, Reading, parse_time
-from hubd.vendor_formats import load_definition
-from hubd.vendor_formats.times import HourTable, _local, _rfc3339, hour_table, hourly
 
 ZONES = ["Asia/Tokyo", "Europe/Berlin", "America/New_York", "Australia/Lord_Howe", "UTC"]
 FORMATS = [None, "%Y/%m/%d %H:%M", "%Y-%m-%d %H:%M:%S", "%d.%m.%Y %H:%M:%S", "%Y%m%d%H%M"]

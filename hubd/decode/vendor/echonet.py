@@ -15,11 +15,10 @@ from dataclasses import dataclass, field
 from operator import itemgetter
 from typing import Any, NamedTuple
 
-from hubd.formats import Decoded, Decoder, Limits
-from hubd.model import ErrorCode, HubError
-from hubd.vendor_formats.codegen import RecordFunction
-from hubd.vendor_formats.kinds import compile_epc_reading
-from hubd.vendor_formats.language import (
+from hubd.decode.registry import Decoded, Decoder, Limits
+from hubd.decode.vendor.codegen import RecordFunction
+from hubd.decode.vendor.kinds import compile_epc_reading
+from hubd.decode.vendor.language import (
     TYPES,
     Context,
     ReadingSpec,
@@ -29,6 +28,7 @@ from hubd.vendor_formats.language import (
     parse_credentials,
     parse_quantities,
 )
+from hubd.model import ErrorCode, HubError
 
 DECODE = ErrorCode.DECODE_ERROR
 # The services that carry measured values: Get_Res, INF, INFC, and Get_SNA / INF_SNA (a property the device

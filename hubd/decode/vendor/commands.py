@@ -11,14 +11,14 @@ from typing import Any
 import click
 import orjson
 
-from hubd import formats
+from hubd import decode
 from hubd.audit import AuditLog
 from hubd.config import Config
-from hubd.formats import Decoder, Limits
+from hubd.decode.registry import Decoder, Limits
+from hubd.decode.vendor.catalog import Catalog
+from hubd.decode.vendor.language import DefinitionError
+from hubd.decode.vendor.load import SUFFIXES, load_definition
 from hubd.model import HubError, format_time, now_ms, parse_time
-from hubd.vendor_formats.catalog import Catalog
-from hubd.vendor_formats.language import DefinitionError
-from hubd.vendor_formats.load import SUFFIXES, load_definition
 
 NATIVE = "hub.v1"
 
@@ -178,7 +178,7 @@ def _decoder(config: Config, name: str) -> Decoder:
         except DefinitionError as exc:
             raise click.ClickException(f"refused: {exc}") from None
     if name == NATIVE:
-        return formats.decoder_for(NATIVE)
+        return decode.decoder_for(NATIVE)
     found = _catalog(config).find(name)
     if found is None:
         raise click.ClickException(f"{name!r} is neither a definition file nor a loaded format code")

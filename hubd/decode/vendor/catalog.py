@@ -14,10 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from hubd import formats
+from hubd import decode
+from hubd.decode.vendor.language import DefinitionError, FormatDefinition
+from hubd.decode.vendor.load import SUFFIXES, code_of, load_definition
 from hubd.model import HubError
-from hubd.vendor_formats.language import DefinitionError, FormatDefinition
-from hubd.vendor_formats.load import SUFFIXES, code_of, load_definition
 
 Stamp = tuple[tuple[int, int, int], ...]
 
@@ -80,14 +80,14 @@ class Catalog:
         for code, definition in wanted.items():
             if self.active.get(code) is not definition:
                 if self.register:
-                    formats.register(code)(definition.decoder)
+                    decode.register(code)(definition.decoder)
                 changes.append(Change("format.loaded", code, str(definition.path)))
             elif self.register and not _registered(code, definition):
-                formats.register(code)(definition.decoder)  # another catalog in this process took it away
+                decode.register(code)(definition.decoder)  # another catalog in this process took it away
         for code, definition in list(self.active.items()):
             if code not in wanted:
                 if self.register:
-                    formats.unregister(code)
+                    decode.unregister(code)
                 changes.append(Change("format.removed", code, str(definition.path)))
         self.active = wanted
         return changes
@@ -104,14 +104,14 @@ class Catalog:
         if self.register:
             for code, definition in self.active.items():
                 if _registered(code, definition):
-                    formats.unregister(code)
+                    decode.unregister(code)
         self.active = {}
         self._files = {}
 
 
 def _registered(code: str, definition: FormatDefinition) -> bool:
     try:
-        return formats.decoder_for(code) is definition.decoder
+        return decode.decoder_for(code) is definition.decoder
     except HubError:
         return False
 

@@ -8,9 +8,9 @@ from pathlib import Path
 from typing import Any
 
 from hubd.auth.registry import ID_PATTERN
-from hubd.formats import Decoder
-from hubd.vendor_formats.kinds import build_binary, build_csv, build_json
-from hubd.vendor_formats.language import (
+from hubd.decode.registry import Decoder
+from hubd.decode.vendor.kinds import build_binary, build_csv, build_json
+from hubd.decode.vendor.language import (
     CODE_PATTERN,
     RESERVED_CODES,
     Context,
@@ -27,7 +27,7 @@ KINDS = ("json", "csv", "binary", "hook")
 # own keys and raises DefinitionError like the declarative kinds. Named hooks ship with hubd; any other is
 # written as module:function and imported.
 Hook = Callable[[Context, dict[str, Any], str, str | None], Decoder]
-HOOKS = {"echonet_lite": "hubd.vendor_formats.echonet:build"}
+HOOKS = {"echonet_lite": "hubd.decode.vendor.echonet:build"}
 
 
 def code_of(path: Path) -> str:

@@ -17,10 +17,11 @@ from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, suppress
 from typing import Any, Protocol
 
-from hubd.formats import KNOWN_IDS, Limits, derive_reactive_power, valid_id
+from hubd.decode.native import KNOWN_IDS, derive_reactive_power, valid_id
+from hubd.decode.registry import Limits
+from hubd.decode.vendor.language import Factor, Number, ReadingSpec, Source, TimeSpec
+from hubd.decode.vendor.times import _epoch, _local, _rfc3339, _slow_time, hour_table, hourly, show
 from hubd.model import MAX_TIME_MS, MIN_TIME_MS, QUANTITIES, ErrorCode, HubError, Reading, out_of_range
-from hubd.vendor_formats.language import Factor, Number, ReadingSpec, Source, TimeSpec
-from hubd.vendor_formats.times import _epoch, _local, _rfc3339, _slow_time, hour_table, hourly, show
 
 RecordFunction = Callable[[Any, Any, dict[str, str], Limits], list[Reading | HubError]]
 

@@ -14,8 +14,8 @@ from functools import cache
 from typing import Any
 from zoneinfo import ZoneInfo
 
+from hubd.decode.vendor.language import TimeSpec
 from hubd.model import ErrorCode, HubError, parse_time
-from hubd.vendor_formats.language import TimeSpec
 
 BAD = ErrorCode.BAD_REQUEST
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)

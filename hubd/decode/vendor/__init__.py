@@ -9,8 +9,8 @@ fixed layout cannot say), ``load`` turns one file into a decoder, and ``catalog`
 with the definition folders while the hub runs. The language is documented in docs/formats.md.
 """
 
-from hubd.vendor_formats.catalog import Catalog, Change
-from hubd.vendor_formats.language import DefinitionError, FormatDefinition
-from hubd.vendor_formats.load import load_definition
+from hubd.decode.vendor.catalog import Catalog, Change
+from hubd.decode.vendor.language import DefinitionError, FormatDefinition
+from hubd.decode.vendor.load import load_definition
 
 __all__ = ["Catalog", "Change", "DefinitionError", "FormatDefinition", "load_definition"]

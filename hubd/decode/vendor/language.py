@@ -19,7 +19,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import yaml
 
 from hubd.auth.registry import ID_PATTERN
-from hubd.formats import Decoder
+from hubd.decode.registry import Decoder
 from hubd.model import QUANTITIES
 
 # A format code is one topic level: the last segment of hub/v1/data/<code>.

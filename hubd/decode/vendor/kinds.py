@@ -14,10 +14,9 @@ from typing import Any
 
 import orjson
 
-from hubd.formats import Decoded, Decoder, Limits, load_json_object
-from hubd.model import ErrorCode, HubError
-from hubd.vendor_formats.codegen import Gen, RecordFunction, compile_reading
-from hubd.vendor_formats.language import (
+from hubd.decode.registry import Decoded, Decoder, Limits, load_json_object
+from hubd.decode.vendor.codegen import Gen, RecordFunction, compile_reading
+from hubd.decode.vendor.language import (
     TYPES,
     Context,
     ReadingSpec,
@@ -28,6 +27,7 @@ from hubd.vendor_formats.language import (
     parse_reading,
     text,
 )
+from hubd.model import ErrorCode, HubError
 
 DECODE = ErrorCode.DECODE_ERROR
 

@@ -1,7 +1,4 @@
-"""Formats: payload bytes → readings in the unified schema, chosen by the format code.
-
-The hub's native format ``hub.v1`` (PROTOCOL.md, Power data) is registered here; vendor formats register
-the same way under their own codes. A decoder only decodes and validates: it never authenticates or stores.
+"""The hub's native format ``hub.v1`` (docs/protocol.md, Power data), registered under its code.
 
 ``hub.v1`` is decoded on two paths with one result. The fast path (msgspec, typed) takes the messages it can
 vouch for, all readings good; any other message goes whole to the slow path (orjson, then each reading
@@ -10,96 +7,16 @@ checked in Python), which alone refuses messages and readings, with the exact re
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import sys
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Annotated, Any, TypeGuard
 
 import msgspec
-import orjson
 
 from hubd.auth.registry import ID_PATTERN
+from hubd.decode.registry import Decoded, Limits, load_json_object, register
 from hubd.model import QUANTITIES, ErrorCode, HubError, Reading, out_of_range, parse_time
-
-
-@dataclass(slots=True)
-class Decoded:
-    """One message decoded: its readings or, per index, why a reading was refused."""
-
-    source_id: str | None
-    items: list[Reading | HubError]
-    reply_to: str | None = None
-    request_id: Any = None
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
-class Limits(msgspec.Struct, frozen=True, gc=False):
-    """What a decoder judges a message by: the hub's clock when the message was received, the limits, and the
-    sender's MQTT v5 user properties (a vendor format may take the DER id and password from them; the native
-    format ignores them). A Struct, made in C: ingest makes one per message."""
-
-    now_ms: int
-    max_future_ms: int
-    max_readings: int
-    properties: dict[str, str] = msgspec.field(default_factory=dict)
-
-
-Decoder = Callable[[bytes, Limits], Decoded]
-_DECODERS: dict[str, Decoder] = {}
-
-
-def register(code: str) -> Callable[[Decoder], Decoder]:
-    """Register a decoder under a format code (the last path segment of ``hub/v1/data/<code>``)."""
-
-    def wrap(decoder: Decoder) -> Decoder:
-        _DECODERS[code] = decoder
-        return decoder
-
-    return wrap
-
-
-def unregister(code: str) -> None:
-    """Remove a format (a definition file was removed); the native format stays."""
-    if code != "hub.v1":
-        _DECODERS.pop(code, None)
-
-
-def decoder_for(code: str) -> Decoder:
-    try:
-        return _DECODERS[code]
-    except KeyError:
-        raise HubError(ErrorCode.UNKNOWN_FORMAT, f"no format is registered under the code {code!r}") from None
-
-
-def codes() -> list[str]:
-    return sorted(_DECODERS)
-
-
-def load_json_object(payload: bytes) -> dict[str, Any]:
-    """Parse a JSON object. NaN and Infinity are let through here so that they fail one reading, not all."""
-    try:
-        data = orjson.loads(payload)
-    except orjson.JSONDecodeError:
-        # Python's parser takes NaN and Infinity, but is otherwise held to what orjson takes: UTF-8 only,
-        # integers beyond 64 bits as floats, and no lone surrogates (orjson.dumps refuses those, which
-        # would break the audit log and the answer further on).
-        try:
-            data = json.loads(payload.decode("utf-8"), parse_int=_parse_int)
-            orjson.dumps(data)
-        except (ValueError, TypeError, RecursionError):
-            raise HubError(ErrorCode.DECODE_ERROR, "the payload is not valid UTF-8 JSON") from None
-    if not isinstance(data, dict):
-        raise HubError(ErrorCode.DECODE_ERROR, f"the payload must be a JSON object, not {type(data).__name__}")
-    return data
-
-
-def _parse_int(text: str) -> int | float:
-    number = int(text)
-    return number if -(2**63) <= number < 2**64 else float(text)
-
 
 # What a broker refuses in a topic (as Mosquitto's UTF-8 check does): control characters, surrogates and
 # non-characters; publishing to such a topic gets the hub disconnected, and the message delivered again.
