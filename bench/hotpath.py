@@ -93,10 +93,10 @@ async def _timed(hub: Hub, payloads: list[bytes], args: argparse.Namespace, roun
     began_cpu, began = time.process_time(), time.monotonic()
     if profiler:
         profiler.enable()
-    topic = hub.topics["data"]
+    topic = hub.mqtt.data_topic
     for start in range(0, len(payloads), args.per_turn):
         for payload in payloads[start : start + args.per_turn]:
-            hub.on_message(topic, payload, {}, done)
+            hub.mqtt.on_message(topic, payload, {}, done)
         await asyncio.sleep(0)
     await asyncio.wait_for(finished, 300)
     if profiler:

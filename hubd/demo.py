@@ -87,6 +87,7 @@ async def _demo(minutes: int, port: int, data_dir: Path) -> int:
     hub_task = asyncio.create_task(hub.run(), name="hub")
     await asyncio.wait_for(hub.ready.wait(), 20)
     url = f"mqtt://127.0.0.1:{config.broker.embedded_port}"
+    prefix = config.topic_prefix
     say(f"2. The hub runs with its own Mosquitto on {url} and an SQLite store.")
     try:
         async with HubClient(url, "edge-9a") as edge:
@@ -94,7 +95,7 @@ async def _demo(minutes: int, port: int, data_dir: Path) -> int:
             passwords = {}
             for der_id, der_type, name, location in FLEET:
                 answer = await edge.request(
-                    f"{hub.prefix}/register",
+                    f"{prefix}/register",
                     {
                         "der_id": der_id,
                         "password": initial,
@@ -105,7 +106,7 @@ async def _demo(minutes: int, port: int, data_dir: Path) -> int:
                 )
                 passwords[der_id] = answer["password"]
                 say(f"   {der_id}: ok={answer['ok']}, got a unique password (not shown), at {answer['registered_at']}")
-            again = await edge.request(f"{hub.prefix}/register", {"der_id": "PV-0001", "password": initial})
+            again = await edge.request(f"{prefix}/register", {"der_id": "PV-0001", "password": initial})
             say(f"   registering PV-0001 a second time: {again['error']['code']}")
 
             start = datetime.now(UTC).replace(second=0, microsecond=0) - timedelta(minutes=minutes)
@@ -118,23 +119,23 @@ async def _demo(minutes: int, port: int, data_dir: Path) -> int:
             )
             accepted = 0
             for batch in batches:
-                answer = await edge.request(f"{hub.prefix}/data", {"source_id": "edge-9a", "readings": batch})
+                answer = await edge.request(f"{prefix}/data", {"source_id": "edge-9a", "readings": batch})
                 accepted += answer["accepted"]
-            resend = await edge.request(f"{hub.prefix}/data", {"source_id": "edge-9a", "readings": batches[0]})
+            resend = await edge.request(f"{prefix}/data", {"source_id": "edge-9a", "readings": batches[0]})
             say(
                 f"   accepted {accepted}; re-sending one message: accepted {resend['accepted']} again, "
                 "stored once (idempotent)"
             )
             bad = dict(readings[0], password="not-the-password")
-            answer = await edge.request(f"{hub.prefix}/data", {"source_id": "edge-9a", "readings": [bad]})
+            answer = await edge.request(f"{prefix}/data", {"source_id": "edge-9a", "readings": [bad]})
             say(f"   a reading with a wrong password: rejected with {answer['rejected'][0]['error']['code']}")
-            answer = await edge.request(f"{hub.prefix}/data", b"\x00\x01 not json")
+            answer = await edge.request(f"{prefix}/data", b"\x00\x01 not json")
             say(f"   a payload that is not JSON: {answer['error']['code']}, kept in quarantine")
 
         async with HubClient(url, "vendor-connector") as cloud:
             der_id, der_type, name, location = VENDOR_SITE
             site = await cloud.request(
-                f"{hub.prefix}/register",
+                f"{prefix}/register",
                 {"der_id": der_id, "password": initial, "type": der_type, "name": name, "location": location},
             )
             tokyo = ZoneInfo("Asia/Tokyo")
@@ -148,7 +149,7 @@ async def _demo(minutes: int, port: int, data_dir: Path) -> int:
                 for k in range(8, 0, -1)
             ]
             answer = await cloud.request(
-                f"{hub.prefix}/data/solaredge.site_power",
+                f"{prefix}/data/solaredge.site_power",
                 {"power": {"timeUnit": "QUARTER_OF_AN_HOUR", "unit": "W", "values": values}},
                 properties={"der_id": der_id, "password": site["password"]},
             )
@@ -164,7 +165,7 @@ async def _demo(minutes: int, port: int, data_dir: Path) -> int:
             pages = 0
             while True:
                 answer = await market.request(
-                    f"{hub.prefix}/query",
+                    f"{prefix}/query",
                     {
                         "client_id": "market-1",
                         "password": market_password,
@@ -187,7 +188,7 @@ async def _demo(minutes: int, port: int, data_dir: Path) -> int:
             per_der = {d: sum(1 for r in rows if r["der_id"] == d) for d, *_ in FLEET}
             say(f"   per DER: {per_der} (each exactly {minutes * 6}: nothing lost, nothing doubled)")
             slots = await market.request(
-                f"{hub.prefix}/query",
+                f"{prefix}/query",
                 {
                     "client_id": "market-1",
                     "password": market_password,

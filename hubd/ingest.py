@@ -157,7 +157,7 @@ class Ingest:
         except HubError as exc:
             self.keep(raw, exc)
             return {"ok": False, "error": exc.as_dict()}, None
-        good, slow, refused = self._precheck(decoded)
+        good, slow, refused = self._precheck(raw, decoded)
         return _Checked(raw, decoded, decoded.source_id or raw.source_id, good, slow, refused)
 
     async def _finish_slow(self, checked: _Checked, reply: _Reply) -> None:
@@ -227,6 +227,11 @@ class Ingest:
                 ErrorCode.TOO_LARGE,
                 f"the payload has {len(raw.payload)} bytes; the limit is {self._limits.max_payload_bytes}",
             )
+        if raw.readings is not None:  # a source that reads values, not payloads
+            most = self._limits.max_readings_per_message
+            if len(raw.readings) > most:
+                raise HubError(ErrorCode.TOO_LARGE, f"{len(raw.readings)} readings in one message; the limit is {most}")
+            return Decoded(raw.source_id, raw.readings)
         decoder = decode.decoder_for(raw.format_code)
         # The message's own receive time: "too far in the future" is judged against it, and a vendor format's
         # ``default: received`` time is it.
@@ -239,10 +244,10 @@ class Ingest:
             logger.exception("decoder {} failed on a payload from {}", raw.format_code, raw.topic)
             raise HubError(ErrorCode.DECODE_ERROR, f"the {raw.format_code} decoder failed: {exc}") from None
 
-    def _precheck(self, decoded: Decoded) -> tuple[list[Reading], list[tuple[int, Reading]], Refused]:
-        """Split readings by what memory knows: verified, needing bcrypt (index, reading), refused (index, der_id,
-        error)."""
-        return self._auth.split_readings(decoded.items)
+    def _precheck(self, raw: RawMessage, decoded: Decoded) -> tuple[list[Reading], list[tuple[int, Reading]], Refused]:
+        """May the message's sender write these readings? Split by what memory knows: allowed, needing bcrypt
+        (index, reading), refused (index, der_id, error)."""
+        return self._auth.split_readings(decoded.items, raw.sender)
 
     async def _check_slow(self, slow: list[tuple[int, Reading]], good: list[Reading], refused: Refused) -> None:
         """bcrypt the credentials memory does not know, adding each reading to ``good`` or ``refused``."""

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -93,21 +92,44 @@ class Reading(msgspec.Struct, gc=False):
         return [("der_id", self.der_id), ("measured_at", self.measured_at), ("values", self.values)]
 
 
-Reply = Callable[[dict[str, Any]], Awaitable[None]]
+@dataclass(frozen=True, slots=True)
+class Sender:
+    """Who a message comes from, as the source that took it in knows it: what auth judges its readings by.
+
+    ``ders`` is None for a sender that proves each reading with its DER's password (an MQTT edge terminal);
+    for a source the operator configured for some DERs (a polled device, a cloud account), it is those DERs,
+    whose readings that source may write without a password and no other's.
+    """
+
+    kind: str  # the source's protocol: "mqtt", "modbus", …
+    name: str  # the source instance
+    ders: frozenset[str] | None = None
+
+    def __str__(self) -> str:
+        return f"{self.kind} source {self.name}"
+
+
+EDGE = Sender("mqtt", "edge")
+"""An MQTT data message: every reading carries its DER's password (docs/protocol.md)."""
 
 
 @dataclass(slots=True)
 class RawMessage:
-    """What a driver hands on: bytes plus where they came from. Drivers never decode."""
+    """What a source hands on: bytes plus where and whom they came from. Sources never decode.
+
+    A source that reads values rather than payloads (a Modbus register map) hands on decoded ``readings``
+    instead, with an empty payload; they are judged and stored like any others.
+    """
 
     source_id: str
     format_code: str
     payload: bytes
     received_at: int
     topic: str = ""
-    reply: Reply | None = None
     requester: str | None = None
     properties: dict[str, str] = field(default_factory=dict)
+    sender: Sender = EDGE
+    readings: list[Reading | HubError] | None = None
 
 
 def now_ms() -> int:

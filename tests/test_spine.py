@@ -188,10 +188,10 @@ def test_messages_taken_in_together_fail_one_by_one(hub: RunningHub, monkeypatch
     real_precheck, real_many = Ingest._precheck, Ingest._handle_many
     groups: list[int] = []
 
-    def failing_for_one_source(self: Ingest, decoded: Any) -> Any:
+    def failing_for_one_source(self: Ingest, raw: Any, decoded: Any) -> Any:
         if decoded.source_id == "edge-bug":
             raise RuntimeError("a bug")
-        return real_precheck(self, decoded)
+        return real_precheck(self, raw, decoded)
 
     async def recording(self: Ingest, raws: list[Any], answers: list[Any]) -> Any:
         groups.append(len(raws))
@@ -204,7 +204,7 @@ def test_messages_taken_in_together_fail_one_by_one(hub: RunningHub, monkeypatch
         for minute, source in enumerate(("edge-a", "edge-bug", "edge-b"))
     ]
     assert hub._hub is not None and hub._loop is not None
-    on_message = hub._hub.on_message
+    on_message = hub._hub.mqtt.on_message
 
     async def together() -> list[bool]:
         return await asyncio.gather(*(handled(on_message, "hub/v1/data", json.dumps(m).encode()) for m in messages))
@@ -232,7 +232,7 @@ def test_a_message_waiting_for_bcrypt_does_not_hold_back_its_group(hub: RunningH
 
     monkeypatch.setattr(VerifiedCache, "check", slow_check)
     assert hub._hub is not None and hub._loop is not None
-    on_message = hub._hub.on_message
+    on_message = hub._hub.mqtt.on_message
     messages = {
         "slow": {"readings": [reading("PV-0007", slow, "2026-11-27T04:01:00Z")]},
         "fast": {"readings": [reading("PV-0006", fast, "2026-11-27T04:01:00Z")]},

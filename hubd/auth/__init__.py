@@ -1,4 +1,4 @@
-"""Who may speak: DER credentials on the data path, system credentials on queries, registration.
+"""Who may speak: may this sender write readings for this DER? System credentials on queries; registration.
 
 The registry is mirrored in memory and re-read only when SQLite says another process changed it, so a
 credential check on the hot path is two dict lookups and a digest comparison.
@@ -12,7 +12,7 @@ from typing import Literal
 
 from hubd.auth.credentials import VerifiedCache
 from hubd.auth.registry import Der, Registry, System
-from hubd.model import ErrorCode, HubError, Reading
+from hubd.model import EDGE, ErrorCode, HubError, Reading, Sender
 
 Refused = list[tuple[int, str | None, HubError]]
 """Readings of a message refused: (index in the message, the DER id it named, the error)."""
@@ -64,14 +64,18 @@ class Authenticator:
         return True if known else _bad_password("DER", der_id)
 
     def split_readings(
-        self, items: Sequence[Reading | HubError]
+        self, items: Sequence[Reading | HubError], sender: Sender = EDGE
     ) -> tuple[list[Reading], list[tuple[int, Reading]], Refused]:
-        """A message's readings by what memory knows of their credentials: verified; needing bcrypt (index,
-        reading); refused. Synchronous, so a message of known senders costs no coroutine.
+        """May this sender write these readings? Split into: allowed; needing bcrypt (index, reading); refused.
 
-        Most readings are verified in one call each. A verified reading takes the registry's own string for its
-        DER id: one object per DER, which the store's batches then carry once per DER, not once per reading.
+        A sender the operator configured for some DERs (``sender.ders``) may write those, without passwords;
+        any other sender proves each reading with its DER's password. Synchronous, so a message of known
+        senders costs no coroutine. Most readings are verified in one call each. An allowed reading takes the
+        registry's own string for its DER id: one object per DER, which the store's batches then carry once
+        per DER, not once per reading.
         """
+        if sender.ders is not None:
+            return self._split_bound(items, sender, sender.ders)
         ders, verified = self.ders, self.der_cache.verified
         good: list[Reading] = []
         slow: list[tuple[int, Reading]] = []
@@ -94,6 +98,31 @@ class Authenticator:
             else:
                 refused.append((index, item.der_id, verdict))
         return good, slow, refused
+
+    def _split_bound(
+        self, items: Sequence[Reading | HubError], sender: Sender, bound: frozenset[str]
+    ) -> tuple[list[Reading], list[tuple[int, Reading]], Refused]:
+        """A configured source's readings: its own DERs' are allowed while the registry knows them unrevoked."""
+        good: list[Reading] = []
+        refused: Refused = []
+        for index, item in enumerate(items):
+            if isinstance(item, HubError):
+                refused.append((index, item.der_id, item))
+                continue
+            der = self.ders.get(item.der_id)
+            if item.der_id not in bound:
+                error = HubError(ErrorCode.NOT_ALLOWED, f"{sender} is not configured for DER {item.der_id}")
+            elif der is None:
+                error = HubError(ErrorCode.UNKNOWN_DER, f"DER {item.der_id} is not known to this hub")
+            elif der.status == "revoked":
+                error = HubError(ErrorCode.NOT_ALLOWED, f"DER {item.der_id} has been revoked")
+            else:
+                item.der_id = der.der_id
+                item.password = None
+                good.append(item)
+                continue
+            refused.append((index, item.der_id, error))
+        return good, [], refused
 
     async def check_der(self, der_id: str, password: str) -> HubError | None:
         """None when ``password`` is the DER's unique password, else the error to answer."""

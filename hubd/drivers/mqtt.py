@@ -110,6 +110,10 @@ class MqttDriver:
         self._reconnecting: asyncio.Task[None] | None = None
 
     @property
+    def connected(self) -> bool:
+        return self._session.connected
+
+    @property
     def address(self) -> str:
         """host:port of the broker."""
         return f"{self._host}:{self._port}"

@@ -1,0 +1,244 @@
+"""The MQTT source: edge terminals' data and the market system's requests, over one MQTT v5 connection.
+
+``<prefix>/data`` and ``<prefix>/data/<format code>`` go to the pipeline as raw messages of the sender
+``EDGE`` (each reading carries its DER's password); ``<prefix>/<service>`` goes to that service. Each
+message's answer goes back on the MQTT v5 response topic (with its correlation data) or on the v3.1.1
+``reply_to`` of the body, and only then is the message acknowledged to the broker (docs/protocol.md).
+The MQTT session itself is ``hubd.drivers``; this module is the hub's routing and answering on top of it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from functools import partial
+from typing import Any
+from urllib.parse import urlsplit
+
+from loguru import logger
+
+from hubd.audit import AuditLog
+from hubd.broker import BrokerUnreachable
+from hubd.config import BrokerConfig, LimitsConfig
+from hubd.decode import load_json_object
+from hubd.decode.native import reply_fields
+from hubd.drivers.mqtt import Done, MqttDriver, MqttError, per_message
+from hubd.ingest import Outcome
+from hubd.model import ErrorCode, HubError, RawMessage, now_ms
+from hubd.services import Request, Service, refusal
+from hubd.sources import Health, Pipeline
+
+
+class MqttSource:
+    """Routes the hub's topics to the pipeline and the services, and answers each message before its ack."""
+
+    kind = "mqtt"
+
+    def __init__(
+        self,
+        config: BrokerConfig,
+        url: str,
+        prefix: str,
+        limits: LimitsConfig,
+        services: list[Service],
+        audit: AuditLog,
+        count: Callable[[str, str], None],
+        password: str | None = None,
+    ) -> None:
+        self.name = config.client_id
+        self._url = url
+        self._limits = limits
+        self._audit = audit
+        self._count = count  # a frequent event, for the next coalesced audit record
+        self._services = {f"{prefix}/{service.name}": service for service in services}
+        self.data_topic = f"{prefix}/data"
+        self._data_prefix = self.data_topic + "/"  # hub/v1/data/<format code>
+        self._requests = per_message(self._on_request)
+        self._pipeline: Pipeline | None = None
+        self._stopped = asyncio.Event()
+        self.driver = MqttDriver(
+            config,
+            url,
+            [*self._services, self.data_topic, self.data_topic + "/+"],
+            self.on_message,
+            password=password,
+        )
+
+    @property
+    def health(self) -> Health:
+        if self._pipeline is None:
+            return "stopped" if self._stopped.is_set() else "starting"
+        return "up" if self.driver.connected else "down"
+
+    async def start(self, pipeline: Pipeline) -> None:
+        self._pipeline = pipeline
+        self._stopped.clear()
+        try:
+            await self.driver.start()
+        except (OSError, TimeoutError, MqttError) as exc:
+            self._pipeline = None
+            where = f"{urlsplit(self._url).scheme}://{self.driver.address}"  # never the URL's user or password
+            raise BrokerUnreachable(f"cannot connect to the broker at {where}: {exc or type(exc).__name__}") from exc
+
+    async def run(self) -> None:
+        """Until stopped: the driver reconnects by itself after the broker goes away."""
+        await self._stopped.wait()
+
+    async def stop(self) -> None:
+        """Take no new messages; answer and acknowledge those the pipeline finishes meanwhile."""
+        if self._pipeline is not None:
+            await self.driver.stop()
+        self._pipeline = None
+        self._stopped.set()
+
+    # -- routing --------------------------------------------------------------------------------------------
+
+    def on_message(self, topic: str, payload: bytes, properties: dict[str, Any], done: Done) -> None:
+        """Route one message: data to the pipeline (taken in with the others of its loop turn), a request to
+        a task of its own. ``done(True)`` once it is answered (or needs no answer), so the driver acknowledges
+        it."""
+        if self._is_data(topic):
+            assert self._pipeline is not None
+            raw = self._raw_message(topic, payload, properties)
+            self._pipeline.submit(raw, partial(self._data_answered, raw, properties, done))
+        else:
+            self._requests(topic, payload, properties, done)
+
+    def _data_answered(self, raw: RawMessage, properties: dict[str, Any], done: Done, outcome: Outcome) -> None:
+        """Send a data message's answer, then let the driver acknowledge it; stopping: not acknowledged."""
+        if isinstance(outcome, asyncio.CancelledError):
+            done(False)
+            return
+        try:
+            if isinstance(outcome, BaseException):
+                self._failed(raw.topic, payload=raw.payload, properties=properties, exc=outcome, raw=raw)
+            else:
+                answer, decoded = outcome
+                reply_to, request_id = (decoded.reply_to, decoded.request_id) if decoded else _reply_of(raw.payload)
+                response_topic, correlation = _v5_reply(properties)
+                if self._answer(answer, response_topic, correlation, reply_to, request_id):
+                    source_id = decoded.source_id or raw.source_id if decoded else raw.source_id
+                    self._count("data.answered", source_id)
+        except Exception:
+            logger.exception("message on {} failed; not acknowledged, the broker will deliver it again", raw.topic)
+            done(False)
+            return
+        done(True)
+
+    async def _on_request(self, topic: str, payload: bytes, properties: dict[str, Any]) -> None:
+        try:
+            await self._serve(topic, payload, properties)
+        except Exception as exc:
+            self._failed(topic, payload, properties, exc)
+
+    async def _serve(self, topic: str, payload: bytes, properties: dict[str, Any]) -> None:
+        """A request (registration, query, time): answered by its service, from its own task."""
+        service = self._services.get(topic)
+        if service is None:
+            return
+        response_topic, correlation = _v5_reply(properties)
+        body, error = _json_request(payload, self._limits.max_payload_bytes)
+        reply_to, request_id = reply_fields(body) if body else (None, None)
+        requester = response_topic or reply_to
+        answer = await service.handle(Request(body, error, requester))
+        self._audit.flush()  # audited before answered
+        size = self._answer(answer, response_topic, correlation, reply_to, request_id)
+        if size:
+            outcome = "ok" if answer.get("ok") else answer["error"]["code"]
+            self._audit.append("answer.sent", outcome, topic=topic, requester=requester, bytes=size)
+        self._audit.flush()
+
+    def _failed(
+        self,
+        topic: str,
+        payload: bytes,
+        properties: dict[str, Any],
+        exc: BaseException,
+        raw: RawMessage | None = None,
+    ) -> None:
+        """A failure of the hub's own: answered ``internal`` and the payload kept.
+
+        Acknowledging such a message (after keeping it) stops one poison message from being delivered again
+        and again; if even keeping it fails, the exception propagates and the broker keeps the message.
+        """
+        logger.opt(exception=exc).error("internal error on a message on {}", topic)
+        reason = f"internal error ({type(exc).__name__}); the message is kept for the operator"
+        if self._is_data(topic):
+            assert self._pipeline is not None
+            self._pipeline.keep(
+                raw or self._raw_message(topic, payload, properties), HubError(ErrorCode.INTERNAL, reason)
+            )
+        else:
+            self._audit.append("request.failed", "internal", topic=topic, reason=reason)
+        self._audit.flush()
+        reply_to, request_id = _reply_of(payload)
+        error = HubError(ErrorCode.INTERNAL, "the hub failed on this message; the operator can find it")
+        self._answer(refusal(error), *_v5_reply(properties), reply_to, request_id)
+
+    def _is_data(self, topic: str) -> bool:
+        return topic == self.data_topic or topic.startswith(self._data_prefix)
+
+    def _raw_message(self, topic: str, payload: bytes, properties: dict[str, Any]) -> RawMessage:
+        """A data message as the pipeline takes it: the format code from the topic, the v5 user properties."""
+        user = _user_properties(properties)
+        return RawMessage(
+            source_id=user.get("source_id", "unknown"),
+            format_code=topic[len(self._data_prefix) :] or "hub.v1",
+            payload=payload,
+            received_at=now_ms(),
+            topic=topic,
+            requester=_first(properties.get("response_topic")),
+            properties=user,
+        )
+
+    def _answer(
+        self,
+        body: dict[str, Any],
+        response_topic: str | None,
+        correlation: bytes | None,
+        reply_to: str | None,
+        request_id: Any,
+    ) -> int:
+        """Answer on the v5 response topic, else on the v3.1.1 ``reply_to``; nothing when neither is set."""
+        if response_topic and self._may_answer_on(response_topic):
+            return self.driver.publish(response_topic, body, correlation)
+        if reply_to and self._may_answer_on(reply_to):
+            if request_id is not None:
+                body = {**body, "request_id": request_id}
+            return self.driver.publish(reply_to, body)
+        return 0
+
+    def _may_answer_on(self, topic: str) -> bool:
+        # Never answer into a topic the hub itself takes requests on: that would loop.
+        return topic not in self._services and not self._is_data(topic) and "#" not in topic and "+" not in topic
+
+
+def _first(values: Any) -> Any:
+    return values[0] if values else None
+
+
+def _v5_reply(properties: dict[str, Any]) -> tuple[str | None, bytes | None]:
+    """Where an MQTT v5 sender wants its answer: the response topic and the correlation data to echo."""
+    return _first(properties.get("response_topic")), _first(properties.get("correlation_data"))
+
+
+def _user_properties(properties: dict[str, Any]) -> dict[str, str]:
+    """The MQTT v5 user properties as a dict (a key sent twice: the last value); a vendor format may read them."""
+    pairs = properties.get("user_property")
+    return {str(key): str(value) for key, value in pairs} if pairs else {}
+
+
+def _reply_of(payload: bytes) -> tuple[str | None, Any]:
+    try:
+        return reply_fields(load_json_object(payload))
+    except HubError:
+        return None, None
+
+
+def _json_request(payload: bytes, max_bytes: int) -> tuple[dict[str, Any] | None, HubError | None]:
+    if len(payload) > max_bytes:
+        return None, HubError(ErrorCode.TOO_LARGE, f"the payload has {len(payload)} bytes; the limit is {max_bytes}")
+    try:
+        return load_json_object(payload), None
+    except HubError as exc:
+        return None, exc
