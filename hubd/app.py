@@ -34,8 +34,7 @@ from hubd.model import ErrorCode, HubError, RawMessage, format_time, now_ms
 from hubd.quarantine import Quarantine
 from hubd.query.conditions import parse_query
 from hubd.query.execute import run as run_query
-from hubd.store.process import WriterProcess
-from hubd.store.sqlite import SqliteStore
+from hubd.store.factory import open_query, open_sink
 from hubd.store.writer import BatchWriter
 
 
@@ -81,12 +80,12 @@ class Hub:
             stack.callback(registry.close)
             quarantine = Quarantine(config.registry_path)
             stack.callback(quarantine.close)
-            store = WriterProcess(config.readings_path, config.store.sqlite.synchronous)
+            store = open_sink(config)
             await store.start()
             stack.push_async_callback(store.close)
             # Queries read through their own connection and thread: WAL lets them run beside the writer, so a
             # long settlement query never holds up the acknowledgement of incoming data.
-            self.reader = SqliteStore(config.readings_path, config.store.sqlite.synchronous)
+            self.reader = open_query(config)
             stack.callback(self.reader.close)
             self.query_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hubd-query")
             stack.callback(self.query_thread.shutdown)
