@@ -1,8 +1,9 @@
 """The one place that turns ``store.backend`` into a store: the daemon, the CLI and the benchmarks ask here.
 
-A backend is a module that can open a ``ReadingSink`` and a ``ReadingQuery`` from the whole config (its own
-section lives there, beside ``store.backend``). Adding one is its module, one entry in ``BACKENDS`` and the
-name among the values ``store.backend`` accepts; nothing else names a backend.
+A backend opens a ``ReadingSink`` and a ``ReadingQuery`` from the whole config (its own section lives there,
+beside ``store.backend``). Adding one is its module, one entry in ``BACKENDS`` and its name among the values
+``store.backend`` accepts; nothing else names a backend. SQLite's sides are two modules because its commits
+run in a process of their own (``hubd.store.process``) while queries use the hub's connection (``hubd.store.sqlite``).
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ class Backend:
 
 
 BACKENDS: dict[str, Backend] = {
-    # SQLite: commits in a child process (the GIL, see hubd.store.process), queries on the hub's connection.
     "sqlite": Backend(sink=WriterProcess.from_config, query=SqliteStore.from_config),
 }
 
