@@ -45,6 +45,8 @@ import yaml
 from hubd.auth.credentials import hash_password
 from hubd.broker import EmbeddedBroker, free_port
 from hubd.client import HubClient
+from hubd.config import Config, load_config
+from hubd.store.factory import open_query
 
 HOST = "127.0.0.1"
 PREFIX = "hub/v1"
@@ -436,12 +438,13 @@ def check_answers(lines: list[bytes], messages: int, per_message: int) -> None:
         raise RuntimeError(f"answers for {len(seen)} of {messages} messages")
 
 
-def stored_rows(path: Path) -> int:
-    db = sqlite3.connect(path, timeout=30)
+def stored_rows(config: Config) -> int:
+    """Readings in the hub's store, read through the store's own query side (whichever backend --set chose)."""
+    store = open_query(config)
     try:
-        return int(db.execute("SELECT count(*) FROM readings").fetchone()[0])
+        return store.count()
     finally:
-        db.close()
+        store.close()
 
 
 # -- the run -------------------------------------------------------------------------------------------
@@ -723,7 +726,7 @@ def main() -> int:
         print(f"  registered {registration[0]} in {registration[1]:.1f} s", flush=True)
 
         now_s = int(time.time())
-        readings_path = data / "readings.sqlite3"
+        store_config = load_config(config)
         watch = {"hub": hub.pid, "mosquitto": broker.pid or 0}
         expected = 0
         for run in range(args.repeat):
@@ -739,7 +742,7 @@ def main() -> int:
                 )
                 cases.append(case)
                 expected += case.readings
-                rows = stored_rows(readings_path)
+                rows = stored_rows(store_config)
                 if rows != expected:
                     raise RuntimeError(f"the store holds {rows} readings, expected {expected}")
                 print(f"  checked: {case.messages} answers ok, accepted {per_message} each; store holds {rows} rows")

@@ -24,6 +24,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+# The SQLite backend alone, on purpose (its commit cost beside SQLite's floor): not through the store factory.
 from hubd.store.sqlite import SqliteStore
 
 NAMES = ("power_kw", "energy_kwh", "voltage_v", "power_factor", "reactive_power_kvar")

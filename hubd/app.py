@@ -32,8 +32,7 @@ from hubd.services.register import RegisterService
 from hubd.services.time import TimeService
 from hubd.sources import Supervisor
 from hubd.sources.mqtt import MqttSource
-from hubd.store.process import WriterProcess
-from hubd.store.sqlite import SqliteStore
+from hubd.store.factory import open_query, open_sink
 from hubd.store.writer import BatchWriter
 
 
@@ -69,12 +68,12 @@ class Hub:
             stack.callback(registry.close)
             quarantine = Quarantine(config.registry_path)
             stack.callback(quarantine.close)
-            store = WriterProcess(config.readings_path, config.store.sqlite.synchronous)
+            store = open_sink(config)
             await store.start()
             stack.push_async_callback(store.close)
-            # Queries read through their own connection and thread: WAL lets them run beside the writer, so a
-            # long settlement query never holds up the acknowledgement of incoming data.
-            reader = SqliteStore(config.readings_path, config.store.sqlite.synchronous)
+            # Queries read through their own connection and thread, beside the writer, so a long settlement
+            # query never holds up the acknowledgement of incoming data.
+            reader = open_query(config)
             stack.callback(reader.close)
             query_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hubd-query")
             stack.callback(query_thread.shutdown)
@@ -103,7 +102,7 @@ class Hub:
                 password=_read_secret(config.broker.password_file),
             )
             self.sources = Supervisor([self.mqtt], audit)
-            audit.append("hub.start", broker=url, store=str(config.readings_path))
+            audit.append("hub.start", broker=url, store=config.store.backend)
             audit.flush()
             _quiet_gc()  # before the first message: what is frozen is never collected
             await self.sources.start(self.ingest)

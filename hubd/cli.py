@@ -30,7 +30,8 @@ from hubd.quarantine import Quarantine, masked
 from hubd.query.buckets import INTERVALS_MS
 from hubd.query.conditions import Query, decode_cursor, parse_query
 from hubd.query.execute import run as run_query
-from hubd.store.sqlite import SqliteStore
+from hubd.store import ReadingQuery
+from hubd.store.factory import open_query
 
 
 def setup_logging(level: str) -> None:
@@ -394,7 +395,7 @@ def query(ctx: Context, /, **options: Any) -> None:
     if options["table"] and not request.get("interval"):
         raise click.UsageError("--table needs --interval")
     registry = Registry(ctx.config.registry_path)
-    store = SqliteStore(ctx.config.readings_path, ctx.config.store.sqlite.synchronous)
+    store = open_query(ctx.config)
     try:
         with _errors():
             parsed = parse_query({**request, "limit": ctx.config.query.max_limit}, ctx.config.query, registry.ders())
@@ -416,7 +417,7 @@ def query(ctx: Context, /, **options: Any) -> None:
         audit.append("query.extracted", by="operator", rows=len(rows), conditions=request)
 
 
-def _all_pages(parsed: Query, store: SqliteStore, limit: int) -> list[dict[str, Any]]:
+def _all_pages(parsed: Query, store: ReadingQuery, limit: int) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     while True:
         answer = run_query(parsed, store)

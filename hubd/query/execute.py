@@ -15,7 +15,7 @@ from hubd.model import format_time
 from hubd.query import energy
 from hubd.query.buckets import Bucket, buckets
 from hubd.query.conditions import Query, encode_cursor
-from hubd.store import Store
+from hubd.store import ReadingQuery
 
 _TESTS: dict[str, Callable[[float, float], bool]] = {
     "gt": operator.gt,
@@ -27,7 +27,7 @@ _TESTS: dict[str, Callable[[float, float], bool]] = {
 }
 
 
-def run(query: Query, store: Store) -> dict[str, Any]:
+def run(query: Query, store: ReadingQuery) -> dict[str, Any]:
     """One page of the answer: ``{"ok": true, "rows": [...], "count": n, "next_cursor": ...}``."""
     if query.mode == "raw":
         return _raw(query, store)
@@ -51,7 +51,7 @@ def _shape(fields: tuple[str, ...], row: tuple[Any, ...]) -> dict[str, Any]:
     return out
 
 
-def _raw(query: Query, store: Store) -> dict[str, Any]:
+def _raw(query: Query, store: ReadingQuery) -> dict[str, Any]:
     after = (query.cursor[0], query.cursor[1]) if query.cursor else None
     found = store.raw(query.start, query.end, query.der_ids, query.fields, query.where, after, query.limit + 1)
     return _page([_shape(query.fields, row) for row in found], [(row[1], row[0]) for row in found], query.limit)
@@ -63,7 +63,7 @@ def _matches(query: Query, values: dict[str, Any]) -> bool:
     )
 
 
-def _at(query: Query, store: Store) -> dict[str, Any]:
+def _at(query: Query, store: ReadingQuery) -> dict[str, Any]:
     """Per DER, the reading nearest to ``at`` within the tolerance (the earlier one on a tie)."""
     after = query.cursor[0] if query.cursor else ""
     nearest: dict[str, tuple[Any, ...]] = {}
@@ -89,7 +89,7 @@ def _at(query: Query, store: Store) -> dict[str, Any]:
     return _page(rows, [(row["der_id"],) for row in rows], query.limit)
 
 
-def _buckets(query: Query, store: Store) -> dict[str, Any]:
+def _buckets(query: Query, store: ReadingQuery) -> dict[str, Any]:
     laid = buckets(query.start, query.end, query.interval, query.tz)
     after_der, after_bucket = query.cursor if query.cursor else ("", -1)
     ders = store.der_ids(query.start, query.end, after_der) if query.der_ids is None else query.der_ids
@@ -130,7 +130,7 @@ def _store_specs(agg: tuple[tuple[str, str], ...]) -> tuple[tuple[str, str], ...
 
 
 def _energy(
-    query: Query, store: Store, der_id: str, laid: list[Bucket], stats: dict[int, dict[str, Any]]
+    query: Query, store: ReadingQuery, der_id: str, laid: list[Bucket], stats: dict[int, dict[str, Any]]
 ) -> dict[int, dict[str, float]]:
     out: dict[int, dict[str, float]] = {}
     hows = dict(query.agg)

@@ -17,14 +17,14 @@ from hubd.model import ErrorCode, HubError
 from hubd.query.conditions import parse_query
 from hubd.query.execute import run as run_query
 from hubd.services import Request, refusal
-from hubd.store import Store
+from hubd.store import ReadingQuery
 
 
 class QueryService:
     name = "query"
 
     def __init__(
-        self, auth: Authenticator, config: QueryConfig, reader: Store, thread: Executor, audit: AuditLog
+        self, auth: Authenticator, config: QueryConfig, reader: ReadingQuery, thread: Executor, audit: AuditLog
     ) -> None:
         self._auth = auth
         self._config = config

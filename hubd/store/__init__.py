@@ -1,8 +1,9 @@
-"""Where readings live: one interface, one module per backend.
+"""Where readings live: a write side and a query side, one module per backend, chosen by ``store.backend``.
 
-Reading backends are synchronous and called from one dedicated thread, so a slow disk never stalls the event
-loop and a backend needs no locking of its own; writes go through a ``StoreWriter`` awaited on the loop
-(SQLite's from a process of its own, ``hubd.store.process``).
+The hub writes through a ``ReadingSink`` awaited on the event loop (SQLite's commits in a process of their
+own, ``hubd.store.process``) and reads through a ``ReadingQuery``. Query sides are synchronous and called
+from one dedicated thread, so a slow disk never stalls the event loop and a backend needs no locking of its
+own. ``hubd.store.factory`` makes both from the config; nothing else names a backend.
 """
 
 from __future__ import annotations
@@ -47,23 +48,31 @@ def add_rows(rows: Rows, readings: Iterable[Reading | StoredReading], tail: tupl
 Where = tuple[tuple[str, str, float], ...]  # (field, operator, operand), operators as in hubd.query
 
 
-class StoreWriter(Protocol):
+class ReadingSink(Protocol):
     """What the hub's batch writer needs: a durable ``write_rows`` awaited on the event loop."""
+
+    async def start(self) -> None:
+        """Open the store (create what it needs), so a store that cannot be opened fails the hub's start, not
+        its first batch."""
+        ...
 
     async def write_rows(self, rows: Rows, stored_at: int) -> None:
         """Store ``rows`` (replacing readings of the same DER and time); durable when this returns. May be
         called again before an earlier call returned: batches are committed in the order of the calls."""
         ...
 
+    async def close(self) -> None:
+        """Commit what was handed over, then let go of the store."""
+        ...
 
-class Store(Protocol):
-    """The readings store: idempotent on (der_id, measured_at); ``write_rows`` is durable when it returns.
+
+class ReadingQuery(Protocol):
+    """The readings as the query side sees them: idempotent on (der_id, measured_at), every committed batch
+    visible.
 
     The query primitives return plain tuples; the extraction logic (buckets, energy, paging) lives in
     ``hubd.query`` and is the same for every backend.
     """
-
-    def write_rows(self, rows: Rows, stored_at: int) -> None: ...
 
     def raw(
         self,

@@ -27,6 +27,7 @@ from functools import partial
 from pathlib import Path
 from typing import IO, Any
 
+from hubd.config import Config
 from hubd.store import Rows
 from hubd.store.sqlite import SqliteStore
 from hubd.store.writer import settle
@@ -66,6 +67,11 @@ class WriterProcess:
         self._sent: asyncio.Future[str | None] | None = None  # the answer the child owes (first: its start)
         self._unsent: deque[tuple[bytes, asyncio.Future[str | None]]] = deque()
         self._starting: asyncio.Future[None] | None = None
+
+    @classmethod
+    def from_config(cls, config: Config) -> WriterProcess:
+        """The sink of ``store.backend: sqlite``: the file and durability its ``store.sqlite`` section names."""
+        return cls(config.readings_path, config.store.sqlite.synchronous)
 
     async def start(self) -> None:
         """Start the child and wait until it has opened the store (and created the schema), so a store that

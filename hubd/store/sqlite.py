@@ -11,6 +11,7 @@ from operator import itemgetter
 from pathlib import Path
 from typing import Any
 
+from hubd.config import Config
 from hubd.model import FIELDS
 from hubd.query.buckets import Bucket
 from hubd.store import Rows, StoredReading, Where, add_rows
@@ -119,6 +120,12 @@ class SqliteStore:
         self._db.execute("PRAGMA busy_timeout=10000")
         self._db.executescript(_SCHEMA)
         self._buckets: list[tuple[int, int]] = []
+
+    @classmethod
+    def from_config(cls, config: Config) -> SqliteStore:
+        """The query side of ``store.backend: sqlite``: its own connection, which WAL lets read beside the
+        writer process."""
+        return cls(config.readings_path, config.store.sqlite.synchronous)
 
     def write(self, readings: list[StoredReading], stored_at: int) -> None:
         rows: Rows = []

@@ -15,7 +15,7 @@ from loguru import logger
 
 from hubd.audit import AuditLog
 from hubd.model import ErrorCode, HubError, now_ms
-from hubd.store import Rows, StoreWriter
+from hubd.store import ReadingSink, Rows
 
 T = TypeVar("T")
 _LISTED_DERS = 200  # an audit record lists the DER ids up to this many, else gives their count
@@ -74,7 +74,7 @@ class _SourceTally:
 class BatchWriter:
     """Accepts readings from many coroutines and commits them in batches, in order."""
 
-    def __init__(self, store: StoreWriter, audit: AuditLog, max_readings: int, queue_max_messages: int) -> None:
+    def __init__(self, store: ReadingSink, audit: AuditLog, max_readings: int, queue_max_messages: int) -> None:
         self._store = store
         self._audit = audit
         self._max = max_readings
