@@ -8,8 +8,8 @@ written beside them with ``Meta``; ``_explain`` turns its error into the dotted 
 
 A part that needs settings of its own brings a section struct and becomes a field named after it: a store
 backend's section is a field of ``StoreConfig`` named after the backend (``sqlite: SqliteConfig``), the
-backend's name joining ``StoreConfig.backend``; a source kind's section is likewise a field named after the
-kind. Validation, error messages and defaults follow from the fields; nothing else needs to change.
+backend's name joining ``StoreConfig.backend``; a source kind's section is likewise a field of ``Config`` named
+after the kind. Validation, error messages and defaults follow from the fields; nothing else needs to change.
 
 A key renamed in a release keeps working for a while: ``RENAMED`` maps its old dotted name to the new one, and
 a file that still uses the old name is read as if it used the new one, with a warning naming the new key.
@@ -34,7 +34,7 @@ RENAMED: dict[str, str] = {}
 
 # Checked by msgspec as the file is read, and named in the error by _explain.
 Positive = Annotated[int, msgspec.Meta(gt=0)]
-# An MQTT two-byte integer that cannot be 0: a TCP port, a Receive Maximum.
+# A two-byte integer that cannot be 0: a TCP port, an MQTT Receive Maximum.
 TwoBytes = Annotated[int, msgspec.Meta(ge=1, le=65535)]
 
 
@@ -59,13 +59,13 @@ class BrokerConfig(Section, frozen=True):
     username: str | None = None
     password_file: str | None = None
     shared_group: str | None = None
-    session_expiry_s: int = 7 * 24 * 3600
+    session_expiry_s: Annotated[int, msgspec.Meta(ge=0, le=2**32 - 1)] = 7 * 24 * 3600  # four bytes in CONNECT
     # Messages in hand at once (decoded, waiting for their commit): enough for a commit to gather thousands of
     # one-reading messages under load (store/writer.py); memory is bounded by bytes below. bench/README.md.
     receive_maximum: TwoBytes = 10000
     # And bytes of them: a message of 10,000 readings takes ~10 times its 1.8 MB decoded (bench/README.md).
     max_bytes_in_hand: Positive = 8 * 1024 * 1024
-    keepalive_s: int = 30
+    keepalive_s: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 30  # two bytes in CONNECT
 
 
 class SqliteConfig(Section, frozen=True):

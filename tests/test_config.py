@@ -28,6 +28,7 @@ def test_no_file_is_the_embedded_default(monkeypatch: pytest.MonkeyPatch) -> Non
         ({"broker": {"ulr": "mqtt://x"}}, "broker.ulr: unknown key"),
         ({"broker": {"embedded_port": "1883"}}, "broker.embedded_port: expected int, got '1883'"),
         ({"broker": {"embedded_port": 99999}}, "broker.embedded_port: must be 1 … 65535, got 99999"),
+        ({"broker": {"keepalive_s": 65536}}, "broker.keepalive_s: must be 0 … 65535, got 65536"),
         ({"broker": {"embedded_port": 1883.0}}, "broker.embedded_port: expected int, got 1883.0"),
         ({"broker": 1883}, "broker: expected a mapping, got 1883"),
         ({"store": {"sqlite": {"sync": "full"}}}, "store.sqlite.sync: unknown key (known: path, synchronous)"),
