@@ -1,122 +1,143 @@
 """Typed configuration from ``hubd.yaml``, validated at start.
 
-An unknown key, a wrong type or a missing required value stops the daemon with one message naming the
-key: a typo in a config file must never silently fall back to a default.
+An unknown key, a wrong type or a value out of range stops the daemon with one line naming the key: a typo in a
+config file must never silently fall back to a default. Each section is a frozen msgspec struct, so msgspec
+checks the types (a bool is not an int, a string is not a number, an int is taken for a float) and the ranges
+written beside them with ``Meta``; ``_explain`` turns its error into the dotted key and the value given, and
+``_check`` holds the few rules a type cannot say.
+
+A part that needs settings of its own brings a section struct and becomes a field named after it: a store
+backend's section is a field of ``StoreConfig`` named after the backend (``sqlite: SqliteConfig``), the
+backend's name joining ``StoreConfig.backend``; a source kind's section is likewise a field of ``Config`` named
+after the kind. Validation, error messages and defaults follow from the fields; nothing else needs to change.
+
+A key renamed in a release keeps working for a while: ``RENAMED`` maps its old dotted name to the new one, and
+a file that still uses the old name is read as if it used the new one, with a warning naming the new key.
 """
 
 from __future__ import annotations
 
+import copy
 import os
-import types
-import typing
-from dataclasses import MISSING, dataclass, field, fields, is_dataclass, replace
+import re
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin
+from typing import Annotated, Any, Final, Literal, get_args, get_origin
 from urllib.parse import urlsplit
 
+import msgspec
 import yaml
+from loguru import logger
+from msgspec.structs import replace
+
+# Old dotted key → new dotted key, for keys renamed in a release (a whole section may be renamed too).
+RENAMED: dict[str, str] = {}
+
+# Checked by msgspec as the file is read, and named in the error by _explain.
+Positive = Annotated[int, msgspec.Meta(gt=0)]
+# A two-byte integer that cannot be 0: a TCP port, an MQTT Receive Maximum.
+TwoBytes = Annotated[int, msgspec.Meta(ge=1, le=65535)]
 
 
 class ConfigError(Exception):
     """The configuration cannot be used; the message names the key and the problem."""
 
 
-@dataclass(frozen=True)
-class BrokerConfig:
+class Section(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """What every section is: read-only once loaded, and an unknown key in it is an error, not ignored.
+
+    msgspec passes these settings on to subclasses; each still says ``frozen=True`` so that mypy knows it too.
+    """
+
+
+class BrokerConfig(Section, frozen=True):
     """Where hubd's MQTT traffic goes. Without ``url`` hubd starts its own local Mosquitto."""
 
     url: str | None = None
-    embedded_port: int = 1883
+    embedded_port: TwoBytes = 1883
     embedded_bind: str = "127.0.0.1"
     client_id: str = "hubd"
     username: str | None = None
     password_file: str | None = None
     shared_group: str | None = None
-    session_expiry_s: int = 7 * 24 * 3600
+    session_expiry_s: Annotated[int, msgspec.Meta(ge=0, le=2**32 - 1)] = 7 * 24 * 3600  # four bytes in CONNECT
     # Messages in hand at once (decoded, waiting for their commit): enough for a commit to gather thousands of
     # one-reading messages under load (store/writer.py); memory is bounded by bytes below. bench/README.md.
-    receive_maximum: int = 10000
+    receive_maximum: TwoBytes = 10000
     # And bytes of them: a message of 10,000 readings takes ~10 times its 1.8 MB decoded (bench/README.md).
-    max_bytes_in_hand: int = 8 * 1024 * 1024
-    keepalive_s: int = 30
+    max_bytes_in_hand: Positive = 8 * 1024 * 1024
+    keepalive_s: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 30  # two bytes in CONNECT
 
 
-@dataclass(frozen=True)
-class SqliteConfig:
+class SqliteConfig(Section, frozen=True):
+    """The SQLite backend's own settings: the section ``store.sqlite``."""
+
     path: str | None = None
     synchronous: Literal["full", "normal"] = "full"
 
 
-@dataclass(frozen=True)
-class StoreConfig:
+class StoreConfig(Section, frozen=True):
+    """The readings store. A backend's own settings are a field named after it, as ``sqlite`` here."""
+
     backend: Literal["sqlite"] = "sqlite"
-    sqlite: SqliteConfig = field(default_factory=SqliteConfig)
-    batch_max_readings: int = 20000
-    queue_max_messages: int = 20000
+    sqlite: SqliteConfig = SqliteConfig()
+    batch_max_readings: Positive = 20000
+    queue_max_messages: Positive = 20000
 
 
-@dataclass(frozen=True)
-class RateLimitConfig:
-    failures: int = 5
+class RateLimitConfig(Section, frozen=True):
+    failures: Positive = 5
     window_s: float = 300.0
 
 
-@dataclass(frozen=True)
-class AuthConfig:
+class AuthConfig(Section, frozen=True):
     initial_password_hash: str | None = None
     registration_mode: Literal["allowlist", "open"] = "allowlist"
-    bcrypt_rounds: int = 10
-    rate_limit: RateLimitConfig = field(default_factory=RateLimitConfig)
+    bcrypt_rounds: Annotated[int, msgspec.Meta(ge=4, le=16)] = 10
+    rate_limit: RateLimitConfig = RateLimitConfig()
 
 
-@dataclass(frozen=True)
-class LimitsConfig:
-    max_payload_bytes: int = 4 * 1024 * 1024
-    max_readings_per_message: int = 10000
+class LimitsConfig(Section, frozen=True):
+    max_payload_bytes: Positive = 4 * 1024 * 1024
+    max_readings_per_message: Positive = 10000
     max_future_s: float = 300.0
 
 
-@dataclass(frozen=True)
-class QueryConfig:
-    max_limit: int = 10000
-    default_limit: int = 1000
-    max_der_ids: int = 1000
+class QueryConfig(Section, frozen=True):
+    max_limit: Positive = 10000
+    default_limit: Positive = 1000
+    max_der_ids: Positive = 1000
 
 
-@dataclass(frozen=True)
-class AuditConfig:
+class AuditConfig(Section, frozen=True):
     path: str | None = None
     fsync: bool = False
 
 
-@dataclass(frozen=True)
-class FormatsConfig:
+class FormatsConfig(Section, frozen=True):
     """Where vendor format definitions live and how often the running hub looks for changes."""
 
     user_dir: str | None = None  # null: <data_dir>/formats
     shipped_dir: str | None = None  # null: the formats/ folder that comes with hubd
-    poll_s: float = 2.0
+    poll_s: Annotated[float, msgspec.Meta(ge=0.1, le=3600)] = 2.0
 
 
-@dataclass(frozen=True)
-class LogConfig:
+class LogConfig(Section, frozen=True):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
 
-@dataclass(frozen=True)
-class Config:
+class Config(Section, frozen=True):
     """The whole configuration; every section optional, so an empty file is the embedded default."""
 
     data_dir: str = "var"
     topic_prefix: str = "hub/v1"
-    broker: BrokerConfig = field(default_factory=BrokerConfig)
-    store: StoreConfig = field(default_factory=StoreConfig)
-    auth: AuthConfig = field(default_factory=AuthConfig)
-    limits: LimitsConfig = field(default_factory=LimitsConfig)
-    query: QueryConfig = field(default_factory=QueryConfig)
-    audit: AuditConfig = field(default_factory=AuditConfig)
-    formats: FormatsConfig = field(default_factory=FormatsConfig)
-    log: LogConfig = field(default_factory=LogConfig)
+    broker: BrokerConfig = BrokerConfig()
+    store: StoreConfig = StoreConfig()
+    auth: AuthConfig = AuthConfig()
+    limits: LimitsConfig = LimitsConfig()
+    query: QueryConfig = QueryConfig()
+    audit: AuditConfig = AuditConfig()
+    formats: FormatsConfig = FormatsConfig()
+    log: LogConfig = LogConfig()
 
     @property
     def data_path(self) -> Path:
@@ -145,70 +166,95 @@ class Config:
         return Path(__file__).resolve().parent / "formats"
 
 
-def _type_name(tp: Any) -> str:
-    origin = get_origin(tp)
-    if origin is Literal:
-        return " or ".join(repr(a) for a in get_args(tp))
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in get_args(tp))
-    if tp is type(None):
-        return "null"
-    return getattr(tp, "__name__", str(tp))
+_ABSENT: Final = object()
+
+# Never echoed in an error, whatever their type: a plain password typed where its hash belongs, a URL with one.
+_UNSHOWN = {"auth.initial_password_hash", "broker.url"}
 
 
-def _convert(value: Any, tp: Any, key: str) -> Any:
-    """Check ``value`` against the annotation ``tp``; raise ConfigError naming ``key``."""
-    origin = get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        for option in get_args(tp):
-            try:
-                return _convert(value, option, key)
-            except ConfigError:
-                continue
-        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
-    if origin is Literal:
-        if value in get_args(tp):
-            return value
-        raise ConfigError(f"{key}: must be {_type_name(tp)}, got {value!r}")
-    if tp is type(None):
-        if value is None:
-            return None
-        raise ConfigError(f"{key}: expected null, got {value!r}")
-    if is_dataclass(tp):
-        return _build(tp, value, key)
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif tp is float:
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
-    elif tp is str and isinstance(value, str):
-        return value
-    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+def _get(document: Any, key: str) -> Any:
+    """The value at the dotted ``key`` of the parsed YAML, or ``_ABSENT``."""
+    for name in key.split("."):
+        if not isinstance(document, dict) or name not in document:
+            return _ABSENT
+        document = document[name]
+    return document
 
 
-def _build(cls: Any, data: Any, prefix: str) -> Any:
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    known = {f.name: f for f in fields(cls)}
-    for key in data:
-        if key not in known:
-            where = f"{prefix}.{key}" if prefix else str(key)
-            raise ConfigError(f"{where}: unknown key (known: {', '.join(sorted(known))})")
-    values: dict[str, Any] = {}
-    for name, spec in known.items():
-        where = f"{prefix}.{name}" if prefix else name
-        if name in data:
-            values[name] = _convert(data[name], hints[name], where)
-        elif spec.default is MISSING and spec.default_factory is MISSING:
-            raise ConfigError(f"{where}: required")
-    return cls(**values)
+def _put(document: dict[str, Any], key: str, value: Any) -> None:
+    *sections, name = key.split(".")
+    for section in sections:
+        if document.get(section) is None:
+            document[section] = {}
+        document = document[section]
+        if not isinstance(document, dict):
+            return  # the section itself is not a mapping, which msgspec reports
+    document[name] = value
+
+
+def _rename(document: dict[str, Any], source: str) -> None:
+    """Move each renamed key the file still uses to its new name, and say so."""
+    for old, new in RENAMED.items():
+        value = _get(document, old)
+        if value is _ABSENT:
+            continue
+        if _get(document, new) is not _ABSENT:
+            raise ConfigError(f"{old} and {new}: both given; {old} is the old name of {new}, keep only {new}")
+        *sections, name = old.split(".")
+        del (_get(document, ".".join(sections)) if sections else document)[name]
+        _put(document, new, value)
+        logger.warning(f"{source}: {old} is deprecated; use {new}")
+
+
+def _fill_empty_sections(document: dict[str, Any], section: type[Section]) -> None:
+    """A section whose keys are all commented out parses as null: it means its defaults, as an absent one does."""
+    for field in msgspec.structs.fields(section):
+        if isinstance(field.type, type) and issubclass(field.type, Section) and field.name in document:
+            if document[field.name] is None:
+                document[field.name] = {}
+            if isinstance(document[field.name], dict):
+                _fill_empty_sections(document[field.name], field.type)
+
+
+# msgspec's words: "Expected `int`, got `str` - at `$.broker.embedded_port`", "Object contains unknown field
+# `ulr` - at `$.broker`", "Expected `str` - at `key` in `$.broker`" (a key that is not a string).
+_FAILURE = re.compile(r"(?P<what>.*?)(?: - at (?P<bad_key>`key` in )?`\$(?P<path>[^`]*)`)?", re.DOTALL)
+_UNKNOWN = re.compile(r"Object contains unknown field `(?P<name>.*)`", re.DOTALL)
+_EXPECTED = re.compile(r"Expected `(?P<type>[^`]*)`, got `[^`]*`")
+
+
+def _explain(error: msgspec.ValidationError, document: Any) -> str:
+    """msgspec's error as hubd's one line: the dotted key first, then what it must be and what it was."""
+    failure = _FAILURE.fullmatch(str(error))
+    assert failure is not None  # the pattern matches any text
+    what = failure["what"]
+    names = [name for name in failure["path"].split(".") if name] if failure["path"] else []
+    annotation: Any = Config
+    value = document
+    for name in names:
+        annotation = {field.name: field.type for field in msgspec.structs.fields(annotation)}[name]
+        value = value[name]
+    key = ".".join(names)
+    unknown = _UNKNOWN.fullmatch(what)
+    if unknown or failure["bad_key"]:
+        name = unknown["name"] if unknown else next(str(k) for k in value if not isinstance(k, str))
+        known = ", ".join(sorted(annotation.__struct_fields__))
+        return f"{key + '.' if key else ''}{name}: unknown key (known: {known})"
+    where = key or "config"
+    shown = f"{type(value).__name__} (value not shown)" if key in _UNSHOWN else repr(value)
+    if get_origin(annotation) is Literal:
+        return f"{where}: must be {' or '.join(repr(choice) for choice in get_args(annotation))}, got {shown}"
+    expected = _EXPECTED.fullmatch(what)
+    if expected:
+        name = expected["type"].replace(" | ", " or ").replace("object", "a mapping")
+        return f"{where}: expected {name}, got {shown}"
+    if get_origin(annotation) is Annotated:  # a value of the right type out of its range
+        meta = get_args(annotation)[1]
+        if meta.gt == 0 and meta.le is None:
+            return f"{where}: must be positive, got {shown}"
+        if meta.ge is not None and meta.le is not None:
+            return f"{where}: must be {meta.ge} … {meta.le}, got {shown}"
+    return f"{where}: {what}"
 
 
 def _valid_broker_url(url: str) -> bool:
@@ -222,26 +268,6 @@ def _valid_broker_url(url: str) -> bool:
 
 def _check(config: Config) -> None:
     """Rules a type cannot say."""
-    positive = {
-        "broker.embedded_port": config.broker.embedded_port,
-        "broker.receive_maximum": config.broker.receive_maximum,
-        "broker.max_bytes_in_hand": config.broker.max_bytes_in_hand,
-        "store.batch_max_readings": config.store.batch_max_readings,
-        "store.queue_max_messages": config.store.queue_max_messages,
-        "limits.max_payload_bytes": config.limits.max_payload_bytes,
-        "limits.max_readings_per_message": config.limits.max_readings_per_message,
-        "query.max_limit": config.query.max_limit,
-        "query.default_limit": config.query.default_limit,
-        "query.max_der_ids": config.query.max_der_ids,
-        "auth.rate_limit.failures": config.auth.rate_limit.failures,
-    }
-    for key, value in positive.items():
-        if value <= 0:
-            raise ConfigError(f"{key}: must be positive, got {value}")
-    if not 4 <= config.auth.bcrypt_rounds <= 16:
-        raise ConfigError(f"auth.bcrypt_rounds: must be 4 … 16, got {config.auth.bcrypt_rounds}")
-    if config.broker.receive_maximum > 65535:
-        raise ConfigError("broker.receive_maximum: must be at most 65535")
     hashed = config.auth.initial_password_hash
     if hashed is not None and not hashed.startswith(("$2a$", "$2b$", "$2y$")):
         raise ConfigError(
@@ -259,8 +285,6 @@ def _check(config: Config) -> None:
             raise ConfigError("broker.url: must start with mqtt:// or mqtts://")
         if not _valid_broker_url(url):
             raise ConfigError("broker.url: must be mqtt[s]://host[:port] with a port number 1 … 65535")
-    if not 0.1 <= config.formats.poll_s <= 3600:
-        raise ConfigError(f"formats.poll_s: must be 0.1 … 3600 seconds, got {config.formats.poll_s}")
     if config.topic_prefix.endswith("/") or "#" in config.topic_prefix or "+" in config.topic_prefix:
         raise ConfigError(
             f"topic_prefix: must be a plain topic without wildcards or a trailing /, got {config.topic_prefix!r}"
@@ -268,9 +292,16 @@ def _check(config: Config) -> None:
 
 
 def parse_config(data: Any, source: str = "config") -> Config:
-    """Validate a parsed YAML document into a Config."""
+    """Validate a parsed YAML document into a Config; ``source`` begins every message (the file, usually)."""
+    document = {} if data is None else copy.deepcopy(data)  # an empty file is the embedded default
     try:
-        config: Config = _build(Config, data, "")
+        if isinstance(document, dict):
+            _rename(document, source)
+            _fill_empty_sections(document, Config)
+        try:
+            config = msgspec.convert(document, Config)
+        except msgspec.ValidationError as exc:
+            raise ConfigError(_explain(exc, document)) from None
         _check(config)
     except ConfigError as exc:
         raise ConfigError(f"{source}: {exc}") from None
@@ -291,22 +322,24 @@ def load_config(path: str | os.PathLike[str] | None = None) -> Config:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{file}: not valid YAML ({exc})") from None
-    config = parse_config(data, str(file))
+    return _anchored(parse_config(data, str(file)), file.parent)
 
-    # Relative paths are relative to the config file, not to wherever hubd was started from.
+
+def _anchored(config: Config, folder: Path) -> Config:
+    """Relative paths are relative to the config file, not to wherever hubd was started from."""
+
     def anchored(path: str) -> str:
-        return path if Path(path).expanduser().is_absolute() else str((file.parent / path).resolve())
+        return path if Path(path).expanduser().is_absolute() else str((folder / path).resolve())
 
-    config = replace(config, data_dir=anchored(config.data_dir))
-    if config.store.sqlite.path:
-        config = replace(
-            config,
-            store=replace(config.store, sqlite=replace(config.store.sqlite, path=anchored(config.store.sqlite.path))),
-        )
-    if config.audit.path:
-        config = replace(config, audit=replace(config.audit, path=anchored(config.audit.path)))
-    if config.formats.user_dir:
-        config = replace(config, formats=replace(config.formats, user_dir=anchored(config.formats.user_dir)))
-    if config.formats.shipped_dir:
-        config = replace(config, formats=replace(config.formats, shipped_dir=anchored(config.formats.shipped_dir)))
-    return config
+    def maybe(path: str | None) -> str | None:
+        return anchored(path) if path else path
+
+    return replace(
+        config,
+        data_dir=anchored(config.data_dir),
+        store=replace(config.store, sqlite=replace(config.store.sqlite, path=maybe(config.store.sqlite.path))),
+        audit=replace(config.audit, path=maybe(config.audit.path)),
+        formats=replace(
+            config.formats, user_dir=maybe(config.formats.user_dir), shipped_dir=maybe(config.formats.shipped_dir)
+        ),
+    )
