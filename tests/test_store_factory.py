@@ -4,11 +4,12 @@ backend nobody registered is refused with one line naming the key."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import Callable
-from dataclasses import replace
 from pathlib import Path
 from typing import get_args, get_type_hints
 
+import msgspec
 import pytest
 
 from hubd.config import Config, ConfigError, StoreConfig, parse_config
@@ -36,7 +37,7 @@ async def write(config: Config, *batches: Rows) -> None:
 def test_sqlite_sink_and_query_meet_in_the_same_readings(tmp_path: Path) -> None:
     config = parse_config({"data_dir": str(tmp_path), "store": {"backend": "sqlite"}})
     first = StoredReading("PV-1", 60_000, {"power_kw": 1.5, "energy_kwh": 10.0}, 1_000, "edge", "hub.v1")
-    again = replace(first, values={"power_kw": 2.5, "energy_kwh": 10.25}, received_at=1_500)
+    again = dataclasses.replace(first, values={"power_kw": 2.5, "energy_kwh": 10.25}, received_at=1_500)
     other = StoredReading("PV-2", 60_000, {"power_kw": 0.5}, 1_000, "edge", "hub.v1")
     # The same DER and time sent twice, the second time with other values: the later one stays, once.
     asyncio.run(write(config, rows(first, other), rows(again), rows(again)))
@@ -63,7 +64,7 @@ def test_a_backend_the_config_does_not_know_is_refused_naming_the_key() -> None:
 @pytest.mark.parametrize("opener", [open_sink, open_query])
 def test_a_backend_built_in_code_but_not_registered_is_refused(opener: Callable[[Config], object]) -> None:
     config = Config()
-    config = replace(config, store=replace(config.store, backend="nosuch"))  # type: ignore[arg-type]
+    config = msgspec.structs.replace(config, store=msgspec.structs.replace(config.store, backend="nosuch"))  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match=r"^store\.backend: no such backend 'nosuch' \(known: sqlite\)$"):
         opener(config)
 
