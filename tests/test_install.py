@@ -34,7 +34,7 @@ PACKAGE_DATA = sorted(
 )
 
 FILES_OF_HUBD = """
-import importlib.metadata, json, pathlib, hubd
+import importlib.metadata, json, hubd
 files = importlib.metadata.files("hubd") or []
 print(json.dumps({"module": hubd.__file__, "files": sorted(f.as_posix() for f in files if f.parts[0] == "hubd")}))
 """
