@@ -111,7 +111,13 @@ def run(ctx: Context) -> None:
 
 
 @main.command()
-@click.option("--minutes", default=5, show_default=True, help="minutes of readings the edge terminal sends")
+@click.option(
+    "--minutes",
+    default=5,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="minutes of readings the edge terminal sends",
+)
 @click.option("--port", default=0, help="port for the embedded broker (default: a free one)")
 def demo(minutes: int, port: int) -> None:
     """Run the hub on the embedded default with a simulated edge terminal and market system."""

@@ -28,7 +28,7 @@ class HubClient:
         self._inbox = f"clients/{self._id}/answers"
         self._waiting: dict[bytes, asyncio.Future[dict[str, Any]]] = {}
         self._counter = itertools.count()
-        self._session = MqttSession(self._id, on_publish=self._on_publish, clean_start=True)
+        self._session = MqttSession(self._id, on_publish=self._on_publish, on_lost=self._on_lost, clean_start=True)
 
     async def __aenter__(self) -> HubClient:
         tls = ssl.create_default_context() if self._url.scheme == "mqtts" else None
@@ -43,6 +43,17 @@ class HubClient:
     async def __aexit__(self, *exc: object) -> None:
         await self._session.disconnect()
 
+    def _where(self) -> str:
+        return f"{self._url.hostname or '127.0.0.1'}:{self._url.port or ''}".rstrip(":")
+
+    def _on_lost(self, exc: Exception | None) -> None:
+        """The broker went away: the requests waiting for an answer fail now, not at their timeout."""
+        failure = ConnectionError(f"the connection to the broker at {self._where()} was lost ({exc or 'closed'})")
+        for future in self._waiting.values():
+            if not future.done():
+                future.set_exception(failure)
+        self._waiting.clear()
+
     def _on_publish(self, first: int, body: bytes) -> None:
         _, payload, qos, packet_id, properties = parse_publish(first, body)
         if qos:
@@ -55,7 +66,13 @@ class HubClient:
     async def request(
         self, topic: str, body: dict[str, Any] | bytes, timeout: float = 10.0, properties: dict[str, str] | None = None
     ) -> dict[str, Any]:
-        """Publish ``body`` on ``topic`` (QoS 1), with MQTT v5 user ``properties``, and return the hub's answer."""
+        """Publish ``body`` on ``topic`` (QoS 1), with MQTT v5 user ``properties``, and return the hub's answer.
+
+        Raises ``TimeoutError`` when no answer comes within ``timeout`` s (no hub listening), and
+        ``ConnectionError`` when the connection to the broker is lost or was lost before.
+        """
+        if not self._session.connected:
+            raise ConnectionError(f"not connected to the broker at {self._where()}")
         correlation = str(next(self._counter)).encode()
         future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._waiting[correlation] = future

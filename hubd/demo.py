@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import sys
 import tempfile
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -85,7 +86,17 @@ async def _demo(minutes: int, port: int, data_dir: Path) -> int:
 
     hub = Hub(config)
     hub_task = asyncio.create_task(hub.run(), name="hub")
-    await asyncio.wait_for(hub.ready.wait(), 20)
+    ready = asyncio.create_task(hub.ready.wait(), name="hub ready")
+    await asyncio.wait({hub_task, ready}, timeout=20, return_when=asyncio.FIRST_COMPLETED)
+    if not hub.ready.is_set():  # the hub ended before it was ready (its broker's port taken, say): say why now
+        ready.cancel()
+        if not hub_task.done():
+            hub.stop()
+            await hub_task
+            print("hubd demo: the hub was not ready within 20 s", file=sys.stderr, flush=True)
+        else:
+            print(f"hubd demo: the hub did not start: {hub_task.exception()}", file=sys.stderr, flush=True)
+        return 1
     url = f"mqtt://127.0.0.1:{config.broker.embedded_port}"
     prefix = config.topic_prefix
     say(f"2. The hub runs with its own Mosquitto on {url} and an SQLite store.")
