@@ -272,10 +272,36 @@ def system_add(ctx: Context, name: str, role: str) -> None:
 @system.command("list")
 @pass_context
 def system_list(ctx: Context) -> None:
-    """List systems (name, role, status)."""
+    """List systems (name, role, status; for a gateway, how many DERs are bound to it)."""
     with ctx.registry() as (registry, _):
+        bound = registry.bindings()
         for item in sorted(registry.systems().values(), key=lambda s: s.name):
-            click.echo(f"{item.name}\t{item.role}\t{item.status}")
+            ders = f"\t{len(bound.get(item.name, ()))} DERs" if item.role == "gateway" else ""
+            click.echo(f"{item.name}\t{item.role}\t{item.status}{ders}")
+
+
+@system.command("bind")
+@click.argument("gateway")
+@click.argument("der_ids", nargs=-1, required=True)
+@pass_context
+def system_bind(ctx: Context, gateway: str, der_ids: tuple[str, ...]) -> None:
+    """Let a gateway system write these DERs' readings without their passwords (docs/protocol.md)."""
+    with ctx.registry() as (registry, audit), _errors():
+        changed = registry.bind(gateway, der_ids)
+        audit.append("system.bound", client_id=gateway, der_ids=sorted(der_ids), by="operator")
+    click.echo(f"{gateway}: {changed} DERs bound ({len(der_ids) - changed} were already)")
+
+
+@system.command("unbind")
+@click.argument("gateway")
+@click.argument("der_ids", nargs=-1, required=True)
+@pass_context
+def system_unbind(ctx: Context, gateway: str, der_ids: tuple[str, ...]) -> None:
+    """No longer let a gateway system write these DERs' readings."""
+    with ctx.registry() as (registry, audit), _errors():
+        changed = registry.bind(gateway, der_ids, bound=False)
+        audit.append("system.unbound", client_id=gateway, der_ids=sorted(der_ids), by="operator")
+    click.echo(f"{gateway}: {changed} DERs unbound")
 
 
 @system.command("revoke")

@@ -18,7 +18,7 @@ from hubd.audit import AuditLog
 from hubd.auth import Authenticator, Refused
 from hubd.config import LimitsConfig
 from hubd.decode.registry import Decoded, Limits
-from hubd.model import ErrorCode, HubError, RawMessage, Reading
+from hubd.model import ErrorCode, HubError, RawMessage, Reading, Sender
 from hubd.quarantine import Quarantine
 from hubd.store import Rows, add_rows
 from hubd.store.writer import BatchWriter, Write
@@ -64,6 +64,7 @@ class _Checked:
     good: list[Reading]
     slow: list[tuple[int, Reading]]
     refused: Refused
+    gateway_pending: bool = False  # sent by a gateway whose password only bcrypt can judge
 
 
 class Ingest:
@@ -139,7 +140,7 @@ class Ingest:
                 checked = self._check(raw)
                 if not isinstance(checked, _Checked):
                     ready.append((reply, checked))
-                elif checked.slow:  # on its own, so the others need not wait for bcrypt
+                elif checked.slow or checked.gateway_pending:  # on its own: the others need not wait for bcrypt
                     slow.append(self._finish_slow(checked, reply))
                 elif (answer := self._finish(checked, reply, writes)) is not None:
                     ready.append((reply, answer))
@@ -157,12 +158,27 @@ class Ingest:
         except HubError as exc:
             self.keep(raw, exc)
             return {"ok": False, "error": exc.as_dict()}, None
-        good, slow, refused = self._precheck(raw, decoded)
-        return _Checked(raw, decoded, decoded.source_id or raw.source_id, good, slow, refused)
+        source_id = decoded.source_id or raw.source_id
+        sender = self._sender(raw, decoded)
+        if sender is None:
+            return _Checked(raw, decoded, source_id, [], [], [], gateway_pending=True)
+        good, slow, refused = self._precheck(sender, decoded)
+        return _Checked(raw, decoded, source_id, good, slow, refused)
+
+    def _sender(self, raw: RawMessage, decoded: Decoded) -> Sender | HubError | None:
+        """Whom the message speaks for: the source's sender, or a gateway named in the message (its bound DERs,
+        or why it is refused; None while only bcrypt can judge its password)."""
+        if decoded.gateway is None:
+            return raw.sender
+        return self._auth.gateway_precheck(*decoded.gateway)
 
     async def _finish_slow(self, checked: _Checked, reply: _Reply) -> None:
         """A message with credentials only bcrypt can judge: checked and committed on its own."""
         try:
+            if checked.gateway_pending:
+                assert checked.decoded.gateway is not None
+                sender = await self._auth.check_gateway(*checked.decoded.gateway)
+                checked.good, checked.slow, checked.refused = self._precheck(sender, checked.decoded)
             await self._check_slow(checked.slow, checked.good, checked.refused)
             writes: list[_ToCommit] = []
             answer = self._finish(checked, reply, writes)
@@ -244,10 +260,15 @@ class Ingest:
             logger.exception("decoder {} failed on a payload from {}", raw.format_code, raw.topic)
             raise HubError(ErrorCode.DECODE_ERROR, f"the {raw.format_code} decoder failed: {exc}") from None
 
-    def _precheck(self, raw: RawMessage, decoded: Decoded) -> tuple[list[Reading], list[tuple[int, Reading]], Refused]:
-        """May the message's sender write these readings? Split by what memory knows: allowed, needing bcrypt
-        (index, reading), refused (index, der_id, error)."""
-        return self._auth.split_readings(decoded.items, raw.sender)
+    def _precheck(
+        self, sender: Sender | HubError, decoded: Decoded
+    ) -> tuple[list[Reading], list[tuple[int, Reading]], Refused]:
+        """May the sender write these readings? Split by what memory knows: allowed, needing bcrypt (index,
+        reading), refused (index, der_id, error). A refused gateway refuses each of its readings."""
+        if isinstance(sender, HubError):
+            items = decoded.items
+            return [], [], [(i, r.der_id, r if isinstance(r, HubError) else sender) for i, r in enumerate(items)]
+        return self._auth.split_readings(decoded.items, sender)
 
     async def _check_slow(self, slow: list[tuple[int, Reading]], good: list[Reading], refused: Refused) -> None:
         """bcrypt the credentials memory does not know, adding each reading to ``good`` or ``refused``."""

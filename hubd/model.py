@@ -97,16 +97,14 @@ class Sender:
     """Who a message comes from, as the source that took it in knows it: what auth judges its readings by.
 
     ``ders`` is None for a sender that proves each reading with its DER's password (an MQTT edge terminal);
-    for a source the operator configured for some DERs (a polled device, a cloud account), it is those DERs,
-    whose readings that source may write without a password and no other's.
+    for a gateway system that proved its own password, and for a source the operator configured (a polled
+    device, a cloud account), it is the DERs bound to it, whose readings it may write without their passwords
+    and no other's.
     """
 
-    kind: str  # the source's protocol: "mqtt", "modbus", …
-    name: str  # the source instance
+    kind: str  # "mqtt" (an edge terminal), "gateway" (a gateway system), or a configured source's protocol
+    name: str  # the source instance, or the gateway system's name
     ders: frozenset[str] | None = None
-
-    def __str__(self) -> str:
-        return f"{self.kind} source {self.name}"
 
 
 EDGE = Sender("mqtt", "edge")

@@ -66,7 +66,7 @@ def test_a_configured_source_is_refused_for_other_ders_unknown_and_revoked(hub: 
     assert answer["accepted"] == 1
     codes = [(r["index"], r["der_id"], r["error"]["code"]) for r in answer["rejected"]]
     assert codes == [(0, "PV-2", "not_allowed"), (1, "PV-9", "unknown_der")]
-    assert "modbus source meter-7 is not configured for DER PV-2" in answer["rejected"][0]["error"]["message"]
+    assert "modbus meter-7 is not bound to DER PV-2" in answer["rejected"][0]["error"]["message"]
     assert outcomes(hub, "auth.failed", since) == ["not_allowed", "unknown_der"]
     assert hub.cli("der", "revoke", "PV-1").exit_code == 0
     hub._hub.auth.refresh()  # type: ignore[union-attr]  # as ingest does once per group of messages

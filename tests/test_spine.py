@@ -188,10 +188,10 @@ def test_messages_taken_in_together_fail_one_by_one(hub: RunningHub, monkeypatch
     real_precheck, real_many = Ingest._precheck, Ingest._handle_many
     groups: list[int] = []
 
-    def failing_for_one_source(self: Ingest, raw: Any, decoded: Any) -> Any:
+    def failing_for_one_source(self: Ingest, sender: Any, decoded: Any) -> Any:
         if decoded.source_id == "edge-bug":
             raise RuntimeError("a bug")
-        return real_precheck(self, raw, decoded)
+        return real_precheck(self, sender, decoded)
 
     async def recording(self: Ingest, raws: list[Any], answers: list[Any]) -> Any:
         groups.append(len(raws))

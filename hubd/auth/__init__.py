@@ -27,6 +27,7 @@ class Authenticator:
         self.der_cache = VerifiedCache(pool)  # DERs' unique passwords, by DER id
         self.ders: dict[str, Der] = {}
         self.systems: dict[str, System] = {}
+        self.gateways: dict[str, frozenset[str]] = {}  # the DERs bound to each gateway
         self._version = -1
         self.refresh()
 
@@ -38,6 +39,7 @@ class Authenticator:
         self._version = version
         self.ders = self.registry.ders()
         self.systems = self.registry.systems()
+        self.gateways = self.registry.bindings()
         return True
 
     def reload_der(self, der_id: str) -> None:
@@ -102,7 +104,8 @@ class Authenticator:
     def _split_bound(
         self, items: Sequence[Reading | HubError], sender: Sender, bound: frozenset[str]
     ) -> tuple[list[Reading], list[tuple[int, Reading]], Refused]:
-        """A configured source's readings: its own DERs' are allowed while the registry knows them unrevoked."""
+        """A bound sender's readings (a gateway, a configured source): its own DERs' are allowed while the
+        registry knows them unrevoked."""
         good: list[Reading] = []
         refused: Refused = []
         for index, item in enumerate(items):
@@ -111,7 +114,8 @@ class Authenticator:
                 continue
             der = self.ders.get(item.der_id)
             if item.der_id not in bound:
-                error = HubError(ErrorCode.NOT_ALLOWED, f"{sender} is not configured for DER {item.der_id}")
+                reason = f"{sender.kind} {sender.name} is not bound to DER {item.der_id}"
+                error = HubError(ErrorCode.NOT_ALLOWED, reason)
             elif der is None:
                 error = HubError(ErrorCode.UNKNOWN_DER, f"DER {item.der_id} is not known to this hub")
             elif der.status == "revoked":
@@ -135,6 +139,28 @@ class Authenticator:
         assert der.password_hash is not None
         good = await self.der_cache.check(der_id, der.password_hash, password)
         return None if good else _bad_password("DER", der_id)
+
+    def gateway_precheck(self, name: str, password: str) -> Sender | HubError | None:
+        """The sender a gateway's message speaks for, from memory: its bound DERs; an error; None for bcrypt."""
+        system = self.systems.get(name)
+        if system is None or system.status != "active":
+            return HubError(ErrorCode.BAD_CREDENTIALS, f"unknown or revoked gateway {name}")
+        known = self.cache.lookup("system:" + name, system.password_hash, password)
+        if known is None:
+            return None
+        if not known:
+            return _bad_password("gateway", name)
+        if system.role != "gateway":
+            return HubError(ErrorCode.NOT_ALLOWED, f"client {name} has role {system.role}, not gateway")
+        return Sender("gateway", name, self.gateways.get(name, frozenset()))
+
+    async def check_gateway(self, name: str, password: str) -> Sender | HubError:
+        """The sender a gateway's message speaks for, bcrypt-checking its password if memory cannot tell."""
+        verdict = self.gateway_precheck(name, password)
+        if verdict is not None:
+            return verdict
+        denied = await self.check_system(name, password, "gateway")
+        return denied or Sender("gateway", name, self.gateways.get(name, frozenset()))
 
     async def check_system(self, name: str, password: str, role: str) -> HubError | None:
         """None when ``name`` is an active system of ``role`` and ``password`` is its password."""

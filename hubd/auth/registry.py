@@ -40,6 +40,11 @@ CREATE TABLE IF NOT EXISTS systems (
     password_hash TEXT NOT NULL,
     added_at INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS gateway_ders (
+    gateway TEXT NOT NULL,
+    der_id TEXT NOT NULL,
+    PRIMARY KEY (gateway, der_id)
+) WITHOUT ROWID;
 """
 
 
@@ -222,6 +227,43 @@ class Registry:
     def revoke_system(self, name: str) -> bool:
         cursor = self._db.execute("UPDATE systems SET status = 'revoked' WHERE name = ?", (name,))
         return cursor.rowcount == 1
+
+    # -- gateways' DERs ---------------------------------------------------------------------------------
+
+    def bindings(self) -> dict[str, frozenset[str]]:
+        """The DERs each gateway may write readings for (docs/protocol.md, Authentication)."""
+        bound: dict[str, set[str]] = {}
+        for gateway, der_id in self._db.execute("SELECT gateway, der_id FROM gateway_ders"):
+            bound.setdefault(gateway, set()).add(der_id)
+        return {gateway: frozenset(ders) for gateway, ders in bound.items()}
+
+    def bind(self, gateway: str, der_ids: Iterable[str], bound: bool = True) -> int:
+        """Let ``gateway`` write these DERs' readings (``bound``), or no longer; how many changed.
+
+        Only a gateway system may be bound, and only to DERs the registry knows; one unknown name changes
+        nothing."""
+        system = self._db.execute("SELECT role FROM systems WHERE name = ?", (gateway,)).fetchone()
+        if system is None or system["role"] != "gateway":
+            reason = f"{gateway!r} is not a gateway system (hubd system add NAME --role gateway)"
+            raise HubError(ErrorCode.BAD_REQUEST, reason)
+        der_ids = list(der_ids)
+        known = {row[0] for row in self._db.execute("SELECT der_id FROM ders")}
+        unknown = [der_id for der_id in der_ids if der_id not in known]
+        if unknown:
+            raise HubError(ErrorCode.UNKNOWN_DER, f"unknown DER {', '.join(unknown[:5])}: add it first (hubd der add)")
+        sql = (
+            "INSERT INTO gateway_ders (gateway, der_id) VALUES (?, ?) ON CONFLICT DO NOTHING"
+            if bound
+            else "DELETE FROM gateway_ders WHERE gateway = ? AND der_id = ?"
+        )
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            changed = sum(self._db.execute(sql, (gateway, der_id)).rowcount for der_id in der_ids)
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+        return changed
 
 
 def read_der_csv(path: Path) -> list[dict[str, Any]]:

@@ -62,16 +62,19 @@ _BOUNDS = {
 _RESERVED = {"der_id", "password", "measured_at"}
 
 
-def check_reading(item: Any, limits: Limits) -> Reading:
-    """Validate one reading of the unified schema; raise HubError(bad_request) naming the field."""
+def check_reading(item: Any, limits: Limits, needs_password: bool = True) -> Reading:
+    """Validate one reading of the unified schema; raise HubError(bad_request) naming the field.
+
+    A reading in a gateway's message (``needs_password`` False) carries no password of its own: the
+    gateway's proves it, and one it carries anyway is not looked at."""
     if type(item) is not dict:
         raise HubError(ErrorCode.BAD_REQUEST, "a reading must be a JSON object")
     der_id = item.get("der_id")
     # str first: a JSON list or object is unhashable
     if not ((type(der_id) is str and der_id in KNOWN_IDS) or valid_id(der_id)):
         raise HubError(ErrorCode.BAD_REQUEST, "der_id is missing or not a valid DER id")
-    password = item.get("password")
-    if type(password) is not str or not password:
+    password = item.get("password") if needs_password else None
+    if needs_password and (type(password) is not str or not password):
         raise HubError(ErrorCode.BAD_REQUEST, "password is missing or not a string")
     if "measured_at" not in item:
         raise HubError(ErrorCode.BAD_REQUEST, "measured_at is missing")
@@ -188,6 +191,7 @@ def decode_native_slow(payload: bytes, limits: Limits) -> Decoded:
     source_id = data.get("source_id")
     if source_id is not None and not valid_id(source_id):
         raise HubError(ErrorCode.DECODE_ERROR, "source_id must be 1-64 characters of letters, digits and ._:-")
+    gateway = _gateway(data.get("gateway"))
     readings = data.get("readings")
     if not isinstance(readings, list):
         raise HubError(ErrorCode.DECODE_ERROR, "the message needs a readings list")
@@ -199,12 +203,26 @@ def decode_native_slow(payload: bytes, limits: Limits) -> Decoded:
     items: list[Reading | HubError] = []
     for item in readings:
         try:
-            items.append(check_reading(item, limits))
+            items.append(check_reading(item, limits, gateway is None))
         except HubError as exc:
             named = item.get("der_id") if isinstance(item, dict) else None
             exc.der_id = named if valid_id(named) else None
             items.append(exc)
-    return Decoded(source_id, items, reply_to, request_id)
+    return Decoded(source_id, items, reply_to, request_id, gateway=gateway)
+
+
+def _gateway(stated: object) -> tuple[str, str] | None:
+    """A gateway's message names the gateway system and its password: ``{"name": ..., "password": ...}``."""
+    if stated is None:
+        return None
+    if type(stated) is not dict or stated.keys() != {"name", "password"}:
+        raise HubError(ErrorCode.DECODE_ERROR, "gateway must be an object with exactly a name and a password")
+    name, password = stated["name"], stated["password"]
+    if not valid_id(name):
+        raise HubError(ErrorCode.DECODE_ERROR, "gateway.name must be 1-64 characters of letters, digits and ._:-")
+    if type(password) is not str or not password:
+        raise HubError(ErrorCode.DECODE_ERROR, "gateway.password is missing or not a string")
+    return name, password
 
 
 # The fast path's message types, typed so that msgspec does most checks in C: a message without unknown keys,
@@ -216,18 +234,20 @@ _FastReading = msgspec.defstruct(
     "_FastReading",
     [
         ("der_id", str),
-        ("password", str),
         ("measured_at", str | int),
+        ("password", str | None, None),  # absent in a gateway's message
         *((key, Annotated[float, msgspec.Meta(ge=low, le=high)] | None, None) for key, (low, high) in _BOUNDS.items()),
     ],
     forbid_unknown_fields=True,
     omit_defaults=True,  # to_builtins then leaves out the absent quantities
     gc=False,
 )
+_FastGateway = msgspec.defstruct("_FastGateway", [("name", str), ("password", str)], forbid_unknown_fields=True)
 _FastMessage = msgspec.defstruct(
     "_FastMessage",
     [
         ("readings", list[_FastReading]),  # type: ignore[valid-type]
+        ("gateway", _FastGateway | None, None),
         ("source_id", str | None, None),
         ("reply_to", str | None, None),
         ("request_id", str | int | None, None),
@@ -255,16 +275,21 @@ def _decode_fast(payload: bytes, limits: Limits) -> Decoded | None:
         return None
     if len(message.readings) > limits.max_readings:
         return None
-    items = _fast_readings(message.readings, limits.now_ms + limits.max_future_ms)
+    gateway = message.gateway
+    if gateway is not None:
+        if not valid_id(gateway.name) or not gateway.password:
+            return None
+        gateway = (gateway.name, gateway.password)
+    items = _fast_readings(message.readings, limits.now_ms + limits.max_future_ms, gateway is None)
     if items is None:
         return None
     reply_to = message.reply_to
     if reply_to is not None and not _is_topic(reply_to):
         reply_to = None
-    return Decoded(source_id, items, reply_to, request_id)
+    return Decoded(source_id, items, reply_to, request_id, gateway=gateway)
 
 
-def _fast_readings(readings: list[Any], latest_ms: int) -> list[Reading | HubError] | None:
+def _fast_readings(readings: list[Any], latest_ms: int, needs_password: bool) -> list[Reading | HubError] | None:
     """The readings msgspec decoded, checked for what it cannot check; None if one fails.
 
     The hub's hottest loop: it keeps to the fewest Python steps per reading, so derive_reactive_power's
@@ -276,14 +301,14 @@ def _fast_readings(readings: list[Any], latest_ms: int) -> list[Reading | HubErr
     tan, acos = math.tan, math.acos
     for values in msgspec.to_builtins(readings):  # a dict per reading, without its absent quantities
         der_id = values.pop("der_id")
-        password = values.pop("password")
+        password = values.pop("password", None)
         stated = values.pop("measured_at")
         measured_at = times.get(stated)  # None for an int: only strings are kept
         if measured_at is None:
             measured_at = _fast_time(stated)
         if (
             (der_id not in valid_ids and not valid_id(der_id))
-            or not password
+            or (needs_password and not password)
             or measured_at is None
             or measured_at > latest_ms
             or not values  # no quantity
@@ -296,7 +321,7 @@ def _fast_readings(readings: list[Any], latest_ms: int) -> list[Reading | HubErr
             if power is not None and "reactive_power_kvar" not in values:
                 q = abs(power) * tan(acos(abs(pf)))
                 values["reactive_power_kvar"] = q if pf > 0 else -q
-        append(Reading(der_id, measured_at, values, password))
+        append(Reading(der_id, measured_at, values, password if needs_password else None))
     return items
 
 

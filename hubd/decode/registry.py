@@ -27,6 +27,7 @@ class Decoded:
     reply_to: str | None = None
     request_id: Any = None
     extra: dict[str, Any] = field(default_factory=dict)
+    gateway: tuple[str, str] | None = None  # (name, password) of the gateway system that sent the message
 
 
 class Limits(msgspec.Struct, frozen=True, gc=False):
