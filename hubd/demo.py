@@ -230,7 +230,7 @@ async def _demo(minutes: int, port: int, data_dir: Path) -> int:
     for record in audit_trail.tail(config.audit_path, 100000):
         events[str(record["event"])] = events.get(str(record["event"]), 0) + 1
     say("   events: " + ", ".join(f"{k} {v}" for k, v in sorted(events.items())))
-    say(f"   look around: .venv/bin/hubd --config {data_dir}/hubd.yaml audit tail -n 5   (or der list, query ...)")
+    say(f"   look around: {_command()} --config {data_dir}/hubd.yaml audit tail -n 5   (or der list, query ...)")
     (data_dir / "hubd.yaml").write_text(f"data_dir: {data_dir}\n", encoding="utf-8")
     ok = report.ok and all(n == minutes * 6 for n in per_der.values())
     return 0 if ok else 1
@@ -239,3 +239,15 @@ async def _demo(minutes: int, port: int, data_dir: Path) -> int:
 def run_demo(minutes: int = 5, port: int = 0, data_dir: Path | None = None) -> int:
     directory = data_dir or Path(tempfile.mkdtemp(prefix="hubd-demo-"))
     return asyncio.run(_demo(minutes, port, directory))
+
+
+def _command() -> str:
+    """The ``hubd`` the demo was run as, so the hint can be pasted: ``.venv/bin/hubd`` in a checkout, the
+    installed script's path elsewhere."""
+    script = Path(sys.argv[0])
+    if script.name != "hubd":
+        return "hubd"
+    try:
+        return str(script.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(script)
