@@ -286,10 +286,7 @@ def system_list(ctx: Context) -> None:
 @pass_context
 def system_bind(ctx: Context, gateway: str, der_ids: tuple[str, ...]) -> None:
     """Let a gateway system write these DERs' readings without their passwords (docs/protocol.md)."""
-    with ctx.registry() as (registry, audit), _errors():
-        changed = registry.bind(gateway, der_ids)
-        audit.append("system.bound", client_id=gateway, der_ids=sorted(der_ids), by="operator")
-    click.echo(f"{gateway}: {changed} DERs bound ({len(der_ids) - changed} were already)")
+    _bind(ctx, gateway, der_ids, True)
 
 
 @system.command("unbind")
@@ -298,10 +295,15 @@ def system_bind(ctx: Context, gateway: str, der_ids: tuple[str, ...]) -> None:
 @pass_context
 def system_unbind(ctx: Context, gateway: str, der_ids: tuple[str, ...]) -> None:
     """No longer let a gateway system write these DERs' readings."""
+    _bind(ctx, gateway, der_ids, False)
+
+
+def _bind(ctx: Context, gateway: str, der_ids: tuple[str, ...], bound: bool) -> None:
     with ctx.registry() as (registry, audit), _errors():
-        changed = registry.bind(gateway, der_ids, bound=False)
-        audit.append("system.unbound", client_id=gateway, der_ids=sorted(der_ids), by="operator")
-    click.echo(f"{gateway}: {changed} DERs unbound")
+        changed = registry.bind(gateway, der_ids, bound)
+        event = "system.bound" if bound else "system.unbound"
+        audit.append(event, client_id=gateway, der_ids=sorted(der_ids), by="operator")
+    click.echo(f"{gateway}: {changed} DERs {'bound' if bound else 'unbound'}")
 
 
 @system.command("revoke")
