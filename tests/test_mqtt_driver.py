@@ -283,6 +283,38 @@ def test_a_byte_limit_bounds_what_is_in_hand_and_a_larger_message_still_passes_a
     assert [sizes for sizes in seen if 9000 in sizes] == [[9000]]  # the large one alone
 
 
+def test_a_message_over_the_byte_limit_waits_while_another_is_in_hand(broker: EmbeddedBroker) -> None:
+    """The large one arrives while a small one is held in hand: it waits, undecoded, and is taken alone once
+    the small one is done; the small one published after it waits behind it (arrival order is kept)."""
+    in_hand: list[int] = []
+    seen: list[list[int]] = []
+    release = asyncio.Event()
+
+    async def held(topic: str, payload: bytes, properties: dict[str, Any]) -> None:
+        in_hand.append(len(payload))
+        seen.append(list(in_hand))
+        if len(payload) == 3000:
+            await release.wait()
+        in_hand.remove(len(payload))
+
+    async def main() -> None:
+        driver = MqttDriver(_config(broker, max_bytes_in_hand=5000), broker.url, ["t/big"], per_message(held))
+        await driver.start()
+        await _apub(broker, "t/big", "-q", "1", message="a" * 3000)
+        await _until(lambda: seen == [[3000]])
+        await _apub(broker, "t/big", "-q", "1", message="b" * 9000)
+        await _apub(broker, "t/big", "-q", "1", message="c" * 100)
+        await _until(lambda: len(driver._waiting) == 2)  # both reached the hub and wait
+        assert seen == [[3000]]
+        release.set()
+        await _until(lambda: len(seen) == 3)
+        await driver.stop()
+        await _nothing_arrives(broker, ["t/big"])
+
+    asyncio.run(main())
+    assert seen == [[3000], [9000], [100]]
+
+
 def test_messages_published_while_down_arrive_on_connect(broker: EmbeddedBroker) -> None:
     async def main() -> None:
         received: Received = []

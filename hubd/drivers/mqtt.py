@@ -179,15 +179,17 @@ class MqttDriver:
     def _on_publish(self, first: int, body: bytes) -> None:
         if not self._accepting:
             return  # stopping: never acknowledged, so the broker delivers it again
-        if not self._waiting and self._has_room():
+        if not self._waiting and self._has_room(len(body)):
             self._take(first, body)
         else:
             self._waiting.append((first, body))
 
-    def _has_room(self) -> bool:
-        """Room for one more message in hand: under both limits, or nothing in hand (a message larger than the
-        byte limit still goes through, alone)."""
-        return self._in_hand == 0 or (self._in_hand < self._limit and self._bytes_in_hand < self._byte_limit)
+    def _has_room(self, size: int) -> bool:
+        """Room for a message of ``size`` bytes: nothing in hand, or under both limits. One larger than the byte
+        limit waits until nothing else is in hand, then goes through alone, so it is never stuck."""
+        if self._in_hand == 0:
+            return True
+        return self._in_hand < self._limit and self._bytes_in_hand < self._byte_limit and size <= self._byte_limit
 
     def _take(self, first: int, body: bytes) -> None:
         try:
@@ -231,7 +233,7 @@ class MqttDriver:
         self._in_hand -= 1
         self._bytes_in_hand -= size
         waiting = self._waiting
-        while waiting and self._has_room():
+        while waiting and self._has_room(len(waiting[0][1])):
             self._take(*waiting.popleft())
         if self._in_hand == 0 and self._drained is not None and not self._drained.done():
             self._drained.set_result(None)
