@@ -16,8 +16,7 @@ from operator import itemgetter
 from typing import Any, NamedTuple
 
 from hubd.decode.registry import Decoded, Decoder, Limits
-from hubd.decode.vendor.codegen import RecordFunction
-from hubd.decode.vendor.kinds import compile_epc_reading
+from hubd.decode.vendor.kinds import epc_reader
 from hubd.decode.vendor.language import (
     TYPES,
     Context,
@@ -28,6 +27,7 @@ from hubd.decode.vendor.language import (
     parse_credentials,
     parse_quantities,
 )
+from hubd.decode.vendor.readings import RecordFunction
 from hubd.model import ErrorCode, HubError
 
 DECODE = ErrorCode.DECODE_ERROR
@@ -110,7 +110,7 @@ def build(ctx: Context, document: dict[str, Any], code: str, source_id: str | No
             if source.ref in types and types[source.ref][2] != source.type:
                 raise ctx.error(source.key, f"EPC 0x{source.ref:02X} is read as {types[source.ref][2]} elsewhere")
             types[source.ref] = (size, signed, source.type)
-        classes[class_code] = _Class(compile_epc_reading(spec, f"{code} class 0x{class_code:04X}"), types)
+        classes[class_code] = _Class(epc_reader(spec), types)
     if not classes:
         raise ctx.error("classes", "names no SEOJ class")
     known = ", ".join(f"0x{c:04X}" for c in classes)

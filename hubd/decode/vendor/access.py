@@ -1,0 +1,72 @@
+"""What the reading interpreter asks of a payload kind (JSON, CSV, binary, ECHONET Lite), and what it hands it.
+
+The interpreter (``readings``) knows the rules of a reading; a kind knows its payload: how a source is read,
+which sources are the same for a whole message, how the records are walked and how a record is named in a
+message. Both meet in ``Message``: what one payload gives, made once per message.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+from hubd.decode.registry import Limits
+from hubd.decode.vendor.language import Source
+from hubd.model import HubError
+
+# What a fetched value is: any JSON value, the text of a CSV cell, a number (a binary field, an EPC).
+Raw = Literal["json", "text", "number"]
+# A scale the message states once: (multiplier, divisor, None), or (1, 1, why it was refused).
+Resolved = tuple[float, float, HubError | None]
+
+
+@dataclass(slots=True)
+class Message:
+    """One payload as the interpreter reads it.
+
+    ``src`` and ``aux`` are the kind's (the parsed JSON; the CSV reader and its column positions; the binary
+    records and header; the EPC values and frame); ``factors`` are the scales the message states once, as
+    (multiplier, divisor, refusal), in the order the reading spec gave them slots.
+    """
+
+    src: Any
+    aux: Any
+    props: dict[str, str]
+    limits: Limits
+    horizon: int  # the latest measured_at the hub takes for this message
+    factors: list[Resolved] = field(default_factory=list)
+
+
+# Reads one value: (the message, the current record) -> the raw value, None when the payload does not have it.
+# A message-level source is read with the record None.
+Getter = Callable[[Message, Any], Any]
+
+
+class Access(Protocol):
+    """What differs between payload kinds."""
+
+    raw: Raw
+
+    def message_level(self, source: Source) -> bool:
+        """True when the value is the same for every record of a message (read once)."""
+        ...
+
+    def getter(self, source: Source) -> Getter:
+        """How ``source`` is read."""
+        ...
+
+    def records(self, message: Message) -> Iterator[tuple[Any, Any]]:
+        """Each record as (its place, the record); a record that cannot be walked into is a HubError instead.
+
+        Raises HubError(decode_error) for a payload whose records cannot be found at all.
+        """
+        ...
+
+    def check_record(self) -> Callable[[Any], None] | None:
+        """What must hold of a record before it is read (raises HubError), or None when nothing must."""
+        ...
+
+    def location(self, message: Message, place: Any) -> str:
+        """How messages name the record at ``place``: ``power.values[5]``, ``line 12``, ``records[3]``."""
+        ...
