@@ -7,9 +7,10 @@ message. Both meet in ``Message``: what one payload gives, made once per message
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
 from typing import Any, Literal, Protocol
+
+import msgspec
 
 from hubd.decode.registry import Limits
 from hubd.decode.vendor.language import Source
@@ -21,9 +22,8 @@ Raw = Literal["json", "text", "number"]
 Resolved = tuple[float, float, HubError | None]
 
 
-@dataclass(slots=True)
-class Message:
-    """One payload as the interpreter reads it.
+class Message(msgspec.Struct, gc=False):
+    """One payload as the interpreter reads it (a Struct: made in C, once per message).
 
     ``src`` and ``aux`` are the kind's (the parsed JSON; the CSV reader and its column positions; the binary
     records and header; the EPC values and frame); ``factors`` are the scales the message states once, as
@@ -35,12 +35,15 @@ class Message:
     props: dict[str, str]
     limits: Limits
     horizon: int  # the latest measured_at the hub takes for this message
-    factors: list[Resolved] = field(default_factory=list)
+    factors: list[Resolved] = []
 
 
-# Reads one value: (the message, the current record) -> the raw value, None when the payload does not have it.
-# A message-level source is read with the record None.
-Getter = Callable[[Message, Any], Any]
+# The records of a message: their places (for messages: see Access.location) and the records, in order.
+Records = tuple[Sequence[Any], list[Any]]
+# Reads one value: the raw value, None when the payload does not have it. A getter of a message-level source
+# (Access.message_level) takes the Message, any other the record: a record's getter can then be a C callable
+# (operator.itemgetter of a binary field, dict.get of a JSON key through operator.methodcaller).
+Getter = Callable[[Any], Any]
 
 
 class Access(Protocol):
@@ -53,14 +56,18 @@ class Access(Protocol):
         ...
 
     def getter(self, source: Source) -> Getter:
-        """How ``source`` is read."""
+        """How ``source`` is read: from the Message if it is message-level, else from the record."""
         ...
 
-    def records(self, message: Message) -> Iterator[tuple[Any, Any]]:
-        """Each record as (its place, the record); a record that cannot be walked into is a HubError instead.
+    def records(self, message: Message) -> Records:
+        """The records (a record that cannot be walked into is a HubError instead) and their places.
 
         Raises HubError(decode_error) for a payload whose records cannot be found at all.
         """
+        ...
+
+    def readable(self, records: list[Any]) -> bool:
+        """True when every record can be read as it is (none is a HubError, each passes check_record)."""
         ...
 
     def check_record(self) -> Callable[[Any], None] | None:

@@ -134,7 +134,7 @@ def build(ctx: Context, document: dict[str, Any], code: str, source_id: str | No
             probe, expected, unpack, epcs = shape
             if probe(payload) == expected:
                 values = dict(zip(epcs, unpack(payload, 12)))  # noqa: B905 - the shape gives as many as it names
-                return Decoded(source_id, found.function((values,), payload, limits.properties, limits))
+                return Decoded(source_id, found.function([values], payload, limits.properties, limits))
         types = found.types
         values = {}
         count = payload[11]
@@ -159,7 +159,7 @@ def build(ctx: Context, document: dict[str, Any], code: str, source_id: str | No
         if len(found.shapes) >= 64:
             found.shapes.clear()
         found.shapes[size] = _shape_of(payload, types)
-        return Decoded(source_id, found.function((values,), payload, limits.properties, limits))
+        return Decoded(source_id, found.function([values], payload, limits.properties, limits))
 
     return decode
 

@@ -8,12 +8,13 @@ import re
 import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from operator import itemgetter, methodcaller
 from typing import Any
 
 import orjson
 
 from hubd.decode.registry import Decoded, Decoder, Limits, load_json_object
-from hubd.decode.vendor.access import Getter, Message, Raw
+from hubd.decode.vendor.access import Getter, Message, Raw, Records
 from hubd.decode.vendor.language import (
     TYPES,
     Context,
@@ -81,10 +82,10 @@ class _Access:
     def getter(self, source: Source) -> Getter:
         if source.kind == "const":
             value = self.constant(source.ref)
-            return lambda message, record: value
+            return lambda message: value
         if source.kind == "property":
             name = source.ref
-            return lambda message, record: message.props.get(name)
+            return lambda message: message.props.get(name)
         return self.field_getter(source)
 
     def constant(self, value: Any) -> Any:
@@ -94,6 +95,10 @@ class _Access:
     def field_getter(self, source: Source) -> Getter:
         raise NotImplementedError
 
+    def readable(self, records: list[Any]) -> bool:
+        """Most kinds can read any record they loop over."""
+        return True
+
     def check_record(self) -> Callable[[Any], None] | None:
         """Most kinds can read any record they loop over: nothing to check."""
         return None
@@ -102,8 +107,8 @@ class _Access:
 class JsonAccess(_Access):
     """Records are found by walking ``records``; every ``[*]`` in it is a loop.
 
-    A record is its scope: the element of each ``[*]`` it is in, then the record itself, so that a path with
-    ``[*]`` (``$.devices[*].serial``) reads the element its record is in.
+    When a path has ``[*]`` (``$.devices[*].serial``: the element its record is in), a record is read as its
+    scope: the element of each ``[*]`` it is in, then the record itself; else as the record alone.
     """
 
     raw: Raw = "json"
@@ -119,6 +124,7 @@ class JsonAccess(_Access):
         self.segments = segments
         self.walks = [_walker(segment) for segment in segments]
         self.needs_object = False
+        self.scoped = False  # a path reads the element of a [*] that a record is in
         # The records path cut at each [*], for messages: "power.values[5]", "sites[0].points[3]".
         self.pieces = records.text.removeprefix("$").removeprefix(".").split("[*]")
 
@@ -126,6 +132,7 @@ class JsonAccess(_Access):
         path = parse_json_path(ctx, where, raw)
         eaches = sum(1 for kind, _ in path.steps if kind == "each")
         if eaches:
+            self.scoped = True
             prefix = self._prefix(path.steps, eaches)
             if eaches >= len(self.segments) or prefix != self._prefix(self.records_path.steps, eaches):
                 raise ctx.error(
@@ -156,49 +163,70 @@ class JsonAccess(_Access):
         if not path.absolute:  # from the record, an object by now (check_record)
             key: str = path.steps[0][1]
             rest = _walker(list(path.steps[1:]))
+            if self.scoped:
+                return lambda scope: rest(scope[-1].get(key))
             if len(path.steps) == 1:
-                return lambda message, scope: scope[-1].get(key)
-            return lambda message, scope: rest(scope[-1].get(key))
+                return methodcaller("get", key)
+            return lambda record: rest(record.get(key))
         eaches = [i for i, (kind, _) in enumerate(path.steps) if kind == "each"]
         walk = _walker(list(path.steps[eaches[-1] + 1 :] if eaches else path.steps))
         if not eaches:
-            return lambda message, scope: walk(message.src)
+            return lambda message: walk(message.src)
         element = len(eaches) - 1  # the element of the path's last [*]
-        return lambda message, scope: walk(scope[element])
+        return lambda scope: walk(scope[element])
 
-    def records(self, message: Message) -> Iterator[tuple[Any, Any]]:
+    def records(self, message: Message) -> Records:
         first = self.walks[0](message.src)
-        if len(self.walks) == 1:
-            yield (), (first,)
-            return
+        if len(self.walks) == 1:  # the payload is the one record
+            return [None], [(first,) if self.scoped else first]
         if first.__class__ is not list:
             raise HubError(DECODE, f"the payload has no list at {self._text(1)}")
-        yield from self._each(first, 1, (), ())
+        if len(self.walks) == 2 and not self.segments[1] and not self.scoped:
+            return range(len(first)), first  # the common case, $.values[*]: each element is a record
+        places: list[tuple[int, ...]] = []
+        records: list[Any] = []
+        self._each(first, 1, (), (), places, records)
+        return places, records
 
     def _each(
-        self, elements: list[Any], level: int, places: tuple[int, ...], scope: tuple[Any, ...]
-    ) -> Iterator[tuple[Any, Any]]:
-        """The records under the elements of the ``level``-th [*]."""
+        self,
+        elements: list[Any],
+        level: int,
+        places: tuple[int, ...],
+        scope: tuple[Any, ...],
+        found_places: list[tuple[int, ...]],
+        found: list[Any],
+    ) -> None:
+        """The records under the elements of the ``level``-th [*], appended to ``found`` (their places too)."""
         walk = self.walks[level]
         last = level == len(self.walks) - 1
         for index, element in enumerate(elements):
             place = (*places, index)
-            if last:
-                yield place, (*scope, element, walk(element))
-                continue
             inner = walk(element)
-            if inner.__class__ is not list:
-                yield place, HubError(BAD, f"{self._place(place)}: no list at {self._text(level + 1)}")
-                continue
-            yield from self._each(inner, level + 1, place, (*scope, element))
+            if last:
+                found_places.append(place)
+                found.append((*scope, element, inner) if self.scoped else inner)
+            elif inner.__class__ is not list:
+                found_places.append(place)
+                found.append(HubError(BAD, f"{self._place(place)}: no list at {self._text(level + 1)}"))
+            else:
+                self._each(inner, level + 1, place, (*scope, element), found_places, found)
+
+    def readable(self, records: list[Any]) -> bool:
+        if self.scoped:
+            records = [scope[-1] if scope.__class__ is tuple else scope for scope in records]
+        kinds = set(map(type, records))
+        return HubError not in kinds and (not self.needs_object or kinds <= {dict})
 
     def check_record(self) -> Callable[[Any], None] | None:
         if not self.needs_object:
             return None
 
+        if not self.scoped:
+            return _object
+
         def check(scope: tuple[Any, ...]) -> None:
-            if scope[-1].__class__ is not dict:
-                raise HubError(BAD, "the record is not a JSON object")
+            _object(scope[-1])
 
         return check
 
@@ -213,7 +241,14 @@ class JsonAccess(_Access):
         return named
 
     def location(self, message: Message, place: Any) -> str:
-        return self._place(place) if place else self.records_path.text
+        if place is None:
+            return self.records_path.text
+        return self._place(place if isinstance(place, tuple) else (place,))
+
+
+def _object(record: Any) -> None:
+    if record.__class__ is not dict:
+        raise HubError(BAD, "the record is not a JSON object")
 
 
 def _walker(steps: list[tuple[str, Any]]) -> Callable[[Any], Any]:
@@ -293,21 +328,30 @@ class CsvAccess(_Access):
         return value if isinstance(value, str) else repr(value)  # read like any other cell: as text
 
     def field_getter(self, source: Source) -> Getter:
-        slot: int = source.ref
+        column: int = source.ref
 
-        def cell(message: Message, row: list[str]) -> str | None:
-            column = message.aux[slot]
-            return (row[column].strip() or None) if column < len(row) else None
+        def cell(cells: tuple[str, ...]) -> str | None:
+            return cells[column].strip() or None
 
         return cell
 
-    def records(self, message: Message) -> Iterator[tuple[Any, Any]]:
-        for row in message.src:
+    def records(self, message: Message) -> Records:
+        """Each row as the cells the definition reads, in its order (a short row's missing cells empty), and
+        its line number."""
+        positions: tuple[int, ...] = message.aux
+        pick = itemgetter(*positions, 0)  # one more, so that one column gives a tuple too
+        width = max(positions, default=0) + 1
+        lines: list[int] = []
+        rows: list[tuple[str, ...]] = []
+        reader = message.src
+        for row in reader:
             if row and "".join(row).strip():  # else a blank line
-                yield None, row
+                lines.append(reader.line_num)
+                rows.append(pick(row if len(row) >= width else row + [""] * (width - len(row))))
+        return lines, rows
 
     def location(self, message: Message, place: Any) -> str:
-        return f"line {message.src.line_num}"
+        return f"line {place}"
 
 
 def build_csv(ctx: Context, document: dict[str, Any], code: str, source_id: str | None) -> Decoder:
@@ -449,12 +493,12 @@ class BinaryAccess(_Access):
     def field_getter(self, source: Source) -> Getter:
         if self.header is not None and source.ref in self.header.names:
             index = self.header.names[source.ref]
-            return lambda message, record: message.aux[index]
-        index = self.record.names[source.ref]
-        return lambda message, record: record[index]
+            return lambda message: message.aux[index]
+        return itemgetter(self.record.names[source.ref])
 
-    def records(self, message: Message) -> Iterator[tuple[Any, Any]]:
-        return enumerate(message.src)
+    def records(self, message: Message) -> Records:
+        records = list(message.src)
+        return range(len(records)), records
 
     def location(self, message: Message, place: Any) -> str:
         return f"records[{place}]"
@@ -567,16 +611,17 @@ class EpcAccess(_Access):
     raw: Raw = "number"
 
     def field_getter(self, source: Source) -> Getter:
-        epc: int = source.ref
-        return lambda message, record: record.get(epc)
+        return methodcaller("get", source.ref)
 
-    def records(self, message: Message) -> Iterator[tuple[Any, Any]]:
-        for record in message.src:
-            yield None, record
+    def records(self, message: Message) -> Records:
+        return _NO_PLACE, message.src  # one frame, one record: named by its SEOJ
 
     def location(self, message: Message, place: Any) -> str:
         frame: bytes = message.aux
         return f"SEOJ 0x{frame[4]:02X}{frame[5]:02X}{frame[6]:02X}"
+
+
+_NO_PLACE = (None,)
 
 
 def epc_reader(spec: ReadingSpec) -> RecordFunction:

@@ -11,6 +11,7 @@ import math
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from functools import cache
+from operator import add, itemgetter
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -246,6 +247,7 @@ class HourTable:
     ) -> None:
         cut, minute_at, second_at, width = layout
         self.cut = cut
+        self._hour, self._tail = itemgetter(slice(cut)), itemgetter(slice(cut, None))  # text[:cut], text[cut:]
         self.hours: dict[str, int | None] = {}
         self.tails = _tails(fmt, cut, minute_at, second_at, width)
         hours, tails, fallback = self.hours, self.tails, hourly(slow, fmt)
@@ -288,6 +290,14 @@ class HourTable:
         base = self.hours.get(text[: self.cut])
         ms = self.tails.get(text[self.cut :])
         return self.parse(text) if base is None or ms is None else base + ms
+
+    def many(self, texts: list[str]) -> list[int]:
+        """``self(text)`` for each text: the lookups a list at a time, and if any misses, text by text."""
+        bases = list(map(self.hours.get, map(self._hour, texts)))
+        ms = list(map(self.tails.get, map(self._tail, texts)))
+        if None in bases or None in ms:
+            return list(map(self, texts))
+        return list(map(add, bases, ms))
 
 
 # Each hour's start after midnight, and the day's last second: a day whose offset is the same at all of them
