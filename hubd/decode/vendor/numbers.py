@@ -16,6 +16,7 @@ import math
 import sys
 from collections.abc import Callable
 from contextlib import suppress
+from functools import partial
 from itertools import repeat
 from operator import mul, sub, truediv
 from typing import Any, NamedTuple
@@ -58,8 +59,9 @@ def _column(number: Number, name: str, access: Access, slots: dict[int, int], bo
         return [one(message, record, None) for record in records]
 
     stated = [slots.get(id(factor)) for factor in number.factors]
-    if number.valid is not None or None in stated:  # a valid range, or a factor read per record
+    if None in stated:  # a factor read per record
         return each
+    valid = number.valid
     get = access.getter(number.source)
     at_message = access.message_level(number.source)
     text, sentinels = access.raw == "text", number.sentinels
@@ -71,6 +73,8 @@ def _column(number: Number, name: str, access: Access, slots: dict[int, int], bo
         raws = [get(message)] * len(records) if at_message else list(map(get, records))
         numbers = _numbers(raws, text)
         if numbers is None or (sentinels and not (sentinels.isdisjoint(raws) and sentinels.isdisjoint(numbers))):
+            return each(message, records)
+        if valid is not None and numbers and not _within(numbers, valid):
             return each(message, records)
         values: list[Any] = _scaled(numbers, multiplier, divisor)
         for slot in stated:
@@ -122,6 +126,15 @@ def _numbers(raws: list[Any], text: bool) -> list[Any] | None:
 _NUMBER_TYPES = {int, float}
 
 
+def _within(numbers: list[Any], valid: tuple[float, float]) -> bool:
+    """Whether every number is within the valid range (false for NaN: its sum is not finite)."""
+    try:
+        finite = math.isfinite(sum(numbers))
+    except OverflowError:  # an integer too large for a float
+        return False
+    return finite and valid[0] <= min(numbers) and max(numbers) <= valid[1]
+
+
 def factors_of(number: Number) -> list[Factor]:
     """The factors the payload states for ``number``, with those of what it is minus."""
     found = list(number.factors)
@@ -157,7 +170,7 @@ def _value(number: Number, name: str, access: Access, slots: dict[int, int] | No
     convert = _RAW[access.raw](sentinels, name, number.source.label)
     valid = number.valid
     multiplier, divisor = _ratio(number.factor)  # 830 / 1000 is 0.83, 830 * 0.001 is 0.8300000000000001
-    scales = [_scale(factor, access, slots) for factor in number.factors]
+    scales = [_scale(factor, name, access, slots) for factor in number.factors]
     minus = _value(number.minus, name, access, slots, bounded=False) if number.minus is not None else None
     low, high = QUANTITIES[name] if bounded else (None, None)
     # One chained comparison, false outside the bounds and for NaN and ±inf (no bound: the largest finite float).
@@ -176,7 +189,7 @@ def _value(number: Number, name: str, access: Access, slots: dict[int, int] | No
         if valid is not None and not valid[0] <= found <= valid[1]:
             return None  # outside the valid range: not available
         result: float = found * multiplier / divisor
-        for slot, fetch, from_message, plain, low_raw, high_raw, known, factor, label in scales:
+        for slot, fetch, from_message, plain, low_raw, high_raw, known, slow in scales:
             if slot is not None:  # stated once for the message
                 times, by, refusal = message.factors[slot]
                 if refusal is not None:
@@ -185,11 +198,9 @@ def _value(number: Number, name: str, access: Access, slots: dict[int, int] | No
                 continue
             raw = fetch(message if from_message else record)
             if plain:  # a binary multiplier: an integer within its valid range as it stands
-                result *= (
-                    raw if raw.__class__ is int and low_raw <= raw <= high_raw else _factor(raw, factor, label, name)
-                )
+                result *= raw if raw.__class__ is int and low_raw <= raw <= high_raw else slow(raw)
             else:  # a unit code or a power of ten by one lookup, else the long way
-                times, by = (known and known.get(raw)) or _ratio(_factor(raw, factor, label, name))
+                times, by = (known and known.get(raw)) or _ratio(slow(raw))
                 result = result * times / by
         if minus is not None:
             other = minus(message, record, der_id)
@@ -261,11 +272,10 @@ class _Scale(NamedTuple):
     low: float  # plain: the valid range of an integer taken as it stands
     high: float
     known: dict[Any, tuple[float, float]]  # a binary unit code or power of ten: its (multiplier, divisor)
-    factor: Factor
-    label: str
+    slow: Callable[[Any], float]  # the factor from its raw value, the long way (_factor)
 
 
-def _scale(factor: Factor, access: Access, slots: dict[int, int] | None) -> _Scale:
+def _scale(factor: Factor, name: str, access: Access, slots: dict[int, int] | None) -> _Scale:
     slot = slots.get(id(factor)) if slots is not None else None
     plain = access.raw == "number" and factor.table is None and not factor.pow10
     low, high = factor.valid if factor.valid is not None else (-math.inf, math.inf)
@@ -275,7 +285,8 @@ def _scale(factor: Factor, access: Access, slots: dict[int, int] | None) -> _Sca
     elif access.raw == "number" and factor.pow10 and factor.valid is None:
         known = _POW10
     get = access.getter(factor.source)
-    return _Scale(slot, get, access.message_level(factor.source), plain, low, high, known, factor, factor.source.label)
+    slow = partial(_factor, factor=factor, label=factor.source.label, name=name)
+    return _Scale(slot, get, access.message_level(factor.source), plain, low, high, known, slow)
 
 
 def _factor(raw: Any, factor: Factor, label: str, name: str) -> float:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 from functools import partial
-from itertools import repeat
+from itertools import islice, repeat
 from operator import add, mul, setitem
 from typing import Any, NamedTuple
 
@@ -76,8 +76,8 @@ class _Reader:
                     self.factors.append(message_factor(factor, name, access))
         time, time_column = _time(spec.measured_at, access)
         parts: list[tuple[Judge, PartColumn]] = [
-            _by_record(_der_id(spec.der_id, access)),
-            _by_record(_password(spec.password, access)),
+            _der_id(spec.der_id, access),
+            _password(spec.password, access),
             (time, time_column),
         ]
         for (name, number), once in zip(quantities.items(), per_message[FIRST_QUANTITY:], strict=True):
@@ -100,7 +100,9 @@ class _Reader:
         self.derive = "power_kw" in names and "power_factor" in names
 
     def read(self, src: Any, aux: Any, props: dict[str, str], limits: Limits) -> list[Reading | HubError]:
-        horizon = min(limits.now_ms + limits.max_future_ms, MAX_TIME_MS - 1)
+        horizon = limits.now_ms + limits.max_future_ms
+        if horizon >= MAX_TIME_MS:
+            horizon = MAX_TIME_MS - 1
         message = Message(src, aux, props, limits, horizon)
         if self.factors:
             message.factors = [resolve(message) for resolve in self.factors]
@@ -160,7 +162,7 @@ class _Reader:
         steps = self.each if refusal is None else self.before_once
         check_record, location = self.check_record, self.access.location
         items: list[Reading | HubError] = []
-        for place, record in zip(places, records, strict=True):
+        for place, record in zip(places, records):  # noqa: B905 - as many places as records
             if record.__class__ is HubError:  # a record that could not be walked into
                 items.append(record)
                 continue
@@ -250,7 +252,7 @@ def _sources(number: Any) -> list[Source]:
 # -- the parts --------------------------------------------------------------------------------------------------------
 
 
-def _der_id(spec: IdSpec, access: Access) -> Judge:
+def _der_id(spec: IdSpec, access: Access) -> tuple[Judge, PartColumn]:
     """A DER id: a vendor id (a number, a binary text) as text, through the map if there is one, well-formed."""
     get = access.getter(spec.source)
     at_message = access.message_level(spec.source)
@@ -258,8 +260,7 @@ def _der_id(spec: IdSpec, access: Access) -> Judge:
     convert = spec.source.kind not in ("property", "const")  # a user property is text already
     table, where = spec.map, spec.map_name
 
-    def judge(message: Message, record: Any, der_id: str | None) -> str:
-        found = get(message if at_message else record)
+    def check(found: Any) -> str:
         if convert:
             if found.__class__ is int:
                 found = str(found)
@@ -274,15 +275,21 @@ def _der_id(spec: IdSpec, access: Access) -> Judge:
             raise HubError(BAD, f"der_id is missing or not a valid DER id ({label})")
         return found
 
-    return judge
+    def judge(message: Message, record: Any, der_id: str | None) -> str:
+        return check(get(message if at_message else record))
+
+    def column(message: Message, records: list[Any], der_ids: Iterable[str | None]) -> list[Any]:
+        return _by_value(check, list(map(get, records)))
+
+    return judge, column
 
 
-def _password(source: Source, access: Access) -> Judge:
+def _password(source: Source, access: Access) -> tuple[Judge, PartColumn]:
     """A password: from the payload, or from the user property named after the DER id (``password:{der_id}``)."""
     label = source.label
     binary = source.kind == "field"
 
-    def judged(found: Any) -> str:
+    def check(found: Any) -> str:
         if binary and found.__class__ is bytes:
             found = _ascii(found, "password", label)
         if found.__class__ is not str or not found:
@@ -293,9 +300,13 @@ def _password(source: Source, access: Access) -> Judge:
         prefix, suffix = source.template
 
         def named(message: Message, record: Any, der_id: str | None) -> str:
-            return judged(message.props.get(prefix + der_id + suffix) if der_id is not None else None)
+            return check(message.props.get(prefix + der_id + suffix) if der_id is not None else None)
 
-        return named
+        def by_der_id(message: Message, records: list[Any], der_ids: Iterable[str | None]) -> list[Any]:
+            ids = list(islice(der_ids, len(records)))
+            return _by_value(lambda der_id: named(message, None, der_id), ids)
+
+        return named, by_der_id
     get = access.getter(source)
     at_message = access.message_level(source)
 
@@ -303,9 +314,23 @@ def _password(source: Source, access: Access) -> Judge:
         found = get(message if at_message else record)
         if found.__class__ is str and found:  # the common case, with no call
             return found
-        return judged(found)
+        return check(found)
 
-    return judge
+    def column(message: Message, records: list[Any], der_ids: Iterable[str | None]) -> list[Any]:
+        return _by_value(check, list(map(get, records)))
+
+    return judge, column
+
+
+def _by_value(check: Callable[[Any], str], values: list[Any]) -> list[str]:
+    """``check`` of each value, once per distinct value (a message names a few DERs, many times). Values are
+    told apart by type too: 1, 1.0 and True are equal, but not the same DER id."""
+    try:
+        keys = list(zip(map(type, values), values, strict=True))
+        checked = {key: check(key[1]) for key in set(keys)}
+    except TypeError:  # an unhashable value: a JSON list or object
+        return list(map(check, values))
+    return list(map(checked.__getitem__, keys))
 
 
 def _time(spec: TimeSpec, access: Access) -> tuple[Judge, PartColumn]:

@@ -293,7 +293,11 @@ class HourTable:
 
     def many(self, texts: list[str]) -> list[int]:
         """``self(text)`` for each text: the lookups a list at a time, and if any misses, text by text."""
-        bases = list(map(self.hours.get, map(self._hour, texts)))
+        hours = list(map(self._hour, texts))
+        bases = list(map(self.hours.get, hours))
+        if None in bases:  # a day not seen lately: enter it through its first text, and look again
+            self(texts[bases.index(None)])
+            bases = list(map(self.hours.get, hours))
         ms = list(map(self.tails.get, map(self._tail, texts)))
         if None in bases or None in ms:
             return list(map(self, texts))
