@@ -4,7 +4,7 @@ A frame (ECHONET Lite specification, part II, chapter 3) is EHD1 0x10, EHD2 0x81
 DEOJ (3 bytes each: class group, class, instance), ESV, OPC, then OPC properties of EPC (1 byte), PDC (1 byte)
 and PDC bytes of EDT, big-endian. The hook walks the properties into ``{EPC: integer}``; which EPC gives
 which quantity, with its type, valid range, unit, scale and sign, is declared per SEOJ class in the
-definition (formats/echonet.lite.yaml) and compiled like any other format. One frame is one reading.
+definition (formats/echonet.lite.yaml) and read like any other format. One frame is one reading.
 """
 
 from __future__ import annotations

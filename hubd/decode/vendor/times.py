@@ -231,15 +231,15 @@ def _fixed_layout(fmt: str) -> tuple[int, int, int] | None:
 
 
 class HourTable:
-    """Wall-clock texts of one layout as two lookups the generated code adds, ``hours[text[:cut]]`` (the epoch
-    ms of the text's hour) plus ``tails[text[cut:]]`` (exactly what follows the hour, such as ``:15:00``).
+    """Wall-clock texts of one layout as two lookups added, ``hours[text[:cut]]`` (the epoch ms of the text's
+    hour) plus ``tails[text[cut:]]`` (exactly what follows the hour, such as ``:15:00``).
 
     A text that either lookup misses goes to ``parse``: when the text has the exact layout it enters the 24
     hours of its day at once if the zone's offset is the same at each hour's start and at the day's last second
     (the first message of a day costs one parse, not two per hour), else its own hour (computed by ``slow`` at
     :00:00 and :59:59, and only if the offset is the same at both, see ``_hour_of``); the rest, and hours with a
-    daylight-saving change, go to ``hourly`` and ``slow``, with the same result. ``table(text)`` is what the
-    generated code does, for tests.
+    daylight-saving change, go to ``hourly`` and ``slow``, with the same result. ``table(text)`` reads one
+    text, ``table.many(texts)`` a series.
     """
 
     def __init__(
