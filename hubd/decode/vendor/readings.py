@@ -1,10 +1,11 @@
-"""The reading interpreter: a checked reading spec built once into closures, then one plain loop per message.
+"""The reading interpreter: a checked reading spec built once into closures, then plain loops per message.
 
-Each part of a reading (der_id, password, measured_at, each quantity) is a closure made when the definition
-loads. A part whose sources are the same for the whole message (a user property, a constant, a unit stated
-once) is judged once per message; the rest per record. Parts are judged in the order and with the messages
-of ``hubd.decode.native.check_reading``, so a vendor reading is judged exactly as a native one (tests hold the
-two to the same results); a refusal of a part judged once is given where the first such part would be judged.
+No Python source is generated: each part of a reading (der_id, password, measured_at, each quantity) is a
+closure made when the definition loads, typed and checked like any other code. A part whose sources are the
+same for the whole message (a user property, a constant, a unit stated once) is judged once per message; the
+rest per record. Parts are judged in the order and with the messages of ``hubd.decode.native.check_reading``,
+so a vendor reading is judged exactly as a native one (tests hold the two to the same results); a refusal of a
+part judged once is given where the first such part would be judged.
 """
 
 from __future__ import annotations
@@ -74,11 +75,10 @@ class _Reader:
                 if access.message_level(factor.source):
                     slots[id(factor)] = len(self.factors)
                     self.factors.append(message_factor(factor, name, access))
-        time, time_column = _time(spec.measured_at, access)
         parts: list[tuple[Judge, PartColumn]] = [
             _der_id(spec.der_id, access),
             _password(spec.password, access),
-            (time, time_column),
+            _time(spec.measured_at, access),
         ]
         for (name, number), once in zip(quantities.items(), per_message[FIRST_QUANTITY:], strict=True):
             parts.append(_quantity(number, name, access, None if once else slots))
@@ -92,7 +92,6 @@ class _Reader:
         # The values in check_reading's order: the quantities, with interval_s after its energy.
         names = list(quantities)
         shown = [name for name in names if name != "interval_s"] + (["interval_s"] if "interval_s" in names else [])
-        self.names = tuple(shown)
         self.template: dict[str, Any] = dict.fromkeys(shown)  # the keys in order, for readings made a column at a time
         self.pick_indices = [FIRST_QUANTITY + names.index(name) for name in shown]
         self.named = list(zip(shown, self.pick_indices, strict=True))
