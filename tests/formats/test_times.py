@@ -111,7 +111,7 @@ def test_layouts_the_tables_do_not_take_go_the_long_way() -> None:
 
 @pytest.mark.parametrize("day", ["2026-03-29", "2026-10-25", "2026-11-27"])
 def test_a_json_series_in_local_time_decodes_to_the_times_parsed_one_by_one(tmp_path: Path, day: str) -> None:
-    """The generated decoder's two lookups, on a day with a daylight-saving change and one without."""
+    """The decoder's two lookups, on a day with a daylight-saving change and one without."""
     definition = tmp_path / "site.berlin.yaml"
     definition.write_text(
         yaml.safe_dump(

@@ -4,7 +4,7 @@ A frame (ECHONET Lite specification, part II, chapter 3) is EHD1 0x10, EHD2 0x81
 DEOJ (3 bytes each: class group, class, instance), ESV, OPC, then OPC properties of EPC (1 byte), PDC (1 byte)
 and PDC bytes of EDT, big-endian. The hook walks the properties into ``{EPC: integer}``; which EPC gives
 which quantity, with its type, valid range, unit, scale and sign, is declared per SEOJ class in the
-definition (formats/echonet.lite.yaml) and compiled like any other format. One frame is one reading.
+definition (formats/echonet.lite.yaml) and read like any other format. One frame is one reading.
 """
 
 from __future__ import annotations
@@ -16,8 +16,7 @@ from operator import itemgetter
 from typing import Any, NamedTuple
 
 from hubd.decode.registry import Decoded, Decoder, Limits
-from hubd.decode.vendor.codegen import RecordFunction
-from hubd.decode.vendor.kinds import compile_epc_reading
+from hubd.decode.vendor.kinds import epc_reader
 from hubd.decode.vendor.language import (
     TYPES,
     Context,
@@ -28,6 +27,7 @@ from hubd.decode.vendor.language import (
     parse_credentials,
     parse_quantities,
 )
+from hubd.decode.vendor.readings import RecordFunction
 from hubd.model import ErrorCode, HubError
 
 DECODE = ErrorCode.DECODE_ERROR
@@ -110,7 +110,7 @@ def build(ctx: Context, document: dict[str, Any], code: str, source_id: str | No
             if source.ref in types and types[source.ref][2] != source.type:
                 raise ctx.error(source.key, f"EPC 0x{source.ref:02X} is read as {types[source.ref][2]} elsewhere")
             types[source.ref] = (size, signed, source.type)
-        classes[class_code] = _Class(compile_epc_reading(spec, f"{code} class 0x{class_code:04X}"), types)
+        classes[class_code] = _Class(epc_reader(spec), types)
     if not classes:
         raise ctx.error("classes", "names no SEOJ class")
     known = ", ".join(f"0x{c:04X}" for c in classes)
@@ -134,7 +134,7 @@ def build(ctx: Context, document: dict[str, Any], code: str, source_id: str | No
             probe, expected, unpack, epcs = shape
             if probe(payload) == expected:
                 values = dict(zip(epcs, unpack(payload, 12)))  # noqa: B905 - the shape gives as many as it names
-                return Decoded(source_id, found.function((values,), payload, limits.properties, limits))
+                return Decoded(source_id, found.function([values], payload, limits.properties, limits))
         types = found.types
         values = {}
         count = payload[11]
@@ -159,7 +159,7 @@ def build(ctx: Context, document: dict[str, Any], code: str, source_id: str | No
         if len(found.shapes) >= 64:
             found.shapes.clear()
         found.shapes[size] = _shape_of(payload, types)
-        return Decoded(source_id, found.function((values,), payload, limits.properties, limits))
+        return Decoded(source_id, found.function([values], payload, limits.properties, limits))
 
     return decode
 

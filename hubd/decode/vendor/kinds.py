@@ -6,16 +6,15 @@ import csv
 import io
 import re
 import struct
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from operator import itemgetter
+from operator import itemgetter, methodcaller
 from typing import Any
 
 import orjson
 
 from hubd.decode.registry import Decoded, Decoder, Limits, load_json_object
-from hubd.decode.vendor.codegen import Gen, RecordFunction, compile_reading
+from hubd.decode.vendor.access import Getter, Message, Raw, Records
 from hubd.decode.vendor.language import (
     TYPES,
     Context,
@@ -27,8 +26,10 @@ from hubd.decode.vendor.language import (
     parse_reading,
     text,
 )
+from hubd.decode.vendor.readings import RecordFunction, reader
 from hubd.model import ErrorCode, HubError
 
+BAD = ErrorCode.BAD_REQUEST
 DECODE = ErrorCode.DECODE_ERROR
 
 # -- JSON -----------------------------------------------------------------------------------------------------------
@@ -72,60 +73,73 @@ def parse_json_path(ctx: Context, where: str, raw: Any) -> JsonPath:
 class _Access:
     """What every kind reads alike: constants and MQTT v5 user properties (both the same for a whole message).
 
-    A kind says how it reads its own fields (``fetch_field``) and, where it must, overrides the rest.
+    A kind says how it reads its own fields (``field_getter``) and, where it must, overrides the rest.
     """
 
     def message_level(self, source: Source) -> bool:
         return source.kind in ("property", "const")
 
-    def fetch(self, gen: Gen, source: Source, var: str) -> None:
+    def getter(self, source: Source) -> Getter:
         if source.kind == "const":
-            gen.line(f"{var} = {gen.const(self.constant(source.ref), 'const')}")
-        elif source.kind == "property":
-            gen.line(f"{var} = props.get({source.ref!r})")
-        else:
-            self.fetch_field(gen, source, var)
+            value = self.constant(source.ref)
+            return lambda message: value
+        if source.kind == "property":
+            name = source.ref
+            return lambda message: message.props.get(name)
+        return self.field_getter(source)
 
     def constant(self, value: Any) -> Any:
         """A constant as this kind's fetched values look (as they stand, unless a kind says otherwise)."""
         return value
 
-    def fetch_field(self, gen: Gen, source: Source, var: str) -> None:
+    def field_getter(self, source: Source) -> Getter:
         raise NotImplementedError
 
-    def check_record(self, gen: Gen) -> None:
+    def readable(self, records: list[Any]) -> bool:
+        """Most kinds can read any record they loop over."""
+        return True
+
+    def check_record(self) -> Callable[[Any], None] | None:
         """Most kinds can read any record they loop over: nothing to check."""
+        return None
 
 
 class JsonAccess(_Access):
-    """Records are found by walking ``records``; every ``[*]`` in it is a loop."""
+    """Records are found by walking ``records``; every ``[*]`` in it is a loop.
 
-    raw = "json"
+    When a path has ``[*]`` (``$.devices[*].serial``: the element its record is in), a record is read as its
+    scope: the element of each ``[*]`` it is in, then the record itself; else as the record alone.
+    """
+
+    raw: Raw = "json"
 
     def __init__(self, ctx: Context, records: JsonPath) -> None:
-        self.records = records
-        self.segments: list[list[tuple[str, Any]]] = [[]]
+        self.records_path = records
+        segments: list[list[tuple[str, Any]]] = [[]]
         for step in records.steps:
             if step[0] == "each":
-                self.segments.append([])
+                segments.append([])
             else:
-                self.segments[-1].append(step)
+                segments[-1].append(step)
+        self.segments = segments
+        self.walks = [_walker(segment) for segment in segments]
         self.needs_object = False
-        self.record_keys: list[str] = []  # the keys a record's values are read from (their paths' first steps)
+        self.scoped = False  # a path reads the element of a [*] that a record is in
+        # The records path cut at each [*], for messages: "power.values[5]", "sites[0].points[3]".
+        self.pieces = records.text.removeprefix("$").removeprefix(".").split("[*]")
 
     def parse_path(self, ctx: Context, where: str, raw: Any) -> tuple[JsonPath, str]:
         path = parse_json_path(ctx, where, raw)
         eaches = sum(1 for kind, _ in path.steps if kind == "each")
         if eaches:
+            self.scoped = True
             prefix = self._prefix(path.steps, eaches)
-            if eaches >= len(self.segments) or prefix != self._prefix(self.records.steps, eaches):
+            if eaches >= len(self.segments) or prefix != self._prefix(self.records_path.steps, eaches):
                 raise ctx.error(
-                    where, f"{path.text!r}: its [*] must follow records ({self.records.text}) from the root"
+                    where, f"{path.text!r}: its [*] must follow records ({self.records_path.text}) from the root"
                 )
         if not path.absolute:
             self.needs_object = True
-            if path.steps and path.steps[0][0] == "key" and path.steps[0][1] not in self.record_keys:
-                self.record_keys.append(path.steps[0][1])
         return path, path.text
 
     @staticmethod
@@ -144,94 +158,120 @@ class JsonAccess(_Access):
             return path.absolute and not any(kind == "each" for kind, _ in path.steps)
         return super().message_level(source)
 
-    def fetch_field(self, gen: Gen, source: Source, var: str) -> None:
+    def field_getter(self, source: Source) -> Getter:
         path: JsonPath = source.ref
-        if not path.absolute:
-            if len(self.record_keys) > 1 and path.steps and path.steps[0][0] == "key":  # read by check_record
-                gen.line(f"{var} = p{self.record_keys.index(path.steps[0][1])}")
-                if len(path.steps) > 1:
-                    self._walk(gen, var, list(path.steps[1:]), var)
-            else:
-                self._walk(gen, "rec", list(path.steps), var, known_dict=True)
-            return
+        if not path.absolute:  # from the record, an object by now (check_record)
+            key: str = path.steps[0][1]
+            rest = _walker(list(path.steps[1:]))
+            if self.scoped:
+                return lambda scope: rest(scope[-1].get(key))
+            if len(path.steps) == 1:
+                return methodcaller("get", key)
+            return lambda record: rest(record.get(key))
         eaches = [i for i, (kind, _) in enumerate(path.steps) if kind == "each"]
+        walk = _walker(list(path.steps[eaches[-1] + 1 :] if eaches else path.steps))
         if not eaches:
-            self._walk(gen, "src", list(path.steps), var)
-        else:
-            self._walk(gen, f"e{len(eaches) - 1}", list(path.steps[eaches[-1] + 1 :]), var)
+            return lambda message: walk(message.src)
+        element = len(eaches) - 1  # the element of the path's last [*]
+        return lambda scope: walk(scope[element])
 
-    @staticmethod
-    def _walk(gen: Gen, base: str, steps: list[tuple[str, Any]], var: str, known_dict: bool = False) -> None:
-        if not steps:
-            gen.line(f"{var} = {base}")
-            return
-        current = base
-        for position, (kind, ref) in enumerate(steps):
-            if kind == "key":
-                if position == 0 and known_dict:
-                    gen.line(f"{var} = {current}.get({ref!r})")
-                else:
-                    gen.line(f"{var} = {current}.get({ref!r}) if {current}.__class__ is dict else None")
+    def records(self, message: Message) -> Records:
+        first = self.walks[0](message.src)
+        if len(self.walks) == 1:  # the payload is the one record
+            return [None], [(first,) if self.scoped else first]
+        if first.__class__ is not list:
+            raise HubError(DECODE, f"the payload has no list at {self._text(1)}")
+        if len(self.walks) == 2 and not self.segments[1] and not self.scoped:
+            return range(len(first)), first  # the common case, $.values[*]: each element is a record
+        places: list[tuple[int, ...]] = []
+        records: list[Any] = []
+        self._each(first, 1, (), (), places, records)
+        return places, records
+
+    def _each(
+        self,
+        elements: list[Any],
+        level: int,
+        places: tuple[int, ...],
+        scope: tuple[Any, ...],
+        found_places: list[tuple[int, ...]],
+        found: list[Any],
+    ) -> None:
+        """The records under the elements of the ``level``-th [*], appended to ``found`` (their places too)."""
+        walk = self.walks[level]
+        last = level == len(self.walks) - 1
+        for index, element in enumerate(elements):
+            place = (*places, index)
+            inner = walk(element)
+            if last:
+                found_places.append(place)
+                found.append((*scope, element, inner) if self.scoped else inner)
+            elif inner.__class__ is not list:
+                found_places.append(place)
+                found.append(HubError(BAD, f"{self._place(place)}: no list at {self._text(level + 1)}"))
             else:
-                fits = f"{current}.__class__ is list and len({current}) > {ref}"
-                gen.line(f"{var} = {current}[{ref}] if {fits} else None")
-            current = var
+                self._each(inner, level + 1, place, (*scope, element), found_places, found)
 
-    @contextmanager
-    def loop(self, gen: Gen) -> Iterator[None]:
-        segments = self.segments
-        with ExitStack() as stack:
-            if len(segments) == 1:
-                self._walk(gen, "src", segments[0], "rec")
-                stack.enter_context(gen.block("for rec in (rec,):"))
-            else:
-                self._walk(gen, "src", segments[0], "x0")
-                with gen.block("if x0.__class__ is not list:"):
-                    where = self._text(1)
-                    gen.line(f"raise HubError(DECODE, {f'the payload has no list at {where}'!r})")
-                stack.enter_context(gen.block("for i0, e0 in enumerate(x0):"))
-                for level in range(1, len(segments) - 1):
-                    self._walk(gen, f"e{level - 1}", segments[level], f"x{level}")
-                    with gen.block(f"if x{level}.__class__ is not list:"):
-                        where = self._text(level + 1)
-                        gen.line(f"append(HubError(BAD, {self._location(level)} + {f': no list at {where}'!r}))")
-                        gen.line("continue")
-                    stack.enter_context(gen.block(f"for i{level}, e{level} in enumerate(x{level}):"))
-                self._walk(gen, f"e{len(segments) - 2}", segments[-1], "rec")
-            yield
+    def readable(self, records: list[Any]) -> bool:
+        if self.scoped:
+            records = [scope[-1] if scope.__class__ is tuple else scope for scope in records]
+        kinds = set(map(type, records))
+        return HubError not in kinds and (not self.needs_object or kinds <= {dict})
 
-    def check_record(self, gen: Gen) -> None:
-        if self.needs_object:
-            with gen.block("if rec.__class__ is not dict:"):
-                gen.line("raise HubError(BAD, 'the record is not a JSON object')")
-        keys = self.record_keys
-        if len(keys) > 1:  # one call reads them all; a record without one of them, one lookup each
-            names = ", ".join(f"p{index}" for index in range(len(keys)))
-            with gen.block("try:"):
-                gen.line(f"{names} = {gen.const(itemgetter(*keys), 'keys')}(rec)")
-            with gen.block("except KeyError:"):
-                for index, key in enumerate(keys):
-                    gen.line(f"p{index} = rec.get({key!r})")
+    def check_record(self) -> Callable[[Any], None] | None:
+        if not self.needs_object:
+            return None
+
+        if not self.scoped:
+            return _object
+
+        def check(scope: tuple[Any, ...]) -> None:
+            _object(scope[-1])
+
+        return check
 
     def _text(self, eaches: int) -> str:
         """The records path up to its ``eaches``-th [*] (without it)."""
-        pieces = self.records.text.split("[*]")
-        return "[*]".join(pieces[:eaches])
+        return "[*]".join(self.records_path.text.split("[*]")[:eaches])
 
-    def _location(self, levels: int) -> str:
-        pieces = self.records.text.removeprefix("$").removeprefix(".").split("[*]")
-        parts = [repr(pieces[0])]
-        for level in range(levels):
-            parts.append(f"'[' + str(i{level}) + ']'")
-            if level + 1 < levels:
-                parts.append(repr(pieces[level + 1]))
-        return " + ".join(parts)
+    def _place(self, indices: tuple[int, ...]) -> str:
+        named = self.pieces[0]
+        for level, index in enumerate(indices):
+            named += f"[{index}]" + (self.pieces[level + 1] if level + 1 < len(indices) else "")
+        return named
 
-    def location(self) -> str:
-        levels = len(self.segments) - 1
-        if levels == 0:
-            return repr(self.records.text)
-        return self._location(levels)
+    def location(self, message: Message, place: Any) -> str:
+        if place is None:
+            return self.records_path.text
+        return self._place(place if isinstance(place, tuple) else (place,))
+
+
+def _object(record: Any) -> None:
+    if record.__class__ is not dict:
+        raise HubError(BAD, "the record is not a JSON object")
+
+
+def _walker(steps: list[tuple[str, Any]]) -> Callable[[Any], Any]:
+    """Follows ``steps`` (keys and indices) from a JSON value; None where the value has no such member."""
+    if not steps:
+        return _itself
+    if len(steps) == 1 and steps[0][0] == "key":
+        key = steps[0][1]
+        return lambda value: value.get(key) if value.__class__ is dict else None
+
+    def walk(value: Any) -> Any:
+        for kind, ref in steps:
+            if kind == "key":
+                value = value.get(ref) if value.__class__ is dict else None
+            else:
+                value = value[ref] if value.__class__ is list and len(value) > ref else None
+        return value
+
+    return walk
+
+
+def _itself(value: Any) -> Any:
+    return value
 
 
 def load_json(payload: bytes) -> Any:
@@ -249,12 +289,11 @@ def build_json(ctx: Context, document: dict[str, Any], code: str, source_id: str
         raise ctx.error("records", f"{records.text!r}: records is a path from the root, starting with $")
     access = JsonAccess(ctx, records)
     spec = parse_reading(ctx, "reading", document["reading"], access.parse_path)
-    function = compile_reading(spec, access, code)
+    function = reader(spec, access)
 
     def decode(payload: bytes, limits: Limits) -> Decoded:
         return Decoded(source_id, function(load_json(payload), None, limits.properties, limits))
 
-    decode.records = function  # type: ignore[attr-defined]
     return decode
 
 
@@ -262,9 +301,10 @@ def build_json(ctx: Context, document: dict[str, Any], code: str, source_id: str
 
 
 class CsvAccess(_Access):
-    """A record is a row; a column is named by the header or counted from 1."""
+    """A record is a row; a column is named by the header or counted from 1. ``aux`` holds each column's
+    position in the rows of this message (its header may order them differently from the last one)."""
 
-    raw = "text"
+    raw: Raw = "text"
 
     def __init__(self, header: bool) -> None:
         self.header = header
@@ -287,21 +327,31 @@ class CsvAccess(_Access):
     def constant(self, value: Any) -> Any:
         return value if isinstance(value, str) else repr(value)  # read like any other cell: as text
 
-    def fetch_field(self, gen: Gen, source: Source, var: str) -> None:
-        c = f"c{source.ref}"
-        gen.line(f"{var} = (r[{c}].strip() or None) if {c} < len(r) else None")
+    def field_getter(self, source: Source) -> Getter:
+        column: int = source.ref
 
-    @contextmanager
-    def loop(self, gen: Gen) -> Iterator[None]:
-        for index in range(len(self.columns)):
-            gen.line(f"c{index} = aux[{index}]")
-        with gen.block("for r in src:"):
-            with gen.block("if not r or not ''.join(r).strip():"):
-                gen.line("continue  # a blank line")
-            yield
+        def cell(cells: tuple[str, ...]) -> str | None:
+            return cells[column].strip() or None
 
-    def location(self) -> str:
-        return "'line ' + str(src.line_num)"
+        return cell
+
+    def records(self, message: Message) -> Records:
+        """Each row as the cells the definition reads, in its order (a short row's missing cells empty), and
+        its line number."""
+        positions: tuple[int, ...] = message.aux
+        pick = itemgetter(*positions, 0)  # one more, so that one column gives a tuple too
+        width = max(positions, default=0) + 1
+        lines: list[int] = []
+        rows: list[tuple[str, ...]] = []
+        reader = message.src
+        for row in reader:
+            if row and "".join(row).strip():  # else a blank line
+                lines.append(reader.line_num)
+                rows.append(pick(row if len(row) >= width else row + [""] * (width - len(row))))
+        return lines, rows
+
+    def location(self, message: Message, place: Any) -> str:
+        return f"line {place}"
 
 
 def build_csv(ctx: Context, document: dict[str, Any], code: str, source_id: str | None) -> Decoder:
@@ -326,7 +376,7 @@ def build_csv(ctx: Context, document: dict[str, Any], code: str, source_id: str 
         raise ctx.error("csv.encoding", f"{encoding!r} is not a text encoding Python knows") from None
     access = CsvAccess(header)
     spec = parse_reading(ctx, "reading", document["reading"], access.parse_path)
-    function = compile_reading(spec, access, code)
+    function = reader(spec, access)
     columns = list(access.columns)
 
     def decode(payload: bytes, limits: Limits) -> Decoded:
@@ -350,7 +400,6 @@ def build_csv(ctx: Context, document: dict[str, Any], code: str, source_id: str 
             raise HubError(DECODE, f"line {reader.line_num}: not CSV as the definition says ({exc})") from None
         return Decoded(source_id, items)
 
-    decode.records = function  # type: ignore[attr-defined]
     return decode
 
 
@@ -428,9 +477,9 @@ def _layout(ctx: Context, where: str, raw: Any, order: str, size: int | None = N
 
 
 class BinaryAccess(_Access):
-    """Header fields are per message (``aux``), record fields per record (``r``)."""
+    """Header fields are per message (``aux``, the unpacked header), record fields per record (a tuple)."""
 
-    raw = "number"
+    raw: Raw = "number"
 
     def __init__(self, header: Layout | None, record: Layout) -> None:
         self.header = header
@@ -441,19 +490,18 @@ class BinaryAccess(_Access):
             return self.header is not None and source.ref in self.header.names
         return super().message_level(source)
 
-    def fetch_field(self, gen: Gen, source: Source, var: str) -> None:
+    def field_getter(self, source: Source) -> Getter:
         if self.header is not None and source.ref in self.header.names:
-            gen.line(f"{var} = aux[{self.header.names[source.ref]}]")
-        else:
-            gen.line(f"{var} = r[{self.record.names[source.ref]}]")
+            index = self.header.names[source.ref]
+            return lambda message: message.aux[index]
+        return itemgetter(self.record.names[source.ref])
 
-    @contextmanager
-    def loop(self, gen: Gen) -> Iterator[None]:
-        with gen.block("for i0, r in enumerate(src):"):
-            yield
+    def records(self, message: Message) -> Records:
+        records = list(message.src)
+        return range(len(records)), records
 
-    def location(self) -> str:
-        return "'records[' + str(i0) + ']'"
+    def location(self, message: Message, place: Any) -> str:
+        return f"records[{place}]"
 
 
 def build_binary(ctx: Context, document: dict[str, Any], code: str, source_id: str | None) -> Decoder:
@@ -492,7 +540,7 @@ def build_binary(ctx: Context, document: dict[str, Any], code: str, source_id: s
     access = BinaryAccess(header, record)
     spec = parse_reading(ctx, "reading", document["reading"], lambda c, w, r: (r, str(r)))
     _no_text_numbers(ctx, spec, header, record)
-    function = compile_reading(spec, access, code)
+    function = reader(spec, access)
     record_struct = record.struct
 
     def decode(payload: bytes, limits: Limits) -> Decoded:
@@ -523,7 +571,6 @@ def build_binary(ctx: Context, document: dict[str, Any], code: str, source_id: s
             records = _expecting(records, index, expected, record)
         return Decoded(source_id, function(records, aux, limits.properties, limits))
 
-    decode.records = function  # type: ignore[attr-defined]
     return decode
 
 
@@ -559,21 +606,24 @@ def _no_text_numbers(ctx: Context, spec: ReadingSpec, header: Layout | None, rec
 
 
 class EpcAccess(_Access):
-    """A record is ``{EPC: value}`` from one frame; ``aux`` names the frame for messages."""
+    """A record is ``{EPC: value}`` from one frame; ``aux`` is the frame, named in messages by its SEOJ."""
 
-    raw = "number"
+    raw: Raw = "number"
 
-    def fetch_field(self, gen: Gen, source: Source, var: str) -> None:
-        gen.line(f"{var} = r.get({source.ref})")
+    def field_getter(self, source: Source) -> Getter:
+        return methodcaller("get", source.ref)
 
-    @contextmanager
-    def loop(self, gen: Gen) -> Iterator[None]:
-        with gen.block("for r in src:"):
-            yield
+    def records(self, message: Message) -> Records:
+        return _NO_PLACE, message.src  # one frame, one record: named by its SEOJ
 
-    def location(self) -> str:
-        return "_seoj(aux)"
+    def location(self, message: Message, place: Any) -> str:
+        frame: bytes = message.aux
+        return f"SEOJ 0x{frame[4]:02X}{frame[5]:02X}{frame[6]:02X}"
 
 
-def compile_epc_reading(spec: ReadingSpec, code: str) -> RecordFunction:
-    return compile_reading(spec, EpcAccess(), code)
+_NO_PLACE = (None,)
+
+
+def epc_reader(spec: ReadingSpec) -> RecordFunction:
+    """The record loop of one ECHONET Lite class: its records are the property values of one frame."""
+    return reader(spec, EpcAccess())

@@ -1,4 +1,4 @@
-"""The format language: a YAML definition read, checked and turned into value specs for the code generator.
+"""The format language: a YAML definition read, checked and turned into value specs for the reading interpreter.
 
 Every problem is a DefinitionError naming the file, the key (``reading.power_kw.unit``) and what is wrong,
 so an operator can fix a definition without reading Python. Checking does no I/O beyond the definition file
@@ -142,7 +142,7 @@ class ReadingSpec:
 
 @dataclass
 class FormatDefinition:
-    """A loaded definition: its code, what it decodes and the decoder compiled from it."""
+    """A loaded definition: its code, what it decodes and the decoder built from it."""
 
     code: str
     kind: str

@@ -1,4 +1,4 @@
-"""Load one definition file: read, check, compile. The file name is the format code."""
+"""Load one definition file: read, check, build its decoder. The file name is the format code."""
 
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ def code_of(path: Path) -> str:
 
 
 def load_definition(path: Path) -> FormatDefinition:
-    """Read, check and compile ``path``; raise DefinitionError naming the file, the key and the problem."""
+    """Read, check and build ``path``; raise DefinitionError naming the file, the key and the problem."""
     document, source_text = read_document(path)
     file = str(path)
     code = code_of(path)

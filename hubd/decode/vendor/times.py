@@ -11,6 +11,7 @@ import math
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from functools import cache
+from operator import add, itemgetter
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -230,15 +231,15 @@ def _fixed_layout(fmt: str) -> tuple[int, int, int] | None:
 
 
 class HourTable:
-    """Wall-clock texts of one layout as two lookups the generated code adds, ``hours[text[:cut]]`` (the epoch
-    ms of the text's hour) plus ``tails[text[cut:]]`` (exactly what follows the hour, such as ``:15:00``).
+    """Wall-clock texts of one layout as two lookups added, ``hours[text[:cut]]`` (the epoch ms of the text's
+    hour) plus ``tails[text[cut:]]`` (exactly what follows the hour, such as ``:15:00``).
 
     A text that either lookup misses goes to ``parse``: when the text has the exact layout it enters the 24
     hours of its day at once if the zone's offset is the same at each hour's start and at the day's last second
     (the first message of a day costs one parse, not two per hour), else its own hour (computed by ``slow`` at
     :00:00 and :59:59, and only if the offset is the same at both, see ``_hour_of``); the rest, and hours with a
-    daylight-saving change, go to ``hourly`` and ``slow``, with the same result. ``table(text)`` is what the
-    generated code does, for tests.
+    daylight-saving change, go to ``hourly`` and ``slow``, with the same result. ``table(text)`` reads one
+    text, ``table.many(texts)`` a series.
     """
 
     def __init__(
@@ -246,6 +247,7 @@ class HourTable:
     ) -> None:
         cut, minute_at, second_at, width = layout
         self.cut = cut
+        self._hour, self._tail = itemgetter(slice(cut)), itemgetter(slice(cut, None))  # text[:cut], text[cut:]
         self.hours: dict[str, int | None] = {}
         self.tails = _tails(fmt, cut, minute_at, second_at, width)
         hours, tails, fallback = self.hours, self.tails, hourly(slow, fmt)
@@ -288,6 +290,18 @@ class HourTable:
         base = self.hours.get(text[: self.cut])
         ms = self.tails.get(text[self.cut :])
         return self.parse(text) if base is None or ms is None else base + ms
+
+    def many(self, texts: list[str]) -> list[int]:
+        """``self(text)`` for each text: the lookups a list at a time, and if any misses, text by text."""
+        hours = list(map(self._hour, texts))
+        bases = list(map(self.hours.get, hours))
+        if None in bases:  # a day not seen lately: enter it through its first text, and look again
+            self(texts[bases.index(None)])
+            bases = list(map(self.hours.get, hours))
+        ms = list(map(self.tails.get, map(self._tail, texts)))
+        if None in bases or None in ms:
+            return list(map(self, texts))
+        return list(map(add, bases, ms))
 
 
 # Each hour's start after midnight, and the day's last second: a day whose offset is the same at all of them
