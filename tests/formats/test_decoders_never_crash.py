@@ -118,3 +118,49 @@ def test_decoder_yields_valid_readings_or_a_refusal(code: str) -> None:
 def test_samples_exist_for_every_code() -> None:
     assert all(_samples(code) for code in CODES)
     assert Path(__file__).parent.joinpath("cases").is_dir()
+
+
+def _outcome(decode: Any, payload: bytes, limits: Limits) -> Any:
+    """What a decoder made of a payload, comparable: each reading whole, each refusal's code, message and DER."""
+    try:
+        items = decode(payload, limits).items
+    except HubError as exc:
+        return ("refused whole", exc.code, exc.message)
+    return [
+        (i.code, i.message, i.der_id)
+        if isinstance(item := i, HubError)
+        else (item.der_id, item.measured_at, item.values, item.password)
+        for i in items
+    ]
+
+
+def _both_ways(decode: Any, payload: bytes, limits: Limits, monkeypatch: pytest.MonkeyPatch) -> tuple[Any, Any]:
+    """The outcome read a column at a time wherever nothing is refused, and read record by record always."""
+    from hubd.decode.vendor import readings
+
+    monkeypatch.setattr(readings, "_FEW", 0)
+    by_columns = _outcome(decode, payload, limits)
+    monkeypatch.setattr(readings, "_FEW", 10**9)
+    return by_columns, _outcome(decode, payload, limits)
+
+
+@pytest.mark.parametrize("case", case_dirs(), ids=lambda case: f"{case.parent.name}/{case.name}")
+def test_reading_by_columns_and_by_records_agree_on_the_samples(case: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A message without refusals is read a column at a time, any other record by record: forced each way, each
+    sample decodes to the same readings and refusals."""
+    by_columns, by_records = _both_ways(decoder(case.parent.name), payload_of(case), limits_of(case), monkeypatch)
+    assert by_columns == by_records
+
+
+@pytest.mark.parametrize("code", CODES)
+def test_reading_by_columns_and_by_records_agree_on_mutations(code: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    decode = decoder(code)
+
+    @SETTINGS
+    @given(payloads(code))
+    def check(case: tuple[bytes, dict[str, str]]) -> None:
+        payload, props = case
+        by_columns, by_records = _both_ways(decode, payload, Limits(NOW, 300_000, 10_000, props), monkeypatch)
+        assert by_columns == by_records
+
+    check()
