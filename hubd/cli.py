@@ -54,7 +54,7 @@ class Context:
             try:
                 self._config = load_config(self.config_path)
             except ConfigError as exc:
-                raise click.ClickException(str(exc)) from None
+                raise ConfigProblem(str(exc)) from None
         return self._config
 
     @contextmanager
@@ -71,17 +71,34 @@ class Context:
 pass_context = click.make_pass_decorator(Context)
 
 
+#: The exit status of a mistake in the configuration or in the host's setup (EX_CONFIG of sysexits.h): a
+#: command failing for an ordinary reason exits with 1 and a usage error with 2 (click's); docs/operations.md.
+EXIT_CONFIG = 78
+
+
+class ConfigProblem(click.ClickException):
+    """hubd.yaml or the host must change before hubd can run (a bad key, Mosquitto missing, its port taken).
+
+    Its own exit status lets the systemd unit tell it from a failure worth retrying (RestartPreventExitStatus=),
+    instead of restarting into the same error every few seconds.
+    """
+
+    exit_code = EXIT_CONFIG
+
+
 class _Group(click.Group):
     """Turns the errors an operator can act on into one clear line instead of a traceback."""
 
     def invoke(self, ctx: click.Context) -> Any:
-        from hubd.broker import BrokerNotInstalled, BrokerUnreachable
+        from hubd.broker import BrokerNotInstalled, BrokerNotStarted, BrokerUnreachable, PortInUse
 
         try:
             return super().invoke(ctx)
         except AuditError as exc:
             raise click.ClickException(f"audit trail: {exc}") from None
-        except (BrokerNotInstalled, BrokerUnreachable) as exc:
+        except (BrokerNotInstalled, PortInUse) as exc:
+            raise ConfigProblem(str(exc)) from None
+        except (BrokerNotStarted, BrokerUnreachable) as exc:
             raise click.ClickException(str(exc)) from None
 
 
