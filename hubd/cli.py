@@ -96,7 +96,7 @@ class _Group(click.Group):
             return super().invoke(ctx)
         except AuditError as exc:
             raise click.ClickException(f"audit trail: {exc}") from None
-        except (BrokerNotInstalled, PortInUse) as exc:
+        except (ConfigError, BrokerNotInstalled, PortInUse) as exc:
             raise ConfigProblem(str(exc)) from None
         except (BrokerNotStarted, BrokerUnreachable) as exc:
             raise click.ClickException(str(exc)) from None
@@ -135,7 +135,9 @@ def run(ctx: Context) -> None:
     type=click.IntRange(min=1),
     help="minutes of readings the edge terminal sends",
 )
-@click.option("--port", default=0, help="port for the embedded broker (default: a free one)")
+@click.option(
+    "--port", default=0, type=click.IntRange(0, 65535), help="port for the embedded broker (default: a free one)"
+)
 def demo(minutes: int, port: int) -> None:
     """Run the hub on the embedded default with a simulated edge terminal and market system."""
     from hubd.demo import run_demo
