@@ -6,6 +6,7 @@ import asyncio
 import csv
 import getpass
 import re
+import sqlite3
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -100,6 +101,25 @@ class _Group(click.Group):
             raise ConfigProblem(str(exc)) from None
         except (BrokerNotStarted, BrokerUnreachable) as exc:
             raise click.ClickException(str(exc)) from None
+        except (
+            FileExistsError,
+            FileNotFoundError,
+            NotADirectoryError,
+            PermissionError,
+            sqlite3.OperationalError,
+        ) as exc:
+            # hubd's files unusable: another user's (an operator command run without `sudo -u hubd`), or in the way
+            raise click.ClickException(_unusable(ctx.obj, exc)) from None
+
+
+def _unusable(context: object, exc: Exception) -> str:
+    """One line for files this user cannot use, naming the data directory where the config is known."""
+    what = f"{exc.filename}: {exc.strerror}" if isinstance(exc, OSError) and exc.filename else str(exc)
+    config = getattr(context, "_config", None)
+    if config is None:
+        return f"cannot use hubd's files: {what}"
+    owner = ": is hubd run as its owner?" if isinstance(exc, PermissionError) or "readonly" in str(exc) else ""
+    return f"cannot use hubd's files: {what} (data_dir {config.data_path}{owner})"
 
 
 @click.group(cls=_Group)

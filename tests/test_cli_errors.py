@@ -47,6 +47,7 @@ def folder(tmp_path: Path) -> Path:
     (tmp_path / "a-list.yaml").write_text("- data_dir\n", encoding="utf-8")
     (tmp_path / "bad-int.yaml").write_text("store:\n  batch_max_readings: many\n", encoding="utf-8")
     (tmp_path / "bad-port.yaml").write_text("broker:\n  embedded_port: 70000\n", encoding="utf-8")
+    (tmp_path / "file-as-data-dir.yaml").write_text("data_dir: sample.json\n", encoding="utf-8")
     (tmp_path / "binary.csv").write_bytes(b"\xff\xfe\x00d\x00e\x00r\x00")
     (tmp_path / "no-der-id.csv").write_text("name,type\nroof,pv\n", encoding="utf-8")
     (tmp_path / "bad-lat.csv").write_text("der_id,lat\nPV-0009,north\n", encoding="utf-8")
@@ -92,6 +93,8 @@ WALK: list[tuple[tuple[str, ...], int, str]] = [
     (("--config", "{d}/bad-int.yaml", "quarantine", "list"), CONFIG, "store.batch_max_readings: expected int"),
     (("--config", "{d}/bad-port.yaml", "run"), CONFIG, "broker.embedded_port: must be 1 … 65535, got 70000"),
     (("--config", "{d}", "der", "list"), USAGE, "is a directory"),
+    (("--config", "{d}/file-as-data-dir.yaml", "der", "list"), FAILED, "cannot use hubd's files: "),
+    (("--config", "{d}/file-as-data-dir.yaml", "run"), FAILED, "cannot use hubd's files: "),
     # commands and options that do not exist
     (("no-such-command",), USAGE, "No such command"),
     (("der", "list", "--no-such-option"), USAGE, "No such option"),
