@@ -23,10 +23,14 @@ from pathlib import Path
 from types import TracebackType
 from typing import NoReturn
 
+from hubd.port_holder import describe_holder
+
 __all__ = [
     "TEMPLATE_PATH",
     "BrokerNotInstalled",
+    "BrokerNotStarted",
     "EmbeddedBroker",
+    "PortInUse",
     "find_mosquitto",
     "free_port",
     "load_template",
@@ -45,6 +49,7 @@ START_TIMEOUT = 10.0
 STOP_TIMEOUT = 5.0
 _POLL_INTERVAL = 0.02
 _LOG_TAIL_LINES = 15
+_FAILED_TAIL_LINES = 3  # enough for Mosquitto's reason, short enough for one line
 
 _PLACEHOLDER = re.compile(r"\{[a-z_]+\}")
 
@@ -52,6 +57,30 @@ _PLACEHOLDER = re.compile(r"\{[a-z_]+\}")
 class BrokerUnreachable(Exception):
     """The hub could not connect to its broker at start (not listening, refused, or its TLS certificate not
     trusted): said in one line, and the daemon exits (systemd's Restart= tries again)."""
+
+
+class BrokerNotStarted(RuntimeError):
+    """The embedded Mosquitto exited during start-up or did not listen in time; the message is one line that
+    ends with what its log said last."""
+
+
+class PortInUse(BrokerNotStarted):
+    """Something else listens on the embedded broker's port: most often the system's own Mosquitto, which
+    Debian's ``mosquitto`` package enables on 127.0.0.1:1883. Retrying cannot help, so the message names the
+    holder and the ways out, and the CLI exits with the configuration-error status."""
+
+    def __init__(self, port: int, bind: str, holder: str) -> None:
+        self.port = port
+        self.bind = bind
+        self.holder = holder
+        host = _connect_host(bind)
+        url = f"mqtt://[{host}]:{port}" if ":" in host else f"mqtt://{host}:{port}"
+        super().__init__(
+            f"cannot start the embedded broker: port {port} on {bind} is already in use by {holder}; "
+            f"to use that broker, set broker.url: {url}; to free the port, stop it "
+            "(the system's Mosquitto: sudo systemctl disable --now mosquitto); "
+            "or set broker.embedded_port to a free port"
+        )
 
 
 class BrokerNotInstalled(Exception):
@@ -210,11 +239,7 @@ class EmbeddedBroker:
         # Without this check, our readiness probe would happily connect to whatever
         # already listens there while our Mosquitto is still failing to bind.
         if _accepts(self.host, self.port):
-            raise RuntimeError(
-                f"cannot start the embedded broker: port {self.port} on {self.bind} is already in use "
-                "(another broker, perhaps one left over from an earlier hubd run?); "
-                "choose another port or set broker.url to use that broker"
-            )
+            raise PortInUse(self.port, self.bind, describe_holder(self.port, self.host))
         self.broker_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.config_path.write_text(config, encoding="utf-8")
         with self.log_path.open("ab") as log:
@@ -231,7 +256,7 @@ class EmbeddedBroker:
             )
 
     def _check_ready(self) -> bool:
-        """True once Mosquitto listens; raise RuntimeError if it has exited."""
+        """True once Mosquitto listens; raise BrokerNotStarted if it has exited."""
         process = self._process
         assert process is not None
         if process.poll() is not None:
@@ -243,9 +268,12 @@ class EmbeddedBroker:
         return True
 
     def _failed(self, reason: str) -> NoReturn:
-        """Kill what is left of the process and raise with the log's tail."""
+        """Kill what is left of the process and raise in one line, with the log's tail."""
         self._kill_now()
-        raise RuntimeError(f"{reason}; last lines of {self.log_path}:\n{self.log_tail()}")
+        tail = self.log_tail(_FAILED_TAIL_LINES)
+        if "Address already in use" in tail:  # bound by something that does not listen, so _launch missed it
+            raise PortInUse(self.port, self.bind, describe_holder(self.port, self.host))
+        raise BrokerNotStarted(f"{reason}; {self.log_path} says: {' | '.join(tail.splitlines())}")
 
     def log_tail(self, lines: int = _LOG_TAIL_LINES) -> str:
         """The last lines the broker logged in this run (for error messages)."""
@@ -274,8 +302,8 @@ class EmbeddedBroker:
     async def start(self, timeout: float = START_TIMEOUT) -> None:
         """Start the broker and wait until it accepts connections.
 
-        Raises RuntimeError with the last lines of the broker log if Mosquitto exits
-        during start-up (e.g. port in use, unreadable data dir) or does not listen in time.
+        Raises PortInUse if something else holds the port, else BrokerNotStarted with the last lines of the
+        broker log if Mosquitto exits during start-up (e.g. an unreadable data dir) or does not listen in time.
         """
         self._launch()
         deadline = time.monotonic() + timeout

@@ -6,6 +6,7 @@ import asyncio
 import csv
 import getpass
 import re
+import sqlite3
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -54,7 +55,7 @@ class Context:
             try:
                 self._config = load_config(self.config_path)
             except ConfigError as exc:
-                raise click.ClickException(str(exc)) from None
+                raise ConfigProblem(str(exc)) from None
         return self._config
 
     @contextmanager
@@ -71,18 +72,54 @@ class Context:
 pass_context = click.make_pass_decorator(Context)
 
 
+#: The exit status of a mistake in the configuration or in the host's setup (EX_CONFIG of sysexits.h): a
+#: command failing for an ordinary reason exits with 1 and a usage error with 2 (click's); docs/operations.md.
+EXIT_CONFIG = 78
+
+
+class ConfigProblem(click.ClickException):
+    """hubd.yaml or the host must change before hubd can run (a bad key, Mosquitto missing, its port taken).
+
+    Its own exit status lets the systemd unit tell it from a failure worth retrying (RestartPreventExitStatus=),
+    instead of restarting into the same error every few seconds.
+    """
+
+    exit_code = EXIT_CONFIG
+
+
 class _Group(click.Group):
     """Turns the errors an operator can act on into one clear line instead of a traceback."""
 
     def invoke(self, ctx: click.Context) -> Any:
-        from hubd.broker import BrokerNotInstalled, BrokerUnreachable
+        from hubd.broker import BrokerNotInstalled, BrokerNotStarted, BrokerUnreachable, PortInUse
 
         try:
             return super().invoke(ctx)
         except AuditError as exc:
             raise click.ClickException(f"audit trail: {exc}") from None
-        except (BrokerNotInstalled, BrokerUnreachable) as exc:
+        except (ConfigError, BrokerNotInstalled, PortInUse) as exc:
+            raise ConfigProblem(str(exc)) from None
+        except (BrokerNotStarted, BrokerUnreachable) as exc:
             raise click.ClickException(str(exc)) from None
+        except (
+            FileExistsError,
+            FileNotFoundError,
+            NotADirectoryError,
+            PermissionError,
+            sqlite3.OperationalError,
+        ) as exc:
+            # hubd's files unusable: another user's (an operator command run without `sudo -u hubd`), or in the way
+            raise click.ClickException(_unusable(ctx.obj, exc)) from None
+
+
+def _unusable(context: object, exc: Exception) -> str:
+    """One line for files this user cannot use, naming the data directory where the config is known."""
+    what = f"{exc.filename}: {exc.strerror}" if isinstance(exc, OSError) and exc.filename else str(exc)
+    config = getattr(context, "_config", None)
+    if config is None:
+        return f"cannot use hubd's files: {what}"
+    owner = ": is hubd run as its owner?" if isinstance(exc, PermissionError) or "readonly" in str(exc) else ""
+    return f"cannot use hubd's files: {what} (data_dir {config.data_path}{owner})"
 
 
 @click.group(cls=_Group)
@@ -118,7 +155,9 @@ def run(ctx: Context) -> None:
     type=click.IntRange(min=1),
     help="minutes of readings the edge terminal sends",
 )
-@click.option("--port", default=0, help="port for the embedded broker (default: a free one)")
+@click.option(
+    "--port", default=0, type=click.IntRange(0, 65535), help="port for the embedded broker (default: a free one)"
+)
 def demo(minutes: int, port: int) -> None:
     """Run the hub on the embedded default with a simulated edge terminal and market system."""
     from hubd.demo import run_demo

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import subprocess
 from pathlib import Path
@@ -12,11 +13,14 @@ import pytest
 from hubd import broker as broker_module
 from hubd.broker import (
     BrokerNotInstalled,
+    BrokerNotStarted,
     EmbeddedBroker,
+    PortInUse,
     free_port,
     load_template,
     render_config,
 )
+from hubd.port_holder import Holder, find_holder
 
 
 def _accepts(port: int) -> bool:
@@ -155,24 +159,72 @@ def test_finds_mosquitto_outside_path(monkeypatch: pytest.MonkeyPatch, tmp_path:
         EmbeddedBroker(tmp_path)
 
 
-def test_port_in_use_by_a_listener(tmp_path: Path) -> None:
+def test_port_in_use_by_a_listener_names_it_and_the_ways_out(tmp_path: Path) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
         embedded = EmbeddedBroker(tmp_path, port=port)
-        with pytest.raises(RuntimeError, match=f"port {port} on 127.0.0.1 is already in use"):
+        with pytest.raises(PortInUse) as info:
             asyncio.run(embedded.start())
         assert not embedded.running
+    message = str(info.value)
+    assert "\n" not in message
+    assert f"port {port} on 127.0.0.1 is already in use by " in message
+    assert f"pid {os.getpid()}" in message
+    assert f"broker.url: mqtt://127.0.0.1:{port}" in message
+    assert "sudo systemctl disable --now mosquitto" in message
+    assert "broker.embedded_port" in message
+
+
+def test_port_in_use_on_ipv6_loopback(tmp_path: Path) -> None:
+    with socket.socket(socket.AF_INET6) as taken:
+        taken.bind(("::1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(PortInUse) as info:
+            EmbeddedBroker(tmp_path, port=port, bind="::1").start_sync()
+    assert f"pid {os.getpid()}" in str(info.value)
+    assert f"broker.url: mqtt://[::1]:{port}" in str(info.value)
 
 
 def test_port_bound_but_not_listening(tmp_path: Path) -> None:
-    """Mosquitto itself fails to bind: the error carries the tail of its log."""
+    """Mosquitto itself fails to bind: still the port-in-use error, though nothing can name the socket's owner
+    (a socket that does not listen is in no table of /proc/net)."""
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         port = taken.getsockname()[1]
         embedded = EmbeddedBroker(tmp_path, port=port)
-        with pytest.raises(RuntimeError, match="exited with status") as info:
+        with pytest.raises(PortInUse, match=f"port {port} on 127.0.0.1 is already in use by ") as info:
             asyncio.run(embedded.start())
-        assert "Address already in use" in str(info.value)
+        assert "\n" not in str(info.value)
         assert not embedded.running
+
+
+def test_a_broker_that_fails_to_start_says_why_in_one_line(tmp_path: Path) -> None:
+    """Any other start-up failure: one line that ends with what Mosquitto logged last."""
+    template = tmp_path / "broken.conf.in"
+    template.write_text("listener {port} {bind}\nno_such_option 1\n", encoding="utf-8")
+    embedded = EmbeddedBroker(tmp_path, port=free_port(), template=template)
+    with pytest.raises(BrokerNotStarted, match="exited with status") as info:
+        embedded.start_sync()
+    assert "\n" not in str(info.value)
+    assert "no_such_option" in str(info.value)
+    assert not embedded.running
+
+
+@pytest.mark.parametrize(
+    ("holder", "said"),
+    [
+        (Holder("mosquitto", 812, "mosquitto"), "mosquitto (pid 812, user mosquitto)"),
+        (Holder(user="mosquitto"), "a process (user mosquitto)"),
+        (Holder(), "an unknown process"),
+    ],
+)
+def test_a_holder_is_named_as_far_as_it_is_known(holder: Holder, said: str) -> None:
+    """Another user's process (the system's Mosquitto, to a non-root hubd) shows its user but not its pid."""
+    assert str(holder) == said
+
+
+def test_nothing_listening_is_an_unknown_holder() -> None:
+    assert find_holder(free_port()) == Holder()

@@ -268,6 +268,13 @@ class Registry:
 
 def read_der_csv(path: Path) -> list[dict[str, Any]]:
     """Read an allowlist CSV with a header naming ``der_id`` and any of the DER attributes."""
+    try:
+        return _read_der_csv(path)
+    except (UnicodeDecodeError, csv.Error) as exc:  # a spreadsheet's binary file given by mistake, say
+        raise HubError(ErrorCode.BAD_REQUEST, f"{path}: not a CSV file of UTF-8 text ({exc})") from None
+
+
+def _read_der_csv(path: Path) -> list[dict[str, Any]]:
     with path.open(newline="", encoding="utf-8") as handle:
         reader = csv.DictReader(handle)
         if reader.fieldnames is None or "der_id" not in reader.fieldnames:
