@@ -20,7 +20,7 @@ from hubd.app import Hub
 from hubd.audit import AuditLog
 from hubd.auth.credentials import hash_password, issue_password
 from hubd.auth.registry import Registry
-from hubd.broker import free_port
+from hubd.broker import PortInUse, free_port
 from hubd.client import HubClient
 from hubd.config import parse_config
 from hubd.model import now_ms
@@ -95,7 +95,11 @@ async def _demo(minutes: int, port: int, data_dir: Path) -> int:
             await hub_task
             print("hubd demo: the hub was not ready within 20 s", file=sys.stderr, flush=True)
         else:
-            print(f"hubd demo: the hub did not start: {hub_task.exception()}", file=sys.stderr, flush=True)
+            failure = hub_task.exception()
+            said = str(failure)
+            if isinstance(failure, PortInUse):  # the demo's way out is its own option, not the config's
+                said = f"port {failure.port} is already in use by {failure.holder}: leave out --port for a free one"
+            print(f"hubd demo: the hub did not start: {said}", file=sys.stderr, flush=True)
         return 1
     url = f"mqtt://127.0.0.1:{config.broker.embedded_port}"
     prefix = config.topic_prefix
