@@ -382,7 +382,6 @@ _OPTION_NAMES = Names(
         "interval": "--interval",
         "agg": "--agg",
         "tz": "--tz",
-        "limit": "--limit",
     }
 )
 
