@@ -29,7 +29,8 @@ from hubd.decode.vendor.commands import format_group
 from hubd.model import DER_TYPES, FIELDS, HubError, format_time, now_ms
 from hubd.quarantine import Quarantine, masked
 from hubd.query.buckets import INTERVALS_MS
-from hubd.query.conditions import Query, decode_cursor, parse_query
+from hubd.query.conditions import Names, Query, decode_cursor, parse_query
+from hubd.query.execute import columns as query_columns
 from hubd.query.execute import run as run_query
 from hubd.store import ReadingQuery
 from hubd.store.factory import open_query
@@ -404,6 +405,24 @@ def quarantine_show(ctx: Context, entry_id: int, raw: bool) -> None:
 
 _WHERE = re.compile(r"^\s*(\w+)\s*(>=|<=|!=|==|=|>|<)\s*(\S+)\s*$")
 _WHERE_OPS = {">": "gt", ">=": "gte", "<": "lt", "<=": "lte", "=": "eq", "==": "eq", "!=": "ne"}
+# The options as the user types them, so an error names ``--start``, not the JSON condition ``start``.
+_OPTION_NAMES = Names(
+    {
+        "start": "--start",
+        "end": "--end",
+        "at": "--at",
+        "at_tolerance_s": "--tolerance",
+        "der_ids": "--der",
+        "types": "--type",
+        "areas": "--area",
+        "bbox": "--bbox",
+        "fields": "--field",
+        "where": "--where",
+        "interval": "--interval",
+        "agg": "--agg",
+        "tz": "--tz",
+    }
+)
 
 
 def _query_request(options: dict[str, Any]) -> dict[str, Any]:
@@ -421,7 +440,9 @@ def _query_request(options: dict[str, Any]) -> dict[str, Any]:
         try:
             request["bbox"] = [float(v) for v in options["bbox"].split(",")]
         except ValueError:
-            raise click.BadParameter("use min_lon,min_lat,max_lon,max_lat", param_hint="--bbox") from None
+            request["bbox"] = []
+        if len(request["bbox"]) != 4:
+            raise click.BadParameter("use min_lon,min_lat,max_lon,max_lat", param_hint="--bbox")
     where: dict[str, dict[str, float]] = {}
     for text in options["where"]:
         match = _WHERE.match(text)
@@ -433,14 +454,14 @@ def _query_request(options: dict[str, Any]) -> dict[str, Any]:
             raise click.BadParameter(f"{text!r}: {match[3]!r} is not a number", param_hint="--where") from None
     if where:
         request["where"] = where
-    agg = {}
+    agg: dict[str, list[str]] = {}
     for text in options["agg"]:
         field, _, how = text.partition("=")
         if not how:
             raise click.BadParameter(f"{text!r}: use FIELD=AGGREGATION, e.g. energy_kwh=delta", param_hint="--agg")
-        agg[field] = how
-    if agg:
-        request["agg"] = agg
+        agg.setdefault(field, []).append(how)
+    if agg:  # one aggregation of a field as a plain string, the shape most requests on the wire have
+        request["agg"] = {field: hows[0] if len(set(hows)) == 1 else hows for field, hows in agg.items()}
     return request
 
 
@@ -456,14 +477,24 @@ def _query_request(options: dict[str, Any]) -> dict[str, Any]:
 @click.option("--field", "fields", multiple=True, type=click.Choice(FIELDS), help="a field (repeatable)")
 @click.option("--where", multiple=True, help="a value condition such as 'power_kw>=1' (repeatable, AND)")
 @click.option("--interval", type=click.Choice(list(INTERVALS_MS)), help="bucket the readings")
-@click.option("--agg", multiple=True, help="FIELD=mean|min|max|sum|first|last|count|delta (repeatable)")
+@click.option(
+    "--agg",
+    multiple=True,
+    help="FIELD=mean|min|max|sum|first|last|count|delta (repeatable; a field aggregated several ways gets a "
+    "column FIELD_AGGREGATION for each)",
+)
 @click.option("--tz", help="IANA zone for bucket alignment and slots (default UTC)")
-@click.option("--limit", default=0, help="stop after this many rows (default: all)")
+@click.option("--limit", default=0, type=click.IntRange(min=0), help="stop after this many rows (default: all)")
 @click.option("--format", "fmt", type=click.Choice(["json", "csv"]), default="json", show_default=True)
-@click.option("--table", is_flag=True, help="with --interval: a DER × bucket table of the first aggregated field")
+@click.option("--table", is_flag=True, help="with --interval: a DER × bucket table of the first aggregated column")
 @pass_context
 def query(ctx: Context, /, **options: Any) -> None:
-    """Extract readings from the store with the conditions of the market system's queries."""
+    """Extract readings from the store with the conditions of the market system's queries.
+
+    A --der the registry does not know is named on stderr and left out; when no --der is known, the
+    command fails. Exit status: 0 when the query ran (even with no rows), 1 when it was refused, 2 for
+    options it could not read.
+    """
     request = _query_request(options)
     if options["table"] and not request.get("interval"):
         raise click.UsageError("--table needs --interval")
@@ -471,16 +502,18 @@ def query(ctx: Context, /, **options: Any) -> None:
     store = open_query(ctx.config)
     try:
         with _errors():
-            parsed = parse_query({**request, "limit": ctx.config.query.max_limit}, ctx.config.query, registry.ders())
+            limit = ctx.config.query.max_limit
+            parsed = parse_query({**request, "limit": limit}, ctx.config.query, registry.ders(), _OPTION_NAMES)
             rows = _all_pages(parsed, store, options["limit"])
     finally:
         store.close()
         registry.close()
+    if parsed.unknown_der_ids:
+        click.echo(f"unknown DER, left out: {', '.join(parsed.unknown_der_ids)}", err=True)
     if options["table"]:
-        _print_table(rows, parsed.agg[0][0], parsed.tz)
+        _print_table(rows, parsed.columns[0][2], parsed.tz)
     elif options["fmt"] == "csv":
-        columns = list(dict.fromkeys(key for row in rows for key in row))
-        writer = csv.DictWriter(sys.stdout, columns)
+        writer = csv.DictWriter(sys.stdout, query_columns(parsed))
         writer.writeheader()
         writer.writerows(rows)
     else:

@@ -93,6 +93,27 @@ def test_settlement_slots_through_mosquitto_rr(hub: RunningHub) -> None:
     assert lines[1].split() == ["DER", "1", "2", "3", "4", "5", "6"]
     assert lines[2].split() == ["PV-A", *["1.000"] * 6] and lines[3].split() == ["PV-B", *["1.500"] * 6]
 
+    # Several aggregations of one field, and a DER the hub does not know: named beside the rows, not dropped quietly.
+    spread = hub.rr(
+        "hub/v1/query",
+        {
+            "client_id": "market-1",
+            "password": market,
+            "start": "2026-11-27T00:00:00+09:00",
+            "end": "2026-11-27T01:00:00+09:00",
+            "interval": "1h",
+            "der_ids": ["PV-A", "NOPE-1"],
+            "agg": {"power_kw": ["min", "max"], "energy_kwh": "delta"},
+        },
+    )
+    assert spread["unknown_der_ids"] == ["NOPE-1"], spread
+    (hourly,) = spread["rows"]
+    assert hourly["power_kw_min"] == hourly["power_kw_max"] == 2.0 and math.isclose(hourly["energy_kwh"], 2.0)
+    nothing_known = hub.rr(
+        "hub/v1/query", {"client_id": "market-1", "password": market, "start": 0, "end": 1, "der_ids": ["NOPE-1"]}
+    )
+    assert nothing_known["error"]["code"] == "unknown_der" and "NOPE-1" in nothing_known["error"]["message"]
+
     instant = hub.rr(
         "hub/v1/query",
         {

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from hubd.auth.registry import Registry
 from hubd.config import QueryConfig
 from hubd.model import HubError
 from hubd.query.conditions import decode_cursor, parse_query
@@ -60,8 +61,12 @@ def test_paging_loses_and_repeats_nothing_while_data_arrives(store: SqliteStore)
     assert ("D", "1970-01-01T00:09:00.000Z") in seen
 
 
-def test_filters_by_der_and_field(store: SqliteStore) -> None:
-    rows = run(parse_query(request(der_ids=["C"], fields=["power_kw"]), CONFIG, {}), store)["rows"]
+def test_filters_by_der_and_field(store: SqliteStore, tmp_path: Path) -> None:
+    registry = Registry(tmp_path / "hub.sqlite3")
+    for der_id in ("A", "B", "C"):
+        registry.add_der(der_id, 0, {"type": "pv"})
+    rows = run(parse_query(request(der_ids=["C"], fields=["power_kw"]), CONFIG, registry.ders()), store)["rows"]
+    registry.close()
     assert {r["der_id"] for r in rows} == {"C"}
     assert all(set(r) == {"der_id", "measured_at", "power_kw"} for r in rows)
 

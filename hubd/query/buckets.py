@@ -26,13 +26,14 @@ class Bucket:
     hi: int
 
 
-def zone(name: object) -> ZoneInfo:
+def zone(name: object, what: str = "tz") -> ZoneInfo:
+    """The zone called ``name``; ``what`` is how the asker spells the condition (``tz``, ``--tz``)."""
     if not isinstance(name, str) or not name:
-        raise HubError(ErrorCode.BAD_REQUEST, "tz must be an IANA time zone name such as Asia/Tokyo")
+        raise HubError(ErrorCode.BAD_REQUEST, f"{what} must be an IANA time zone name such as Asia/Tokyo")
     try:
         return ZoneInfo(name)
     except (ZoneInfoNotFoundError, ValueError):
-        raise HubError(ErrorCode.BAD_REQUEST, f"unknown time zone {name!r}") from None
+        raise HubError(ErrorCode.BAD_REQUEST, f"{what}: unknown time zone {name!r}") from None
 
 
 def _midnight(day: date, tz: ZoneInfo) -> int:

@@ -28,12 +28,25 @@ _TESTS: dict[str, Callable[[float, float], bool]] = {
 
 
 def run(query: Query, store: ReadingQuery) -> dict[str, Any]:
-    """One page of the answer: ``{"ok": true, "rows": [...], "count": n, "next_cursor": ...}``."""
+    """One page of the answer: ``{"ok": true, "rows": [...], "count": n, "next_cursor": ...}``, and
+    ``"unknown_der_ids"`` when ``der_ids`` named DERs the registry does not know (on every page)."""
     if query.mode == "raw":
-        return _raw(query, store)
-    if query.mode == "at":
-        return _at(query, store)
-    return _buckets(query, store)
+        answer = _raw(query, store)
+    elif query.mode == "at":
+        answer = _at(query, store)
+    else:
+        answer = _buckets(query, store)
+    if query.unknown_der_ids:
+        answer["unknown_der_ids"] = list(query.unknown_der_ids)
+    return answer
+
+
+def columns(query: Query) -> list[str]:
+    """Every key a row of this query may have, in order: a table's header even when no row comes back."""
+    if query.mode != "buckets":
+        return ["der_id", "measured_at", *query.fields]
+    slot = ["slot"] if query.interval == "30m" else []
+    return ["der_id", "bucket_start", *slot, *(name for _, _, name in query.columns), "n"]
 
 
 def _page(rows: list[dict[str, Any]], keys: list[tuple[Any, ...]], limit: int) -> dict[str, Any]:
@@ -132,9 +145,9 @@ def _store_specs(agg: tuple[tuple[str, str], ...]) -> tuple[tuple[str, str], ...
 def _energy(
     query: Query, store: ReadingQuery, der_id: str, laid: list[Bucket], stats: dict[int, dict[str, Any]]
 ) -> dict[int, dict[str, float]]:
+    """Energies per bucket index, keyed like the store's stats: ``delta:energy_kwh``, ``sum:energy_interval_kwh``."""
     out: dict[int, dict[str, float]] = {}
-    hows = dict(query.agg)
-    if hows.get("energy_kwh") == "delta":
+    if ("energy_kwh", "delta") in query.agg:
         present = sorted(i for i, s in stats.items() if s["span:energy_kwh"][2])
         before = store.nearest(der_id, "energy_kwh", query.start, before=True)
         after = store.nearest(der_id, "energy_kwh", query.end, before=False)
@@ -161,12 +174,12 @@ def _energy(
                 low, high = s["min:energy_kwh"], s["max:energy_kwh"]
                 spans.append(energy.RegisterSpan(index, first_at, low, last_at, high, high - low))
         for index, value in energy.deltas(laid, spans, before, after).items():
-            out.setdefault(index, {})["energy_kwh"] = value
-    if hows.get("energy_interval_kwh") == "sum":
+            out.setdefault(index, {})["delta:energy_kwh"] = value
+    if ("energy_interval_kwh", "sum") in query.agg:
         longest = 86_400_000  # an interval reading up to a day after the range may still reach into it
         rows = store.series(der_id, query.start, query.end + longest, ("energy_interval_kwh", "interval_s"))
         for index, value in energy.split_intervals(laid, [(t, e, s) for t, e, s in rows]).items():
-            out.setdefault(index, {})["energy_interval_kwh"] = value
+            out.setdefault(index, {})["sum:energy_interval_kwh"] = value
     return out
 
 
@@ -176,14 +189,15 @@ def _bucket_row(
     row: dict[str, Any] = {"der_id": der_id, "bucket_start": label}
     if query.interval == "30m":
         row["slot"] = bucket.slot
-    for field, how in query.agg:
-        if field in energies:
-            value: Any = energies[field]
+    for field, how, name in query.columns:
+        key = f"{how}:{field}"
+        if key in energies:
+            value: Any = energies[key]
         elif how in ("first", "last"):
-            value = (stats.get(f"{how}:{field}") or (None, None))[1]
+            value = (stats.get(key) or (None, None))[1]
         else:
-            value = stats.get(f"{how}:{field}")
+            value = stats.get(key)
         if value is not None:
-            row[field] = value
+            row[name] = value
     row["n"] = stats["n"]
     return row

@@ -64,7 +64,12 @@ class QueryService:
             return refusal(exc)
         assert isinstance(answer, dict)
         rows = answer["rows"]
+        warned = {"unknown_der_ids": answer["unknown_der_ids"]} if "unknown_der_ids" in answer else {}
         audit.append(
-            "query.extracted", client_id=client, rows=answer["count"], der_count=len({r["der_id"] for r in rows})
+            "query.extracted",
+            client_id=client,
+            rows=answer["count"],
+            der_count=len({r["der_id"] for r in rows}),
+            **warned,
         )
         return answer
