@@ -137,10 +137,10 @@ WALK: list[tuple[tuple[str, ...], int, str]] = [
     # query
     (("query", "--start", "yesterday", "--end", "today"), ANY, "RFC 3339"),
     (("query", "--start", "2026-01-01T00:00:00", "--end", "2026-01-02T00:00:00Z"), ANY, "no UTC offset"),
-    (("query", "--start", "2026-01-02T00:00:00Z", "--end", "2026-01-01T00:00:00Z"), ANY, "end must be after start"),
+    (("query", "--start", "2026-01-02T00:00:00Z", "--end", "2026-01-01T00:00:00Z"), ANY, "--end must be after --start"),
     (("query", "--at", "noon"), ANY, "RFC 3339"),
     (("query", "--at", "2026-01-01T00:00:00Z", "--tolerance", "soon"), ANY, "--tolerance"),
-    (("query", "--at", "2026-01-01T00:00:00Z", "--tolerance", "-1"), ANY, "at_tolerance_s"),
+    (("query", "--at", "2026-01-01T00:00:00Z", "--tolerance", "-1"), ANY, "--tolerance must be 0"),
     (("query", "--type", "windmill"), ANY, "--type"),
     (("query", "--field", "colour"), ANY, "--field"),
     (("query", "--interval", "7m"), ANY, "--interval"),
