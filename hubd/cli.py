@@ -70,6 +70,34 @@ class Context:
 
 pass_context = click.make_pass_decorator(Context)
 
+_CONFIG_HELP = "hubd.yaml (default: $HUBD_CONFIG, else the embedded default)"
+
+
+def _config_after(ctx: click.Context, _param: click.Parameter, value: str | None) -> None:
+    """``--config`` given after the subcommand: it wins over one given before it (or in ``HUBD_CONFIG``)."""
+    context = ctx.find_object(Context)
+    if value is not None and context is not None:
+        context.config_path = value
+
+
+def _config_everywhere(group: click.Group) -> None:
+    """Give every command below ``group`` its own ``--config``, so ``hubd der list --config x`` works too.
+
+    People put an option where they see the command, as the README's "all commands take --config" invites;
+    only the group's own option would make click answer "No such option" there.
+    """
+    for command in group.commands.values():
+        option = click.Option(
+            ["--config"],
+            type=click.Path(dir_okay=False),
+            expose_value=False,
+            callback=_config_after,
+            help=_CONFIG_HELP,
+        )
+        command.params.append(option)
+        if isinstance(command, click.Group):
+            _config_everywhere(command)
+
 
 class _Group(click.Group):
     """Turns the errors an operator can act on into one clear line instead of a traceback."""
@@ -91,7 +119,7 @@ class _Group(click.Group):
     "config_path",
     envvar="HUBD_CONFIG",
     type=click.Path(dir_okay=False),
-    help="hubd.yaml (default: $HUBD_CONFIG, else the embedded default)",
+    help=_CONFIG_HELP,
 )
 @click.pass_context
 def main(ctx: click.Context, config_path: str | None) -> None:
@@ -515,6 +543,7 @@ def audit_tail(ctx: Context, count: int, der_id: str | None, event: str | None) 
 
 
 main.add_command(format_group)
+_config_everywhere(main)  # last: after every command is added
 
 
 @contextmanager
