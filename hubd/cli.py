@@ -20,6 +20,7 @@ import orjson
 from loguru import logger
 
 from hubd import audit as audit_trail
+from hubd import progress
 from hubd.audit import AuditError, AuditLog
 from hubd.auth.credentials import hash_password, issue_password
 from hubd.auth.registry import Der, Registry, read_der_csv
@@ -197,7 +198,8 @@ def der_add(ctx: Context, /, der_id: str, der_type: str | None, **meta: Any) -> 
 def der_import(ctx: Context, file: Path) -> None:
     """Add DERs from a CSV file with a der_id column and any of type,name,maker,model,capacity_kw,lat,lon,area."""
     with ctx.registry() as (registry, audit), _errors():
-        count = registry.import_ders(read_der_csv(file), now_ms())
+        with progress.each(read_der_csv(file), "importing DERs") as rows:
+            count = registry.import_ders(rows, now_ms())
         audit.append("der.imported", der_count=count, file=file.name, by="operator")
     click.echo(f"{count} DERs imported")
 
@@ -481,10 +483,13 @@ def query(ctx: Context, /, **options: Any) -> None:
 
 def _all_pages(parsed: Query, store: ReadingQuery, limit: int) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
+    shown = progress.Counter("rows read")  # on a terminal only (a large query written to a file takes a while)
     while True:
         answer = run_query(parsed, store)
         rows += answer["rows"]
+        shown(len(rows))
         if answer["next_cursor"] is None or (limit and len(rows) >= limit):
+            shown.done()
             return rows[:limit] if limit else rows
         parsed = replace(parsed, cursor=decode_cursor(answer["next_cursor"], parsed.mode))
 
@@ -521,7 +526,9 @@ def audit() -> None:
 @pass_context
 def audit_verify(ctx: Context, file: Path | None) -> None:
     """Check the hash chain; exit 1 naming the first bad record."""
-    report = audit_trail.verify(file or ctx.config.audit_path)
+    path = file or ctx.config.audit_path
+    with progress.bar(path.stat().st_size if path.exists() else 0, "checking the chain") as reached:
+        report = audit_trail.verify(path, reached)
     if report.ok:
         click.echo(f"ok: {report.records} records, chain intact")
         return
