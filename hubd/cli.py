@@ -21,6 +21,7 @@ import orjson
 from loguru import logger
 
 from hubd import audit as audit_trail
+from hubd import progress
 from hubd.audit import AuditError, AuditLog
 from hubd.auth.credentials import hash_password, issue_password
 from hubd.auth.registry import Der, Registry, read_der_csv
@@ -71,6 +72,34 @@ class Context:
 
 
 pass_context = click.make_pass_decorator(Context)
+
+_CONFIG_HELP = "hubd.yaml (default: $HUBD_CONFIG, else the embedded default)"
+
+
+def _config_after(ctx: click.Context, _param: click.Parameter, value: str | None) -> None:
+    """``--config`` given after the subcommand: it wins over one given before it (or in ``HUBD_CONFIG``)."""
+    context = ctx.find_object(Context)
+    if value is not None and context is not None:
+        context.config_path = value
+
+
+def _config_everywhere(group: click.Group) -> None:
+    """Give every command below ``group`` its own ``--config``, so ``hubd der list --config x`` works too.
+
+    People put an option where they see the command, as the README's "all commands take --config" invites;
+    only the group's own option would make click answer "No such option" there.
+    """
+    for command in group.commands.values():
+        option = click.Option(
+            ["--config"],
+            type=click.Path(dir_okay=False),
+            expose_value=False,
+            callback=_config_after,
+            help=_CONFIG_HELP,
+        )
+        command.params.append(option)
+        if isinstance(command, click.Group):
+            _config_everywhere(command)
 
 
 #: The exit status of a mistake in the configuration or in the host's setup (EX_CONFIG of sysexits.h): a
@@ -129,7 +158,7 @@ def _unusable(context: object, exc: Exception) -> str:
     "config_path",
     envvar="HUBD_CONFIG",
     type=click.Path(dir_okay=False),
-    help="hubd.yaml (default: $HUBD_CONFIG, else the embedded default)",
+    help=_CONFIG_HELP,
 )
 @click.pass_context
 def main(ctx: click.Context, config_path: str | None) -> None:
@@ -209,7 +238,8 @@ def der_add(ctx: Context, /, der_id: str, der_type: str | None, **meta: Any) -> 
 def der_import(ctx: Context, file: Path) -> None:
     """Add DERs from a CSV file with a der_id column and any of type,name,maker,model,capacity_kw,lat,lon,area."""
     with ctx.registry() as (registry, audit), _errors():
-        count = registry.import_ders(read_der_csv(file), now_ms())
+        with progress.each(read_der_csv(file), "importing DERs") as rows:
+            count = registry.import_ders(rows, now_ms())
         audit.append("der.imported", der_count=count, file=file.name, by="operator")
     click.echo(f"{count} DERs imported")
 
@@ -525,10 +555,13 @@ def query(ctx: Context, /, **options: Any) -> None:
 
 def _all_pages(parsed: Query, store: ReadingQuery, limit: int) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
+    shown = progress.Counter("rows read")  # on a terminal only (a large query written to a file takes a while)
     while True:
         answer = run_query(parsed, store)
         rows += answer["rows"]
+        shown(len(rows))
         if answer["next_cursor"] is None or (limit and len(rows) >= limit):
+            shown.done()
             return rows[:limit] if limit else rows
         parsed = replace(parsed, cursor=decode_cursor(answer["next_cursor"], parsed.mode))
 
@@ -565,7 +598,9 @@ def audit() -> None:
 @pass_context
 def audit_verify(ctx: Context, file: Path | None) -> None:
     """Check the hash chain; exit 1 naming the first bad record."""
-    report = audit_trail.verify(file or ctx.config.audit_path)
+    path = file or ctx.config.audit_path
+    with progress.bar(path.stat().st_size if path.exists() else 0, "checking the chain") as reached:
+        report = audit_trail.verify(path, reached)
     if report.ok:
         click.echo(f"ok: {report.records} records, chain intact")
         return
@@ -587,6 +622,7 @@ def audit_tail(ctx: Context, count: int, der_id: str | None, event: str | None) 
 
 
 main.add_command(format_group)
+_config_everywhere(main)  # last: after every command is added
 
 
 @contextmanager

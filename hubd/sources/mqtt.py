@@ -10,6 +10,7 @@ The MQTT session itself is ``hubd.drivers``; this module is the hub's routing an
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from functools import partial
 from typing import Any
@@ -116,9 +117,18 @@ class MqttSource:
                 answer, decoded = outcome
                 reply_to, request_id = (decoded.reply_to, decoded.request_id) if decoded else _reply_of(raw.payload)
                 response_topic, correlation = _v5_reply(properties)
-                if self._answer(answer, response_topic, correlation, reply_to, request_id):
-                    source_id = decoded.source_id or raw.source_id if decoded else raw.source_id
+                source_id = decoded.source_id or raw.source_id if decoded else raw.source_id
+                answered = self._answer(answer, response_topic, correlation, reply_to, request_id)
+                if answered:
                     self._count("data.answered", source_id)
+                logger.debug(
+                    "data on {} from {}: {} in {} ms{}",
+                    raw.topic,
+                    source_id,
+                    _data_outcome(answer),
+                    now_ms() - raw.received_at,
+                    "" if answered else " (no reply address)",
+                )
         except Exception:
             logger.exception("message on {} failed; not acknowledged, the broker will deliver it again", raw.topic)
             done(False)
@@ -136,6 +146,7 @@ class MqttSource:
         service = self._services.get(topic)
         if service is None:
             return
+        started = time.perf_counter()
         response_topic, correlation = _v5_reply(properties)
         body, error = _json_request(payload, self._limits.max_payload_bytes)
         reply_to, request_id = reply_fields(body) if body else (None, None)
@@ -143,10 +154,20 @@ class MqttSource:
         answer = await service.handle(Request(body, error, requester))
         self._audit.flush()  # audited before answered
         size = self._answer(answer, response_topic, correlation, reply_to, request_id)
+        outcome = "ok" if answer.get("ok") else answer["error"]["code"]
         if size:
-            outcome = "ok" if answer.get("ok") else answer["error"]["code"]
             self._audit.append("answer.sent", outcome, topic=topic, requester=requester, bytes=size)
         self._audit.flush()
+        # The outcome's code only: a registration's answer carries the DER's new password.
+        logger.debug(
+            "request on {} from {} via {}: {} in {:.1f} ms{}",
+            topic,
+            _named(body),
+            requester,
+            outcome,
+            (time.perf_counter() - started) * 1000,
+            "" if size else " (no reply address)",
+        )
 
     def _failed(
         self,
@@ -211,6 +232,22 @@ class MqttSource:
     def _may_answer_on(self, topic: str) -> bool:
         # Never answer into a topic the hub itself takes requests on: that would loop.
         return topic not in self._services and not self._is_data(topic) and "#" not in topic and "+" not in topic
+
+
+def _data_outcome(answer: dict[str, Any]) -> str:
+    """A data answer in a few words for the DEBUG log: how many readings were taken, or the error's code."""
+    if not answer.get("ok"):
+        return str(answer["error"]["code"])
+    return f"ok, accepted {answer['accepted']}, rejected {len(answer['rejected'])}"
+
+
+def _named(body: dict[str, Any] | None) -> str:
+    """Who a request says it comes from (a DER id or a system's client id), for the DEBUG log."""
+    for key in ("der_id", "client_id"):
+        name = body.get(key) if body else None
+        if isinstance(name, str):
+            return name[:64]
+    return "?"
 
 
 def _first(values: Any) -> Any:
