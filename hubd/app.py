@@ -100,6 +100,7 @@ class Hub:
                 audit,
                 writer.count,
                 password=_read_secret(config.broker.password_file),
+                debug=config.log.level == "DEBUG",
             )
             self.sources = Supervisor([self.mqtt], audit)
             audit.append("hub.start", broker=url, store=config.store.backend)
