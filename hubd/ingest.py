@@ -159,18 +159,13 @@ class Ingest:
             self.keep(raw, exc)
             return {"ok": False, "error": exc.as_dict()}, None
         source_id = decoded.source_id or raw.source_id
-        sender = self._sender(raw, decoded)
+        # Whom the message speaks for: its source's sender, or the gateway it names (the DERs bound to it, or
+        # why it is refused; None while only bcrypt can judge its password).
+        sender = raw.sender if decoded.gateway is None else self._auth.gateway_precheck(*decoded.gateway)
         if sender is None:
             return _Checked(raw, decoded, source_id, [], [], [], gateway_pending=True)
         good, slow, refused = self._precheck(sender, decoded)
         return _Checked(raw, decoded, source_id, good, slow, refused)
-
-    def _sender(self, raw: RawMessage, decoded: Decoded) -> Sender | HubError | None:
-        """Whom the message speaks for: the source's sender, or a gateway named in the message (its bound DERs,
-        or why it is refused; None while only bcrypt can judge its password)."""
-        if decoded.gateway is None:
-            return raw.sender
-        return self._auth.gateway_precheck(*decoded.gateway)
 
     async def _finish_slow(self, checked: _Checked, reply: _Reply) -> None:
         """A message with credentials only bcrypt can judge: checked and committed on its own."""

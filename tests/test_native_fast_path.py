@@ -203,7 +203,7 @@ def described(decoded: Decoded) -> Any:
             assert type(item) is Reading
             values = sorted((key, type(value), repr(value)) for key, value in item.values.items())
             items.append(("reading", item.der_id, type(item.measured_at), item.measured_at, values, item.password))
-    extra = (decoded.extra, type(decoded.request_id), decoded.request_id)
+    extra = (decoded.gateway, type(decoded.request_id), decoded.request_id)
     return (type(decoded.source_id), decoded.source_id, decoded.reply_to, extra, items)
 
 

@@ -208,7 +208,7 @@ def decode_native_slow(payload: bytes, limits: Limits) -> Decoded:
             named = item.get("der_id") if isinstance(item, dict) else None
             exc.der_id = named if valid_id(named) else None
             items.append(exc)
-    return Decoded(source_id, items, reply_to, request_id, gateway=gateway)
+    return Decoded(source_id, items, reply_to, request_id, gateway)
 
 
 def _gateway(stated: object) -> tuple[str, str] | None:
@@ -286,7 +286,7 @@ def _decode_fast(payload: bytes, limits: Limits) -> Decoded | None:
     reply_to = message.reply_to
     if reply_to is not None and not _is_topic(reply_to):
         reply_to = None
-    return Decoded(source_id, items, reply_to, request_id, gateway=gateway)
+    return Decoded(source_id, items, reply_to, request_id, gateway)
 
 
 def _fast_readings(readings: list[Any], latest_ms: int, needs_password: bool) -> list[Reading | HubError] | None:

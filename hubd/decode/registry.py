@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import msgspec
@@ -26,7 +26,6 @@ class Decoded:
     items: list[Reading | HubError]
     reply_to: str | None = None
     request_id: Any = None
-    extra: dict[str, Any] = field(default_factory=dict)
     gateway: tuple[str, str] | None = None  # (name, password) of the gateway system that sent the message
 
 
