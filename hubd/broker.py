@@ -75,11 +75,16 @@ class PortInUse(BrokerNotStarted):
         self.holder = holder
         host = _connect_host(bind)
         url = f"mqtt://[{host}]:{port}" if ":" in host else f"mqtt://{host}:{port}"
+        if "another hubd" in holder:  # two hubs on one broker would take the client id from each other
+            ways = "stop that hubd, or set broker.embedded_port to a free port"
+        else:
+            ways = (
+                f"to use that broker, set broker.url: {url}; to free the port, stop it "
+                "(the system's Mosquitto: sudo systemctl disable --now mosquitto); "
+                "or set broker.embedded_port to a free port"
+            )
         super().__init__(
-            f"cannot start the embedded broker: port {port} on {bind} is already in use by {holder}; "
-            f"to use that broker, set broker.url: {url}; to free the port, stop it "
-            "(the system's Mosquitto: sudo systemctl disable --now mosquitto); "
-            "or set broker.embedded_port to a free port"
+            f"cannot start the embedded broker: port {port} on {bind} is already in use by {holder}; {ways}"
         )
 
 

@@ -373,7 +373,7 @@ def _bind(ctx: Context, gateway: str, der_ids: tuple[str, ...], bound: bool) -> 
         changed = registry.bind(gateway, der_ids, bound)
         event = "system.bound" if bound else "system.unbound"
         audit.append(event, client_id=gateway, der_ids=sorted(der_ids), by="operator")
-    click.echo(f"{gateway}: {changed} DERs {'bound' if bound else 'unbound'}")
+    click.echo(f"{gateway}: {changed} DER{'' if changed == 1 else 's'} {'bound' if bound else 'unbound'}")
 
 
 @system.command("revoke")

@@ -34,12 +34,15 @@ class Holder:
     name: str | None = None
     pid: int | None = None
     user: str | None = None
+    hubd_data: str | None = None  # the data directory, when the holder is another hubd's embedded broker
 
     def __str__(self) -> str:
         details = [f"pid {self.pid}"] if self.pid is not None else []
         if self.user is not None:
             details.append(f"user {self.user}")
         name = self.name or ("a process" if details else "an unknown process")
+        if self.hubd_data is not None:
+            name = f"the embedded broker of another hubd, data in {self.hubd_data}: {name}"
         return f"{name} ({', '.join(details)})" if details else name
 
 
@@ -56,7 +59,7 @@ def find_holder(port: int, host: str = "127.0.0.1") -> Holder:
     for _, uid, inode in sockets:
         pid, name = _process_of(inode)
         if pid is not None:
-            return Holder(name, pid, _user(uid))
+            return Holder(name, pid, _user(uid), _hubd_data(pid))
     if sockets:
         _, uid, _ = sockets[0]
         from_ss = _ask_ss(port)
@@ -123,6 +126,22 @@ def _command(pid: int) -> str | None:
         return (_PROC / str(pid) / "comm").read_text(encoding="utf-8", errors="replace").strip() or None
     except OSError:
         return None
+
+
+def _hubd_data(pid: int) -> str | None:
+    """The data directory of the hubd whose embedded broker ``pid`` is: it runs on ``<data>/mosquitto/mosquitto.conf``
+    (hubd.broker), beside ``<data>/hub.sqlite3``. None for any other process."""
+    try:
+        arguments = (_PROC / str(pid) / "cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return None
+    for argument in arguments:
+        config = Path(argument)
+        if config.name == "mosquitto.conf" and config.parent.name == "mosquitto":
+            data = config.parent.parent
+            if (data / "hub.sqlite3").exists():
+                return str(data)
+    return None
 
 
 def _user(uid: int) -> str:

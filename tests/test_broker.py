@@ -228,3 +228,21 @@ def test_a_holder_is_named_as_far_as_it_is_known(holder: Holder, said: str) -> N
 
 def test_nothing_listening_is_an_unknown_holder() -> None:
     assert find_holder(free_port()) == Holder()
+
+
+def test_another_hubds_embedded_broker_is_named_with_its_data_and_the_right_way_out(tmp_path: Path) -> None:
+    """Two hubs on one host: pointing the second at the first's broker would have them take the client id from
+    each other, so the way out is to stop that hubd or move the port, not broker.url."""
+    first = tmp_path / "first"
+    first.mkdir()
+    (first / "hub.sqlite3").touch()  # a hubd's data directory
+    running = EmbeddedBroker(first, port=free_port())
+    running.start_sync()
+    try:
+        with pytest.raises(PortInUse) as info:
+            EmbeddedBroker(tmp_path / "second", port=running.port).start_sync()
+    finally:
+        running.stop_sync()
+    said = str(info.value)
+    assert f"the embedded broker of another hubd, data in {first}" in said
+    assert "stop that hubd, or set broker.embedded_port" in said and "broker.url" not in said

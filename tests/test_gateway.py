@@ -50,14 +50,13 @@ def test_a_gateway_writes_the_ders_bound_to_it_and_no_others(hub: RunningHub, si
     assert hub.cli("der", "add", "PV-3").exit_code == 0  # allowlisted, never registered: no password of its own
     password = gateway(hub, "gw-1", "PV-1", "PV-3")
     since = last_seq(hub)
-    answer = site.send(
-        message("gw-1", password, reading("PV-1", 60, 1.5), reading("PV-2", 60, 2.5), reading("PV-3", 60, 3.5))
-    )
+    sent = [reading("PV-1", 60, 1.5), reading("PV-2", 60, 2.5), reading("PV-3", 60, 3.5), reading("NOPE-2", 60, 1)]
+    answer = site.send(message("gw-1", password, *sent))
     assert answer["accepted"] == 2
-    assert [(r["index"], r["error"]["code"]) for r in answer["rejected"]] == [(1, "not_allowed")]
+    assert [(r["index"], r["error"]["code"]) for r in answer["rejected"]] == [(1, "not_allowed"), (3, "unknown_der")]
     assert "gateway gw-1 is not bound to DER PV-2" in answer["rejected"][0]["error"]["message"]
     assert stored(site) == [("PV-1", 1.5), ("PV-3", 3.5)]
-    assert outcomes(hub, "auth.failed", since) == ["not_allowed"]
+    assert outcomes(hub, "auth.failed", since) == ["not_allowed", "unknown_der"]
     (kept,) = records(hub, "data.stored", since)
     assert kept["source_id"] == "gw-site-3" and kept["readings"] == 2
     assert "\tgateway\tactive\t2 DERs" in hub.cli("system", "list").output
@@ -68,7 +67,7 @@ def test_a_gateway_is_checked_after_a_restart_and_unbinding_counts_at_once(hub: 
     hub.restart()  # nothing verified in memory: the first message waits for bcrypt
     assert site.send(message("gw-1", password, reading("PV-1", 120, 1.0)))["accepted"] == 1
     unbound = hub.cli("system", "unbind", "gw-1", "PV-1")
-    assert unbound.exit_code == 0 and "1 DERs unbound" in unbound.output
+    assert unbound.exit_code == 0 and "1 DER unbound" in unbound.output
     answer = site.send(message("gw-1", password, reading("PV-1", 180, 9.0)))
     assert answer["accepted"] == 0 and answer["rejected"][0]["error"]["code"] == "not_allowed"
     assert stored(site) == [("PV-1", 1.0)]

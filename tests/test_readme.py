@@ -54,7 +54,7 @@ def sh(command: str, cwd: Path) -> str:
 def test_the_walk_through_runs_as_written(tmp_path: Path) -> None:
     commands = walk_through()
     kinds = [kind_of(command) for command in commands]
-    assert kinds == ["hash", "config", "der add", "system add", "run", "register", "data", "query", "verify"]
+    assert kinds == ["hash", "config", "der add", "system add", "run", "register", "data", "query", "verify", "stop"]
     port = str(free_port())
     filled: dict[str, str] = {}
     hub: subprocess.Popen[bytes] | None = None
@@ -65,6 +65,13 @@ def test_the_walk_through_runs_as_written(tmp_path: Path) -> None:
             command = command.replace(".venv/bin/", f"{BIN}/").replace(README_PORT, port)
             for placeholder, value in filled.items():
                 command = command.replace(placeholder, value)
+            if kind == "stop":  # `kill %1` sends the job SIGTERM
+                assert hub is not None
+                hub.send_signal(signal.SIGTERM)
+                assert hub.wait(30) == 0, log.read_text()
+                hub = None
+                assert "hubd stopped" in log.read_text()
+                continue
             if kind == "run":
                 assert shlex.split(command, comments=True)[-1] == "&"
                 hub = start(command.split("&")[0], tmp_path, log)
@@ -112,6 +119,7 @@ def kind_of(command: str) -> str:
         ("hub/v1/query", "query"),
         (" audit verify", "verify"),
         (" run ", "run"),
+        ("kill %1", "stop"),
     ):
         if needle in command:
             return kind

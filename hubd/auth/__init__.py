@@ -113,11 +113,11 @@ class Authenticator:
                 refused.append((index, item.der_id, item))
                 continue
             der = self.ders.get(item.der_id)
-            if item.der_id not in bound:
+            if der is None:  # first, as for every sender (docs/protocol.md)
+                error = HubError(ErrorCode.UNKNOWN_DER, f"DER {item.der_id} is not known to this hub")
+            elif item.der_id not in bound:
                 reason = f"{sender.kind} {sender.name} is not bound to DER {item.der_id}"
                 error = HubError(ErrorCode.NOT_ALLOWED, reason)
-            elif der is None:
-                error = HubError(ErrorCode.UNKNOWN_DER, f"DER {item.der_id} is not known to this hub")
             elif der.status == "revoked":
                 error = HubError(ErrorCode.NOT_ALLOWED, f"DER {item.der_id} has been revoked")
             else:
