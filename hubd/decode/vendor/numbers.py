@@ -169,6 +169,7 @@ def _value(number: Number, name: str, access: Access, slots: dict[int, int] | No
     sentinels = number.sentinels
     convert = _RAW[access.raw](sentinels, name, number.source.label)
     valid = number.valid
+    valid_low, valid_high = valid if valid is not None else (0.0, 0.0)  # unpacked once, not per value
     multiplier, divisor = _ratio(number.factor)  # 830 / 1000 is 0.83, 830 * 0.001 is 0.8300000000000001
     scales = [_scale(factor, name, access, slots) for factor in number.factors]
     minus = _value(number.minus, name, access, slots, bounded=False) if number.minus is not None else None
@@ -186,7 +187,7 @@ def _value(number: Number, name: str, access: Access, slots: dict[int, int] | No
             found = convert(found)
             if found is None:
                 return None
-        if valid is not None and not valid[0] <= found <= valid[1]:
+        if valid is not None and not valid_low <= found <= valid_high:
             return None  # outside the valid range: not available
         result: float = found * multiplier / divisor
         for slot, fetch, from_message, plain, low_raw, high_raw, known, slow in scales:

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Sequence
 from functools import partial
 from itertools import islice, repeat
-from operator import add, mul, setitem
+from operator import add, itemgetter, mul, setitem
 from typing import Any, NamedTuple
 
 from hubd.decode.native import KNOWN_IDS, derive_reactive_power, valid_id
@@ -95,6 +95,10 @@ class _Reader:
         self.template: dict[str, Any] = dict.fromkeys(shown)  # the keys in order, for readings made a column at a time
         self.pick_indices = [FIRST_QUANTITY + names.index(name) for name in shown]
         self.named = list(zip(shown, self.pick_indices, strict=True))
+        self.shown = shown
+        # A record's values in that order, by one C call; the first index once more, so that one quantity gives
+        # a tuple too (zip with the names stops before it).
+        self.pick = itemgetter(*self.pick_indices, self.pick_indices[0])
         self.interval = "interval_s" in names
         self.derive = "power_kw" in names and "power_factor" in names
 
@@ -115,8 +119,11 @@ class _Reader:
                     refusal = exc
         places, records = self.access.records(message)
         items = None
-        if refusal is None and len(records) >= _FEW:
-            items = self._by_columns(message, records, once)
+        if refusal is None:
+            if len(records) == 1:
+                items = self._one(message, records[0], once)
+            elif len(records) >= _FEW:
+                items = self._by_columns(message, records, once)
         if items is None:
             items = self._by_records(message, places, records, once, refusal)
         if len(items) > limits.max_readings:
@@ -124,6 +131,20 @@ class _Reader:
                 ErrorCode.TOO_LARGE, f"{len(items)} readings in one message; the limit is {limits.max_readings}"
             )
         return items
+
+    def _one(self, message: Message, record: Any, once: list[Any]) -> list[Any] | None:
+        """The reading of a message of one record (an ECHONET Lite frame) with no refusal, judged into ``once``
+        itself: none of the loop, copies and names a message of many records needs. None if it has a refusal
+        (then read record by record, which judges every part of the record again, in order, before it reads one)."""
+        if record.__class__ is HubError or self.check_record is not None:
+            return None
+        try:
+            for index, judge in self.each:
+                once[index] = judge(message, record, once[DER_ID])
+            reading = self._reading(once)
+        except HubError:
+            return None
+        return [] if reading is None else [reading]
 
     def _by_columns(self, message: Message, found: list[Any], once: list[Any]) -> list[Any] | None:
         """The readings of a message that has no refusal, a part at a time; None if it has one."""
@@ -159,7 +180,7 @@ class _Reader:
     ) -> list[Reading | HubError]:
         """The readings and refusals of a message, record by record, each record's parts in the native order."""
         steps = self.each if refusal is None else self.before_once
-        check_record, location = self.check_record, self.access.location
+        check_record = self.check_record
         items: list[Reading | HubError] = []
         for place, record in zip(places, records):  # noqa: B905 - as many places as records
             if record.__class__ is HubError:  # a record that could not be walked into
@@ -178,21 +199,21 @@ class _Reader:
                     items.append(reading)
             except HubError as exc:
                 exc.der_id = values[DER_ID]
-                exc.message = f"{location(message, place)}: {exc.message}"
+                exc.message = f"{self.access.location(message, place)}: {exc.message}"
                 items.append(exc)
         return items
 
     def _reading(self, values: Sequence[Any]) -> Reading | None:
         """A reading of the values judged (by the positions above); None when none is available."""
-        quantities = self.template.copy()
-        for name, index in self.named:
-            quantities[name] = values[index]
-        if None in quantities.values():  # some not available: only those that are
-            quantities = {name: value for name, value in quantities.items() if value is not None}
+        picked = self.pick(values)
+        if None in picked:  # some not available: only those that are
+            quantities = {name: value for name, value in zip(self.shown, picked, strict=False) if value is not None}
             if self.interval:
                 _pair_interval(quantities)
             if not quantities:
                 return None  # every value 'not available': no reading
+        else:
+            quantities = dict(zip(self.shown, picked, strict=False))  # picked: one more than shown
         if self.derive:
             derive_reactive_power(quantities)
         return Reading(values[DER_ID], values[MEASURED_AT], quantities, values[PASSWORD])
@@ -275,7 +296,12 @@ def _der_id(spec: IdSpec, access: Access) -> tuple[Judge, PartColumn]:
         return found
 
     def judge(message: Message, record: Any, der_id: str | None) -> str:
-        return check(get(message if at_message else record))
+        found = get(message if at_message else record)
+        if plain and found.__class__ is str and found in KNOWN_IDS:  # the common case, with no call
+            return found
+        return check(found)
+
+    plain = not convert and table is None  # a text as it stands, a known id if it is one
 
     def column(message: Message, records: list[Any], der_ids: Iterable[str | None]) -> list[Any]:
         return _by_value(check, list(map(get, records)))
