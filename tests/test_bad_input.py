@@ -232,7 +232,10 @@ def test_bad_reading_is_refused_and_the_good_ones_stored(
     assert refused["error"]["message"]
 
     (record,) = records(site.hub, event, since)
-    assert (record["outcome"], record["source_id"], record["index"], record["der_id"]) == (code, source, 1, der_id)
+    assert (record["outcome"], record["source_id"], record["readings"], record["codes"]) == (code, source, 1, {code: 1})
+    (described,) = record["refusals"]
+    assert (described["index"], described["der_id"], described["code"]) == (1, der_id, code)
+    assert described["reason"] == refused["error"]["message"]
     (stored_record,) = records(site.hub, "data.stored", since)
     assert (stored_record["source_id"], stored_record["readings"]) == (source, 2)
     assert records(site.hub, "data.quarantined", since) == []  # judged reading by reading, not quarantined
@@ -243,14 +246,18 @@ def test_bad_reading_is_refused_and_the_good_ones_stored(
     assert problems == []
 
 
-def test_many_bad_readings_each_audited_one_by_one(shared: Site) -> None:
+def test_many_bad_readings_are_answered_one_by_one_and_audited_in_one_record(shared: Site) -> None:
     site, start, since = shared, shared.window(), last_seq(shared.hub)
     bad = [reading("PV-1", f"Wrong-password-{i}", at(start + i)) for i in range(5)]
     answer = site.send({"source_id": "edge-5", "readings": [*bad, reading("PV-2", site.pv2, at(start))]})
     assert answer["accepted"] == 1
     assert [(r["index"], r["error"]["code"]) for r in answer["rejected"]] == [(i, "bad_credentials") for i in range(5)]
-    failed = [(r["index"], r["outcome"], r["der_id"]) for r in records(site.hub, "auth.failed", since)]
-    assert failed == [(i, "bad_credentials", "PV-1") for i in range(5)]
+    (failed,) = records(site.hub, "auth.failed", since)
+    assert (failed["outcome"], failed["readings"], failed["codes"]) == ("bad_credentials", 5, {"bad_credentials": 5})
+    assert (failed["der_count"], failed["der_ids"]) == (1, ["PV-1"])
+    assert [(r["index"], r["code"], r["der_id"]) for r in failed["refusals"]] == [
+        (i, "bad_credentials", "PV-1") for i in range(5)
+    ]
     assert site.stored(start) == [("PV-2", stamp(start))]
     site.keeps_serving(start)
 
@@ -262,6 +269,34 @@ def test_message_with_only_bad_readings_is_answered_and_audited(shared: Site) ->
     assert outcomes(site.hub, "auth.failed", since) == ["bad_credentials"]
     (received,) = records(site.hub, "data.received", since)
     assert (received["source_id"], received["outcome"], received["readings"]) == ("edge-none", "rejected", 1)
+    assert site.stored(start) == []
+    site.keeps_serving(start)
+
+
+def test_ten_thousand_refused_readings_add_a_bounded_amount_to_the_audit_trail(shared: Site, tmp_path: Path) -> None:
+    site, start, since = shared, shared.window(), last_seq(shared.hub)
+    hub = site.hub
+    unknown = [reading(f"PV-X{i}", "Any-password-1", at(start + i)) for i in range(5_000)]
+    # A reason that quotes the sender's text (an unknown field's name) as long as it likes.
+    long_names = [reading("PV-1", site.pv1, at(start + i), **{"x" * 300: 1.0}) for i in range(5_000)]
+    payload = json.dumps({"source_id": "edge-refused", "readings": unknown + long_names}).encode()
+    trail = hub.config.audit_path
+    before = trail.stat().st_size
+    answer = rr_bytes(hub, f"{hub.prefix}/data", payload, tmp_path)
+    grown = trail.stat().st_size - before
+    # The sender is told about every reading ...
+    assert answer["accepted"] == 0 and len(answer["rejected"]) == 10_000
+    assert [r["index"] for r in answer["rejected"]] == list(range(10_000))
+    # ... the audit trail of a 2 MB message is one record per kind of refusal and the message's own.
+    assert grown < 10_000, f"the audit trail grew {grown} bytes"
+    assert [r["event"] for r in records(hub, since=since)] == ["auth.failed", "data.rejected", "data.received"]
+    (failed,) = records(hub, "auth.failed", since)
+    assert (failed["outcome"], failed["readings"], failed["der_count"]) == ("unknown_der", 5_000, 5_000)
+    assert failed["der_ids"] == [f"PV-X{i}" for i in range(10)]
+    (rejected,) = records(hub, "data.rejected", since)
+    assert (rejected["outcome"], rejected["codes"]) == ("bad_request", {"bad_request": 5_000})
+    assert [r["index"] for r in rejected["refusals"]] == list(range(5_000, 5_010))
+    assert all(len(r["reason"]) <= 200 for r in rejected["refusals"])
     assert site.stored(start) == []
     site.keeps_serving(start)
 
