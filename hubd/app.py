@@ -66,7 +66,7 @@ class Hub:
             stack.callback(pool.shutdown)
             registry = Registry(config.registry_path)
             stack.callback(registry.close)
-            quarantine = Quarantine(config.registry_path)
+            quarantine = Quarantine(config.registry_path, config.limits.quarantine_max_bytes)
             stack.callback(quarantine.close)
             store = open_sink(config)
             await store.start()

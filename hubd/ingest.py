@@ -1,7 +1,8 @@
 """The data path: a raw message → decoded readings → authenticated → committed → the sender's answer.
 
 Readings of one message are judged one by one: good ones are stored, bad ones are refused with a code. A
-message that cannot be decoded at all goes to quarantine whole, so nothing received is lost.
+message that cannot be decoded at all goes to quarantine (its first bytes, size and hash), so nothing received
+is lost without a trace.
 """
 
 from __future__ import annotations
@@ -299,7 +300,8 @@ class Ingest:
         return rejected
 
     def keep(self, raw: RawMessage, error: HubError) -> None:
-        """Keep a message the hub could not take in quarantine, whole, and audit it."""
+        """Keep a message the hub could not take in quarantine (its payload's first bytes, its size and hash),
+        and audit it."""
         entry = self._quarantine.add(
             received_at=raw.received_at,
             topic=raw.topic,
@@ -314,12 +316,21 @@ class Ingest:
             error.code.value,
             source_id=raw.source_id,
             topic=raw.topic,
-            quarantine_id=entry,
+            quarantine_id=entry.id,
             size=len(raw.payload),
+            kept=entry.kept,
+            sha256=entry.sha256,
             reason=short(error.message),
         )
         self._audit.flush()
-        logger.info("quarantined {} bytes from {} as #{}: {}", len(raw.payload), raw.topic, entry, error.message)
+        logger.info(
+            "quarantined {} bytes ({} kept) from {} as #{}: {}",
+            len(raw.payload),
+            entry.kept,
+            raw.topic,
+            entry.id,
+            short(error.message),
+        )
 
 
 class _Refusals:

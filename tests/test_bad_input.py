@@ -14,6 +14,7 @@ records written since it began. Cases that need their own configuration start th
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import math
 import sys
@@ -112,7 +113,9 @@ def test_undecodable_payload_is_answered_quarantined_and_audited(
     assert (record["outcome"], record["topic"], record["size"]) == (code, topic, len(payload))
     entry = quarantined(hub)[str(record["quarantine_id"])]
     assert (entry["topic"], entry["code"]) == (topic, code)
-    assert quarantined_bytes(hub, entry["id"]) == payload  # nothing received is lost, byte for byte
+    # Under limits.quarantine_max_bytes, kept whole: nothing received is lost, byte for byte.
+    assert quarantined_bytes(hub, entry["id"]) == payload
+    assert (record["kept"], record["sha256"]) == (len(payload), hashlib.sha256(payload).hexdigest())
 
     assert records(hub, "data.stored", since) == []
     shared.keeps_serving(start)
@@ -400,7 +403,11 @@ def test_ten_thousand_readings_in_one_message_are_all_stored_and_answered(shared
     assert answer["ok"] is False and answer["error"]["code"] == "too_large"
     (record,) = records(hub, "data.quarantined", since)
     assert record["outcome"] == "too_large"
-    assert quarantined_bytes(hub, record["quarantine_id"]) == payload
+    # 1.2 MB: kept up to limits.quarantine_max_bytes (64 KiB), with the size and hash of the whole.
+    assert quarantined_bytes(hub, record["quarantine_id"]) == payload[: 64 * 1024]
+    assert (record["size"], record["kept"]) == (len(payload), 64 * 1024)
+    assert record["sha256"] == hashlib.sha256(payload).hexdigest()
+    assert quarantined(hub)[str(record["quarantine_id"])]["size"] == f"{len(payload)} B, cut to {64 * 1024}"
     assert site.stored(later) == []
     site.keeps_serving(later)
 
