@@ -21,7 +21,7 @@ from hubd.audit import AuditLog
 from hubd.auth import Authenticator
 from hubd.auth.registration import Registration
 from hubd.auth.registry import Registry
-from hubd.broker import EmbeddedBroker
+from hubd.broker import EmbeddedBroker, packet_limit
 from hubd.config import Config
 from hubd.decode.vendor import Catalog, Change
 from hubd.ingest import Ingest
@@ -55,7 +55,10 @@ class Hub:
             url = config.broker.url
             if url is None:
                 broker = EmbeddedBroker(
-                    config.data_path, port=config.broker.embedded_port, bind=config.broker.embedded_bind
+                    config.data_path,
+                    port=config.broker.embedded_port,
+                    bind=config.broker.embedded_bind,
+                    max_packet_size=packet_limit(config.limits.max_payload_bytes),
                 )
                 await broker.start()
                 stack.push_async_callback(broker.stop)
@@ -66,7 +69,7 @@ class Hub:
             stack.callback(pool.shutdown)
             registry = Registry(config.registry_path)
             stack.callback(registry.close)
-            quarantine = Quarantine(config.registry_path)
+            quarantine = Quarantine(config.registry_path, config.limits.quarantine_max_bytes)
             stack.callback(quarantine.close)
             store = open_sink(config)
             await store.start()

@@ -23,6 +23,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import NoReturn
 
+from hubd.config import LimitsConfig
 from hubd.port_holder import describe_holder
 
 __all__ = [
@@ -34,6 +35,7 @@ __all__ = [
     "find_mosquitto",
     "free_port",
     "load_template",
+    "packet_limit",
     "render_config",
 ]
 
@@ -52,6 +54,8 @@ _LOG_TAIL_LINES = 15
 _FAILED_TAIL_LINES = 3  # enough for Mosquitto's reason, short enough for one line
 
 _PLACEHOLDER = re.compile(r"\{[a-z_]+\}")
+PACKET_HEADROOM = 256 * 1024  # a packet's bytes besides its payload that the broker allows (packet_limit)
+_MOSQUITTO_LARGEST_PACKET = 268_435_456  # Mosquitto refuses a larger max_packet_size
 
 
 class BrokerUnreachable(Exception):
@@ -134,15 +138,37 @@ def _current_user() -> str:
         return "mosquitto"
 
 
-def render_config(template: str, *, port: int, bind: str, data_dir: Path, user: str | None = None) -> str:
-    """Fill the template's placeholders; values are checked so they cannot inject options."""
+def packet_limit(max_payload_bytes: int) -> int:
+    """The broker's ``max_packet_size`` for hubd's ``limits.max_payload_bytes``: the payload and room for a
+    PUBLISH's topic and properties (a topic, a response topic and correlation data of up to 64 KiB each), so a
+    message hubd would take always gets through and a larger one is stopped at the broker. At most what
+    Mosquitto accepts."""
+    return min(max_payload_bytes + PACKET_HEADROOM, _MOSQUITTO_LARGEST_PACKET)
+
+
+def render_config(
+    template: str,
+    *,
+    port: int,
+    bind: str,
+    data_dir: Path,
+    user: str | None = None,
+    max_packet_size: int | None = None,
+) -> str:
+    """Fill the template's placeholders; values are checked so they cannot inject options. ``max_packet_size``
+    defaults to ``packet_limit`` of the default ``limits.max_payload_bytes``."""
     if not 0 < port < 65536:
         raise ValueError(f"port out of range: {port}")
+    if max_packet_size is None:
+        max_packet_size = packet_limit(LimitsConfig().max_payload_bytes)
+    if not 20 <= max_packet_size <= _MOSQUITTO_LARGEST_PACKET:
+        raise ValueError(f"max_packet_size out of range: {max_packet_size}")
     values = {
         "port": str(port),
         "bind": bind,
         "data_dir": str(data_dir.resolve()),
         "user": user if user is not None else _current_user(),
+        "max_packet_size": str(max_packet_size),
     }
     for key, value in values.items():
         if not value or any(c in value for c in "\r\n\0"):
@@ -201,8 +227,10 @@ class EmbeddedBroker:
         bind: str = "127.0.0.1",
         executable: str | None = None,
         template: Path | None = None,
+        max_packet_size: int | None = None,
     ) -> None:
         self.executable = find_mosquitto(executable)
+        self.max_packet_size = max_packet_size
         self.data_dir = Path(data_dir).resolve()
         self.port = port
         self.bind = bind
@@ -240,7 +268,13 @@ class EmbeddedBroker:
         """Render the config and spawn Mosquitto (does not wait for it to listen)."""
         if self._process is not None:
             raise RuntimeError("the embedded broker is already started")
-        config = render_config(load_template(self.template), port=self.port, bind=self.bind, data_dir=self.data_dir)
+        config = render_config(
+            load_template(self.template),
+            port=self.port,
+            bind=self.bind,
+            data_dir=self.data_dir,
+            max_packet_size=self.max_packet_size,
+        )
         # Without this check, our readiness probe would happily connect to whatever
         # already listens there while our Mosquitto is still failing to bind.
         if _accepts(self.host, self.port):

@@ -393,29 +393,30 @@ def system_revoke(ctx: Context, name: str) -> None:
 
 @main.group()
 def quarantine() -> None:
-    """Payloads the hub could not decode, kept whole."""
+    """Payloads the hub could not take: the first bytes of each (limits.quarantine_max_bytes), its size and hash."""
 
 
 @quarantine.command("list")
 @click.option("-n", "limit", default=50, show_default=True, type=click.IntRange(min=1))
 @pass_context
 def quarantine_list(ctx: Context, limit: int) -> None:
-    """The newest quarantined payloads: id, time, topic, code, reason."""
+    """The newest quarantined payloads: id, time, topic, code, size (and the bytes kept of a cut one), reason."""
     store = Quarantine(ctx.config.registry_path)
     for row in store.list(limit):
+        size = f"{row['size']} B" if row["kept"] == row["size"] else f"{row['size']} B, cut to {row['kept']}"
         click.echo(
-            f"{row['id']}\t{format_time(row['received_at'])}\t{row['topic']}\t{row['code']}\t"
-            f"{row['size']} B\t{row['reason']}"
+            f"{row['id']}\t{format_time(row['received_at'])}\t{row['topic']}\t{row['code']}\t{size}\t{row['reason']}"
         )
     store.close()
 
 
 @quarantine.command("show")
 @click.argument("entry_id", type=int)
-@click.option("--raw", is_flag=True, help="write the payload bytes to stdout, nothing else (passwords included)")
+@click.option("--raw", is_flag=True, help="write the kept payload bytes to stdout, nothing else (passwords included)")
 @pass_context
 def quarantine_show(ctx: Context, entry_id: int, raw: bool) -> None:
-    """One quarantined payload with its details; password values in it are shown as ***."""
+    """One quarantined payload with its details (size, bytes kept, SHA-256 of the whole); password values in it
+    are shown as ***."""
     store = Quarantine(ctx.config.registry_path)
     found = store.get(entry_id)
     store.close()
@@ -427,6 +428,11 @@ def quarantine_show(ctx: Context, entry_id: int, raw: bool) -> None:
         return
     meta["received_at"] = format_time(meta["received_at"])
     click.echo(orjson.dumps(meta, option=orjson.OPT_INDENT_2).decode())
+    if meta["kept"] < meta["size"]:
+        click.echo(
+            f"The payload was cut: its first {meta['kept']} of {meta['size']} bytes are kept "
+            "(limits.quarantine_max_bytes); sha256 is that of the whole payload."
+        )
     click.echo(masked(payload.decode("utf-8", errors="backslashreplace"))[:4000])
 
 

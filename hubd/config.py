@@ -100,6 +100,9 @@ class LimitsConfig(Section, frozen=True):
     max_payload_bytes: Positive = 4 * 1024 * 1024
     max_readings_per_message: Positive = 10000
     max_future_s: float = 300.0
+    # The first bytes of a quarantined payload that are kept (with its size and SHA-256): enough to see what was
+    # sent; a payload kept whole let 14 messages grow hub.sqlite3 by 495 MiB. At most SQLite's largest blob.
+    quarantine_max_bytes: Annotated[int, msgspec.Meta(ge=1024, le=1_000_000_000)] = 64 * 1024
 
 
 class QueryConfig(Section, frozen=True):

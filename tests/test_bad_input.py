@@ -14,6 +14,7 @@ records written since it began. Cases that need their own configuration start th
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import math
 import sys
@@ -112,7 +113,9 @@ def test_undecodable_payload_is_answered_quarantined_and_audited(
     assert (record["outcome"], record["topic"], record["size"]) == (code, topic, len(payload))
     entry = quarantined(hub)[str(record["quarantine_id"])]
     assert (entry["topic"], entry["code"]) == (topic, code)
-    assert quarantined_bytes(hub, entry["id"]) == payload  # nothing received is lost, byte for byte
+    # Under limits.quarantine_max_bytes, kept whole: nothing received is lost, byte for byte.
+    assert quarantined_bytes(hub, entry["id"]) == payload
+    assert (record["kept"], record["sha256"]) == (len(payload), hashlib.sha256(payload).hexdigest())
 
     assert records(hub, "data.stored", since) == []
     shared.keeps_serving(start)
@@ -232,7 +235,10 @@ def test_bad_reading_is_refused_and_the_good_ones_stored(
     assert refused["error"]["message"]
 
     (record,) = records(site.hub, event, since)
-    assert (record["outcome"], record["source_id"], record["index"], record["der_id"]) == (code, source, 1, der_id)
+    assert (record["outcome"], record["source_id"], record["readings"], record["codes"]) == (code, source, 1, {code: 1})
+    (described,) = record["refusals"]
+    assert (described["index"], described["der_id"], described["code"]) == (1, der_id, code)
+    assert described["reason"] == refused["error"]["message"]
     (stored_record,) = records(site.hub, "data.stored", since)
     assert (stored_record["source_id"], stored_record["readings"]) == (source, 2)
     assert records(site.hub, "data.quarantined", since) == []  # judged reading by reading, not quarantined
@@ -243,14 +249,18 @@ def test_bad_reading_is_refused_and_the_good_ones_stored(
     assert problems == []
 
 
-def test_many_bad_readings_each_audited_one_by_one(shared: Site) -> None:
+def test_many_bad_readings_are_answered_one_by_one_and_audited_in_one_record(shared: Site) -> None:
     site, start, since = shared, shared.window(), last_seq(shared.hub)
     bad = [reading("PV-1", f"Wrong-password-{i}", at(start + i)) for i in range(5)]
     answer = site.send({"source_id": "edge-5", "readings": [*bad, reading("PV-2", site.pv2, at(start))]})
     assert answer["accepted"] == 1
     assert [(r["index"], r["error"]["code"]) for r in answer["rejected"]] == [(i, "bad_credentials") for i in range(5)]
-    failed = [(r["index"], r["outcome"], r["der_id"]) for r in records(site.hub, "auth.failed", since)]
-    assert failed == [(i, "bad_credentials", "PV-1") for i in range(5)]
+    (failed,) = records(site.hub, "auth.failed", since)
+    assert (failed["outcome"], failed["readings"], failed["codes"]) == ("bad_credentials", 5, {"bad_credentials": 5})
+    assert (failed["der_count"], failed["der_ids"]) == (1, ["PV-1"])
+    assert [(r["index"], r["code"], r["der_id"]) for r in failed["refusals"]] == [
+        (i, "bad_credentials", "PV-1") for i in range(5)
+    ]
     assert site.stored(start) == [("PV-2", stamp(start))]
     site.keeps_serving(start)
 
@@ -262,6 +272,34 @@ def test_message_with_only_bad_readings_is_answered_and_audited(shared: Site) ->
     assert outcomes(site.hub, "auth.failed", since) == ["bad_credentials"]
     (received,) = records(site.hub, "data.received", since)
     assert (received["source_id"], received["outcome"], received["readings"]) == ("edge-none", "rejected", 1)
+    assert site.stored(start) == []
+    site.keeps_serving(start)
+
+
+def test_ten_thousand_refused_readings_add_a_bounded_amount_to_the_audit_trail(shared: Site, tmp_path: Path) -> None:
+    site, start, since = shared, shared.window(), last_seq(shared.hub)
+    hub = site.hub
+    unknown = [reading(f"PV-X{i}", "Any-password-1", at(start + i)) for i in range(5_000)]
+    # A reason that quotes the sender's text (an unknown field's name) as long as it likes.
+    long_names = [reading("PV-1", site.pv1, at(start + i), **{"x" * 300: 1.0}) for i in range(5_000)]
+    payload = json.dumps({"source_id": "edge-refused", "readings": unknown + long_names}).encode()
+    trail = hub.config.audit_path
+    before = trail.stat().st_size
+    answer = rr_bytes(hub, f"{hub.prefix}/data", payload, tmp_path)
+    grown = trail.stat().st_size - before
+    # The sender is told about every reading ...
+    assert answer["accepted"] == 0 and len(answer["rejected"]) == 10_000
+    assert [r["index"] for r in answer["rejected"]] == list(range(10_000))
+    # ... the audit trail of a 2 MB message is one record per kind of refusal and the message's own.
+    assert grown < 10_000, f"the audit trail grew {grown} bytes"
+    assert [r["event"] for r in records(hub, since=since)] == ["auth.failed", "data.rejected", "data.received"]
+    (failed,) = records(hub, "auth.failed", since)
+    assert (failed["outcome"], failed["readings"], failed["der_count"]) == ("unknown_der", 5_000, 5_000)
+    assert failed["der_ids"] == [f"PV-X{i}" for i in range(10)]
+    (rejected,) = records(hub, "data.rejected", since)
+    assert (rejected["outcome"], rejected["codes"]) == ("bad_request", {"bad_request": 5_000})
+    assert [r["index"] for r in rejected["refusals"]] == list(range(5_000, 5_010))
+    assert all(len(r["reason"]) <= 200 for r in rejected["refusals"])
     assert site.stored(start) == []
     site.keeps_serving(start)
 
@@ -365,7 +403,11 @@ def test_ten_thousand_readings_in_one_message_are_all_stored_and_answered(shared
     assert answer["ok"] is False and answer["error"]["code"] == "too_large"
     (record,) = records(hub, "data.quarantined", since)
     assert record["outcome"] == "too_large"
-    assert quarantined_bytes(hub, record["quarantine_id"]) == payload
+    # 1.2 MB: kept up to limits.quarantine_max_bytes (64 KiB), with the size and hash of the whole.
+    assert quarantined_bytes(hub, record["quarantine_id"]) == payload[: 64 * 1024]
+    assert (record["size"], record["kept"]) == (len(payload), 64 * 1024)
+    assert record["sha256"] == hashlib.sha256(payload).hexdigest()
+    assert quarantined(hub)[str(record["quarantine_id"])]["size"] == f"{len(payload)} B, cut to {64 * 1024}"
     assert site.stored(later) == []
     site.keeps_serving(later)
 

@@ -57,7 +57,12 @@ def test_render_config(tmp_path: Path) -> None:
     assert f"persistence_location {tmp_path.resolve()}/mosquitto/" in lines
     assert "user hubd" in lines
     assert "max_queued_messages 1000000" in lines
-    assert not any(line.startswith("max_packet_size") for line in lines)
+    # The default limits.max_payload_bytes (4 MiB) and 256 KiB for the topic and properties; from the config.
+    assert "max_packet_size 4456448" in lines
+    text = render_config(
+        load_template(), port=18830, bind="127.0.0.1", data_dir=tmp_path, user="hubd", max_packet_size=1024 + 262144
+    )
+    assert "max_packet_size 263168" in text.splitlines()
     assert "{" not in "\n".join(line for line in lines if not line.startswith("#"))
 
 

@@ -45,6 +45,10 @@ def test_no_file_is_the_embedded_default(monkeypatch: pytest.MonkeyPatch) -> Non
         ({"auth": {"rate_limit": {"failures": True}}}, "auth.rate_limit.failures: expected int"),
         ({"auth": {"initial_password_hash": "hunter2-in-plain-text"}}, "auth.initial_password_hash: must be a bcrypt"),
         ({"limits": {"max_payload_bytes": 0}}, "limits.max_payload_bytes: must be positive, got 0"),
+        (
+            {"limits": {"quarantine_max_bytes": 100}},
+            "limits.quarantine_max_bytes: must be 1024 … 1000000000, got 100",
+        ),
         ({"broker": {"receive_maximum": 65536}}, "broker.receive_maximum: must be 1 … 65535, got 65536"),
         ({"broker": {"url": "tcp://broker:1883"}}, "broker.url: must start with mqtt://"),
         ({"broker": {"url": "mqtt://broker:18830000"}}, "broker.url: must be mqtt[s]://host[:port]"),

@@ -27,7 +27,17 @@ from hubd.config import BrokerConfig
 from hubd.drivers.mqtt_packets import MalformedPacket, parse_publish, publish_properties, reason_text
 from hubd.drivers.mqtt_session import MqttError, MqttSession
 
-__all__ = ["Done", "Handler", "MqttDriver", "MqttError", "per_message"]
+__all__ = ["AnswerTooLarge", "Done", "Handler", "MqttDriver", "MqttError", "per_message"]
+
+
+class AnswerTooLarge(Exception):
+    """An answer larger than the broker takes; it was not sent."""
+
+    def __init__(self, size: int, limit: int) -> None:
+        super().__init__(f"the answer has {size} bytes, more than the broker takes in one packet ({limit})")
+        self.size = size
+        self.limit = limit
+
 
 Done = Callable[[bool], None]
 Handler = Callable[[str, bytes, dict[str, Any], Done], None]
@@ -241,9 +251,19 @@ class MqttDriver:
     # -- outbound ------------------------------------------------------------------------------------------
 
     def publish(self, topic: str, body: dict[str, Any], correlation_data: bytes | None = None) -> int:
-        """Publish an answer (QoS 1), in order, waiting in the session's queue for a packet id; return its size."""
+        """Publish an answer (QoS 1), in order, waiting in the session's queue for a packet id; return its size.
+
+        Raises ``AnswerTooLarge``, sending nothing, for an answer larger than the broker takes (the Maximum
+        Packet Size of its CONNACK): a broker disconnects a client that sends one, and the request it answers
+        would come again and again."""
         payload = orjson.dumps(body)
-        self._session.publish(topic, payload, publish_properties("application/json", correlation_data=correlation_data))
+        properties = publish_properties("application/json", correlation_data=correlation_data)
+        # At most: fixed header 5, topic 2 + 4 bytes a character, packet id 2, properties, payload.
+        largest = 9 + 4 * len(topic) + len(properties) + len(payload)
+        limit = self._session.server_maximum_packet
+        if largest > limit and 9 + len(topic.encode()) + len(properties) + len(payload) > limit:
+            raise AnswerTooLarge(len(payload), limit)
+        self._session.publish(topic, payload, properties)
         return len(payload)
 
     # -- stopping ------------------------------------------------------------------------------------------

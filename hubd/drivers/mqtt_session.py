@@ -26,6 +26,9 @@ class MqttError(Exception):
     """The broker refused the connection or a subscription, or broke the protocol."""
 
 
+LARGEST_PACKET = 268_435_455 + 5  # MQTT's largest remaining length and the fixed header around it
+
+
 class MqttSession(asyncio.Protocol):
     """A client session: ``connect``, ``subscribe``, ``publish`` (QoS 1), ``ack``, ``disconnect``.
 
@@ -76,6 +79,7 @@ class MqttSession(asyncio.Protocol):
         # Session state, kept across connections.
         self.generation = 0  # connections so far: a packet id is meaningful only on the one it came on
         self.server_receive_maximum = 65535
+        self.server_maximum_packet = LARGEST_PACKET  # the broker's Maximum Packet Size, from its CONNACK
         self._inflight: dict[int, bytes] = {}  # packet id → QoS 1 PUBLISH not yet acknowledged, in send order
         self._queue: deque[tuple[str, bytes, bytes]] = deque()  # publishes waiting for a slot
         self.queued_total = 0  # publishes that ever waited in the queue
@@ -117,6 +121,7 @@ class MqttSession(asyncio.Protocol):
         self._up = True
         self.generation += 1
         self.server_receive_maximum = connack.first("receive_maximum", 65535)
+        self.server_maximum_packet = connack.first("maximum_packet_size", LARGEST_PACKET)
         self._keepalive_s = connack.first("server_keep_alive", self._keepalive_s)
         # Publishes the broker never acknowledged go again, marked as duplicates when it kept the session.
         mark = packets.with_dup if connack.session_present else bytes

@@ -23,7 +23,7 @@ from hubd.broker import BrokerUnreachable
 from hubd.config import BrokerConfig, LimitsConfig
 from hubd.decode import load_json_object
 from hubd.decode.native import reply_fields
-from hubd.drivers.mqtt import Done, MqttDriver, MqttError, per_message
+from hubd.drivers.mqtt import AnswerTooLarge, Done, MqttDriver, MqttError, per_message
 from hubd.ingest import Outcome
 from hubd.model import ErrorCode, HubError, RawMessage, now_ms
 from hubd.services import Request, Service, refusal
@@ -223,7 +223,27 @@ class MqttSource:
         reply_to: str | None,
         request_id: Any,
     ) -> int:
-        """Answer on the v5 response topic, else on the v3.1.1 ``reply_to``; nothing when neither is set."""
+        """Answer on the v5 response topic, else on the v3.1.1 ``reply_to``; nothing when neither is set. An
+        answer larger than the broker takes (a query page of many fields, a data answer naming thousands of
+        refused readings) is replaced by a ``too_large`` refusal that says so."""
+        try:
+            return self._publish(body, response_topic, correlation, reply_to, request_id)
+        except AnswerTooLarge as exc:
+            message = f"{exc}; ask for fewer rows or fields"
+            if "accepted" in body:  # a data answer: what became of the readings all the same
+                message = f"{exc}; {body['accepted']} readings accepted, {len(body['rejected'])} refused"
+            logger.warning("not sent: {}", message)
+            refused = refusal(HubError(ErrorCode.TOO_LARGE, message))
+            return self._publish(refused, response_topic, correlation, reply_to, request_id)
+
+    def _publish(
+        self,
+        body: dict[str, Any],
+        response_topic: str | None,
+        correlation: bytes | None,
+        reply_to: str | None,
+        request_id: Any,
+    ) -> int:
         if response_topic and self._may_answer_on(response_topic):
             return self.driver.publish(response_topic, body, correlation)
         if reply_to and self._may_answer_on(reply_to):
