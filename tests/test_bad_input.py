@@ -63,18 +63,6 @@ def site(hub: RunningHub) -> Site:
     return Site.on(hub)
 
 
-@pytest.fixture
-def problems() -> Iterator[list[str]]:
-    """Warnings and errors in the hub's operational log during the test: bad input is an ordinary event, and
-    one that makes the hub log a failure (a message not acknowledged, a lost connection) is not handled."""
-    found: list[str] = []
-    sink = logger.add(lambda m: found.append(str(m)), level="WARNING", format="{level} {message}")
-    try:
-        yield found
-    finally:
-        logger.remove(sink)
-
-
 # -- payloads that cannot be decoded at all: answered, quarantined whole, audited ---------------------------
 
 UNDECODABLE = [

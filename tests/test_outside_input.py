@@ -18,7 +18,6 @@ from typing import Any
 import pytest
 from conftest import INITIAL_PASSWORD, RunningHub
 from helpers import Site, at, last_seq, quarantined, reading, records, running_hub, warm_up
-from loguru import logger
 
 
 @pytest.fixture(scope="module")
@@ -27,17 +26,6 @@ def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
         site = Site.on(hub)
         warm_up(site)
         yield site
-
-
-@pytest.fixture
-def problems() -> Iterator[list[str]]:
-    """Warnings and errors in the hub's log during the test: crafted input is an ordinary event."""
-    found: list[str] = []
-    sink = logger.add(lambda m: found.append(str(m)), level="WARNING", format="{level} {message}")
-    try:
-        yield found
-    finally:
-        logger.remove(sink)
 
 
 def wait_for(hub: RunningHub, event: str, since: int, timeout_s: float = 10) -> dict[str, Any]:
