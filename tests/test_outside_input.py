@@ -8,6 +8,7 @@ nothing was stored, and that the hub keeps serving others afterwards.
 from __future__ import annotations
 
 import json
+import sqlite3
 import subprocess
 import time
 from collections.abc import Iterator
@@ -246,11 +247,9 @@ def test_a_source_id_user_property_that_breaks_the_id_rule_is_refused(shared: Si
     site.keeps_serving(start)
 
 
-def test_the_operators_tables_show_control_characters_visibly(shared: Site, tmp_path: Path) -> None:
+def test_the_operators_tables_show_control_characters_visibly(shared: Site) -> None:
     """Data from before these checks (or written to the state file by other means) cannot forge rows either."""
     hub = shared.hub
-    import sqlite3
-
     with sqlite3.connect(hub.config.registry_path) as db:
         db.execute(
             "INSERT INTO ders (der_id, type, area, status, added_at) VALUES (?, 'pv', ?, 'allowed', 0)",
