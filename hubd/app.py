@@ -23,6 +23,7 @@ from hubd.auth.registration import Registration
 from hubd.auth.registry import Registry
 from hubd.broker import EmbeddedBroker, packet_limit
 from hubd.config import Config
+from hubd.decode.native import ReplyRule
 from hubd.decode.vendor import Catalog, Change
 from hubd.ingest import Ingest
 from hubd.quarantine import Quarantine
@@ -85,7 +86,7 @@ class Hub:
                 store, audit, config.store.batch_max_readings, config.store.queue_max_messages
             )
             writer.start()
-            self.ingest = Ingest(auth, writer, quarantine, audit, config.limits)
+            self.ingest = Ingest(auth, writer, quarantine, audit, config.limits, ReplyRule(config.topic_prefix))
             self.catalog = Catalog([config.formats_shipped_path, config.formats_user_path])
             stack.callback(self.catalog.close)
             self._formats_changed(self.catalog.scan())

@@ -59,6 +59,7 @@ class VerifyReport:
     reason: str
 
 
+MAX_DEPTH = 64  # levels of lists and objects in one field; no record of the hub's own needs more than a few
 _HEAD_SIZE = 128  # bytes of a head file: {"seq": ..., "hash": <64 hex digits>} padded with spaces
 
 
@@ -71,26 +72,30 @@ def _digest(record: Mapping[str, object]) -> str:
     return hashlib.sha256(orjson.dumps(record, option=_SORT)).hexdigest()
 
 
-def _check_value(name: str, value: object) -> None:
+def _check_value(name: str, value: object, depth: int = 1) -> None:
     """Refuse password-like keys anywhere, and values that would not read back as the same JSON.
 
     Only JSON-native values are allowed so that re-serialising a parsed record gives the very bytes that were
     hashed; otherwise a faithful log could fail verification. Exact-type checks first: this runs per append.
+    Values nested deeper than MAX_DEPTH are refused (TypeError, like any unwritable value): a request's
+    conditions come from outside, and a few thousand levels would exhaust the recursion here and in orjson.
     """
     if type(value) in _SCALARS:
         return
+    if depth > MAX_DEPTH:
+        raise TypeError(f"audit field {name.partition('.')[0]} is nested deeper than {MAX_DEPTH} levels")
     if isinstance(value, dict):
         for key, item in value.items():
             if not isinstance(key, str):
                 raise TypeError(f"audit field {name} has a non-string key {key!r}")
             if "password" in key.lower():
                 raise ValueError(f"audit field {name}.{key} looks like a password; secrets never go to the audit log")
-            _check_value(f"{name}.{key}", item)
+            _check_value(f"{name}.{key}", item, depth + 1)
         return
     if isinstance(value, list | tuple):
         for item in value:
             if type(item) not in _SCALARS:
-                _check_value(f"{name}[]", item)
+                _check_value(f"{name}[]", item, depth + 1)
         return
     if isinstance(value, str | int | float):  # subclasses such as StrEnum serialise as their value
         return

@@ -27,7 +27,7 @@ from hubd.auth.credentials import hash_password, issue_password
 from hubd.auth.registry import Der, Registry, read_der_csv
 from hubd.config import Config, ConfigError, load_config
 from hubd.decode.vendor.commands import format_group
-from hubd.model import DER_TYPES, FIELDS, HubError, format_time, now_ms
+from hubd.model import DER_TYPES, FIELDS, HubError, format_time, now_ms, visible
 from hubd.quarantine import Quarantine, masked
 from hubd.query.buckets import INTERVALS_MS
 from hubd.query.conditions import Names, Query, decode_cursor, parse_query
@@ -252,7 +252,8 @@ def der_list(ctx: Context, status: str | None) -> None:
     with ctx.registry() as (registry, _):
         for record in sorted(registry.ders().values(), key=lambda d: d.der_id):
             if status is None or record.status == status:
-                click.echo(f"{record.der_id}\t{record.type}\t{record.status}\t{record.area or '-'}")
+                fields = (record.der_id, record.type, record.status, record.area or "-")
+                click.echo("\t".join(visible(field) for field in fields))
 
 
 @der.command("show")
@@ -347,7 +348,7 @@ def system_list(ctx: Context) -> None:
         bound = registry.bindings()
         for item in sorted(registry.systems().values(), key=lambda s: s.name):
             ders = f"\t{len(bound.get(item.name, ()))} DERs" if item.role == "gateway" else ""
-            click.echo(f"{item.name}\t{item.role}\t{item.status}{ders}")
+            click.echo(f"{visible(item.name)}\t{item.role}\t{item.status}{ders}")
 
 
 @system.command("bind")
@@ -405,7 +406,8 @@ def quarantine_list(ctx: Context, limit: int) -> None:
     for row in store.list(limit):
         size = f"{row['size']} B" if row["kept"] == row["size"] else f"{row['size']} B, cut to {row['kept']}"
         click.echo(
-            f"{row['id']}\t{format_time(row['received_at'])}\t{row['topic']}\t{row['code']}\t{size}\t{row['reason']}"
+            f"{row['id']}\t{format_time(row['received_at'])}\t{visible(row['topic'])}\t{row['code']}\t"
+            f"{size}\t{visible(row['reason'])}"
         )
     store.close()
 

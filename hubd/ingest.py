@@ -18,6 +18,7 @@ from hubd import decode
 from hubd.audit import AuditLog
 from hubd.auth import Authenticator, Refused
 from hubd.config import LimitsConfig
+from hubd.decode.native import ReplyRule
 from hubd.decode.registry import Decoded, Limits
 from hubd.model import ErrorCode, HubError, RawMessage, Reading, Sender
 from hubd.quarantine import Quarantine
@@ -78,8 +79,10 @@ class Ingest:
         quarantine: Quarantine,
         audit: AuditLog,
         limits: LimitsConfig,
+        replies: ReplyRule | None = None,
     ) -> None:
         self._auth = auth
+        self._replies = replies  # where answers may go; None: a hub without a request/response source
         self._writer = writer
         self._quarantine = quarantine
         self._audit = audit
@@ -156,6 +159,10 @@ class Ingest:
         """Decode and check credentials from memory; a message that cannot be decoded is kept and answered."""
         try:
             decoded = self._decode(raw)
+            # A reply address the hub may not answer on refuses the message before anything is stored
+            # (docs/protocol.md, Answers). Most messages have one, found good in a cached set.
+            if self._replies is not None and (raw.requester is not None or decoded.reply_to is not None):
+                self._replies.check(raw.requester, decoded.reply_to)
         except HubError as exc:
             self.keep(raw, exc)
             return {"ok": False, "error": exc.as_dict()}, None

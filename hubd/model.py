@@ -7,6 +7,7 @@ to the store without meeting protocol details.
 from __future__ import annotations
 
 import math
+import re
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -61,6 +62,17 @@ QUANTITIES: dict[str, tuple[float | None, float | None]] = {
     "soc_pct": (0.0, 100.0),
 }
 FIELDS = tuple(QUANTITIES)
+
+
+# Characters that change how a line reads on a terminal or in a table: C0 and C1 controls, DEL, and the
+# Unicode line and paragraph separators. No text the hub takes from outside may hold one.
+CONTROL_CHARACTERS = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def visible(text: str) -> str:
+    """``text`` with each control character shown as its Python escape (``\\n``, ``\\x1b``), for a table
+    row: a value written before the checks, or by other means, cannot add or rewrite rows."""
+    return CONTROL_CHARACTERS.sub(lambda found: repr(found.group())[1:-1], text)
 
 
 def out_of_range(name: str, value: float) -> str:

@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 import yaml
 from click.testing import CliRunner, Result
+from loguru import logger
 
 from hubd.app import Hub
 from hubd.auth.credentials import hash_password
@@ -55,6 +56,18 @@ def no_leaked_threads() -> Iterator[None]:
     if leaked:
         names = ", ".join(repr(t.name) for t in leaked)
         pytest.fail(f"test left non-daemon threads running: {names}", pytrace=False)
+
+
+@pytest.fixture
+def problems() -> Iterator[list[str]]:
+    """Warnings and errors in the hub's operational log during the test: bad input is an ordinary event, and
+    one that makes the hub log a failure (a message not acknowledged, a lost connection) is not handled."""
+    found: list[str] = []
+    sink = logger.add(lambda m: found.append(str(m)), level="WARNING", format="{level} {message}")
+    try:
+        yield found
+    finally:
+        logger.remove(sink)
 
 
 # -- MQTT broker -----------------------------------------------------------------------

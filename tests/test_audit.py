@@ -217,8 +217,14 @@ def test_reserved_and_non_json_fields_are_refused(tmp_path: Path) -> None:
         log.append("store", prev=ZERO)
     with pytest.raises(TypeError, match="set"):
         log.append("store", der_ids={"der-1"})
+    deep: object = 1
+    for _ in range(5000):  # a request's conditions can be nested this deep: refused, never a RecursionError
+        deep = [{"a": deep}]
+    with pytest.raises(TypeError, match="conditions is nested deeper than 64 levels"):
+        log.append("query.received", conditions={"a": deep})
+    log.append("query.received", conditions={"a": [{"a": 1}] * 3})  # a few levels are fine
     log.close()
-    assert verify(log.path).records == 1
+    assert verify(log.path).records == 2
 
 
 def test_reopen_continues_the_chain(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

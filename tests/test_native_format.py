@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from typing import Any
 
@@ -93,8 +94,11 @@ def test_reactive_power_is_derived_with_the_sign_of_the_power_factor() -> None:
 def test_reply_fields_for_mqtt311() -> None:
     decoded = decode_native(b'{"reply_to": "edge/a", "request_id": "r1", "readings": []}', LIMITS)
     assert (decoded.reply_to, decoded.request_id) == ("edge/a", "r1")
-    wildcard = decode_native(b'{"reply_to": "edge/#", "readings": []}', LIMITS)
-    assert wildcard.reply_to is None
+    for topic in ("edge/#", "$SYS/x", "", 7):
+        payload = b'{"reply_to": %s, "readings": []}' % json.dumps(topic).encode()
+        with pytest.raises(HubError) as refused:
+            decode_native(payload, LIMITS)
+        assert refused.value.code == ErrorCode.BAD_REQUEST and "reply_to" in refused.value.message
 
 
 def test_a_reading_never_shows_its_password() -> None:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Literal
 
-from hubd.model import DER_TYPES, ErrorCode, HubError
+from hubd.model import CONTROL_CHARACTERS, DER_TYPES, ErrorCode, HubError
 from hubd.state import open_state
 
 DerStatus = Literal["allowed", "registered", "revoked"]
@@ -110,8 +110,10 @@ def check_metadata(meta: dict[str, Any]) -> dict[str, Any]:
             if key == "capacity_kw" and value < 0:
                 raise HubError(ErrorCode.BAD_REQUEST, "capacity_kw must not be negative")
         elif key in ("name", "maker", "model", "area"):
-            if not isinstance(value, str) or len(value) > 200:
-                raise HubError(ErrorCode.BAD_REQUEST, f"{key} must be a string of at most 200 characters")
+            # No control characters: a newline in an area added a forged row to ``hubd der list``.
+            if not isinstance(value, str) or len(value) > 200 or CONTROL_CHARACTERS.search(value):
+                reason = f"{key} must be a string of at most 200 characters without control characters"
+                raise HubError(ErrorCode.BAD_REQUEST, reason)
         else:
             raise HubError(ErrorCode.BAD_REQUEST, f"unknown DER attribute {key!r}")
         out[key] = value

@@ -31,26 +31,87 @@ _GOOD_TOPICS_MAX = 10_000
 
 
 def _is_topic(value: object) -> bool:
-    """A topic the hub may answer on: 1-65535 bytes of UTF-8, no wildcards, nothing a broker refuses."""
+    """A topic the hub may answer on, whatever its prefix: 1-65535 bytes of UTF-8, no wildcards, not one of
+    the broker's own (``$SYS/...``: a ``$`` first), nothing a broker refuses."""
     if type(value) is not str:
         return False
     if value in _GOOD_TOPICS:
         return True
-    if not 0 < len(value.encode("utf-8", "surrogatepass")) <= 65535 or _NOT_IN_TOPICS.search(value):
+    if not 0 < len(value.encode("utf-8", "surrogatepass")) <= 65535 or value[0] == "$" or _NOT_IN_TOPICS.search(value):
         return False
     _remember(_GOOD_TOPICS, value, _GOOD_TOPICS_MAX)
     return True
 
 
+def _topic_refusal(what: str, topic: object, inside: str = "") -> HubError:
+    """Why ``topic`` is no reply address, naming the rule it breaks (docs/protocol.md, Answers); a topic
+    that breaks none is inside the hub's own topics ``inside``."""
+    if type(topic) is not str:
+        return HubError(ErrorCode.BAD_REQUEST, f"{what} must be a topic (a string)")
+    shown = repr(topic[:64]) + ("..." if len(topic) > 64 else "")
+    if topic.startswith("$"):
+        rule = "starts with $ (the broker's own topics)"
+    elif "#" in topic or "+" in topic:
+        rule = "has a wildcard (+ or #)"
+    elif not _is_topic(topic):
+        rule = "is no topic (empty, longer than 65535 bytes, or with a control character or non-character)"
+    else:
+        rule = f"is inside the hub's own topics {inside}..."
+    return HubError(ErrorCode.BAD_REQUEST, f"{what} {shown} {rule}: the hub does not answer there")
+
+
 def reply_fields(data: dict[str, Any]) -> tuple[str | None, Any]:
-    """MQTT 3.1.1 request/response: ``reply_to`` and ``request_id`` in the JSON body."""
+    """MQTT 3.1.1 request/response: ``reply_to`` and ``request_id`` in the JSON body.
+
+    A ``reply_to`` the hub can never answer on refuses the message (HubError ``bad_request``): dropping it
+    would process the message while its sender waits for an answer that never comes, and leaves no trace of
+    why. The hub's own topics are the caller's to refuse (``ReplyRule``): only it knows the prefix."""
     reply_to = data.get("reply_to")
     if reply_to is not None and not _is_topic(reply_to):
-        reply_to = None
+        raise _topic_refusal("reply address (reply_to)", reply_to)
     request_id = data.get("request_id")
     if not isinstance(request_id, str | int) or isinstance(request_id, bool):
         request_id = None
     return reply_to, request_id
+
+
+class ReplyRule:
+    """Where this hub answers: on any topic ``_is_topic`` allows, except inside its own prefix.
+
+    Inside the prefix are the topics the hub takes requests on and those it sends its own requests to
+    (``hub/v1/time/set/<source>``): an answer there would be a forged request or a loop. A reply address the
+    hub may not use refuses the message (``bad_request``) before anything is stored or asked. Addresses found
+    good are remembered (bounded), so a sender's reused reply topic costs one set lookup per message.
+    """
+
+    def __init__(self, prefix: str) -> None:
+        self._prefix = prefix
+        self._inside = prefix + "/"
+        self._good: set[str] = set()
+
+    def allows(self, topic: str) -> bool:
+        if topic in self._good:
+            return True
+        if not _is_topic(topic) or topic == self._prefix or topic.startswith(self._inside):
+            return False
+        _remember(self._good, topic, _GOOD_TOPICS_MAX)
+        return True
+
+    def check(self, response_topic: str | None, reply_to: str | None) -> None:
+        """Raise the refusal of a message's reply addresses, if one is refused; one set lookup each when good."""
+        good = self._good
+        if (response_topic is None or response_topic in good) and (reply_to is None or reply_to in good):
+            return
+        refused = self.refusal(response_topic, reply_to)
+        if refused is not None:
+            raise refused
+
+    def refusal(self, response_topic: str | None, reply_to: str | None) -> HubError | None:
+        """Why a message's reply address (MQTT v5 response topic, v3.1.1 ``reply_to``) is refused, if it is."""
+        for what, topic in (("reply address (response topic)", response_topic), ("reply address (reply_to)", reply_to)):
+            if topic is not None and not self.allows(topic):
+                return _topic_refusal(what, topic, self._inside)
+        return None
 
 
 # Each quantity's range with the open ends at the largest finite double, so one chained comparison also
@@ -285,7 +346,7 @@ def _decode_fast(payload: bytes, limits: Limits) -> Decoded | None:
         return None
     reply_to = message.reply_to
     if reply_to is not None and not _is_topic(reply_to):
-        reply_to = None
+        return None  # refused by the slow path
     return Decoded(source_id, items, reply_to, request_id, gateway)
 
 

@@ -22,7 +22,7 @@ from hubd.audit import AuditLog
 from hubd.broker import BrokerUnreachable
 from hubd.config import BrokerConfig, LimitsConfig
 from hubd.decode import load_json_object
-from hubd.decode.native import reply_fields
+from hubd.decode.native import ReplyRule, reply_fields, valid_id
 from hubd.drivers.mqtt import AnswerTooLarge, Done, MqttDriver, MqttError, per_message
 from hubd.ingest import Outcome
 from hubd.model import ErrorCode, HubError, RawMessage, now_ms
@@ -54,6 +54,7 @@ class MqttSource:
         self._audit = audit
         self._count = count  # a frequent event, for the next coalesced audit record
         self._services = {f"{prefix}/{service.name}": service for service in services}
+        self._replies = ReplyRule(prefix)  # never an answer inside the hub's own topics (docs/protocol.md)
         self.data_topic = f"{prefix}/data"
         self._data_prefix = self.data_topic + "/"  # hub/v1/data/<format code>
         self._requests = per_message(self._on_request)
@@ -103,6 +104,9 @@ class MqttSource:
         if self._is_data(topic):
             assert self._pipeline is not None
             raw = self._raw_message(topic, payload, properties)
+            if raw.properties and not valid_id(raw.source_id):  # only a user property can break the id rule
+                self._refuse_source_id(raw, properties, done)
+                return
             self._pipeline.submit(raw, partial(self._data_answered, raw, properties, done))
         else:
             self._requests(topic, payload, properties, done)
@@ -138,6 +142,27 @@ class MqttSource:
             return
         done(True)
 
+    def _refuse_source_id(self, raw: RawMessage, properties: dict[str, Any], done: Done) -> None:
+        """A data message whose MQTT v5 user property ``source_id`` breaks the id rule: kept whole in quarantine
+        under the source ``unknown`` (the stated text goes to neither the audit trail nor the store), refused
+        ``bad_request`` and acknowledged."""
+        assert self._pipeline is not None
+        stated = raw.source_id
+        raw.source_id = "unknown"
+        error = HubError(
+            ErrorCode.BAD_REQUEST,
+            f"source_id (MQTT v5 user property, {len(stated)} characters) must be 1-64 characters of letters, "
+            "digits and ._:-",
+        )
+        try:
+            self._pipeline.keep(raw, error)
+            self._answer(refusal(error), *_v5_reply(properties), *_reply_of(raw.payload))
+        except Exception:
+            logger.exception("message on {} failed; not acknowledged, the broker will deliver it again", raw.topic)
+            done(False)
+            return
+        done(True)
+
     async def _on_request(self, topic: str, payload: bytes, properties: dict[str, Any]) -> None:
         try:
             await self._serve(topic, payload, properties)
@@ -152,9 +177,19 @@ class MqttSource:
         started = time.perf_counter()
         response_topic, correlation = _v5_reply(properties)
         body, error = _json_request(payload, self._limits.max_payload_bytes)
-        reply_to, request_id = reply_fields(body) if body else (None, None)
+        reply_to, request_id, refused = None, None, None
+        if body:
+            try:
+                reply_to, request_id = reply_fields(body)
+            except HubError as exc:
+                refused = exc
+        refused = refused or self._replies.refusal(response_topic, reply_to)
         requester = response_topic or reply_to
-        answer = await service.handle(Request(body, error, requester))
+        if refused is not None:  # not handed to the service: nothing is registered, queried or told
+            self._audit.append("request.refused", refused.code.value, topic=topic, reason=refused.message)
+            answer = refusal(refused)
+        else:
+            answer = await service.handle(Request(body, error, requester))
         self._audit.flush()  # audited before answered
         size = self._answer(answer, response_topic, correlation, reply_to, request_id)
         outcome = "ok" if answer.get("ok") else answer["error"]["code"]
@@ -223,9 +258,10 @@ class MqttSource:
         reply_to: str | None,
         request_id: Any,
     ) -> int:
-        """Answer on the v5 response topic, else on the v3.1.1 ``reply_to``; nothing when neither is set. An
-        answer larger than the broker takes (a query page of many fields, a data answer naming thousands of
-        refused readings) is replaced by a ``too_large`` refusal that says so."""
+        """Answer on the v5 response topic, else on the v3.1.1 ``reply_to``; nothing when neither is set, nor
+        on an address the hub may not use (``ReplyRule``). An answer larger than the broker takes (a query page
+        of many fields, a data answer naming thousands of refused readings) is replaced by a ``too_large``
+        refusal that says so."""
         try:
             return self._publish(body, response_topic, correlation, reply_to, request_id)
         except AnswerTooLarge as exc:
@@ -244,17 +280,14 @@ class MqttSource:
         reply_to: str | None,
         request_id: Any,
     ) -> int:
-        if response_topic and self._may_answer_on(response_topic):
-            return self.driver.publish(response_topic, body, correlation)
-        if reply_to and self._may_answer_on(reply_to):
+        """A refused response topic is not replaced by ``reply_to``: the sender asked for its answer there."""
+        if response_topic:
+            return self.driver.publish(response_topic, body, correlation) if self._replies.allows(response_topic) else 0
+        if reply_to and self._replies.allows(reply_to):
             if request_id is not None:
                 body = {**body, "request_id": request_id}
             return self.driver.publish(reply_to, body)
         return 0
-
-    def _may_answer_on(self, topic: str) -> bool:
-        # Never answer into a topic the hub itself takes requests on: that would loop.
-        return topic not in self._services and not self._is_data(topic) and "#" not in topic and "+" not in topic
 
 
 def _data_outcome(answer: dict[str, Any]) -> str:
