@@ -54,6 +54,7 @@ class Hub:
                 loop.add_signal_handler(sig, self.stop)
         async with AsyncExitStack() as stack:
             url = config.broker.url
+            broker = None
             if url is None:
                 broker = EmbeddedBroker(
                     config.data_path,
@@ -66,6 +67,10 @@ class Hub:
                 url = broker.url
             self.audit = audit = AuditLog(config.audit_path, fsync=config.audit.fsync)
             stack.callback(audit.close)
+            supervising = None
+            if broker is not None:  # cancelled before the broker is stopped and the audit closed (the stack's order)
+                supervising = asyncio.create_task(broker.supervise(self._broker_restarted), name="hubd-broker")
+                stack.push_async_callback(_cancel, supervising)
             pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="hubd-bcrypt")
             stack.callback(pool.shutdown)
             registry = Registry(config.registry_path)
@@ -121,17 +126,30 @@ class Hub:
             )
             self.ready.set()
             watcher = asyncio.create_task(self._watch_formats(), name="hubd-formats")
-            await self._stop.wait()
+            stopping = asyncio.create_task(self._stop.wait(), name="hubd-stop")
+            await asyncio.wait([t for t in (stopping, supervising) if t is not None], return_when="FIRST_COMPLETED")
+            stopping.cancel()
             watcher.cancel()
+            failure = supervising.exception() if supervising is not None and supervising.done() else None
+            if failure is not None:
+                audit.append("broker.failed", "error", reason=str(failure))
             logger.info("stopping: taking no new messages, committing and answering those in hand")
             await self.sources.stop()
             await self.ingest.close()
             await writer.close()
             audit.append("hub.stop")
+        if failure is not None:
+            raise failure  # the CLI says it in one line; systemd's Restart= starts the whole hub again
         logger.info("hubd stopped")
 
     def stop(self) -> None:
         self._stop.set()
+
+    def _broker_restarted(self, status: int) -> None:
+        """The embedded broker died and runs again: said once, audited with how it ended (-9: SIGKILL)."""
+        logger.warning("the embedded broker exited with status {} and was started again", status)
+        self.audit.append("broker.restarted", status=status)
+        self.audit.flush()
 
     async def _watch_formats(self) -> None:
         """Keep the vendor formats in step with their folders: a change counts within ``formats.poll_s``."""
@@ -152,6 +170,12 @@ class Hub:
                 self.audit.append(change.event, code=change.code, file=change.file)
         if changes:
             self.audit.flush()
+
+
+async def _cancel(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 def _quiet_gc() -> None:

@@ -5,12 +5,20 @@ Mosquitto runs as a child process with a configuration rendered from
 polled, not with asyncio's subprocess support, so that the same code serves the
 async hub (``start``/``stop``) and the sync test fixtures (``start_sync``/``stop_sync``)
 and works from any thread or event loop.
+
+While the hub runs, ``supervise`` starts Mosquitto again whenever it dies (same port, same persistence). It
+cannot outlive hubd: the kernel sends it SIGTERM when hubd's thread that started it dies (even by SIGKILL),
+and one left from an earlier run all the same (hubd was root, so Mosquitto's change of user cleared that
+signal; or the kernel was older) is found by its pid file and stopped at the next start.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
+import ctypes.util
+import fcntl
 import os
 import pwd
 import re
@@ -19,17 +27,22 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 from typing import NoReturn
+
+from loguru import logger
 
 from hubd.config import LimitsConfig
 from hubd.port_holder import describe_holder
 
 __all__ = [
     "TEMPLATE_PATH",
+    "BrokerFailed",
     "BrokerNotInstalled",
     "BrokerNotStarted",
+    "DataDirInUse",
     "EmbeddedBroker",
     "PortInUse",
     "find_mosquitto",
@@ -52,6 +65,15 @@ STOP_TIMEOUT = 5.0
 _POLL_INTERVAL = 0.02
 _LOG_TAIL_LINES = 15
 _FAILED_TAIL_LINES = 3  # enough for Mosquitto's reason, short enough for one line
+
+#: Restarts of a broker that keeps dying: more than this many in a row, each within STEADY_S of its start,
+#: and hubd gives up (one line; systemd's Restart= then starts the whole hub again).
+MAX_RESTARTS = 5
+STEADY_S = 60.0
+_WATCH_INTERVAL = 0.05  # how often the supervisor looks at the process: a restart begins within this time
+
+_PR_SET_PDEATHSIG = 1
+_prctl = getattr(ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True), "prctl", None)
 
 _PLACEHOLDER = re.compile(r"\{[a-z_]+\}")
 PACKET_HEADROOM = 256 * 1024  # a packet's bytes besides its payload that the broker allows (packet_limit)
@@ -90,6 +112,21 @@ class PortInUse(BrokerNotStarted):
         super().__init__(
             f"cannot start the embedded broker: port {port} on {bind} is already in use by {holder}; {ways}"
         )
+
+
+class DataDirInUse(BrokerNotStarted):
+    """Another hubd runs its embedded broker on the same data directory; starting a second would stop the
+    first one's broker (its pid file names it) or fight over the persistence file."""
+
+    def __init__(self, broker_dir: Path) -> None:
+        super().__init__(
+            f"cannot start the embedded broker: another hubd already runs one on {broker_dir} "
+            "(it holds hubd.lock there); stop that hubd, or give this one another data_dir"
+        )
+
+
+class BrokerFailed(BrokerNotStarted):
+    """The embedded broker kept dying while the hub ran: it was started again MAX_RESTARTS times in a row."""
 
 
 class BrokerNotInstalled(Exception):
@@ -185,6 +222,24 @@ def render_config(
     return text
 
 
+def _die_with_parent(parent: int) -> Callable[[], None]:
+    """The child's last step before exec: ask the kernel for SIGTERM when hubd's starting thread dies.
+
+    Only a prctl call, prepared before the fork (the child of a threaded process must not import or lock).
+    The kernel clears the setting when the child changes its user, which Mosquitto does when hubd runs as
+    root; the pid file covers that case at the next start.
+    """
+    prctl = _prctl
+
+    def arm() -> None:
+        if prctl is not None:
+            prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        if os.getppid() != parent:  # hubd died before the request took effect
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return arm
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """Return a TCP port that is free right now (the OS picks it; it may be taken later)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -238,7 +293,12 @@ class EmbeddedBroker:
         self.broker_dir = self.data_dir / "mosquitto"
         self.config_path = self.broker_dir / "mosquitto.conf"
         self.log_path = self.broker_dir / "mosquitto.log"
+        self.pid_path = self.broker_dir / "mosquitto.pid"  # written by Mosquitto itself (pid_file)
+        self.lock_path = self.broker_dir / "hubd.lock"
         self._process: subprocess.Popen[bytes] | None = None
+        self._started_at = 0.0
+        self._stopping = False
+        self._lock: int | None = None  # the open lock file while this object runs a broker
         self._log_offset = 0
 
     @property
@@ -275,24 +335,91 @@ class EmbeddedBroker:
             data_dir=self.data_dir,
             max_packet_size=self.max_packet_size,
         )
-        # Without this check, our readiness probe would happily connect to whatever
-        # already listens there while our Mosquitto is still failing to bind.
-        if _accepts(self.host, self.port):
-            raise PortInUse(self.port, self.bind, describe_holder(self.port, self.host))
         self.broker_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        self.config_path.write_text(config, encoding="utf-8")
-        with self.log_path.open("ab") as log:
-            self._log_offset = log.tell()
-            self._process = subprocess.Popen(
-                [self.executable, "-c", str(self.config_path)],
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=log,
-                cwd=self.broker_dir,
-                # Own process group: a Ctrl-C on hubd's terminal must not kill the broker
-                # before hubd has disconnected; hubd stops it explicitly.
-                start_new_session=True,
-            )
+        self._claim()
+        try:
+            self._stop_stale()
+            # Without this check, our readiness probe would happily connect to whatever
+            # already listens there while our Mosquitto is still failing to bind.
+            if _accepts(self.host, self.port):
+                raise PortInUse(self.port, self.bind, describe_holder(self.port, self.host))
+            self.config_path.write_text(config, encoding="utf-8")
+            with self.log_path.open("ab") as log:
+                self._log_offset = log.tell()
+                self._process = subprocess.Popen(
+                    [self.executable, "-c", str(self.config_path)],
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=log,
+                    cwd=self.broker_dir,
+                    # Own process group: a Ctrl-C on hubd's terminal must not kill the broker
+                    # before hubd has disconnected; hubd stops it explicitly.
+                    start_new_session=True,
+                    preexec_fn=_die_with_parent(os.getpid()),
+                )
+        except BaseException:
+            self._unclaim()
+            raise
+        self._started_at = time.monotonic()
+        self._stopping = False
+
+    def _claim(self) -> None:
+        """Lock ``hubd.lock`` for as long as this object runs a broker: a second hubd on the same data directory
+        is told so, instead of taking the first one's Mosquitto for a stale one and stopping it. The kernel
+        releases the lock when hubd dies, however it dies (Mosquitto does not inherit it: close_fds)."""
+        if self._lock is not None:
+            return
+        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise DataDirInUse(self.broker_dir) from None
+        self._lock = fd
+
+    def _unclaim(self) -> None:
+        fd, self._lock = self._lock, None
+        if fd is not None:
+            os.close(fd)  # closing releases the lock
+
+    def _stop_stale(self) -> None:
+        """Stop a Mosquitto left running on our config by an earlier run, which holds our port and our database.
+
+        Its pid file names it; it is stopped only if that process really runs our config (a pid may have been
+        reused), and only by a hubd holding the lock (so no live hubd owns it). What cannot be stopped is
+        named in one line.
+        """
+        try:
+            pid = int(self.pid_path.read_text(encoding="ascii").strip())
+        except (OSError, ValueError):
+            return
+        if not self._runs_our_config(pid):
+            return
+        logger.warning("stopping the embedded broker left running by an earlier hubd (pid {})", pid)
+        try:
+            for sig, wait in ((signal.SIGTERM, STOP_TIMEOUT), (signal.SIGKILL, 1.0)):
+                os.kill(pid, sig)  # SIGTERM first: Mosquitto saves its database on the way out
+                deadline = time.monotonic() + wait
+                while self._runs_our_config(pid) and time.monotonic() < deadline:
+                    time.sleep(_POLL_INTERVAL)
+                if not self._runs_our_config(pid):
+                    return
+        except ProcessLookupError:
+            return
+        except PermissionError:
+            pass
+        raise BrokerNotStarted(
+            f"cannot start the embedded broker: the one an earlier hubd left running (pid {pid}, on "
+            f"{self.config_path}) could not be stopped; stop it (kill {pid}) and start hubd again"
+        )
+
+    def _runs_our_config(self, pid: int) -> bool:
+        """True if process ``pid`` is a Mosquitto started on this broker's config (and not yet a zombie)."""
+        try:
+            arguments = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            return False
+        return b"-c" in arguments and os.fsencode(self.config_path) in arguments
 
     def _check_ready(self) -> bool:
         """True once Mosquitto listens; raise BrokerNotStarted if it has exited."""
@@ -359,6 +486,7 @@ class EmbeddedBroker:
 
     def _terminate(self) -> subprocess.Popen[bytes] | None:
         """Send SIGTERM (Mosquitto then saves its database) and return the process to wait for."""
+        self._stopping = True  # an exit from here on is ours: not one for ``supervise`` to repair
         process = self._process
         if process is None:
             return None
@@ -375,6 +503,7 @@ class EmbeddedBroker:
                 with contextlib.suppress(ProcessLookupError):
                     process.kill()
             process.wait()
+        self._unclaim()
 
     def stop_sync(self, timeout: float = STOP_TIMEOUT) -> None:
         """Stop the broker: SIGTERM, wait up to ``timeout`` s, then SIGKILL. Idempotent."""
@@ -394,6 +523,37 @@ class EmbeddedBroker:
         while process.poll() is None and time.monotonic() < deadline:
             await asyncio.sleep(_POLL_INTERVAL)
         self._kill_now()
+
+    # -- supervising -------------------------------------------------------------------
+
+    async def supervise(self, restarted: Callable[[int], None]) -> NoReturn:
+        """Start the broker again, at once, each time it dies, until cancelled; ``restarted(status)`` follows each.
+
+        Every message it had acknowledged to an edge and saved waits in its database, and hubd's driver
+        reconnects by itself, so ingest resumes without an operator. A broker that dies again and again
+        (more than MAX_RESTARTS times in a row, each within STEADY_S of its start) will not be helped by
+        more of the same: BrokerFailed then says so in one line, with what its log said last.
+        """
+        in_a_row = 0
+        while True:
+            process = self._process
+            if process is None:
+                raise RuntimeError("the embedded broker is not started")
+            while process.poll() is None or self._stopping:
+                await asyncio.sleep(_WATCH_INTERVAL)
+            status = process.returncode
+            in_a_row = 1 if time.monotonic() - self._started_at >= STEADY_S else in_a_row + 1
+            if in_a_row > MAX_RESTARTS:
+                tail = " | ".join(self.log_tail(_FAILED_TAIL_LINES).splitlines())
+                raise BrokerFailed(
+                    f"the embedded broker died {in_a_row} times in a row within {STEADY_S:g} s of its start, "
+                    f"the last time with status {status}; {self.log_path} says: {tail}"
+                )
+            logger.warning("the embedded broker exited with status {}; starting it again", status)
+            self._process = None  # reaped by poll()
+            self._unclaim()
+            await self.start()
+            restarted(status)
 
     # -- context managers ----------------------------------------------------------
 

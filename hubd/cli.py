@@ -121,13 +121,13 @@ class _Group(click.Group):
     """Turns the errors an operator can act on into one clear line instead of a traceback."""
 
     def invoke(self, ctx: click.Context) -> Any:
-        from hubd.broker import BrokerNotInstalled, BrokerNotStarted, BrokerUnreachable, PortInUse
+        from hubd.broker import BrokerNotInstalled, BrokerNotStarted, BrokerUnreachable, DataDirInUse, PortInUse
 
         try:
             return super().invoke(ctx)
         except AuditError as exc:
             raise click.ClickException(f"audit trail: {exc}") from None
-        except (ConfigError, BrokerNotInstalled, PortInUse) as exc:
+        except (ConfigError, BrokerNotInstalled, PortInUse, DataDirInUse) as exc:
             raise ConfigProblem(str(exc)) from None
         except (BrokerNotStarted, BrokerUnreachable) as exc:
             raise click.ClickException(str(exc)) from None

@@ -11,9 +11,12 @@ import sys
 import time
 from pathlib import Path
 
-from conftest import RunningHub, write_config
+import yaml
+from conftest import INITIAL_PASSWORD, TEST_BCRYPT_ROUNDS, RunningHub, write_config
 
-from hubd.broker import EmbeddedBroker, free_port
+from hubd.auth.credentials import hash_password
+from hubd.broker import EmbeddedBroker, free_port, load_template, render_config
+from hubd.cli import EXIT_CONFIG
 
 
 def _count(db: Path) -> int:
@@ -175,3 +178,161 @@ def test_a_broker_that_does_not_listen_stops_hubd_run_with_one_line(tmp_path: Pa
         .splitlines()[-1]
         .startswith(f"Error: cannot connect to the broker at mqtt://127.0.0.1:{port}: ")
     )
+
+
+# -- the embedded broker under a running hub -------------------------------------------------------------------
+
+
+def _embedded_config(tmp_path: Path, port: int) -> Path:
+    """An embedded-default hubd.yaml on ``port`` that lets any DER register (no operator step in these tests)."""
+    config = {
+        "data_dir": "data",
+        "broker": {"embedded_port": port},
+        "auth": {
+            "initial_password_hash": hash_password(INITIAL_PASSWORD, TEST_BCRYPT_ROUNDS),
+            "bcrypt_rounds": TEST_BCRYPT_ROUNDS,
+            "registration_mode": "open",
+        },
+    }
+    path = tmp_path / "hubd.yaml"
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    return path
+
+
+def _rr(port: int, topic: str, body: dict[str, object], wait_s: int = 2) -> dict[str, object] | None:
+    mqtt = ["-h", "127.0.0.1", "-p", str(port), "-q", "1"]
+    out = subprocess.run(
+        ["mosquitto_rr", *mqtt, "-t", topic, "-e", "t/answers", "-m", json.dumps(body), "-W", str(wait_s)],
+        capture_output=True,
+        timeout=wait_s + 5,
+        check=False,
+    )
+    return dict(json.loads(out.stdout)) if out.returncode == 0 else None
+
+
+def _alive(pid: int) -> bool:
+    """True while ``pid`` runs (a zombie does not count: its cmdline is empty)."""
+    try:
+        return bool(Path(f"/proc/{pid}/cmdline").read_bytes())
+    except OSError:
+        return False
+
+
+def _broker_pid(data: Path) -> int:
+    return int((data / "mosquitto" / "mosquitto.pid").read_text(encoding="ascii"))
+
+
+def _audit_events(data: Path, event: str) -> list[dict[str, object]]:
+    records = [json.loads(line) for line in (data / "audit.jsonl").read_text(encoding="utf-8").splitlines()]
+    return [record for record in records if record["event"] == event]
+
+
+def test_a_killed_embedded_broker_is_started_again_and_ingest_resumes(tmp_path: Path) -> None:
+    port = free_port()
+    config = _embedded_config(tmp_path, port)
+    data = tmp_path / "data"
+    daemon = _start_daemon(config)
+    try:
+        assert _wait_for(lambda: _serving(port), 20)
+        register = {"der_id": "PV-0001", "password": INITIAL_PASSWORD, "type": "pv"}
+        answer = _rr(port, "hub/v1/register", register)
+        assert answer is not None and answer["ok"], answer
+        first = _broker_pid(data)
+        os.kill(first, signal.SIGKILL)
+        killed = time.monotonic()
+        reading = {"der_id": "PV-0001", "password": answer["password"], "measured_at": 0, "power_kw": 1.0}
+        stored = None
+        while stored is None and time.monotonic() - killed < 5:
+            stored = _rr(port, "hub/v1/data", {"readings": [reading]})  # refused while the broker is away
+        took = time.monotonic() - killed
+        assert stored is not None and stored["ok"], f"no answer within {took:.1f} s of the kill"
+        assert _count(data / "readings.sqlite3") == 1
+        restarted = _audit_events(data, "broker.restarted")
+        assert [record["status"] for record in restarted] == [-signal.SIGKILL]
+        second = _broker_pid(data)
+        assert second != first and _alive(second)
+        daemon.send_signal(signal.SIGTERM)
+        assert daemon.wait(15) == 0
+        assert not _alive(second)
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+            daemon.wait()
+
+
+def test_the_embedded_broker_does_not_outlive_a_killed_hubd(tmp_path: Path) -> None:
+    port = free_port()
+    daemon = _start_daemon(_embedded_config(tmp_path, port))
+    pid = None
+    try:
+        assert _wait_for(lambda: _serving(port), 20)
+        pid = _broker_pid(tmp_path / "data")
+        daemon.kill()  # SIGKILL to hubd's process alone, not its group (the broker has a session of its own)
+        daemon.wait()
+        assert _wait_for(lambda: not _alive(pid), 2), "the embedded broker outlived hubd"
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+            daemon.wait()
+        if pid is not None and _alive(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_a_broker_left_from_an_earlier_run_is_stopped_by_the_next_run(tmp_path: Path) -> None:
+    port = free_port()
+    config = _embedded_config(tmp_path, port)
+    data = tmp_path / "data"
+    # What a hubd killed outright before the parent-death signal left: a Mosquitto on its config, its pid file.
+    broker = EmbeddedBroker(data, port=port)
+    (data / "mosquitto").mkdir(parents=True)
+    broker.config_path.write_text(render_config(load_template(), port=port, bind="127.0.0.1", data_dir=data))
+    stale = subprocess.Popen([broker.executable, "-c", str(broker.config_path)], start_new_session=True)
+    daemon = None
+    try:
+        assert _wait_for(lambda: broker.pid_path.exists() and _serving_broker(port), 10)
+        assert _broker_pid(data) == stale.pid
+        daemon = _start_daemon(config)
+        assert _wait_for(lambda: _serving(port), 20)
+        assert stale.wait(5) == 0  # SIGTERM: it saved its database on the way out
+        assert _broker_pid(data) != stale.pid
+        daemon.send_signal(signal.SIGTERM)
+        assert daemon.wait(15) == 0
+    finally:
+        for process in (daemon, stale):
+            if process is not None and process.poll() is None:
+                process.kill()
+                process.wait()
+
+
+def test_a_second_hubd_on_the_same_data_leaves_the_first_ones_broker_alone(tmp_path: Path) -> None:
+    port = free_port()
+    config = _embedded_config(tmp_path, port)
+    daemon = _start_daemon(config)
+    try:
+        assert _wait_for(lambda: _serving(port), 20)
+        pid = _broker_pid(tmp_path / "data")
+        second = subprocess.run(
+            [sys.executable, "-m", "hubd.cli", "--config", str(config), "run"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)},
+        )
+        assert second.returncode == EXIT_CONFIG, second.stderr
+        assert "another hubd already runs one on" in second.stderr.strip().splitlines()[-1]
+        assert _alive(pid) and _serving(port)
+        daemon.send_signal(signal.SIGTERM)
+        assert daemon.wait(15) == 0
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+            daemon.wait()
+
+
+def _serving_broker(port: int) -> bool:
+    probe = subprocess.run(
+        ["mosquitto_pub", "-h", "127.0.0.1", "-p", str(port), "-t", "probe", "-m", "1"],
+        capture_output=True,
+        check=False,
+    )
+    return probe.returncode == 0

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import subprocess
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -465,6 +466,30 @@ def test_reconnects_and_resubscribes_after_the_broker_restarts(broker: EmbeddedB
     asyncio.run(main())
     assert sum("disconnected from the broker" in line for line in log_lines) == 1
     assert sum("connected to mqtt://" in line for line in log_lines) == 2
+
+
+def test_the_first_attempt_to_reconnect_to_a_broker_that_came_back_is_made_at_once(broker: EmbeddedBroker) -> None:
+    """A broker restarted faster than the driver notices (as hubd restarts its own) is reached again at once: every
+    moment before the subscription is made again, a broker that lost the session drops what edges send."""
+
+    async def main() -> float:
+        received: Received = []
+        driver = MqttDriver(_config(broker), broker.url, ["t/back"], _recorder(received))
+        await driver.start()
+        generation = driver._session.generation
+        broker.stop_sync()  # the event loop is held meanwhile: the driver sees the loss with the broker back
+        broker.start_sync()
+        back = time.monotonic()
+        await _until(lambda: driver._session.generation > generation and driver.connected, 5)
+        took = time.monotonic() - back
+        await _apub(broker, "t/back", "-q", "1", message="after")
+        await _until(lambda: len(received) == 1)
+        await driver.stop()
+        return took
+
+    took = asyncio.run(main())
+    # Waiting first, even the shortest backoff would take 50 ms or more; connecting and subscribing take a few.
+    assert took < 0.05, f"reconnected {took * 1000:.0f} ms after the broker was back"
 
 
 def test_password_login_and_refusal_log_no_password(tmp_path: Path, log_lines: list[str]) -> None:

@@ -142,9 +142,10 @@ class MqttDriver:
             raise
 
     async def _connect(self) -> None:
-        await self._session.connect(self._host, self._port, self._tls)
-        # Subscribe on every connect: cheap, and it restores the subscription if the broker lost the session.
-        codes = await self._session.subscribe(self._topics, qos=1)
+        # Subscribe on every connect, first of all: cheap, and it restores the subscription at once if the broker
+        # lost the session (a broker restarted before it saved it takes edges' messages and drops them meanwhile).
+        await self._session.connect(self._host, self._port, self._tls, topics=self._topics)
+        codes = await self._session.subscribed()
         refused = [
             f"{topic}: {reason_text(code)}" for topic, code in zip(self._topics, codes, strict=False) if code >= 0x80
         ]
@@ -168,21 +169,28 @@ class MqttDriver:
             self._reconnecting = asyncio.get_running_loop().create_task(self._reconnect(), name="hubd-mqtt-reconnect")
 
     async def _reconnect(self) -> None:
-        """Try again with a capped, jittered exponential backoff until connected (or stopped)."""
+        """Try again at once, then with a capped, jittered exponential backoff until connected (or stopped).
+
+        At once, because a broker that came back (the embedded one is started again within a tenth of a
+        second) without hubd's session takes the edges' messages meanwhile and, with no subscriber, drops them:
+        every moment before ``_connect`` subscribes again is data lost.
+        """
         wait, longest = _RECONNECT_S
+        first = True
         while self._accepting:
-            await asyncio.sleep(wait * random.uniform(0.5, 1.0))
+            if not first:
+                await asyncio.sleep(wait * random.uniform(0.5, 1.0))
+                wait = min(wait * 2, longest)
+            first = False
             try:
                 await self._connect()
                 return
             except MqttError as exc:  # refused: worth saying each time, it will not pass by itself
                 logger.error("reconnecting to the broker failed: {}", exc)
                 await self._session.disconnect()
-                wait = min(wait * 2, longest)
             except (OSError, TimeoutError) as exc:  # not there yet: said once, when the connection was lost
                 logger.debug("reconnecting to the broker failed: {}", exc)
                 await self._session.disconnect()
-                wait = min(wait * 2, longest)
 
     # -- inbound -------------------------------------------------------------------------------------------
 

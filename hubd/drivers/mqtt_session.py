@@ -76,6 +76,8 @@ class MqttSession(asyncio.Protocol):
         self._last_out = 0.0
         self._ping_sent: float | None = None
         self._subscribing: dict[int, asyncio.Future[list[int]]] = {}
+        self._first_topics: list[str] | None = None  # subscribed to with CONNECT
+        self._first_subscription: asyncio.Future[list[int]] | None = None
         # Session state, kept across connections.
         self.generation = 0  # connections so far: a packet id is meaningful only on the one it came on
         self.server_receive_maximum = 65535
@@ -93,22 +95,35 @@ class MqttSession(asyncio.Protocol):
         return self._up
 
     async def connect(
-        self, host: str, port: int, tls: ssl.SSLContext | None = None, timeout_s: float = 10.0
+        self,
+        host: str,
+        port: int,
+        tls: ssl.SSLContext | None = None,
+        timeout_s: float = 10.0,
+        topics: list[str] | None = None,
     ) -> packets.ConnAck:
-        """Open a connection, send CONNECT and wait for CONNACK; raise MqttError if the broker refuses."""
+        """Open a connection, send CONNECT and wait for CONNACK; raise MqttError if the broker refuses.
+
+        ``topics`` are subscribed to (QoS 1) in the same write as CONNECT, before anything else goes out (the
+        publishes to resend, queued answers): a broker that lost the session drops what arrives for them until
+        then. ``subscribed()`` then waits for the SUBACK.
+        """
         if self._transport is not None:
             raise RuntimeError("already connected")
         loop = asyncio.get_running_loop()
         self._closing = False
         self._connack = loop.create_future()
+        self._first_topics = topics
         await asyncio.wait_for(loop.create_connection(lambda: self, host, port, ssl=tls), timeout_s)
         try:
             connack = await asyncio.wait_for(self._connack, timeout_s)
         except BaseException:
             self._abort()
+            self._forget_first_subscription()
             raise
         if connack.reason >= 0x80:
             self._abort()
+            self._forget_first_subscription()
             text = connack.first("reason_string")
             raise MqttError(
                 f"the broker at {host}:{port} refused the connection: {packets.reason_text(connack.reason)}"
@@ -132,6 +147,27 @@ class MqttSession(asyncio.Protocol):
             self._last_out = time.monotonic()
             self._ping_sent = None
             self._keepalive = asyncio.get_running_loop().call_later(self._keepalive_s / 2, self._check_alive)
+
+    async def subscribed(self, timeout_s: float = 10.0) -> list[int]:
+        """Wait for the SUBACK of the topics given to ``connect``; return its reason codes (as ``subscribe``)."""
+        done = self._first_subscription
+        if done is None:
+            raise RuntimeError("connect() was given no topics")
+        try:
+            return await asyncio.wait_for(asyncio.shield(done), timeout_s)
+        finally:
+            self._forget_first_subscription()
+
+    def _forget_first_subscription(self) -> None:
+        done, self._first_subscription = self._first_subscription, None
+        if done is not None:
+            for packet_id, waiting in list(self._subscribing.items()):
+                if waiting is done:
+                    del self._subscribing[packet_id]
+            if not done.done():
+                done.cancel()
+            elif not done.cancelled():
+                done.exception()  # retrieved: a connection refused or lost is reported by connect()
 
     async def subscribe(self, topics: list[str], qos: int = 1, timeout_s: float = 10.0) -> list[int]:
         """Subscribe and wait for SUBACK; return its reason codes (the granted QoS, or an error ≥ 0x80)."""
@@ -199,6 +235,11 @@ class MqttSession(asyncio.Protocol):
                 password=self._password if self._username is not None else None,
             )
         )
+        if self._first_topics:  # MQTT lets a client send on before CONNACK: the subscription is not a turn late
+            packet_id = self._next_id()
+            self._first_subscription = done = asyncio.get_running_loop().create_future()
+            self._subscribing[packet_id] = done
+            self._write_now(packets.subscribe(packet_id, self._first_topics, 1))
 
     def connection_lost(self, exc: Exception | None) -> None:
         was_up, expected = self._up, self._closing
