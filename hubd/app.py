@@ -118,7 +118,7 @@ class Hub:
             await self.sources.start(self.ingest)
             registered = sum(der.status == "registered" for der in auth.ders.values())
             logger.info(
-                "hubd serving on {} (prefix {}), {} DERs known, {} of them registered",
+                "hubd serving on {} (prefix {}), DERs known: {}, registered: {}",
                 url,
                 config.topic_prefix,
                 len(auth.ders),

@@ -226,8 +226,8 @@ def _die_with_parent(parent: int) -> Callable[[], None]:
     """The child's last step before exec: ask the kernel for SIGTERM when hubd's starting thread dies.
 
     Only a prctl call, prepared before the fork (the child of a threaded process must not import or lock).
-    The kernel clears the setting when the child changes its user, which Mosquitto does when hubd runs as
-    root; the pid file covers that case at the next start.
+    The kernel would clear the setting if the child changed its user; the embedded config keeps hubd's own
+    (``user``), and the pid file covers a broker left running all the same at the next start.
     """
     prctl = _prctl
 

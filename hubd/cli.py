@@ -347,7 +347,8 @@ def system_list(ctx: Context) -> None:
     with ctx.registry() as (registry, _):
         bound = registry.bindings()
         for item in sorted(registry.systems().values(), key=lambda s: s.name):
-            ders = f"\t{len(bound.get(item.name, ()))} DERs" if item.role == "gateway" else ""
+            count = len(bound.get(item.name, ()))
+            ders = f"\t{count} DER{'' if count == 1 else 's'}" if item.role == "gateway" else ""
             click.echo(f"{visible(item.name)}\t{item.role}\t{item.status}{ders}")
 
 

@@ -159,14 +159,18 @@ class Ingest:
         """Decode and check credentials from memory; a message that cannot be decoded is kept and answered."""
         try:
             decoded = self._decode(raw)
-            # A reply address the hub may not answer on refuses the message before anything is stored
-            # (docs/protocol.md, Answers). Most messages have one, found good in a cached set.
-            if self._replies is not None and (raw.requester is not None or decoded.reply_to is not None):
-                self._replies.check(raw.requester, decoded.reply_to)
         except HubError as exc:
             self.keep(raw, exc)
             return {"ok": False, "error": exc.as_dict()}, None
         source_id = decoded.source_id or raw.source_id
+        # A reply address the hub may not answer on refuses the message before anything is stored
+        # (docs/protocol.md, Answers). Most messages have one, found good in a cached set.
+        if self._replies is not None and (raw.requester is not None or decoded.reply_to is not None):
+            try:
+                self._replies.check(raw.requester, decoded.reply_to)
+            except HubError as exc:
+                self.keep(raw, exc, source_id)
+                return {"ok": False, "error": exc.as_dict()}, None
         # Whom the message speaks for: its source's sender, or the gateway it names (the DERs bound to it, or
         # why it is refused; None while only bcrypt can judge its password).
         sender = raw.sender if decoded.gateway is None else self._auth.gateway_precheck(*decoded.gateway)
@@ -306,14 +310,15 @@ class Ingest:
             self._audit.append(event, summary.outcome(), source_id=source_id, **summary.fields())
         return rejected
 
-    def keep(self, raw: RawMessage, error: HubError) -> None:
+    def keep(self, raw: RawMessage, error: HubError, source_id: str | None = None) -> None:
         """Keep a message the hub could not take in quarantine (its payload's first bytes, its size and hash),
-        and audit it."""
+        and audit it, under ``source_id`` when its body named one that was read."""
+        source_id = source_id or raw.source_id
         entry = self._quarantine.add(
             received_at=raw.received_at,
             topic=raw.topic,
             format_code=raw.format_code,
-            source_id=raw.source_id,
+            source_id=source_id,
             code=error.code.value,
             reason=error.message,
             payload=raw.payload,
@@ -321,7 +326,7 @@ class Ingest:
         self._audit.append(
             "data.quarantined",
             error.code.value,
-            source_id=raw.source_id,
+            source_id=source_id,
             topic=raw.topic,
             quarantine_id=entry.id,
             size=len(raw.payload),

@@ -97,6 +97,10 @@ def test_a_forbidden_reply_address_is_refused_on_every_topic(
         send(f"{hub.prefix}/data", {"source_id": "edge-loop", "readings": [reading("PV-1", site.pv1, at(start))]})
         kept = wait_for(hub, "data.quarantined", since)
         assert kept["outcome"] == "bad_request" and "reply" in kept["reason"], kept
+        # Kept under the source the body names once it was read; a reply_to that is no topic at all stops the
+        # reading of the body itself.
+        read = version == "v5" or address.startswith(hub.prefix)
+        assert kept["source_id"] == ("edge-loop" if read else "unknown"), kept
         assert quarantined(hub)[str(kept["quarantine_id"])]["code"] == "bad_request"
         assert records(hub, "data.stored", since) == []
 
