@@ -85,7 +85,10 @@ class StoreConfig(Section, frozen=True):
 
 
 class RateLimitConfig(Section, frozen=True):
-    failures: Positive = 5
+    """Registration's failure limits (docs/protocol.md, Registration)."""
+
+    failures: Positive = 5  # per requester: any failed registration
+    global_failures: Positive = 20  # the whole hub: wrong initial passwords, whoever sent them
     window_s: float = 300.0
 
 

@@ -43,6 +43,7 @@ def test_no_file_is_the_embedded_default(monkeypatch: pytest.MonkeyPatch) -> Non
         ({"query": {1: 2}}, "query.1: unknown key (known: default_limit, max_der_ids, max_limit)"),
         ({"auth": {"registration_mode": "anyone"}}, "auth.registration_mode: must be 'allowlist' or 'open'"),
         ({"auth": {"rate_limit": {"failures": True}}}, "auth.rate_limit.failures: expected int"),
+        ({"auth": {"rate_limit": {"global_failures": 0}}}, "auth.rate_limit.global_failures: must be positive, got 0"),
         ({"auth": {"initial_password_hash": "hunter2-in-plain-text"}}, "auth.initial_password_hash: must be a bcrypt"),
         ({"limits": {"max_payload_bytes": 0}}, "limits.max_payload_bytes: must be positive, got 0"),
         (

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
@@ -119,23 +120,64 @@ def test_bad_registration_is_refused_audited_and_changes_nothing(
     shared.keeps_serving(start)
 
 
-def test_repeated_wrong_initial_password_is_rate_limited_per_der(hub_factory: Any) -> None:
+def test_guessing_the_initial_password_is_limited_for_the_whole_hub(hub_factory: Any) -> None:
+    hub = hub_factory(auth={"rate_limit": {"failures": 3, "global_failures": 4, "window_s": 60}})
+    pv1 = hub.register("PV-1")
+    since = last_seq(hub)
+    # A new DER id and a new reply topic each try: no count per id or requester ever reaches its limit.
+    topic = f"{hub.prefix}/register"
+    guesses = [
+        rr_on(hub, topic, {"der_id": f"PV-{i}", "password": f"guess-{i}-guess-{i}"}, f"test/answers/g{i}")
+        for i in range(100, 108)
+    ]
+    assert [answer["error"]["code"] for answer in guesses] == ["bad_credentials"] * 4 + ["rate_limited"] * 4
+    # Each bad_credentials is one bcrypt check of a distinct password; the limited ones were never checked.
+    failed = records(hub, "register.failed", since)
+    assert [r["outcome"] for r in failed] == ["bad_credentials"] * 4 + ["rate_limited"] * 4
+    assert all("on this hub" in r["reason"] for r in failed[4:])
+    # Until the window passes no one is checked, the right password included: a guesser cannot tell it found it.
+    assert hub.cli("der", "add", "PV-9").exit_code == 0
+    answer = rr_on(hub, topic, {"der_id": "PV-9", "password": INITIAL_PASSWORD}, "test/answers/pv-9")
+    assert answer["error"]["code"] == "rate_limited" and "password" not in answer
+    assert records(hub, "password.issued", since) == []
+    assert der_status(hub, "PV-9") == "allowed"
+    # The data path is not held back.
+    assert send(hub, "PV-1", pv1, at(0)) == {"ok": True, "accepted": 1, "rejected": []}
+
+
+def test_guesses_sent_all_at_once_are_limited_all_the_same(hub_factory: Any) -> None:
+    hub = hub_factory(auth={"rate_limit": {"global_failures": 3, "window_s": 60}})
+    topic = f"{hub.prefix}/register"
+
+    def guess(i: int) -> str:
+        body = {"der_id": f"PV-{i}", "password": f"guess-{i}-guess-{i}"}
+        return str(rr_on(hub, topic, body, f"test/answers/c{i}")["error"]["code"])
+
+    with ThreadPoolExecutor(max_workers=12) as senders:
+        codes = list(senders.map(guess, range(12)))
+    assert sorted(codes) == ["bad_credentials"] * 3 + ["rate_limited"] * 9
+    assert sorted(outcomes(hub, "register.failed")) == ["bad_credentials"] * 3 + ["rate_limited"] * 9
+
+
+def test_a_der_whose_id_was_attacked_still_registers_with_the_right_password(hub_factory: Any) -> None:
     hub = hub_factory(auth={"rate_limit": {"failures": 3, "window_s": 60}})
     assert hub.cli("der", "add", "PV-9").exit_code == 0
-    codes = [register(hub, {"der_id": "PV-9", "password": f"guess-{i}-guess-{i}"})["error"]["code"] for i in range(5)]
-    assert codes == ["bad_credentials"] * 3 + ["rate_limited"] * 2
-    # Past the limit even the right password is refused for this DER: a guesser cannot tell it found it.
-    answer = register(hub, {"der_id": "PV-9", "password": INITIAL_PASSWORD})
-    assert answer["error"]["code"] == "rate_limited"
-    assert "password" not in answer
-
-    assert outcomes(hub, "register.failed") == ["bad_credentials"] * 3 + ["rate_limited"] * 3
+    topic = f"{hub.prefix}/register"
+    # Wrong guesses on PV-9 from many requesters (each mosquitto_rr answers on a topic of its own) ...
+    codes = [register(hub, {"der_id": "PV-9", "password": f"guess-{i}-guess-{i}"})["error"]["code"] for i in range(6)]
+    assert codes == ["bad_credentials"] * 6
+    # ... and from one requester, which is held back after its third.
+    body = {"der_id": "PV-9", "password": "guess-x-guess-x"}
+    codes = [rr_on(hub, topic, body, "test/answers/attacker")["error"]["code"] for _ in range(4)]
+    assert codes == ["bad_credentials"] * 3 + ["rate_limited"]
+    assert outcomes(hub, "register.failed") == ["bad_credentials"] * 9 + ["rate_limited"]
     assert all(r["der_id"] == "PV-9" for r in records(hub, "register.failed"))
-    assert records(hub, "password.issued") == []
-    assert der_status(hub, "PV-9") == "allowed"
-    # Other DERs register and send as before.
-    site = Site.on(hub)
-    site.keeps_serving(site.window())
+
+    # PV-9 itself, from its own reply topic, is not locked out by them.
+    answer = register(hub, {"der_id": "PV-9", "password": INITIAL_PASSWORD})
+    assert answer["ok"] is True, answer
+    assert send(hub, "PV-9", answer["password"], at(0))["accepted"] == 1
+    assert der_status(hub, "PV-9") == "registered"
 
 
 def test_repeated_failures_from_one_requester_are_rate_limited(hub_factory: Any) -> None:

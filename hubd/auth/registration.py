@@ -1,7 +1,10 @@
 """First contact: a DER proves the hub's initial password and receives a unique password of its own.
 
 The unique password is shown once, in the answer, and stored only as a bcrypt hash. Failed attempts count
-per DER id and per requester; past the limit the hub answers ``rate_limited`` without even checking.
+per requester, and wrong initial passwords also for the whole hub; past either limit the hub answers
+``rate_limited`` without even checking. There is no count per DER id: the initial password is the same for
+every id, so guesses on one id are guesses on all (the hub's count holds them), and a count per id let anyone
+lock a DER out of its own registration.
 """
 
 from __future__ import annotations
@@ -13,10 +16,12 @@ from typing import Any
 
 from hubd.audit import AuditLog
 from hubd.auth import Authenticator
-from hubd.auth.credentials import RateLimiter, hash_password, issue_password
+from hubd.auth.credentials import RateLimiter, VerifiedCache, hash_password, issue_password
 from hubd.auth.registry import DER_METADATA, check_id, check_metadata
 from hubd.config import AuthConfig
 from hubd.model import ErrorCode, HubError, format_time, now_ms
+
+_HUB = "hub"  # the one key of the hub-wide count
 
 
 class Registration:
@@ -27,7 +32,13 @@ class Registration:
         self._config = config
         self._audit = audit
         self._pool = pool
-        self._limiter = RateLimiter(config.rate_limit.failures, config.rate_limit.window_s)
+        self._initial = VerifiedCache(pool)
+        limits = config.rate_limit
+        self._requesters = RateLimiter(limits.failures, limits.window_s)
+        self._hub = RateLimiter(limits.global_failures, limits.window_s)
+        # One initial-password check at a time, the limits read just before it: requests sent all at once
+        # cannot all pass the limit before the first of them has failed.
+        self._turn = asyncio.Lock()
 
     async def handle(self, request: dict[str, Any], requester: str | None) -> dict[str, Any]:
         der_id = request.get("der_id")
@@ -57,24 +68,34 @@ class Registration:
         meta = check_metadata(
             {key: request.get(key) for key in DER_METADATA if key not in ("lat", "lon", "area")} | location
         )
-        keys = ["der:" + der_id] + (["requester:" + requester] if requester else [])
-        now = time.monotonic()
-        if any(self._limiter.blocked(key, now) for key in keys):
-            raise HubError(ErrorCode.RATE_LIMITED, "too many failed registrations; try again later")
+        await self._prove(password, requester)
         try:
-            return await self._claim(der_id, password, meta)
+            return await self._claim(der_id, meta)
         except HubError as exc:
-            if exc.code in (ErrorCode.BAD_CREDENTIALS, ErrorCode.UNKNOWN_DER, ErrorCode.ALREADY_REGISTERED):
-                for key in keys:
-                    self._limiter.fail(key, now)
+            if requester and exc.code in (ErrorCode.UNKNOWN_DER, ErrorCode.ALREADY_REGISTERED):
+                self._requesters.fail(requester, time.monotonic())
             raise
 
-    async def _claim(self, der_id: str, password: str, meta: dict[str, Any]) -> dict[str, Any]:
+    async def _prove(self, password: str, requester: str | None) -> None:
+        """The limits, then the initial password: each wrong one counts for its requester and for the hub."""
         initial = self._config.initial_password_hash
-        if initial is None:
-            raise HubError(ErrorCode.NOT_ALLOWED, "registration is closed: no initial password is configured")
-        if not await self._auth.cache.check("initial", initial, password):
-            raise HubError(ErrorCode.BAD_CREDENTIALS, "wrong initial password")
+        async with self._turn:
+            now = time.monotonic()
+            if requester and self._requesters.blocked(requester, now):
+                raise HubError(ErrorCode.RATE_LIMITED, "too many failed registrations from this requester; try later")
+            if self._hub.blocked(_HUB, now):
+                raise HubError(ErrorCode.RATE_LIMITED, "too many wrong initial passwords on this hub; try later")
+            if initial is None:
+                raise HubError(ErrorCode.NOT_ALLOWED, "registration is closed: no initial password is configured")
+            if not await self._initial.check("initial", initial, password):
+                now = time.monotonic()
+                self._hub.fail(_HUB, now)
+                if requester:
+                    self._requesters.fail(requester, now)
+                raise HubError(ErrorCode.BAD_CREDENTIALS, "wrong initial password")
+
+    async def _claim(self, der_id: str, meta: dict[str, Any]) -> dict[str, Any]:
+        """The initial password was right: the allowlist, revocation, an earlier claim, then the new password."""
         self._auth.refresh()
         der = self._auth.ders.get(der_id)
         if der is None and self._config.registration_mode == "allowlist":
