@@ -73,6 +73,10 @@ class Hub:
                 stack.push_async_callback(_cancel, supervising)
             pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="hubd-bcrypt")
             stack.callback(pool.shutdown)
+            # Registration's bcrypt runs apart from the data path's: data messages full of wrong passwords
+            # must not hold up a DER's registration. One thread: its checks are few and rate-limited.
+            register_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hubd-register")
+            stack.callback(register_pool.shutdown)
             registry = Registry(config.registry_path)
             stack.callback(registry.close)
             quarantine = Quarantine(config.registry_path, config.limits.quarantine_max_bytes)
@@ -96,7 +100,7 @@ class Hub:
             stack.callback(self.catalog.close)
             self._formats_changed(self.catalog.scan())
             services: list[Service] = [
-                RegisterService(Registration(auth, config.auth, audit, pool), audit),
+                RegisterService(Registration(auth, config.auth, audit, register_pool), audit),
                 QueryService(auth, config.query, reader, query_thread, audit),
                 TimeService(audit),
             ]

@@ -8,6 +8,9 @@ serving other DERs. The field-by-field cases share one hub (``shared``), each wi
 from __future__ import annotations
 
 import json
+import subprocess
+import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -15,6 +18,8 @@ from typing import Any
 import pytest
 from conftest import INITIAL_PASSWORD, RunningHub
 from helpers import DAY_S, Site, at, last_seq, outcomes, reading, records, rr_on, running_hub, stamp, warm_up
+
+from hubd.auth import credentials
 
 
 @pytest.fixture(scope="module")
@@ -178,6 +183,37 @@ def test_a_der_whose_id_was_attacked_still_registers_with_the_right_password(hub
     assert answer["ok"] is True, answer
     assert send(hub, "PV-9", answer["password"], at(0))["accepted"] == 1
     assert der_status(hub, "PV-9") == "registered"
+
+
+def test_registration_is_not_queued_behind_the_data_paths_password_checks(
+    hub_factory: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hub = hub_factory()
+    pv1 = hub.register("PV-1")
+    assert hub.cli("der", "add", "PV-9").exit_code == 0
+    # Every bcrypt check on the data path's threads takes half a second, as a costlier hash or a slower
+    # machine would; registration's own thread is left as it is.
+    busy = threading.Event()
+    original = credentials._bcrypt_check
+
+    def slow_on_data_path(password: str, stored_hash: str) -> bool:
+        if threading.current_thread().name.startswith("hubd-bcrypt"):
+            busy.set()
+            time.sleep(0.5)
+        return original(password, stored_hash)
+
+    monkeypatch.setattr(credentials, "_bcrypt_check", slow_on_data_path)
+    # 16 messages, each a distinct wrong password: 4 s of checks queued on the data path's two threads.
+    mqtt = ["-h", "127.0.0.1", "-p", str(hub.broker.port), "-q", "1", "-t", f"{hub.prefix}/data"]
+    for i in range(16):
+        body = {"source_id": "edge-w", "readings": [reading("PV-1", f"{pv1[:-4]}w{i:03d}", at(0))]}
+        subprocess.run(["mosquitto_pub", *mqtt, "-m", json.dumps(body)], check=True, timeout=10)
+    assert busy.wait(10)
+
+    started = time.monotonic()
+    answer = register(hub, {"der_id": "PV-9", "password": INITIAL_PASSWORD})
+    assert answer["ok"] is True, answer
+    assert time.monotonic() - started < 2.0
 
 
 def test_repeated_failures_from_one_requester_are_rate_limited(hub_factory: Any) -> None:

@@ -5,6 +5,8 @@ per requester, and wrong initial passwords also for the whole hub; past either l
 ``rate_limited`` without even checking. There is no count per DER id: the initial password is the same for
 every id, so guesses on one id are guesses on all (the hub's count holds them), and a count per id let anyone
 lock a DER out of its own registration.
+
+Registration has its own bcrypt thread, so a registration never waits behind the data path's checks.
 """
 
 from __future__ import annotations
@@ -31,13 +33,13 @@ class Registration:
         self._auth = auth
         self._config = config
         self._audit = audit
-        self._pool = pool
+        self._pool = pool  # registration's own (one thread): never shared with the data path's checks
         self._initial = VerifiedCache(pool)
         limits = config.rate_limit
         self._requesters = RateLimiter(limits.failures, limits.window_s)
         self._hub = RateLimiter(limits.global_failures, limits.window_s)
         # One initial-password check at a time, the limits read just before it: requests sent all at once
-        # cannot all pass the limit before the first of them has failed.
+        # cannot all pass the limit before the first of them has failed. One bcrypt thread serves them anyway.
         self._turn = asyncio.Lock()
 
     async def handle(self, request: dict[str, Any], requester: str | None) -> dict[str, Any]:
