@@ -90,7 +90,7 @@ class Hub:
             stack.callback(reader.close)
             query_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hubd-query")
             stack.callback(query_thread.shutdown)
-            self.auth = auth = Authenticator(registry, pool)
+            self.auth = auth = Authenticator(registry, pool, config.auth.rate_limit)
             self.writer = writer = BatchWriter(
                 store, audit, config.store.batch_max_readings, config.store.queue_max_messages
             )

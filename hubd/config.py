@@ -85,11 +85,14 @@ class StoreConfig(Section, frozen=True):
 
 
 class RateLimitConfig(Section, frozen=True):
-    """Registration's failure limits (docs/protocol.md, Registration)."""
+    """Registration's failure limits (docs/protocol.md, Registration), and the data path's budget of bcrypt
+    checks per DER (docs/protocol.md, Power data)."""
 
     failures: Positive = 5  # per requester: any failed registration
     global_failures: Positive = 20  # the whole hub: wrong initial passwords, whoever sent them
     window_s: float = 300.0
+    der_checks: Positive = 5  # per DER: bcrypt checks of passwords memory does not know, on the data path
+    der_window_s: float = 60.0
 
 
 class AuthConfig(Section, frozen=True):

@@ -391,4 +391,4 @@ _REASON_CHARS = 200
 _GROUP_MESSAGES = 100  # most messages taken in together (one loop turn brings ~60 of case A's)
 _GROUP_BYTES = 256 * 1024  # and their payloads' bytes: ~14 of case B's 100-reading messages
 _BCRYPT_AT_ONCE = 4  # per message; the hub's bcrypt pool has two threads
-_AUTH_CODES = {ErrorCode.BAD_CREDENTIALS, ErrorCode.UNKNOWN_DER, ErrorCode.NOT_ALLOWED}
+_AUTH_CODES = {ErrorCode.BAD_CREDENTIALS, ErrorCode.UNKNOWN_DER, ErrorCode.NOT_ALLOWED, ErrorCode.RATE_LIMITED}

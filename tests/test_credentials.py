@@ -59,7 +59,7 @@ def test_rate_limiter_window() -> None:
     limiter = RateLimiter(failures=3, window_s=10)
     for t in (0.0, 1.0, 2.0):
         assert not limiter.blocked("der:PV-1", t)
-        limiter.fail("der:PV-1", t)
+        limiter.count("der:PV-1", t)
     assert limiter.blocked("der:PV-1", 3.0)
     assert not limiter.blocked("der:PV-2", 3.0)
     assert not limiter.blocked("der:PV-1", 12.5)  # the oldest failures have left the window

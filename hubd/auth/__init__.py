@@ -6,12 +6,14 @@ credential check on the hot path is two dict lookups and a digest comparison.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from concurrent.futures import Executor
 from typing import Literal
 
-from hubd.auth.credentials import VerifiedCache
+from hubd.auth.credentials import RateLimiter, VerifiedCache
 from hubd.auth.registry import Der, Registry, System
+from hubd.config import RateLimitConfig
 from hubd.model import EDGE, ErrorCode, HubError, Reading, Sender
 
 Refused = list[tuple[int, str | None, HubError]]
@@ -21,13 +23,17 @@ Refused = list[tuple[int, str | None, HubError]]
 class Authenticator:
     """Checks DER and system passwords against the registry, from memory when it can."""
 
-    def __init__(self, registry: Registry, pool: Executor) -> None:
+    def __init__(self, registry: Registry, pool: Executor, limits: RateLimitConfig | None = None) -> None:
+        limits = limits or RateLimitConfig()
         self.registry = registry
         self.cache = VerifiedCache(pool)  # systems' passwords and the initial password
         self.der_cache = VerifiedCache(pool)  # DERs' unique passwords, by DER id
         self.ders: dict[str, Der] = {}
         self.systems: dict[str, System] = {}
         self.gateways: dict[str, frozenset[str]] = {}  # the DERs bound to each gateway
+        # bcrypt calls of the data path per DER: without a limit, a flood of readings with ever new wrong
+        # passwords for one DER costs a bcrypt call (~85 ms) each, and holds up every DER's new passwords
+        self._checks = RateLimiter(limits.der_checks, limits.der_window_s)
         self._version = -1
         self.refresh()
 
@@ -137,6 +143,13 @@ class Authenticator:
             return None
         der = self.ders[der_id]
         assert der.password_hash is not None
+        # Only a check that makes a bcrypt call of its own is counted: one that joins a call under way for the
+        # same password is free. Passwords memory knows (right or wrong) were answered above, past any limit.
+        if not self.der_cache.checking(der_id, der.password_hash, password):
+            now = time.monotonic()
+            if self._checks.blocked(der_id, now):
+                return HubError(ErrorCode.RATE_LIMITED, f"too many new passwords tried for DER {der_id}; try later")
+            self._checks.count(der_id, now)
         good = await self.der_cache.check(der_id, der.password_hash, password)
         return None if good else _bad_password("DER", der_id)
 

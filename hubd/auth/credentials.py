@@ -81,6 +81,11 @@ class VerifiedCache:
     def forget(self, key: str) -> None:
         self._known.pop(key, None)
 
+    def checking(self, key: str, stored_hash: str, password: str) -> bool:
+        """Whether bcrypt is judging this password against ``stored_hash`` now: a check that would join that
+        call instead of making its own, and so costs no bcrypt call of its own."""
+        return (key + "\0" + stored_hash, _digest(password)) in self._pending
+
     async def check(self, key: str, stored_hash: str, password: str) -> bool:
         """Judge ``password`` against ``stored_hash``: from memory when possible, else bcrypt off-loop."""
         known = self.lookup(key, stored_hash, password)
@@ -114,7 +119,8 @@ def _bcrypt_check(password: str, stored_hash: str) -> bool:
 
 
 class RateLimiter:
-    """Counts failures per key in a sliding window; a key over the limit is refused until it cools down."""
+    """Counts events per key in a sliding window (registration's failures, the data path's bcrypt checks); a
+    key at the limit is refused until its oldest events leave the window."""
 
     def __init__(self, failures: int, window_s: float) -> None:
         self._failures = failures
@@ -132,7 +138,7 @@ class RateLimiter:
     def blocked(self, key: str, now: float) -> bool:
         return len(self._recent(key, now)) >= self._failures
 
-    def fail(self, key: str, now: float) -> None:
+    def count(self, key: str, now: float) -> None:
         if len(self._seen) > _MAX_TRACKED:  # many distinct keys (an attack): forget those that cooled down
             for stale in [k for k, times in self._seen.items() if now - times[-1] >= self._window]:
                 del self._seen[stale]

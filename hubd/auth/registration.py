@@ -75,7 +75,7 @@ class Registration:
             return await self._claim(der_id, meta)
         except HubError as exc:
             if requester and exc.code in (ErrorCode.UNKNOWN_DER, ErrorCode.ALREADY_REGISTERED):
-                self._requesters.fail(requester, time.monotonic())
+                self._requesters.count(requester, time.monotonic())
             raise
 
     async def _prove(self, password: str, requester: str | None) -> None:
@@ -91,9 +91,9 @@ class Registration:
                 raise HubError(ErrorCode.NOT_ALLOWED, "registration is closed: no initial password is configured")
             if not await self._initial.check("initial", initial, password):
                 now = time.monotonic()
-                self._hub.fail(_HUB, now)
+                self._hub.count(_HUB, now)
                 if requester:
-                    self._requesters.fail(requester, now)
+                    self._requesters.count(requester, now)
                 raise HubError(ErrorCode.BAD_CREDENTIALS, "wrong initial password")
 
     async def _claim(self, der_id: str, meta: dict[str, Any]) -> dict[str, Any]:
