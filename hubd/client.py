@@ -70,6 +70,11 @@ class HubClient:
 
         Raises ``TimeoutError`` when no answer comes within ``timeout`` s (no hub listening), and
         ``ConnectionError`` when the connection to the broker is lost or was lost before.
+
+        Sending again is the caller's job, and safe for data: the broker may already hold the first sending for
+        the hub, but the store is idempotent on DER and time, so the reading is stored once however often it
+        comes (docs/protocol.md, Power data). Only the hub's answer says a reading is stored; the broker's
+        PUBACK does not. An answer that comes after the timeout is dropped, so each sending is a new request.
         """
         if not self._session.connected:
             raise ConnectionError(f"not connected to the broker at {self._where()}")

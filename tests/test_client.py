@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 from conftest import INITIAL_PASSWORD, RunningHub
+from helpers import records
 
 from hubd.broker import EmbeddedBroker, free_port
 from hubd.client import HubClient
@@ -216,3 +217,34 @@ def test_a_broker_that_goes_away_fails_the_waiting_request_at_once(broker: Embed
     assert waited < 5, "the request failed when the connection went, not at its 30 s timeout"
     assert f"127.0.0.1:{broker.port}" in lost and "lost" in lost
     assert f"127.0.0.1:{broker.port}" in later and "not connected" in later
+
+
+def test_a_reading_not_answered_is_sent_again_and_stored_once(hub: RunningHub) -> None:
+    """The broker's PUBACK only says the broker has the message: an edge knows a reading is stored when the
+    hub answers. A request that timed out is sent again, and the store, idempotent on DER and time, keeps one."""
+    password = hub.register("PV-R1")
+    market = hub.consumer()
+    data = {"source_id": "edge-r", "readings": [{"der_id": "PV-R1", "password": password, "measured_at": at(5),
+                                                 "power_kw": 2.5}]}  # fmt: skip
+
+    async def scenario() -> tuple[dict[str, Any], dict[str, Any]]:
+        async with HubClient(hub.broker.url, "edge") as edge:
+            await asyncio.to_thread(hub.stop)  # the broker stays up and takes the message; no hub answers
+            with pytest.raises(TimeoutError):
+                await edge.request(f"{hub.prefix}/data", data, timeout=1.0)
+            await asyncio.to_thread(hub.start)
+            resent = await edge.request(f"{hub.prefix}/data", data)
+        async with HubClient(hub.broker.url, "market") as system:
+            rows = await system.request(
+                f"{hub.prefix}/query", {"client_id": "market-1", "password": market, "start": T0, "end": T1}
+            )
+        return resent, rows
+
+    resent, rows = asyncio.run(asyncio.wait_for(scenario(), 60))
+    assert resent == {"ok": True, "accepted": 1, "rejected": []}
+    # The first sending was kept by the broker for the hub's session and stored too when the hub came back:
+    # two writes of the reading, one reading stored.
+    assert sum(int(r["readings"]) for r in records(hub, "data.stored")) == 2
+    assert [(r["der_id"], r["measured_at"], r["power_kw"]) for r in rows["rows"]] == [
+        ("PV-R1", "2026-11-27T00:05:00.000Z", 2.5)
+    ]
