@@ -95,7 +95,10 @@ class Hub:
                 store, audit, config.store.batch_max_readings, config.store.queue_max_messages
             )
             writer.start()
-            self.ingest = Ingest(auth, writer, quarantine, audit, config.limits, ReplyRule(config.topic_prefix))
+            # One rule for where answers may go: ingest refuses a data message by it, the MQTT source answers by
+            # it, and the addresses it found good are remembered once for both.
+            replies = ReplyRule(config.topic_prefix)
+            self.ingest = Ingest(auth, writer, quarantine, audit, config.limits, replies)
             self.catalog = Catalog([config.formats_shipped_path, config.formats_user_path])
             stack.callback(self.catalog.close)
             self._formats_changed(self.catalog.scan())
@@ -108,6 +111,7 @@ class Hub:
                 config.broker,
                 url,
                 config.topic_prefix,
+                replies,
                 config.limits,
                 services,
                 audit,

@@ -165,7 +165,7 @@ class Authenticator:
             return _bad_password("gateway", name)
         if system.role != "gateway":
             return HubError(ErrorCode.NOT_ALLOWED, f"client {name} has role {system.role}, not gateway")
-        return Sender("gateway", name, self.gateways.get(name, frozenset()))
+        return self._gateway(name)
 
     async def check_gateway(self, name: str, password: str) -> Sender | HubError:
         """The sender a gateway's message speaks for, bcrypt-checking its password if memory cannot tell."""
@@ -173,7 +173,11 @@ class Authenticator:
         if verdict is not None:
             return verdict
         denied = await self.check_system(name, password, "gateway")
-        return denied or Sender("gateway", name, self.gateways.get(name, frozenset()))
+        return denied or self._gateway(name)
+
+    def _gateway(self, name: str) -> Sender:
+        """A gateway that proved its password, as a sender: the DERs the operator bound to it."""
+        return Sender("gateway", name, self.gateways.get(name, frozenset()))
 
     async def check_system(self, name: str, password: str, role: str) -> HubError | None:
         """None when ``name`` is an active system of ``role`` and ``password`` is its password."""

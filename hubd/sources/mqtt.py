@@ -40,6 +40,7 @@ class MqttSource:
         config: BrokerConfig,
         url: str,
         prefix: str,
+        replies: ReplyRule,
         limits: LimitsConfig,
         services: list[Service],
         audit: AuditLog,
@@ -54,7 +55,7 @@ class MqttSource:
         self._audit = audit
         self._count = count  # a frequent event, for the next coalesced audit record
         self._services = {f"{prefix}/{service.name}": service for service in services}
-        self._replies = ReplyRule(prefix)  # never an answer inside the hub's own topics (docs/protocol.md)
+        self._replies = replies  # never an answer inside the hub's own topics (docs/protocol.md)
         self.data_topic = f"{prefix}/data"
         self._data_prefix = self.data_topic + "/"  # hub/v1/data/<format code>
         self._requests = per_message(self._on_request)
