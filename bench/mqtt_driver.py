@@ -34,7 +34,7 @@ import orjson
 
 from hubd.broker import EmbeddedBroker, free_port
 from hubd.config import BrokerConfig
-from hubd.drivers.mqtt import Done, MqttDriver
+from hubd.mqtt.driver import Done, MqttDriver
 
 HOST = "127.0.0.1"
 ASKS = "bench/asks"

@@ -1,7 +1,7 @@
 """A small MQTT v5 request/response client, for the simulated fleet, the demo and the tests.
 
 It does what ``mosquitto_rr`` does: publish with a response topic and correlation data, wait for the answer.
-It runs on the same MQTT session code as the hub's driver (``hubd.drivers.mqtt_session``).
+It runs on the same MQTT session code as the hub's driver (``hubd.mqtt.session``).
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from urllib.parse import urlsplit
 
 import orjson
 
-from hubd.drivers.mqtt_packets import parse_publish, publish_properties
-from hubd.drivers.mqtt_session import MqttError, MqttSession
+from hubd.mqtt.packets import parse_publish, publish_properties
+from hubd.mqtt.session import MqttError, MqttSession
 
 
 class HubClient:

@@ -21,9 +21,9 @@ from loguru import logger
 
 from hubd.broker import EmbeddedBroker, free_port, load_template
 from hubd.config import BrokerConfig
-from hubd.drivers import mqtt_packets as packets
-from hubd.drivers.mqtt import Handler, MqttDriver, MqttError, per_message
-from hubd.drivers.mqtt_session import MqttSession
+from hubd.mqtt import packets
+from hubd.mqtt.driver import Handler, MqttDriver, MqttError, per_message
+from hubd.mqtt.session import MqttSession
 
 Received = list[tuple[str, bytes, dict[str, Any]]]
 

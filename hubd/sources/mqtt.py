@@ -4,7 +4,7 @@
 ``EDGE`` (each reading carries its DER's password); ``<prefix>/<service>`` goes to that service. Each
 message's answer goes back on the MQTT v5 response topic (with its correlation data) or on the v3.1.1
 ``reply_to`` of the body, and only then is the message acknowledged to the broker (docs/protocol.md).
-The MQTT session itself is ``hubd.drivers``; this module is the hub's routing and answering on top of it.
+The MQTT session itself is ``hubd.mqtt``; this module is the hub's routing and answering on top of it.
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ from hubd.broker import BrokerUnreachable
 from hubd.config import BrokerConfig, LimitsConfig
 from hubd.decode import load_json_object
 from hubd.decode.native import ReplyRule, reply_fields, valid_id
-from hubd.drivers.mqtt import AnswerTooLarge, Done, MqttDriver, MqttError, per_message
 from hubd.ingest import Outcome
 from hubd.model import ErrorCode, HubError, RawMessage, now_ms
+from hubd.mqtt.driver import AnswerTooLarge, Done, MqttDriver, MqttError, per_message
 from hubd.services import Request, Service, refusal
 from hubd.sources import Health, Pipeline
 

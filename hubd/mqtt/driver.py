@@ -24,8 +24,8 @@ import orjson
 from loguru import logger
 
 from hubd.config import BrokerConfig
-from hubd.drivers.mqtt_packets import MalformedPacket, parse_publish, publish_properties, reason_text
-from hubd.drivers.mqtt_session import MqttError, MqttSession
+from hubd.mqtt.packets import MalformedPacket, parse_publish, publish_properties, reason_text
+from hubd.mqtt.session import MqttError, MqttSession
 
 __all__ = ["AnswerTooLarge", "Done", "Handler", "MqttDriver", "MqttError", "per_message"]
 

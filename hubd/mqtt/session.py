@@ -19,7 +19,7 @@ from collections.abc import Callable
 
 from loguru import logger
 
-from hubd.drivers import mqtt_packets as packets
+from hubd.mqtt import packets
 
 
 class MqttError(Exception):
