@@ -27,6 +27,7 @@ from hubd.auth.credentials import hash_password, issue_password
 from hubd.auth.registry import Der, Registry, read_der_csv
 from hubd.config import Config, ConfigError, load_config
 from hubd.decode.vendor.commands import format_group
+from hubd.sources.commands import source_group
 from hubd.model import DER_TYPES, FIELDS, HubError, format_time, now_ms, visible
 from hubd.quarantine import Quarantine, masked
 from hubd.query.buckets import INTERVALS_MS
@@ -631,6 +632,7 @@ def audit_tail(ctx: Context, count: int, der_id: str | None, event: str | None) 
 
 
 main.add_command(format_group)
+main.add_command(source_group)
 _config_everywhere(main)  # last: after every command is added
 
 
