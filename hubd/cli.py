@@ -27,13 +27,13 @@ from hubd.auth.credentials import hash_password, issue_password
 from hubd.auth.registry import Der, Registry, read_der_csv
 from hubd.config import Config, ConfigError, load_config
 from hubd.decode.vendor.commands import format_group
-from hubd.sources.commands import source_group
 from hubd.model import DER_TYPES, FIELDS, HubError, format_time, now_ms, visible
 from hubd.quarantine import Quarantine, masked
 from hubd.query.buckets import INTERVALS_MS
 from hubd.query.conditions import Names, Query, decode_cursor, parse_query
 from hubd.query.execute import columns as query_columns
 from hubd.query.execute import run as run_query
+from hubd.sources.commands import source_group
 from hubd.store import ReadingQuery
 from hubd.store.factory import open_query
 
