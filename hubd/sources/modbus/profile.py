@@ -180,7 +180,7 @@ class MapProfile:
         self.der_id = config.der
         self.map = register_map
         self.most = min(config.max_registers, register_map.max_registers)
-        self.requests = regmap.plan(register_map.quantities, self.most)
+        self.requests = regmap.plan(register_map.quantities, self.most, register_map.max_gap)
         self.described: dict[str, dict[str, str]] = {}
 
     async def _read(self, timer: _Timer, requests: list[regmap.Request]) -> dict[tuple[Table, int], int]:
@@ -192,7 +192,7 @@ class MapProfile:
 
     async def prepare(self, link: Link) -> dict[str, Any]:
         if self.map.info:
-            registers = await self._read(_Timer(link), regmap.plan(self.map.info, self.most))
+            registers = await self._read(_Timer(link), regmap.plan(self.map.info, self.most, self.map.max_gap))
             self.described = {self.der_id: regmap.describe(registers, self.map)}
         return {
             "map": self.map.name,

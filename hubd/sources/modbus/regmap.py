@@ -17,7 +17,7 @@ import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, get_args
 
 import msgspec
 import yaml
@@ -73,6 +73,7 @@ class MapSpec(_Strict, frozen=True):
     quantities: dict[str, PointSpec]
     description: str = ""
     max_registers: Annotated[int, msgspec.Meta(ge=1, le=125)] = 125  # the most one request may read
+    max_gap: Annotated[int, msgspec.Meta(ge=0, le=124)] = 0  # unnamed registers a request may read through
     word_order: Order = "big"
     byte_order: Order = "big"
     info: dict[str, PointSpec] = {}
@@ -102,6 +103,7 @@ class RegisterMap:
     file: Path
     description: str
     max_registers: int
+    max_gap: int
     quantities: tuple[Point, ...]
     info: tuple[Point, ...]
 
@@ -113,15 +115,21 @@ class Request:
     count: int
 
 
-def _where(error: msgspec.ValidationError) -> str:
-    """msgspec's error as ``key: problem``: "Expected `int`, got `str` - at `$.quantities.power_kw.address`"."""
+_CHOICES = {"type": Type, "table": Table, "word_order": Order, "byte_order": Order}
+
+
+def _where(error: msgspec.ValidationError, prefix: str = "") -> str:
+    """msgspec's error as ``key: problem``: "Expected `int`, got `str` - at `$.address`" → "address: ..."."""
     found = re.fullmatch(r"(?P<what>.*?)(?: - at `\$\.?(?P<path>[^`]*)`)?", str(error), re.DOTALL)
     assert found is not None
     what = found["what"]
     unknown = re.fullmatch(r"Object contains unknown field `(?P<name>.*)`", what)
-    path = found["path"] or ""
+    path = (prefix + (found["path"] or "")).rstrip(".")
     if unknown:
         return f"{path + '.' if path else ''}{unknown['name']}: unknown key"
+    choices = _CHOICES.get(path.rsplit(".", 1)[-1])
+    if choices is not None and what.startswith("Invalid enum value"):
+        what += f" (one of: {', '.join(get_args(choices))})"
     return f"{path or 'map'}: {what}"
 
 
@@ -160,6 +168,13 @@ def load_map(file: Path) -> RegisterMap:
         data = yaml.safe_load(file.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
         raise MapError(f"{file}: cannot read the map: {' '.join(str(exc).split())}") from None
+    for section in ("quantities", "info"):  # each entry on its own, so that an error names its key
+        entries = data.get(section) if isinstance(data, dict) else None
+        for name, entry in entries.items() if isinstance(entries, dict) else ():
+            try:
+                msgspec.convert(entry, PointSpec)
+            except msgspec.ValidationError as exc:
+                raise MapError(f"{file}: {_where(exc, f'{section}.{name}.')}") from None
     try:
         spec = msgspec.convert(data, MapSpec)
     except msgspec.ValidationError as exc:
@@ -186,7 +201,7 @@ def load_map(file: Path) -> RegisterMap:
         for name, given in spec.quantities.items()
     )
     info = tuple(point(name, given, 1.0) for name, given in spec.info.items())
-    return RegisterMap(file.stem, file, spec.description, spec.max_registers, quantities, info)
+    return RegisterMap(file.stem, file, spec.description, spec.max_registers, spec.max_gap, quantities, info)
 
 
 def load_maps(folders: Sequence[Path]) -> tuple[dict[str, RegisterMap], list[str]]:
@@ -212,15 +227,15 @@ def _spans(points: Sequence[Point]) -> list[tuple[Table, int, int]]:
     return spans
 
 
-def plan(points: Sequence[Point], most: int) -> list[Request]:
+def plan(points: Sequence[Point], most: int, gap: int = 0) -> list[Request]:
     """The reads that cover ``points`` (and their scale registers): neighbouring registers in one request, as
-    long as a request stays within ``most`` registers; a gap between them is never read."""
+    long as a request stays within ``most`` registers; a gap of more than ``gap`` registers is never read."""
     requests: list[Request] = []
     for table, address, size in sorted(set(_spans(points))):
         last = requests[-1] if requests else None
         end = address + size
         joined = max(end, last.address + last.count) - last.address if last is not None else 0
-        if last is not None and last.table == table and address <= last.address + last.count and joined <= most:
+        if last is not None and last.table == table and address <= last.address + last.count + gap and joined <= most:
             requests[-1] = Request(table, last.address, joined)
             continue
         requests.append(Request(table, address, size))
@@ -243,6 +258,8 @@ def raw(point: Point, registers: Registers) -> int | float | str:
     if point.type == "string":
         return data.decode("utf-8", errors="replace").rstrip("\0 ")
     value: int | float = struct.unpack(">" + _STRUCT[point.type], data)[0]
+    if point.type == "float32" and math.isfinite(value):
+        return float(f"{value:.7g}")  # the digits a float32 holds: 229.5, 59.98, not 59.97999954
     return value
 
 

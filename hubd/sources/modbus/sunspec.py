@@ -141,7 +141,9 @@ def _raw(point: PointDef, registers: Sequence[int], at: int) -> float | int | st
         return None
     if point.type in ("float32", "float64"):
         value = struct.unpack(">f" if point.type == "float32" else ">d", data)[0]
-        return None if math.isnan(value) else float(value)  # every NaN, not only SunSpec's own pattern
+        if math.isnan(value):  # every NaN, not only SunSpec's own pattern
+            return None
+        return float(f"{value:.7g}") if point.type == "float32" else float(value)  # 59.98, not 59.97999954
     value = info.data_to(data)
     return value if info.is_impl(value) else None
 
@@ -169,7 +171,8 @@ def _decode_group(
             problems.append(f"{group.name}.{point.sf} = {exponent} is no scale factor (SunSpec: -10 … 10)")
             values[point.name] = None
         else:
-            values[point.name] = value * 10.0**exponent if exponent else value
+            # rounded to the digits the scale factor gives: 812 x 10^-2 is 8.12, not 8.120000000000001
+            values[point.name] = round(value * 10.0**exponent, -exponent) if exponent < 0 else value * 10**exponent
     block = Block(group.name, values)
     for sub in group.groups:
         instances: list[Block] = []
