@@ -236,16 +236,18 @@ def test_a_missing_or_bad_map_stops_the_hub_naming_it(tmp_path: Path, broker: Em
 def test_config_errors_name_the_source_key(tmp_path: Path) -> None:
     from hubd.config import ConfigError, parse_config
 
+    base = {"kind": "modbus", "name": "a", "host": "h"}
     cases = [
-        ({"kind": "modbus", "name": "a", "host": "h", "profile": "sunspec", "der": "X", "hots": 1}, "sources[0].hots: unknown key"),
-        ({"kind": "cloud", "name": "a"}, "sources[0].kind: must be 'modbus', got 'cloud'"),
-        ({"kind": "modbus", "name": "a", "host": "h", "der": "X"}, "sources[0]: give either profile: sunspec or map"),
-        ({"kind": "modbus", "name": "a", "host": "h", "map": "m", "ders": {"X": [103]}}, "sources[0].ders: DERs by SunSpec model need profile: sunspec"),
-        ({"kind": "modbus", "name": "a", "host": "h", "profile": "sunspec", "der": "X", "unit_id": 300}, "sources[0].unit_id: must be 0 … 255, got 300"),
-    ]  # fmt: skip
+        ({"profile": "sunspec", "der": "X", "hots": 1}, "sources[0].hots: unknown key"),
+        ({"kind": "cloud"}, "sources[0].kind: must be 'modbus', got 'cloud'"),
+        ({"der": "X"}, "sources[0]: give either profile: sunspec or map"),
+        ({"map": "m", "ders": {"X": [103]}}, "sources[0].ders: DERs by SunSpec model need profile: sunspec"),
+        ({"profile": "sunspec", "der": "X", "unit_id": 300}, "sources[0].unit_id: must be 0 … 255, got 300"),
+        ({"profile": "sunspec", "ders": {"X": ["103x"]}}, "sources[0].ders.X: '103x' is no SunSpec model"),
+    ]
     for source, message in cases:
         with pytest.raises(ConfigError) as refused:
-            parse_config({"sources": [source]})
+            parse_config({"sources": [base | source]})
         assert message in str(refused.value)
     twice = {"kind": "modbus", "name": "a", "host": "h", "profile": "sunspec", "der": "X"}
     with pytest.raises(ConfigError, match=r"sources\[1\].name: 'a' names another source too"):
