@@ -100,7 +100,8 @@ def test_demo_tells_each_step_and_leaves_data_that_verifies(tmp_path: Path) -> N
     assert verify.returncode == 0, verify.stdout + verify.stderr
     ders = run_hubd("--config", str(config), "der", "list", cwd=tmp_path)
     assert ders.returncode == 0, ders.stderr
-    assert sorted(text.split("\t")[0] for text in ders.stdout.splitlines()) == ["BAT-0001", "ESS-0001", "INV-0001", "PV-0001", "PV-0100"]
+    listed = sorted(text.split("\t")[0] for text in ders.stdout.splitlines())
+    assert listed == ["BAT-0001", "ESS-0001", "INV-0001", "PV-0001", "PV-0100"]
     quarantine = run_hubd("--config", str(config), "quarantine", "list", cwd=tmp_path)
     assert quarantine.returncode == 0, quarantine.stderr
     (kept,) = quarantine.stdout.splitlines()
