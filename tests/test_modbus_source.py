@@ -273,3 +273,23 @@ def test_an_older_state_file_gains_the_serial_and_version_columns(tmp_path: Path
         assert registry.describe("PV-1", {"serial": "S-1"}) == {}  # nothing changed, nothing to audit
     finally:
         registry.close()
+
+
+def test_the_documented_example_polls_the_simulated_gateway(tmp_path: Path, broker: EmbeddedBroker) -> None:
+    """docs/operations.md's hubd.yaml against `python -m hubd.sources.modbus.simulate` (on a free port here)."""
+    from hubd.sources.modbus.simulate import demo_site
+
+    text = (Path(__file__).parent.parent / "docs" / "operations.md").read_text(encoding="utf-8")
+    example = text.split("This `hubd.yaml` polls it:\n\n```yaml\n")[1].split("```")[0]
+    device = Device({1: (demo_site(), {})}, free_port())
+    path = tmp_path / "hubd.yaml"
+    path.write_text(example.replace("port: 1502", f"port: {device.port}"), encoding="utf-8")
+    hub = RunningHub(path, broker)
+    with DeviceThread([device]):
+        assert hub.cli("der", "add", "INV-0001", "--type", "pv").exit_code == 0
+        result = hub.cli("source", "test", "site-1")
+    assert result.exit_code == 0, result.output
+    shown = orjson.loads(result.output)
+    assert [r["der_id"] for r in shown["readings"]] == ["INV-0001", "BAT-0001"]
+    assert shown["described"]["BAT-0001"]["serial"] == "BAT0001"  # the battery's own common model
+    assert shown["described"]["INV-0001"]["serial"] == "INV0001"

@@ -173,6 +173,8 @@ class ModbusSource:
         self.latencies_ms.append((time.perf_counter() - started) * 1000)
         self.polls += 1
         self.last = poll
+        if self.polls == 1:
+            self._status_at = 0.0  # the first readings are worth showing at once
         self._came_online()
         self._note_states(poll.states)
         await self._hand_on(poll)
@@ -278,7 +280,8 @@ class ModbusSource:
         }
 
     def _write_status(self, force: bool = False) -> None:
-        if self._status_file is None or (not force and time.monotonic() - self._status_at < STATUS_EVERY_S):
+        every = max(STATUS_EVERY_S, self.config.poll_s) * 0.9  # a slower poll: its status after each
+        if self._status_file is None or (not force and time.monotonic() - self._status_at < every):
             return
         self._status_at = time.monotonic()
         try:

@@ -176,6 +176,26 @@ def demo_battery() -> dict[int, int]:
     )
 
 
+def demo_site() -> dict[int, int]:
+    """The inverter and the battery behind one gateway: each with its own common model before its models."""
+    registers = demo_inverter()
+    battery = demo_battery()
+    end = max(registers) - 1  # the inverter's end marker: the battery's models go there
+    for address in range(40002, max(battery) + 1):
+        registers[end + address - 40002] = battery[address]
+    return registers
+
+
+async def _serve(port: int) -> None:
+    device = Device({1: (demo_site(), {})}, port)
+    await device.start()
+    print(f"a simulated SunSpec inverter (103) and battery (713, 802) on 127.0.0.1:{port}, unit 1; Ctrl-C stops")
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await device.stop()
+
+
 # Raw register values with their scale factors: W 3210 x 10^0 W, PhVphA 2021 x 10^-1 V, PF 985 x 10^-1 %, ...
 INVERTER_103: dict[str, Any] = {
     "A": 1590, "AphA": 530, "AphB": 530, "AphC": 530, "A_SF": -2,
@@ -190,3 +210,11 @@ BATTERY_802: dict[str, Any] = {
     "CellVAvg": 3250, "CellV_SF": -3, "A": 293, "A_SF": -1, "AMax_SF": 0, "W": 1500, "W_SF": 0,
     "SetOp": 1, "SetInvState": 1,
 }  # fmt: skip
+
+
+if __name__ == "__main__":  # python -m hubd.sources.modbus.simulate [PORT]: a device to try a config against
+    import contextlib
+    import sys
+
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(_serve(int(sys.argv[1]) if len(sys.argv) > 1 else 1502))
