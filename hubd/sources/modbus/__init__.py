@@ -43,7 +43,7 @@ from hubd.sources.modbus.profile import MapProfile, Poll, Profile, SunSpecProfil
 from hubd.sources.modbus.sunspec import NotSunSpec
 
 Describe = Callable[[str, dict[str, str]], dict[str, str]]  # DER, reported → what changed (Registry.describe)
-STATUS_EVERY_S = 5.0
+STATUS_EVERY_S = 30.0  # a status file costs a write and a rename (~1 ms): 200 devices, 7 a second
 QUIET_S = 60.0  # a DER the hub refused is sent again after this, not at every poll (each refusal is audited)
 SHIPPED_MAPS = Path(__file__).resolve().parent.parent.parent / "drivers" / "modbus"
 
@@ -136,7 +136,10 @@ class ModbusSource:
     async def run(self) -> None:
         """Poll on schedule until stopped; a device that fails is retried with a growing, jittered wait."""
         delay = self.config.poll_s
-        next_at = time.monotonic()
+        # The first poll within a second (or poll_s) at random: many devices then do not all poll in one instant.
+        next_at = time.monotonic() + random.uniform(0.0, min(self.config.poll_s, 1.0))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopped.wait(), next_at - time.monotonic())
         while not self._stopped.is_set():
             try:
                 await self.poll_once()
@@ -190,8 +193,15 @@ class ModbusSource:
             return
         raw = RawMessage(self.name, "modbus", b"", now_ms(), sender=self.sender, readings=list(readings))
         outcome: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._pipeline.submit(raw, outcome.set_result)  # called once
+
+        def settle(result: Any) -> None:  # the wait may have been cancelled (the hub stopping) before the commit
+            if not outcome.done():
+                outcome.set_result(result)
+
+        self._pipeline.submit(raw, settle)
         result = await outcome
+        if isinstance(result, asyncio.CancelledError):  # the hub stopped before the commit: nothing to say
+            return
         if isinstance(result, BaseException):
             logger.error("modbus {}: the pipeline failed on a poll: {!r}", self.name, result)
             return
@@ -272,7 +282,8 @@ class ModbusSource:
                 "spread_ms": last.spread_ms,
                 "readings": [{"der_id": r.der_id, **r.values} for r in last.readings],
             },
-            "latency_ms_p50": latencies[len(latencies) // 2] if latencies else None,
+            "latency_ms_p50": round(latencies[len(latencies) // 2], 3) if latencies else None,
+            "latency_ms_p99": round(latencies[int(len(latencies) * 0.99)], 3) if latencies else None,
             "states": self._states,
             "problems": sorted(self._problems),
             "discovered": self.discovered,

@@ -155,11 +155,14 @@ class DeviceThread:
         self._call(device.start())
 
 
+COMMON_DEMO = {"Mn": "Simulated Solar", "Md": "SIM-INV-5K", "SN": "INV0001", "Vr": "1.4.2", "DA": 1}
+
+
 def demo_inverter() -> dict[int, int]:
     """A three-phase inverter (models 1 and 103) producing 3.21 kW, as the demo shows it."""
     return sunspec_image(
         [
-            (1, {"Mn": "Simulated Solar", "Md": "SIM-INV-5K", "SN": "INV0001", "Vr": "1.4.2", "DA": 1}),
+            (1, COMMON_DEMO),
             (103, INVERTER_103),
         ]
     )
