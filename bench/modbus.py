@@ -139,11 +139,11 @@ async def hub_run(ports: list[int], args: argparse.Namespace, data_dir: Path) ->
     polled = [s for s in hub.sources.sources if isinstance(s, ModbusSource)]
     polls_before = sum(s.polls for s in polled)
     marks = [len(s.latencies_ms) for s in polled]
-    cpu_before = own_cpu() + children_cpu()
+    own_before, children_before = own_cpu(), children_cpu()
     started, since = time.perf_counter(), now_ms()
     await asyncio.sleep(args.seconds)
     elapsed = time.perf_counter() - started
-    cpu = own_cpu() + children_cpu() - cpu_before
+    own, children = own_cpu() - own_before, children_cpu() - children_before
     until = now_ms()
     polls = sum(s.polls for s in polled) - polls_before
     latencies = [ms for s, mark in zip(polled, marks, strict=True) for ms in list(s.latencies_ms)[mark:]]
@@ -153,7 +153,15 @@ async def hub_run(ports: list[int], args: argparse.Namespace, data_dir: Path) ->
         (stored,) = db.execute(
             "SELECT count(*) FROM readings WHERE measured_at >= ? AND measured_at < ?", (since, until)
         ).fetchone()
-    return {"polls": polls, "seconds": elapsed, "cpu": cpu, "latencies": latencies, "stored": stored}
+    return {
+        "polls": polls,
+        "seconds": elapsed,
+        "cpu": own + children,
+        "own": own,
+        "store": children,
+        "latencies": latencies,
+        "stored": stored,
+    }
 
 
 def main() -> int:
@@ -196,7 +204,9 @@ def main() -> int:
           f"| {cpu_ms:.2f} ms |")  # fmt: skip
     share = achieved / rate if rate else float("nan")
     print(f"hub polls/s ÷ raw reads/s: {share:.3f}; hub CPU {run['cpu']:.1f} s in {run['seconds']:.1f} s "
-          f"({run['cpu'] / run['seconds'] * 100:.0f} % of one core)")  # fmt: skip
+          f"({run['cpu'] / run['seconds'] * 100:.0f} % of one core): event loop "
+          f"{run['own'] / max(run['polls'], 1) * 1000:.2f} ms, store process "
+          f"{run['store'] / max(run['polls'], 1) * 1000:.2f} ms per poll")  # fmt: skip
     print(f"readings stored in the window: {run['stored']:,} for {run['polls']:,} polls")
     print(f"poll latency mean {statistics.fmean(latencies):.2f} ms" if latencies else "no polls")
     ok = achieved >= 0.95 * target and abs(run["stored"] - run["polls"]) <= args.devices

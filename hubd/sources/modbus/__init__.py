@@ -138,8 +138,7 @@ class ModbusSource:
         delay = self.config.poll_s
         # The first poll within a second (or poll_s) at random: many devices then do not all poll in one instant.
         next_at = time.monotonic() + random.uniform(0.0, min(self.config.poll_s, 1.0))
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._stopped.wait(), next_at - time.monotonic())
+        await self._sleep_until(next_at)
         while not self._stopped.is_set():
             try:
                 await self.poll_once()
@@ -152,8 +151,13 @@ class ModbusSource:
                 next_at = time.monotonic() + delay * random.uniform(0.8, 1.2)
                 delay = min(delay * 2, self.config.reconnect_max_s)
             self._write_status()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopped.wait(), max(0.0, next_at - time.monotonic()))
+            await self._sleep_until(next_at)
+
+    async def _sleep_until(self, moment: float) -> None:
+        """Wait until ``moment`` (monotonic) or until stopped, whichever comes first."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout_at(asyncio.get_running_loop().time() + moment - time.monotonic()):
+                await self._stopped.wait()
 
     async def poll_once(self) -> Poll | None:
         """One poll: connect and discover when needed, read, hand the readings on. Raises Offline."""

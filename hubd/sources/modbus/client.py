@@ -100,7 +100,8 @@ class Link:
         call = client.read_holding_registers if table == "holding" else client.read_input_registers
         sent = time.time_ns()
         try:
-            answer = await asyncio.wait_for(call(address, count=count, device_id=self.unit_id), self.timeout_s + 1)
+            async with asyncio.timeout(self.timeout_s + 1):  # pymodbus's own timeout first; no task per read
+                answer = await call(address, count=count, device_id=self.unit_id)
         except (TimeoutError, ModbusException, OSError) as exc:
             self.close()
             raise Offline(f"{table} registers {address}+{count}: no answer ({type(exc).__name__})") from None
