@@ -5,6 +5,7 @@ that stop and come back, answer with exceptions, or name DERs the hub does not l
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 import time
 from collections.abc import Callable, Iterator
@@ -171,6 +172,58 @@ def test_exceptions_are_audited_once_and_other_devices_keep_being_polled(
     assert problem["reason"] == "holding registers 900+1: exception 2 (illegal data address)"
     assert len(events(hub, "modbus.online", "broken")) == 1  # it answers: online, with a problem
     assert stored(hub, "M-1") == []
+
+
+class Silent:
+    """A device that takes the connection and never answers (a hung device, a gateway whose target is gone)."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self._server: asyncio.Server | None = None
+
+    async def start(self) -> None:
+        async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await reader.read()  # until the hub gives up and closes
+            writer.close()
+
+        self._server = await asyncio.start_server(hold, "127.0.0.1", self.port)
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+
+
+def test_a_device_that_never_answers_goes_offline_once_and_delays_no_other(site: Any, devices: Any) -> None:
+    silent = Silent()
+    with DeviceThread([silent]):  # type: ignore[list-item]  # a plain asyncio server, not a pymodbus one
+        _, good = devices(IMAGE)
+        hub = site(
+            [
+                modbus("hung", silent.port, profile="sunspec", der="X-1", timeout_s=0.3, reconnect_max_s=0.6),
+                modbus("good", good.port, profile="sunspec", der="PV-8"),
+            ],
+            ("X-1", "PV-8"),
+        )
+        first = until(lambda: stored(hub, "PV-8"))[0]["measured_at"]
+        time.sleep(2.0)  # ten polls of the good device while the hung one times out again and again
+        later = [r for r in stored(hub, "PV-8") if r["measured_at"] >= first]
+        assert len(later) >= 8, later  # polled every 0.2 s all along
+        (offline,) = events(hub, "modbus.offline", "hung")
+        assert "no answer" in offline["reason"], offline
+        assert events(hub, "modbus.online", "hung") == []
+
+
+def test_a_short_read_is_a_problem_audited_once(site: Any, tmp_path: Path) -> None:
+    device = Device({1: (IMAGE, {})}, free_port(), short_by=1)  # each answer one register short
+    with DeviceThread([device]):
+        hub = site([modbus("short", device.port, profile="sunspec", der="S-1")], ("S-1",))
+        (problem,) = until(lambda: events(hub, "modbus.problem", "short"))
+        assert problem["reason"] == "holding registers 40000+2: 1 register in the answer"
+        time.sleep(1.0)
+        assert len(events(hub, "modbus.problem", "short")) == 1
+        assert len(events(hub, "modbus.online", "short")) == 1  # it answers, though not usably
+    assert stored(hub, "S-1") == []
 
 
 def test_a_der_the_hub_does_not_know_is_refused_and_said_once(site: Any, devices: Any) -> None:

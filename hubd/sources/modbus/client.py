@@ -110,5 +110,6 @@ class Link:
             raise NoAnswer(table, address, count, int(getattr(answer, "exception_code", 0)))
         registers = list(answer.registers)
         if len(registers) < count:
-            raise ShortRead(f"{table} registers {address}+{count}: {len(registers)} registers in the answer")
+            got = f"{len(registers)} register{'' if len(registers) == 1 else 's'}"
+            raise ShortRead(f"{table} registers {address}+{count}: {got} in the answer")
         return Exchange(registers[:count], sent, answered)

@@ -15,6 +15,7 @@ from concurrent.futures import Future
 from typing import Any
 
 from pymodbus.datastore import ModbusDeviceContext, ModbusSequentialDataBlock, ModbusServerContext
+from pymodbus.pdu import ModbusPDU
 from pymodbus.server import ModbusTcpServer
 from sunspec2 import mb as sunspec_codec  # type: ignore[import-untyped]
 
@@ -99,22 +100,33 @@ def _datablock(registers: Mapping[int, int]) -> ModbusSequentialDataBlock | None
 
 
 class Device:
-    """A pymodbus TCP server on ``host``:``port`` serving ``units`` (unit id → (holding, input) registers)."""
+    """A pymodbus TCP server on ``host``:``port`` serving ``units`` (unit id → (holding, input) registers).
+
+    ``short_by`` makes it a faulty device: each answer holds that many registers fewer than were asked for.
+    """
 
     def __init__(
-        self, units: Mapping[int, tuple[Mapping[int, int], Mapping[int, int]]], port: int, host: str = "127.0.0.1"
+        self,
+        units: Mapping[int, tuple[Mapping[int, int], Mapping[int, int]]],
+        port: int,
+        host: str = "127.0.0.1",
+        short_by: int = 0,
     ) -> None:
-        self.units, self.host, self.port = units, host, port
+        self.units, self.host, self.port, self.short_by = units, host, port, short_by
         self._server: ModbusTcpServer | None = None
+
+    def _answer(self, sending: bool, pdu: ModbusPDU) -> ModbusPDU:
+        if sending and self.short_by and len(pdu.registers) > self.short_by:
+            pdu.registers = pdu.registers[: -self.short_by]
+        return pdu
 
     async def start(self) -> None:
         devices: dict[int, Any] = {
             unit: ModbusDeviceContext(hr=_datablock(holding), ir=_datablock(inputs))
             for unit, (holding, inputs) in self.units.items()
         }
-        self._server = ModbusTcpServer(
-            ModbusServerContext(devices=devices, single=False), address=(self.host, self.port)
-        )
+        context = ModbusServerContext(devices=devices, single=False)
+        self._server = ModbusTcpServer(context, address=(self.host, self.port), trace_pdu=self._answer)
         await self._server.serve_forever(background=True)
 
     async def stop(self) -> None:
