@@ -171,6 +171,7 @@ def test_exceptions_are_audited_once_and_other_devices_keep_being_polled(
     (problem,) = events(hub, "modbus.problem", "broken")
     assert problem["reason"] == "holding registers 900+1: exception 2 (illegal data address)"
     assert len(events(hub, "modbus.online", "broken")) == 1  # it answers: online, with a problem
+    assert len(events(hub, "modbus.discovered", "broken")) == 1  # though it is prepared again after each
     assert stored(hub, "M-1") == []
 
 

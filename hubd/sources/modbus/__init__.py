@@ -77,6 +77,15 @@ def build_sources(config: Config, audit: AuditLog, describe: Describe | None = N
     ]
 
 
+def _cancel_if_asked() -> None:
+    """Raise CancelledError when this task was asked to stop: a cancellation that lands as an awaited future
+    completes can be lost inside ``asyncio.wait_for`` (pymodbus awaits its answers so on Python 3.11), and the
+    poll loop would go on while the hub waits for it to end."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
 def sender_of(config: ModbusSourceConfig) -> Sender:
     ders = {config.der} if config.der is not None else set(config.ders)
     return Sender("modbus", config.name, frozenset(ders))
@@ -140,6 +149,7 @@ class ModbusSource:
         next_at = time.monotonic() + random.uniform(0.0, min(self.config.poll_s, 1.0))
         await self._sleep_until(next_at)
         while not self._stopped.is_set():
+            _cancel_if_asked()
             try:
                 await self.poll_once()
                 delay = self.config.poll_s
@@ -167,10 +177,12 @@ class ModbusSource:
                 self._prepared = False
                 await self._link.connect()
             if not self._prepared:
-                self.discovered = await self.profile.prepare(self._link)
+                discovered = await self.profile.prepare(self._link)
                 self._prepared = True
                 self._came_online()
-                self._record_description()
+                if discovered != self.discovered:  # said again only when the device holds something else
+                    self.discovered = discovered
+                    self._record_description()
             poll = await self.profile.poll(self._link)
         except (NoAnswer, ShortRead, NotSunSpec) as exc:
             self._came_online()  # it answered, though not usably

@@ -78,7 +78,8 @@ class Link:
             self.host, port=self.port, timeout=self.timeout_s, retries=0, reconnect_delay=0, reconnect_delay_max=0
         )
         try:
-            connected = await asyncio.wait_for(client.connect(), self.timeout_s + 1)
+            async with asyncio.timeout(self.timeout_s + 1):
+                connected = await client.connect()
         except (TimeoutError, OSError, ModbusException) as exc:
             client.close()
             raise Offline(f"cannot connect to {self.host}:{self.port}: {exc or 'timed out'}") from None
