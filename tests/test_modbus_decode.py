@@ -354,3 +354,25 @@ def test_a_reading_is_checked_against_the_quantities_ranges(serve: Any, tmp_path
     _, poll = poll_once(MapProfile(source(port, map="m", der="B-1"), register_map), port)
     assert poll.readings == [Reading("B-1", poll.measured_at, {"voltage_v": 230.0})]
     assert poll.problems == ["B-1: soc_pct 104.0 is out of range; left out"]
+
+
+def test_a_device_that_takes_short_requests_is_read_in_several_as_one_instant(
+    serve: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """max_registers 20: the common model, 103 and 802 in requests of at most 20 registers; one poll, one time."""
+    port = serve(sunspec_image([(1, COMMON), (103, INVERTER_103), (802, BATTERY_802)]))
+    profile = SunSpecProfile(source(port, profile="sunspec", max_registers=20, ders={"INV-1": [103], "B": [802]}))
+    requests: list[int] = []
+    real_read = Link.read
+
+    async def counted(link: Link, table: Any, address: int, count: int) -> Any:
+        requests.append(count)
+        return await real_read(link, table, address, count)
+
+    monkeypatch.setattr(Link, "read", counted)  # counts the requests; the reads are real
+    _, poll = poll_once(profile, port)
+    assert max(requests) == 20
+    assert values(poll)["INV-1"]["power_kw"] == 3.21 and values(poll)["B"]["soc_pct"] == 62.5
+    assert profile.described["INV-1"]["serial"] == "SN-0042"
+    assert len({reading.measured_at for reading in poll.readings}) == 1
+    assert poll.spread_ms > 0  # 6 requests (52 + 64 registers): their span is the poll's spread

@@ -88,7 +88,7 @@ class SunSpecProfile:
         async def read(address: int, count: int) -> list[int]:
             return await timer.read("holding", address, count)
 
-        self.discovery = discovery = await sunspec.discover(read, self.bases)
+        self.discovery = discovery = await sunspec.discover(read, self.bases, self.config.max_registers)
         by_label = {model.label: model for model in discovery.models}
         self.missing = []
         if self.config.der is not None:

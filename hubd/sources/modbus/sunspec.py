@@ -223,7 +223,7 @@ class Discovery:
         return {}
 
 
-async def discover(read: Read, bases: Sequence[int] = BASES) -> Discovery:
+async def discover(read: Read, bases: Sequence[int] = BASES, most: int = 125) -> Discovery:
     """Find the marker, walk the model chain to its end, and decode model 1 (read once, it does not change)."""
     for base in bases:
         try:
@@ -253,7 +253,7 @@ async def discover(read: Read, bases: Sequence[int] = BASES) -> Discovery:
     discovery = Discovery(base, models, unknown)
     for model in models:
         if model.id == 1:
-            decode(model, await read_span(read, model.address, model.length + 2))
+            decode(model, await read_span(read, model.address, model.length + 2, most))
     return discovery
 
 
