@@ -15,7 +15,7 @@ from hubd.model import format_time
 from hubd.query import energy
 from hubd.query.buckets import Bucket, buckets
 from hubd.query.conditions import Query, encode_cursor
-from hubd.store import ReadingQuery
+from hubd.store import CLOCK_COLUMNS, ReadingQuery
 
 _TESTS: dict[str, Callable[[float, float], bool]] = {
     "gt": operator.gt,
@@ -57,8 +57,9 @@ def _page(rows: list[dict[str, Any]], keys: list[tuple[Any, ...]], limit: int) -
 
 
 def _shape(fields: tuple[str, ...], row: tuple[Any, ...]) -> dict[str, Any]:
+    """A raw row: its quantities, and its clock flag and estimated offset when it has one."""
     out: dict[str, Any] = {"der_id": row[0], "measured_at": format_time(row[1])}
-    for name, value in zip(fields, row[2:], strict=True):
+    for name, value in zip((*fields, *CLOCK_COLUMNS), row[2:], strict=True):
         if value is not None:
             out[name] = value
     return out
@@ -66,7 +67,9 @@ def _shape(fields: tuple[str, ...], row: tuple[Any, ...]) -> dict[str, Any]:
 
 def _raw(query: Query, store: ReadingQuery) -> dict[str, Any]:
     after = (query.cursor[0], query.cursor[1]) if query.cursor else None
-    found = store.raw(query.start, query.end, query.der_ids, query.fields, query.where, after, query.limit + 1)
+    found = store.raw(
+        query.start, query.end, query.der_ids, query.fields, query.where, after, query.limit + 1, query.flagged
+    )
     return _page([_shape(query.fields, row) for row in found], [(row[1], row[0]) for row in found], query.limit)
 
 
@@ -82,7 +85,7 @@ def _at(query: Query, store: ReadingQuery) -> dict[str, Any]:
     nearest: dict[str, tuple[Any, ...]] = {}
     cursor: tuple[int, str] | None = None
     while True:  # the window is small (± tolerance), but page through it all the same
-        batch = store.raw(query.start, query.end, query.der_ids, query.fields, (), cursor, 50_000)
+        batch = store.raw(query.start, query.end, query.der_ids, query.fields, (), cursor, 50_000, query.flagged)
         for row in batch:
             if row[0] <= after:
                 continue
@@ -95,7 +98,7 @@ def _at(query: Query, store: ReadingQuery) -> dict[str, Any]:
     rows = []
     for der_id in sorted(nearest):
         row = nearest[der_id]
-        if _matches(query, dict(zip(query.fields, row[2:], strict=True))):
+        if _matches(query, dict(zip(query.fields, row[2:], strict=False))):
             rows.append(_shape(query.fields, row))
             if len(rows) > query.limit:
                 break
@@ -113,8 +116,9 @@ def _buckets(query: Query, store: ReadingQuery) -> dict[str, Any]:
     for der_id in ders:
         if der_id < after_der:
             continue
-        stats = store.bucket_stats(der_id, laid, specs, query.where)
+        stats = store.bucket_stats(der_id, laid, specs, query.where, query.flagged)
         energies = _energy(query, store, der_id, laid, stats)
+        _flagged_shares(query, store, der_id, laid, stats, energies)
         for index in sorted(set(stats) | set(energies)):
             bucket = laid[index]
             if der_id == after_der and bucket.start <= after_bucket:
@@ -200,4 +204,47 @@ def _bucket_row(
         if value is not None:
             row[name] = value
     row["n"] = stats["n"]
+    if stats.get("flagged"):
+        row["clock_flagged"] = stats["flagged"]
+        if "share" in energies:
+            row["clock_flagged_share"] = energies["share"]
     return row
+
+
+def _flagged_shares(
+    query: Query,
+    store: ReadingQuery,
+    der_id: str,
+    laid: list[Bucket],
+    stats: dict[int, dict[str, Any]],
+    energies: dict[int, dict[str, float]],
+) -> None:
+    """The share of a bucket's energy that flagged readings measured, for buckets holding any (as ``share``).
+
+    The energy between two register readings counts as the later one's (it is what that reading measured); an
+    interval reading's energy is its own. Only buckets with flagged readings are read again, so a query over
+    readings from good clocks pays nothing for this.
+    """
+    energy_kinds = [kind for kind in (("energy_kwh", "delta"), ("energy_interval_kwh", "sum")) if kind in query.agg]
+    if not energy_kinds:
+        return
+    for index, bucket_stats in stats.items():
+        if not bucket_stats.get("flagged"):
+            continue
+        bucket = laid[index]
+        flagged = total = 0.0
+        if ("energy_kwh", "delta") in energy_kinds:
+            before = store.nearest(der_id, "energy_kwh", bucket.lo, before=True)
+            previous = before[1] if before else None
+            for _, value, is_flagged in store.flagged_series(der_id, bucket.lo, bucket.hi, ("energy_kwh",)):
+                if previous is not None:
+                    rise = value - previous if value >= previous else value  # a fall: a reset to zero
+                    total += rise
+                    flagged += rise if is_flagged else 0.0
+                previous = value
+        if ("energy_interval_kwh", "sum") in energy_kinds:
+            for _, value, is_flagged in store.flagged_series(der_id, bucket.lo, bucket.hi, ("energy_interval_kwh",)):
+                total += value
+                flagged += value if is_flagged else 0.0
+        if total > 0:
+            energies.setdefault(index, {})["share"] = round(flagged / total, 4)
