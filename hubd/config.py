@@ -134,7 +134,7 @@ class NtpConfig(Section, frozen=True):
     """The hub's own clock, measured against NTP servers (``host`` or ``host:port``); none: not measured."""
 
     servers: list[str] = []
-    poll_s: Annotated[float, msgspec.Meta(ge=1, le=86400)] = 64.0
+    poll_s: Annotated[float, msgspec.Meta(ge=0.1, le=86400)] = 64.0
     timeout_s: Annotated[float, msgspec.Meta(gt=0, le=60)] = 2.0
     tolerance_s: Annotated[float, msgspec.Meta(gt=0)] = 0.5  # |offset| beyond it: unsynchronised, an alarm
     max_age_s: Annotated[float, msgspec.Meta(gt=0)] = 1024.0  # no good answer for longer: unsynchronised, an alarm

@@ -112,6 +112,7 @@ class Clocks:
         self._file = data_path / STATE_FILE if data_path is not None else None
         self._written = 0.0
         self.dirty = True
+        self._saved_synced: bool | None = None
         self._started = now_ms()
         self._alarmed = False
 
@@ -239,9 +240,9 @@ class Clocks:
         if self._file is None or not (self.dirty or force):
             return
         moment = time.monotonic()
-        if not force and moment - self._written < 1.0:
-            return
-        self._written, self.dirty = moment, False
+        if not force and moment - self._written < 1.0 and self.hub.synced == self._saved_synced:
+            return  # a change of synchronisation is written at once: hubd time status is what monitoring reads
+        self._written, self.dirty, self._saved_synced = moment, False, self.hub.synced
         temporary = self._file.with_suffix(".tmp")
         with contextlib.suppress(OSError):  # a full disk must not stop the clocks; the next save tries again
             temporary.write_bytes(orjson.dumps(self.snapshot(), option=orjson.OPT_INDENT_2))
