@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Callable
+from itertools import pairwise
 from typing import Any
 
 from hubd.model import format_time
@@ -206,8 +207,8 @@ def _bucket_row(
     row["n"] = stats["n"]
     if stats.get("flagged"):
         row["clock_flagged"] = stats["flagged"]
-        if "share" in energies:
-            row["clock_flagged_share"] = energies["share"]
+    if "share" in energies:
+        row["clock_flagged_share"] = energies["share"]
     return row
 
 
@@ -219,32 +220,36 @@ def _flagged_shares(
     stats: dict[int, dict[str, Any]],
     energies: dict[int, dict[str, float]],
 ) -> None:
-    """The share of a bucket's energy that flagged readings measured, for buckets holding any (as ``share``).
+    """The share of each bucket's energy that flagged readings measured (as ``share``), for a DER with flagged
+    readings in the range; a DER without pays nothing for it.
 
-    The energy between two register readings counts as the later one's (it is what that reading measured); an
-    interval reading's energy is its own. Only buckets with flagged readings are read again, so a query over
-    readings from good clocks pays nothing for this.
+    The energy between two register readings is what the later one measured, spread over the time between
+    them as ``delta`` spreads it; an interval reading's energy is its own, split as ``sum`` splits it.
     """
-    energy_kinds = [kind for kind in (("energy_kwh", "delta"), ("energy_interval_kwh", "sum")) if kind in query.agg]
-    if not energy_kinds:
+    if not any(bucket.get("flagged") for bucket in stats.values()):
         return
-    for index, bucket_stats in stats.items():
-        if not bucket_stats.get("flagged"):
-            continue
-        bucket = laid[index]
-        flagged = total = 0.0
-        if ("energy_kwh", "delta") in energy_kinds:
-            before = store.nearest(der_id, "energy_kwh", bucket.lo, before=True)
-            previous = before[1] if before else None
-            for _, value, is_flagged in store.flagged_series(der_id, bucket.lo, bucket.hi, ("energy_kwh",)):
-                if previous is not None:
-                    rise = value - previous if value >= previous else value  # a fall: a reset to zero
-                    total += rise
-                    flagged += rise if is_flagged else 0.0
-                previous = value
-        if ("energy_interval_kwh", "sum") in energy_kinds:
-            for _, value, is_flagged in store.flagged_series(der_id, bucket.lo, bucket.hi, ("energy_interval_kwh",)):
-                total += value
-                flagged += value if is_flagged else 0.0
-        if total > 0:
-            energies.setdefault(index, {})["share"] = round(flagged / total, 4)
+    flagged: dict[int, float] = {}
+    total: dict[int, float] = {}
+
+    def add(parts: dict[int, float], is_flagged: bool) -> None:
+        for index, value in parts.items():
+            total[index] = total.get(index, 0.0) + value
+            if is_flagged:
+                flagged[index] = flagged.get(index, 0.0) + value
+
+    if ("energy_kwh", "delta") in query.agg:
+        before = store.nearest(der_id, "energy_kwh", query.start, before=True)
+        after = store.nearest(der_id, "energy_kwh", query.end, before=False)
+        lo, hi = before[0] if before else query.start, after[0] + 1 if after else query.end
+        series = store.flagged_series(der_id, lo, hi, ("energy_kwh",))
+        for (t0, v0, _), (t1, v1, is_flagged) in pairwise(series):
+            rise = v1 - v0 if v1 >= v0 else v1  # a fall: a reset to zero
+            add(energy.split_intervals(laid, [(t1, rise, (t1 - t0) / 1000)]), bool(is_flagged))
+    if ("energy_interval_kwh", "sum") in query.agg:
+        longest = 86_400_000  # as in _energy
+        fields = ("energy_interval_kwh", "interval_s")
+        for t, value, interval_s, is_flagged in store.flagged_series(der_id, query.start, query.end + longest, fields):
+            add(energy.split_intervals(laid, [(t, value, interval_s)]), bool(is_flagged))
+    for index, energy_in in total.items():
+        if energy_in > 0 and (flagged.get(index) or stats.get(index, _EMPTY).get("flagged")) and index in energies:
+            energies[index]["share"] = round(flagged.get(index, 0.0) / energy_in, 4)
