@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from operator import attrgetter
 from typing import Any
 
 from loguru import logger
@@ -205,7 +206,8 @@ class Ingest:
         raw, decoded, source_id, good = checked.raw, checked.decoded, checked.source_id, checked.good
         flag = None
         if good and self._clocks is not None:  # the message's evidence of its source's clock, and the verdict
-            flag = self._clocks.observe(source_id, raw.received_at, max(r.measured_at for r in good))
+            newest = good[0].measured_at if len(good) == 1 else max(map(_MEASURED_AT, good))
+            flag = self._clocks.observe(source_id, raw.received_at, newest)
             if flag is not None and self._refuse_bad_clock:
                 self._refuse_clock(checked, flag)
                 good, flag = checked.good, None
@@ -413,6 +415,7 @@ def short(reason: str) -> str:
     return reason if len(reason) <= _REASON_CHARS else reason[: _REASON_CHARS - 1] + "…"
 
 
+_MEASURED_AT = attrgetter("measured_at")
 AUDITED_REASONS = 10
 """The refusals one audit record describes one by one (the first of the message's); the rest are counted."""
 _REASON_CHARS = 200

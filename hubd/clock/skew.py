@@ -21,24 +21,30 @@ class PassiveSkew:
     window.
     """
 
-    __slots__ = ("_slice_ms", "_slices", "samples")
+    __slots__ = ("_end", "_last", "_slice_ms", "_slices")
 
     def __init__(self, window_ms: int) -> None:
         self._slice_ms = max(window_ms // 10, 1)
         self._slices: deque[list[int]] = deque()  # [slice start, minimum delay in ms], oldest first
-        self.samples = 0
+        self._last: list[int] = [0, 0]  # the newest slice, and where it ends: most messages only compare
+        self._end = -(2**62)
 
     def add(self, received_at: int, newest_measured_at: int) -> None:
         """One message: the time it arrived and the latest measurement time among its readings."""
         delay = received_at - newest_measured_at
+        if self._end > received_at >= self._last[0]:
+            if delay < self._last[1]:
+                self._last[1] = delay
+            return
         start = received_at - received_at % self._slice_ms
-        slices = self._slices
-        if slices and slices[-1][0] == start:
-            if delay < slices[-1][1]:
-                slices[-1][1] = delay
-        else:
-            slices.append([start, delay])
-        self.samples += 1
+        self._last = [start, delay]
+        self._end = start + self._slice_ms
+        self._slices.append(self._last)
+
+    @property
+    def last_at(self) -> int | None:
+        """The start of the newest slice with evidence: roughly when the source last sent data."""
+        return self._slices[-1][0] if self._slices else None
 
     def offset_ms(self, now: int) -> int | None:
         """How far the source's clock is ahead of the hub's (negative: behind, at most), or None without data
@@ -54,4 +60,4 @@ class PassiveSkew:
     def forget(self) -> None:
         """Drop the evidence: the source's clock was corrected, what came before says nothing of it now."""
         self._slices.clear()
-        self.samples = 0
+        self._last, self._end = [0, 0], -(2**62)

@@ -134,7 +134,8 @@ class Clocks:
         source.skew.add(received_at, newest_measured_at)
         if newest_measured_at - received_at > self._tolerance_ms or source.passive_flag:
             self._judge_passive(source, received_at)
-        return self.flags.get(source_id)
+            return self.flags.get(source_id)
+        return self.flags.get(source_id) if self.flags else None
 
     def _judge_passive(self, source: SourceClock, now: int) -> None:
         ahead = source.skew.offset_ms(now)
