@@ -207,7 +207,7 @@ class Ingest:
         flag = None
         if good and self._clocks is not None:  # the message's evidence of its source's clock, and the verdict
             newest = good[0].measured_at if len(good) == 1 else max(map(_MEASURED_AT, good))
-            flag = self._clocks.observe(source_id, raw.received_at, newest)
+            flag = self._clocks.observe(source_id, raw.received_at, newest, raw.sender.kind == "mqtt")
             if flag is not None and self._refuse_bad_clock:
                 self._refuse_clock(checked, flag)
                 good, flag = checked.good, None

@@ -10,10 +10,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from click.testing import CliRunner
 
+from hubd.cli import main
 from hubd.clock.edges import _sample
 from hubd.clock.skew import PassiveSkew
-from hubd.config import QueryConfig
+from hubd.clock.state import Clocks
+from hubd.config import ConfigError, QueryConfig, TimeConfig, ntp_address, parse_config
 from hubd.model import Reading, parse_time
 from hubd.query.conditions import decode_cursor, parse_query
 from hubd.query.execute import run
@@ -160,3 +163,57 @@ def test_passive_estimate_is_the_smallest_delay_and_forgets_after_its_window() -
     skew.add(received_at=31_000, newest_measured_at=30_000)
     skew.forget()
     assert skew.offset_ms(31_000) is None
+
+
+@pytest.mark.parametrize("server", ["ntp.example:0", "ntp.example:x", "ntp.example/a", "", "user@ntp.example"])
+def test_a_bad_ntp_server_stops_the_config_naming_the_key(server: str) -> None:
+    with pytest.raises(ConfigError, match=r"time\.ntp\.servers: .* must be host or host:port"):
+        parse_config({"time": {"ntp": {"servers": [server]}}})
+
+
+def test_good_ntp_servers_and_the_bad_clock_choice() -> None:
+    time_section = {"ntp": {"servers": ["ntp.example", "[::1]:1123"]}, "edges": {"bad_clock": "refuse"}}
+    config = parse_config({"time": time_section})
+    assert [ntp_address(s) for s in config.time.ntp.servers] == [("ntp.example", 123), ("::1", 1123)]
+    with pytest.raises(ConfigError, match=r"time\.edges\.bad_clock: must be 'flag' or 'refuse'"):
+        parse_config({"time": {"edges": {"bad_clock": "drop"}}})
+
+
+def test_hubd_time_before_the_hub_ever_ran(tmp_path: Path) -> None:
+    config = tmp_path / "hubd.yaml"
+    config.write_text(f"data_dir: {tmp_path / 'data'}\n")
+    for command in ("status", "sources"):
+        result = CliRunner().invoke(main, ["--config", str(config), "time", command])
+        assert result.exit_code == 1
+        assert "no clock state" in result.output and "the hub has not run there" in result.output
+
+
+class _Trail:
+    """The audit trail's two calls, kept for the assertions."""
+
+    def __init__(self) -> None:
+        self.records: list[tuple[str, str, dict[str, Any]]] = []
+
+    def append(self, event: str, outcome: str = "ok", **fields: Any) -> None:
+        self.records.append((event, outcome, fields))
+
+    def flush(self) -> None:
+        pass
+
+
+def test_the_flag_follows_the_evidence_and_a_right_check_lifts_it() -> None:
+    trail = _Trail()
+    clocks = Clocks(TimeConfig(), trail)  # type: ignore[arg-type]
+    now = 1_700_000_000_000
+    assert clocks.observe("edge-1", now, now - 800) is None  # late data: no flag, nothing looked at
+    assert clocks.flags == {}
+    assert clocks.observe("edge-1", now + 1000, now + 91_000) == ("passive", 90.0)  # from the future
+    assert trail.records[-1] == ("time.flagged", "passive", {"source_id": "edge-1", "offset_s": 90.0})
+    source = clocks.sources["edge-1"]
+    clocks.checked(source, 0.01, 0.002, "ok")  # corrected, and found right
+    assert clocks.flags == {}
+    assert [r[:2] for r in trail.records[-1:]] == [("time.unflagged", "passive")]
+    assert clocks.observe("edge-1", now + 2000, now + 1990) is None  # the old evidence is forgotten
+    polled = clocks.observe("modbus-1", now, now - 5, checkable=False)
+    assert polled is None and clocks.sources["modbus-1"].state == "not_checked"
+    assert [s["source_id"] for s in clocks.snapshot()["sources"]] == ["edge-1", "modbus-1"]

@@ -85,7 +85,7 @@ class EdgeChecks:
             now = time.monotonic()
             recent = now_ms() - max(3 * self._config.interval_s, 3600) * 1000
             for source in list(self._clocks.sources.values()):
-                if source.source_id == "unknown" or source.source_id in self._running:
+                if source.source_id == "unknown" or not source.checkable or source.source_id in self._running:
                     continue
                 if source.due > now or source.last_seen < recent or len(self._running) >= _AT_ONCE:
                     continue

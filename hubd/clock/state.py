@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -73,7 +73,7 @@ class SourceClock:
     passive_flag: bool = False
     passive_offset_s: float | None = None
     due: float = 0.0  # time.monotonic() of its next check
-    extra: dict[str, Any] = field(default_factory=dict)
+    checkable: bool = True  # it sends over MQTT, where it can be asked (a polled device cannot)
 
     @property
     def flag(self) -> Flag | None:
@@ -118,8 +118,11 @@ class Clocks:
 
     # -- the data path ------------------------------------------------------------------------------------
 
-    def observe(self, source_id: str, received_at: int, newest_measured_at: int) -> tuple[Flag, float] | None:
+    def observe(
+        self, source_id: str, received_at: int, newest_measured_at: int, checkable: bool = True
+    ) -> tuple[Flag, float] | None:
         """One message's evidence (when it arrived, its latest measurement time); the flag for its readings.
+        ``checkable``: the source sent it over MQTT, where its clock can be checked.
 
         The usual case costs a look-up and two comparisons; only a message from the future beyond the
         tolerance, or a source already flagged passively, is looked at more closely.
@@ -127,8 +130,10 @@ class Clocks:
         source = self.sources.get(source_id)
         if source is None:
             source = self.sources[source_id] = SourceClock(
-                source_id, PassiveSkew(self._window_ms), received_at, received_at
+                source_id, PassiveSkew(self._window_ms), received_at, received_at, checkable=checkable
             )
+            if not checkable:
+                source.state = "not_checked"
             self.dirty = True
         source.last_seen = received_at
         source.skew.add(received_at, newest_measured_at)
