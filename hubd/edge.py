@@ -121,10 +121,10 @@ def edge_send(
     clock_file: str | None,
     **options: Any,
 ) -> None:
-    """Send the readings in FILE (CSV with a header, or one JSON object a line; `-`: stdin, read as it comes).
+    """Send the readings in FILE (CSV with a header, or one JSON object a line; `-`: stdin).
 
-    Each reading needs der_id and a quantity; measured_at is stamped now when left out. Exits 1 when a reading
-    is refused or a message is not answered."""
+    Each reading needs der_id and a quantity; measured_at is stamped now when left out. Readings go --batch at a
+    time, the rest when the input ends. Exits 1 when a reading is refused or a message is not answered."""
     passwords = load_passwords(Path(passwords_path))
     name = getattr(file, "name", "-")
     kind = kind or ("csv" if str(name).endswith(".csv") else "jsonl")
