@@ -8,11 +8,14 @@ The edge terminals are ``hubd.client.EdgeTerminal`` with a simulated clock (``Te
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import socket
 import stat
 import subprocess
+import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -20,12 +23,13 @@ from typing import Any
 
 import pytest
 from conftest import INITIAL_PASSWORD, RunningHub
-from helpers import records
+from helpers import reading, records
 
 from hubd.client import EdgeTerminal, TerminalClock, load_passwords
 from hubd.model import format_time
 
 CHRONYD = shutil.which("chronyd") or "/usr/sbin/chronyd"
+HUBD = [sys.executable, "-m", "hubd.cli"]
 
 
 class Chrony:
@@ -409,3 +413,105 @@ def _epoch(text: str) -> float:
 
 def test_format_time_round_trip() -> None:
     assert format_time(0) == "1970-01-01T00:00:00.000Z"
+
+
+class ScriptTerminal:
+    """An edge terminal made of the Mosquitto clients on MQTT 3.1.1, as an integrator's script might be: it
+    sees no response topic, answers on ``reply_to`` with ``request_id``, keeps its clock ``ahead_s`` fast,
+    sends readings stamped by that clock, and takes its time (``lag_s``) before a correction takes effect."""
+
+    def __init__(self, hub: RunningHub, source_id: str, ahead_s: float, lag_s: float = 0.0) -> None:
+        self.hub, self.source_id, self.ahead_s, self.lag_s = hub, source_id, ahead_s, lag_s
+        self.told: list[float] = []
+        mqtt = ["-h", "127.0.0.1", "-p", str(hub.broker.port), "-V", "mqttv311", "-q", "1"]
+        self._mqtt = mqtt
+        self._sub = subprocess.Popen(
+            ["mosquitto_sub", *mqtt, "-t", f"hub/v1/time/+/{source_id}", "-v"], stdout=subprocess.PIPE, text=True
+        )
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+        time.sleep(0.3)  # subscribed
+
+    def now(self) -> float:
+        return time.time() + self.ahead_s
+
+    def _serve(self) -> None:
+        assert self._sub.stdout is not None
+        for line in self._sub.stdout:
+            topic, _, payload = line.strip().partition(" ")
+            body = json.loads(payload)
+            if "/time/set/" in topic:
+                self.told.append(body["offset_s"])
+                threading.Timer(self.lag_s, self._correct, [body["offset_s"]]).start()
+                answer: dict[str, Any] = {"ok": True}
+            else:
+                answer = {"ok": True, "source_time": format_time(int(self.now() * 1000))}
+            answer["request_id"] = body["request_id"]
+            subprocess.run(["mosquitto_pub", *self._mqtt, "-t", body["reply_to"], "-m", json.dumps(answer)], check=True)
+
+    def _correct(self, offset_s: float) -> None:
+        self.ahead_s -= offset_s
+
+    def send(self, der_id: str, password: str, value: float) -> None:
+        measured = format_time(int(self.now() * 1000))
+        body = {"source_id": self.source_id, "readings": [reading(der_id, password, measured, power_kw=value)]}
+        assert self.hub.rr("hub/v1/data", body)["accepted"] == 1
+
+    def close(self) -> None:
+        self._sub.terminate()
+        self._sub.wait(5)
+
+
+def test_a_script_on_mqtt_311_90_s_fast_that_corrects_late_is_flagged_until_it_has(hub_factory: Any) -> None:
+    hub = hub_factory(time={"edges": EDGES})
+    password = register(hub, "PV-SCRIPT")
+    terminal = ScriptTerminal(hub, "edge-script", ahead_s=90, lag_s=0.5)
+    try:
+        terminal.send("PV-SCRIPT", password, 1.0)
+        wait_for(lambda: terminal.told, what="a set command")
+        wait_for(lambda: [r for r in events(hub, "time.checked") if r["outcome"] == "ok"], what="a good check")
+        terminal.send("PV-SCRIPT", password, 2.0)
+    finally:
+        terminal.close()
+    assert 89 < terminal.told[0] < 91 and len(terminal.told) == 1
+    after = [(r["outcome"], r.get("after_set")) for r in events(hub, "time.checked")]
+    assert after[0] == ("off", None)
+    assert after[-1] == ("ok", True)  # the check right after the set may still find it off: it waited
+    rows = {r["power_kw"]: r for r in raw_rows(hub, "PV-SCRIPT")}
+    assert rows[1.0]["clock_flag"] == "passive" and 85 < rows[1.0]["clock_offset_s"] < 91
+    assert "clock_flag" not in rows[2.0]
+
+
+def test_hubd_edge_serve_answers_the_hubs_checks(hub: RunningHub, tmp_path: Path) -> None:
+    password = hub.register("PV-SERVE")
+    serve = subprocess.Popen(
+        [
+            *HUBD,
+            "edge",
+            "serve",
+            "--source-id",
+            "edge-serve",
+            "--broker",
+            hub.broker.url,
+            "--for",
+            "8",
+            "--clock-file",
+            str(tmp_path / "clock.json"),
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        time.sleep(1.5)  # connected and subscribed
+        body = {
+            "source_id": "edge-serve",
+            "readings": [reading("PV-SERVE", password, format_time(int(time.time() * 1000)))],
+        }
+        assert hub.rr("hub/v1/data", body)["accepted"] == 1
+        (checked,) = wait_for(lambda: events(hub, "time.checked"), what="a check")
+    finally:
+        serve.wait(20)
+    assert checked["outcome"] == "ok" and checked["source_id"] == "edge-serve"
+    assert abs(checked["offset_s"]) < 1 and checked["rtt_s"] < 1
+    assert serve.returncode == 0
+    assert "answering time checks for edge-serve" in (serve.stderr.read() if serve.stderr else "")

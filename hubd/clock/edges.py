@@ -31,6 +31,8 @@ from hubd.model import HubError, format_time, now_ms, parse_time
 _TICK_S = 1.0  # how often the schedule looks for sources due
 _AT_ONCE = 8  # sources checked at the same time
 _RECONNECT_S = (1.0, 60.0)
+_AFTER_SET_S = (0.0, 1.0, 3.0)  # pauses before the checks that follow a set command
+_OFF_AGAIN_S = 300.0  # a source still off after a set is checked (and told) again this soon
 
 
 class EdgeChecks:
@@ -110,8 +112,15 @@ class EdgeChecks:
             if told != "ok":
                 return
             self._clocks.corrected(source)
-            state, offset, rtt = await self.measure(client, source.source_id)
-            self._record(source, state, offset, rtt, after_set=True)
+            # A terminal may answer before its correction takes effect: a few checks, further apart each time.
+            for pause in _AFTER_SET_S:
+                await asyncio.sleep(pause)
+                state, offset, rtt = await self.measure(client, source.source_id)
+                self._record(source, state, offset, rtt, after_set=True)
+                if state != "off":
+                    return
+            # Still off: told again at the next check, which comes sooner than the schedule's.
+            source.due = min(source.due, time.monotonic() + _OFF_AGAIN_S)
         except Exception:  # one source's trouble must not end the schedule
             logger.exception("checking the clock of {} failed", source.source_id)
         finally:
