@@ -196,6 +196,18 @@ def demo(minutes: int, port: int) -> None:
     sys.exit(run_demo(minutes=minutes, port=port))
 
 
+@main.command()
+@click.option("--url", help="the hub's listener, e.g. http://127.0.0.1:8780/ (default: from http.bind)")
+@pass_context
+def status(ctx: Context, url: str | None) -> None:
+    """Ask the running hub how it is: exit 0 ready, 1 answering but not ready, 3 not answering."""
+    from hubd.ops.status import report
+
+    code, text = report(url or ctx.config.http.url)
+    click.echo(text)
+    sys.exit(code)
+
+
 @main.command("hash-password")
 def hash_password_command() -> None:
     """Hash an initial password for auth.initial_password_hash (reads it from the terminal or stdin)."""
@@ -328,7 +340,7 @@ def system() -> None:
 
 @system.command("add")
 @click.argument("name")
-@click.option("--role", type=click.Choice(["gateway", "consumer"]), required=True)
+@click.option("--role", type=click.Choice(["gateway", "consumer", "viewer"]), required=True)
 @pass_context
 def system_add(ctx: Context, name: str, role: str) -> None:
     """Create a system and print its password once."""

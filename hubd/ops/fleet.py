@@ -1,0 +1,148 @@
+"""The fleet as the status page shows it, aggregated in SQL: DERs by type, area and state, a page of DERs with
+the age of their last reading, today's energy per 30-minute slot by DER type, the quarantine, and the
+refusals of the last hour (from the audit trail).
+
+It reads the embedded store's file with the state file attached (read-only connections of its own, used from
+one thread), so each view is one statement however many DERs there are: the last reading of a DER is one
+probe of the readings' primary key. Another readings backend would bring its own reader.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+from hubd import audit as audit_trail
+from hubd.config import Config
+from hubd.model import ErrorCode
+
+SLOT_MS = 30 * 60 * 1000
+STATES = ("fresh", "late", "silent", "revoked")
+_CODES = frozenset(code.value for code in ErrorCode)
+# A refusal's answer repeats a refusal already recorded by the step that refused.
+_NOT_REFUSALS = frozenset({"answer.sent"})
+
+_LAST = "(SELECT max(r.measured_at) FROM main.readings r WHERE r.der_id = d.der_id)"
+_STATE = (
+    "CASE WHEN d.status = 'revoked' THEN 'revoked' WHEN last IS NULL OR last < :silent THEN 'silent' "
+    "WHEN last < :fresh THEN 'late' ELSE 'fresh' END"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class DerRow:
+    der_id: str
+    type: str
+    area: str | None
+    status: str
+    last_at: int | None  # measurement time of its last reading
+    state: str
+
+
+class Fleet:
+    """Read-only views over the readings and the state file; one thread at a time (the page's)."""
+
+    def __init__(self, config: Config) -> None:
+        self._readings = config.readings_path
+        self._state = config.registry_path
+        self._audit = config.audit_path
+        self._fresh_ms = config.http.fresh_s * 1000
+        self._silent_ms = config.http.silent_s * 1000
+        self._db: sqlite3.Connection | None = None
+
+    def _open(self) -> sqlite3.Connection:
+        if self._db is None:
+            db = sqlite3.connect(_read_only(self._readings), uri=True, check_same_thread=False)
+            db.execute("PRAGMA busy_timeout=10000")
+            db.execute("ATTACH DATABASE ? AS state", (_read_only(self._state),))
+            self._db = db
+        return self._db
+
+    def _bounds(self, now: int) -> dict[str, int]:
+        return {"fresh": now - self._fresh_ms, "silent": now - self._silent_ms}
+
+    def states(self, now: int) -> list[tuple[str, str, str, int]]:
+        """(type, area or "", state, DERs) for every combination that has DERs."""
+        sql = (
+            f"SELECT type, area, {_STATE} AS state, count(*) FROM "
+            f"(SELECT d.type, coalesce(d.area, '') AS area, d.status, {_LAST} AS last FROM state.ders d) d "
+            "GROUP BY 1, 2, 3 ORDER BY 1, 2, 3"
+        )
+        return [tuple(row) for row in self._open().execute(sql, self._bounds(now))]
+
+    def ders(self, now: int, after: str, limit: int) -> list[DerRow]:
+        """A page of DERs by id, from the first after ``after``."""
+        sql = (
+            f"SELECT der_id, type, area, status, last, {_STATE} FROM (SELECT d.der_id, d.type, d.area, d.status, "
+            f"{_LAST} AS last FROM state.ders d WHERE d.der_id > :after ORDER BY d.der_id LIMIT :limit) d"
+        )
+        rows = self._open().execute(sql, {**self._bounds(now), "after": after, "limit": limit})
+        return [DerRow(*row) for row in rows]
+
+    def energy(self, start: int, end: int) -> dict[str, list[float]]:
+        """kWh per 30-minute slot of [start, end) by DER type: interval energies summed, and a register's rise
+        from the last reading of the slot before (within the range) to the slot's last; a fall counts as a
+        reset. A view for the eye: settlement figures come from the extraction queries."""
+        sql = """
+            WITH per AS (
+                SELECT der_id, (measured_at - :start) / :slot AS slot, min(energy_kwh) AS lo, max(energy_kwh) AS hi,
+                       sum(energy_interval_kwh) AS iv
+                FROM main.readings INDEXED BY readings_by_time
+                WHERE measured_at >= :start AND measured_at < :end GROUP BY der_id, slot),
+            rises AS (
+                SELECT der_id, slot, coalesce(iv, 0) + coalesce(CASE WHEN prev IS NULL THEN hi - lo
+                       WHEN hi >= prev THEN hi - prev ELSE hi END, 0) AS kwh
+                FROM (SELECT *, lag(hi) OVER (PARTITION BY der_id ORDER BY slot) AS prev FROM per))
+            SELECT coalesce(d.type, 'other'), slot, sum(kwh) FROM rises LEFT JOIN state.ders d USING (der_id)
+            GROUP BY 1, 2
+        """
+        slots = (end - start + SLOT_MS - 1) // SLOT_MS
+        out: dict[str, list[float]] = {}
+        for der_type, slot, kwh in self._open().execute(sql, {"start": start, "end": end, "slot": SLOT_MS}):
+            out.setdefault(der_type, [0.0] * slots)[slot] = float(kwh or 0.0)
+        return out
+
+    def quarantine(self, limit: int) -> tuple[int, list[dict[str, Any]]]:
+        """How many entries the quarantine holds, and the newest ``limit`` (without their payloads)."""
+        db = self._open()
+        if not _has_table(db, "quarantine"):
+            return 0, []
+        total = int(db.execute("SELECT count(*) FROM state.quarantine").fetchone()[0])
+        rows = db.execute(
+            "SELECT id, received_at, topic, format_code, source_id, code, reason, size FROM state.quarantine "
+            "ORDER BY id DESC LIMIT ?",
+            (limit,),
+        )
+        names = ("id", "received_at", "topic", "format_code", "source_id", "code", "reason", "size")
+        return total, [dict(zip(names, row, strict=True)) for row in rows]
+
+    def refusals(self, since: int) -> dict[str, int]:
+        """Refusals since ``since`` by error code, from the audit trail: refused readings (a record's
+        ``codes``), and refused messages, requests and logins (a record's outcome)."""
+        counts: Counter[str] = Counter()
+        if not self._audit.exists():
+            return {}
+        for record in audit_trail.since(self._audit, since):
+            codes = record.get("codes")
+            if isinstance(codes, dict):
+                counts.update({str(k): int(v) for k, v in codes.items() if isinstance(v, int)})
+            elif record.get("outcome") in _CODES and record.get("event") not in _NOT_REFUSALS:
+                counts[str(record["outcome"])] += 1
+        return dict(sorted(counts.items()))
+
+    def close(self) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+
+
+def _read_only(path: Path) -> str:
+    return f"file:{quote(str(path.resolve()))}?mode=ro"
+
+
+def _has_table(db: sqlite3.Connection, name: str) -> bool:
+    return db.execute("SELECT 1 FROM state.sqlite_master WHERE name = ?", (name,)).fetchone() is not None
