@@ -95,12 +95,13 @@ class Ops:
             shown = f"[{host}]" if ":" in host else host
             self.url = f"http://{shown}:{bound}/"
             logger.info("status page, metrics and health on {}", self.url)
+
+    def ready(self) -> None:
+        """READY=1, then the watchdog's pings from the event loop."""
+        self.notifier.send("READY=1", f"STATUS={health.status_line(self._hub)}")
         self._watchdog = asyncio.create_task(
             self.notifier.watchdog(lambda: health.status_line(self._hub)), name="hubd-watchdog"
         )
-
-    def ready(self) -> None:
-        self.notifier.send("READY=1", f"STATUS={health.status_line(self._hub)}")
 
     async def stop(self) -> None:
         """Say STOPPING=1, stop the watchdog's pings and the listener; safe to call twice."""
