@@ -157,13 +157,13 @@ class Ops:
             path="/",
             max_age=int(self._config.session_hours * 3600),
         )
-        return response
+        raise response
 
     async def _logout(self, request: web.Request) -> web.Response:
         self._logins.logout(request.cookies.get(COOKIE))
         response = web.HTTPSeeOther("/login", headers=_HEADERS)
         response.del_cookie(COOKIE, path="/")
-        return response
+        raise response
 
     async def _page(self, request: web.Request) -> web.Response:
         user = self._logins.who(request.cookies.get(COOKIE))
