@@ -188,12 +188,13 @@ def run(ctx: Context) -> None:
 @click.option(
     "--port", default=0, type=click.IntRange(0, 65535), help="port for the embedded broker (default: a free one)"
 )
-def demo(minutes: int, port: int) -> None:
+@click.option("--keep", is_flag=True, help="leave the hub running afterwards (its status page too) until Ctrl-C")
+def demo(minutes: int, port: int, keep: bool) -> None:
     """Run the hub on the embedded default with a simulated edge terminal and market system."""
     from hubd.demo import run_demo
 
     setup_logging("WARNING")
-    sys.exit(run_demo(minutes=minutes, port=port))
+    sys.exit(run_demo(minutes=minutes, port=port, keep=keep))
 
 
 @main.command()
