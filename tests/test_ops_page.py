@@ -57,7 +57,8 @@ def fleet(hub: RunningHub, tmp_path: Path) -> dict[str, float]:
     hub.rr("hub/v1/data", b"not JSON at all")  # quarantined
     midnight = int(datetime.now().astimezone().replace(hour=0, minute=0, second=0, microsecond=0).timestamp() * 1000)
     today = {d: (at // 1000) * 1000 >= midnight for d, at, _ in sent}  # just after midnight, less was today
-    pv_register = 0.8 if all(at // 1000 * 1000 >= midnight for d, at, _ in sent if d == "PV-002") else 0.0
+    # The register's rise counts in the slot of its later reading (from the slot before, even yesterday's).
+    pv_register = 0.8 if today["PV-002"] else 0.0
     return {"pv": (1.5 if today["PV-001"] else 0.0) + pv_register, "ess": 0.5 if today["ESS-001"] else 0.0}
 
 

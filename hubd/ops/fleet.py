@@ -26,6 +26,22 @@ _CODES = frozenset(code.value for code in ErrorCode)
 # A refusal's answer repeats a refusal already recorded by the step that refused.
 _NOT_REFUSALS = frozenset({"answer.sent"})
 
+# One slot's energy by DER type; see Fleet.energy.
+_SLOT_ENERGY = """
+WITH slot AS (
+    SELECT der_id, min(energy_kwh) AS lo, max(energy_kwh) AS hi, sum(energy_interval_kwh) AS iv
+    FROM main.readings INDEXED BY readings_by_time WHERE measured_at >= :start AND measured_at < :end
+    GROUP BY der_id),
+before AS (
+    SELECT der_id, max(energy_kwh) AS hi FROM main.readings INDEXED BY readings_by_time
+    WHERE measured_at >= :before AND measured_at < :start AND energy_kwh IS NOT NULL GROUP BY der_id)
+SELECT coalesce(d.type, 'other'), sum(coalesce(slot.iv, 0) + coalesce(CASE WHEN before.hi IS NULL THEN slot.hi - slot.lo
+       WHEN slot.hi >= before.hi THEN slot.hi - before.hi ELSE slot.hi END, 0))
+FROM slot LEFT JOIN before USING (der_id) LEFT JOIN state.ders d USING (der_id) GROUP BY 1
+"""
+_SETTLED_S = 900  # a slot that ended over an hour ago: read again every 15 minutes at most
+_RECENT_S = 60  # a later one: every minute
+
 _LAST = "(SELECT max(r.measured_at) FROM main.readings r WHERE r.der_id = d.der_id)"
 _STATE = (
     "CASE WHEN d.status = 'revoked' THEN 'revoked' WHEN last IS NULL OR last < :silent THEN 'silent' "
@@ -53,6 +69,7 @@ class Fleet:
         self._fresh_ms = config.http.fresh_s * 1000
         self._silent_ms = config.http.silent_s * 1000
         self._db: sqlite3.Connection | None = None
+        self._slots: dict[int, tuple[int, dict[str, float]]] = {}  # slot start -> (when read, kWh by type)
 
     def _open(self) -> sqlite3.Connection:
         if self._db is None:
@@ -83,28 +100,34 @@ class Fleet:
         rows = self._open().execute(sql, {**self._bounds(now), "after": after, "limit": limit})
         return [DerRow(*row) for row in rows]
 
-    def energy(self, start: int, end: int) -> dict[str, list[float]]:
-        """kWh per 30-minute slot of [start, end) by DER type: interval energies summed, and a register's rise
-        from the last reading of the slot before (within the range) to the slot's last; a fall counts as a
-        reset. A view for the eye: settlement figures come from the extraction queries."""
-        sql = """
-            WITH per AS (
-                SELECT der_id, (measured_at - :start) / :slot AS slot, min(energy_kwh) AS lo, max(energy_kwh) AS hi,
-                       sum(energy_interval_kwh) AS iv
-                FROM main.readings INDEXED BY readings_by_time
-                WHERE measured_at >= :start AND measured_at < :end GROUP BY der_id, slot),
-            rises AS (
-                SELECT der_id, slot, coalesce(iv, 0) + coalesce(CASE WHEN prev IS NULL THEN hi - lo
-                       WHEN hi >= prev THEN hi - prev ELSE hi END, 0) AS kwh
-                FROM (SELECT *, lag(hi) OVER (PARTITION BY der_id ORDER BY slot) AS prev FROM per))
-            SELECT coalesce(d.type, 'other'), slot, sum(kwh) FROM rises LEFT JOIN state.ders d USING (der_id)
-            GROUP BY 1, 2
-        """
+    def energy(self, start: int, end: int, now: int) -> dict[str, list[float]]:
+        """kWh per 30-minute slot of [start, end) up to ``now``, by DER type: interval energies summed, and a
+        register's rise from its highest value in the slot before to its highest in the slot (a fall counts
+        as a reset). A view for the eye: settlement figures come from the extraction queries.
+
+        Each slot is one statement over its own readings and those of the slot before; a slot that ended over
+        an hour ago is kept for ``_SETTLED_S``, a later one for ``_RECENT_S``, so a view reads again only what
+        may have changed (bench/README.md, status_page)."""
         slots = (end - start + SLOT_MS - 1) // SLOT_MS
         out: dict[str, list[float]] = {}
-        for der_type, slot, kwh in self._open().execute(sql, {"start": start, "end": end, "slot": SLOT_MS}):
-            out.setdefault(der_type, [0.0] * slots)[slot] = float(kwh or 0.0)
+        for index in range(slots):
+            begins = start + index * SLOT_MS
+            if begins > now:
+                break
+            kept = self._slots.get(begins)
+            keep_ms = (_SETTLED_S if begins + SLOT_MS + 3600_000 <= now else _RECENT_S) * 1000
+            if kept is None or now - kept[0] >= keep_ms:
+                kept = self._slots[begins] = (now, self._slot_energy(begins))
+            for der_type, kwh in kept[1].items():
+                out.setdefault(der_type, [0.0] * slots)[index] = kwh
+        self._slots = {k: v for k, v in self._slots.items() if start <= k < end}
         return out
+
+    def _slot_energy(self, begins: int) -> dict[str, float]:
+        rows = self._open().execute(
+            _SLOT_ENERGY, {"start": begins, "end": begins + SLOT_MS, "before": begins - SLOT_MS}
+        )
+        return {der_type: float(kwh or 0.0) for der_type, kwh in rows}
 
     def quarantine(self, limit: int) -> tuple[int, list[dict[str, Any]]]:
         """How many entries the quarantine holds, and the newest ``limit`` (without their payloads)."""

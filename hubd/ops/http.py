@@ -5,7 +5,7 @@
 - ``GET /``: the status page (``hubd.ops.page``) after ``/login`` (``hubd.ops.login``).
 
 The page's SQL runs in a thread of its own, so a page over 100,000 DERs never holds up the event loop; the
-fleet's aggregates are kept for ``_STATES_TTL_S`` and the day's energy for ``_ENERGY_TTL_S``.
+fleet's aggregates are kept for ``_STATES_TTL_S``, and the energy of a slot as ``Fleet.energy`` says.
 """
 
 from __future__ import annotations
@@ -41,7 +41,6 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 PAGE_SIZE = 50
 _STATES_TTL_S = 10.0
-_ENERGY_TTL_S = 60.0
 _HEADERS = {
     "Cache-Control": "no-store",
     "X-Content-Type-Options": "nosniff",
@@ -179,7 +178,7 @@ class Ops:
         ders = await self._in_thread(fleet.ders, now, after, PAGE_SIZE)
         refusals = await self._cached("refusals", _STATES_TTL_S, fleet.refusals, now - 3600_000)
         total, quarantine = await self._in_thread(fleet.quarantine, 20)
-        energy = await self._cached(f"energy {start_ms}", _ENERGY_TTL_S, fleet.energy, start_ms, end_ms)
+        energy = await self._in_thread(fleet.energy, start_ms, end_ms, now)
         ready = health.readiness(self._hub, self._stopping)["ready"]
         view = View(
             user=user,
@@ -209,7 +208,6 @@ class Ops:
         if kept is not None and time.monotonic() - kept[0] < ttl_s:
             return kept[1]  # type: ignore[no-any-return]
         value = await self._in_thread(call, *args)
-        self._cache = {k: v for k, v in self._cache.items() if not k.startswith(key.split()[0])}
         self._cache[key] = (time.monotonic(), value)
         return value
 
