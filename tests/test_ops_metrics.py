@@ -5,14 +5,23 @@ is gone; ``hubd status`` and its exit status."""
 from __future__ import annotations
 
 import json
+import re
+import socket
+import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 from typing import Any
 
-from conftest import RunningHub
+import pytest
+from conftest import RunningHub, write_config
 from helpers import reading
 from prometheus_client.parser import text_string_to_metric_families
+
+from hubd.broker import EmbeddedBroker
+from hubd.config import ConfigError, parse_config
 
 
 def url_of(hub: RunningHub) -> str:
@@ -115,3 +124,36 @@ def test_status_command_tells_ready_from_not_running(hub: RunningHub) -> None:
     result = hub.cli("status", "--url", url_of(hub))
     assert result.exit_code == 3, result.output
     assert "no answer" in result.output
+
+
+def test_http_section_is_checked_and_a_taken_port_stops_the_hub_with_one_line(
+    tmp_path: Path, broker: EmbeddedBroker
+) -> None:
+    for bad, said in (
+        ({"bind": "localhost"}, "http.bind: must be host:port"),
+        ({"bind": "127.0.0.1:70000"}, "http.bind: the port must be 0 … 65535"),
+        ({"bind": "127.0.0.1:80; rm -rf /"}, "http.bind: must be host:port"),
+        ({"fresh_s": 600, "silent_s": 300}, "http.silent_s: must be at least http.fresh_s"),
+        ({"port": 8780}, "http.port: unknown key"),
+    ):
+        with pytest.raises(ConfigError, match=re.escape(said)):
+            parse_config({"http": bad})
+    assert parse_config({"http": {"bind": "[::1]:0"}}).http.address == ("::1", 0)
+    assert parse_config({}).http.url == "http://127.0.0.1:8780/"  # loopback by default
+    assert parse_config({"http": {"bind": None}}).http.address is None
+
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        config = write_config(tmp_path / "hubd.yaml", broker, http={"bind": f"127.0.0.1:{port}"})
+        run = subprocess.run(
+            [str(Path(sys.executable).parent / "hubd"), "--config", str(config), "run"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    assert run.returncode == 78, run.stderr  # a configuration problem: systemd does not restart into it
+    assert f"http.bind: 127.0.0.1:{port} is in use by" in run.stderr
+    assert "Traceback" not in run.stderr
