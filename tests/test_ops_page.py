@@ -20,6 +20,7 @@ from conftest import RunningHub
 from helpers import records
 
 from hubd.model import now_ms
+from hubd.ops.clocks import Clock
 
 
 def rfc3339(ms: int) -> str:
@@ -182,3 +183,23 @@ def test_only_viewers_and_consumers_log_in_and_each_refusal_is_audited(hub: Runn
         ("PV-1", "bad_credentials"),
         ("viewer-1", "bad_credentials"),
     ]
+
+
+def test_clocks_once_measured_show_on_the_page_and_in_the_metrics(hub: RunningHub, monkeypatch: Any) -> None:
+    """The hub does not measure clocks yet: ``hubd.ops.clocks.clocks`` is the one place that will tell them.
+    What it tells is shown, offset and state, and exported as a gauge by clock name."""
+    measured = [Clock("hub", 0.004, "ok"), Clock("modbus-1", -2.5, "off"), Clock("cloud-1", None, "unknown")]
+    monkeypatch.setattr("hubd.ops.http.clocks", lambda hub: measured)
+    monkeypatch.setattr("hubd.ops.metrics.clocks", lambda hub: measured)
+    base = url_of(hub)
+    viewer = hub.cli("system", "add", "viewer-1", "--role", "viewer").output.strip()
+    _, cookie = post_login(base, "viewer-1", viewer)
+    assert cookie is not None
+    with urllib.request.urlopen(urllib.request.Request(base, headers={"Cookie": cookie.split(";")[0]})) as response:
+        page = response.read().decode()
+    assert '<td>modbus-1</td><td class="n">-2.500 s</td><td>off</td>' in page
+    assert '<td>cloud-1</td><td class="n">—</td><td>unknown</td>' in page
+    with urllib.request.urlopen(base + "metrics") as response:
+        metrics = response.read().decode()
+    assert 'hubd_clock_offset_seconds{clock="modbus-1"} -2.5' in metrics
+    assert 'clock="cloud-1"' not in metrics  # not measured: no sample rather than a made-up 0

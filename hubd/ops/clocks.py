@@ -1,17 +1,27 @@
-"""Clocks as the operator's tools show them: the hub's offset against NTP and each source's.
+"""Clocks as the operator's tools show them: the hub's against NTP, and each source's against the hub's.
 
-The hub does not measure clocks yet; ``clock_offsets`` is the one place that will read them, and until then
-the metrics leave the offsets out and the status page says "not measured".
+The hub does not measure clocks yet; ``clocks`` is the one place that will read the measurements, and until
+then the metrics leave the offsets out and the status page says "not measured".
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from hubd.app import Hub
 
 
-def clock_offsets(hub: Hub) -> dict[str, float]:
-    """Measured offsets in seconds by clock name ("hub", or a source's name); empty: nothing measured."""
-    return {}
+@dataclass(frozen=True, slots=True)
+class Clock:
+    """One measured clock: ``name`` is "hub" or a source's name; ``state`` a word such as ok, off or unknown."""
+
+    name: str
+    offset_s: float | None
+    state: str
+
+
+def clocks(hub: Hub) -> list[Clock]:
+    """The hub's clock and its sources' as last measured; empty while nothing measures them."""
+    return []

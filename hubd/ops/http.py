@@ -27,7 +27,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from hubd.config import ConfigError
 from hubd.model import HubError, format_time, now_ms
 from hubd.ops import health
-from hubd.ops.clocks import clock_offsets
+from hubd.ops.clocks import clocks
 from hubd.ops.fleet import Fleet
 from hubd.ops.login import COOKIE, Logins
 from hubd.ops.metrics import hub_registry
@@ -190,7 +190,7 @@ class Ops:
             page_size=PAGE_SIZE,
             now=now,
             sources=[_source(source) for source in self._hub.sources.sources],
-            clocks=clock_offsets(self._hub),
+            clocks=clocks(self._hub),
             refusals=refusals,
             quarantine_total=total,
             quarantine=quarantine,

@@ -30,7 +30,7 @@ class Logins:
     def __init__(self, hub: Hub, hours: float) -> None:
         self._hub = hub
         self._lifetime_s = hours * 3600
-        self._sessions: dict[str, tuple[str, float]] = {}  # token -> (system name, expiry, monotonic)
+        self._sessions: dict[str, tuple[str, float]] = {}  # token -> (system name, expiry in monotonic time)
         self._failures: deque[float] = deque()
 
     async def login(self, name: str, password: str) -> str:
@@ -50,6 +50,7 @@ class Logins:
             audit.flush()
             raise error
         token = secrets.token_urlsafe(32)
+        self._sessions = {k: v for k, v in self._sessions.items() if v[1] > now}  # the expired ones go
         self._sessions[token] = (name, now + self._lifetime_s)
         audit.append("page.login", client_id=name)
         audit.flush()

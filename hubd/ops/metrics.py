@@ -15,7 +15,7 @@ from prometheus_client import CollectorRegistry, Histogram, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from hubd.ops.clocks import clock_offsets
+from hubd.ops.clocks import clocks
 
 if TYPE_CHECKING:
     from hubd.app import Hub
@@ -69,13 +69,13 @@ class HubCollector(Collector):
             for name in _SOURCE_STATES:
                 state.add_metric([source.kind, source.name, name], 1.0 if health == name else 0.0)
         yield state
-        offsets = clock_offsets(hub)
-        if offsets:
+        measured = [c for c in clocks(hub) if c.offset_s is not None]
+        if measured:
             clock = GaugeMetricFamily(
                 "hubd_clock_offset_seconds", "Measured clock offsets (the hub's and its sources').", labels=["clock"]
             )
-            for name, seconds in offsets.items():
-                clock.add_metric([name], seconds)
+            for c in measured:
+                clock.add_metric([c.name], c.offset_s or 0.0)
             yield clock
 
 

@@ -9,6 +9,7 @@ from html import escape
 from typing import Any
 
 from hubd.model import format_time
+from hubd.ops.clocks import Clock
 from hubd.ops.fleet import SLOT_MS, STATES, DerRow
 
 _STYLE = """
@@ -43,7 +44,7 @@ class View:
     page_size: int
     now: int
     sources: list[dict[str, Any]]
-    clocks: dict[str, float]
+    clocks: list[Clock]
     refusals: dict[str, int]
     quarantine_total: int
     quarantine: list[dict[str, Any]]
@@ -146,8 +147,12 @@ def _sources(view: View) -> str:
 def _clocks(view: View) -> str:
     if not view.clocks:
         return '<h2>Clocks</h2><p id="clocks" class="muted">not measured</p>'
-    lines = "".join(f'<tr><td>{escape(k)}</td><td class="n">{v:+.3f} s</td></tr>' for k, v in view.clocks.items())
-    return f'<h2>Clocks</h2><table id="clocks"><tr><th>clock</th><th>offset</th></tr>{lines}</table>'
+    lines = "".join(
+        f'<tr><td>{escape(c.name)}</td><td class="n">{"—" if c.offset_s is None else f"{c.offset_s:+.3f} s"}</td>'
+        f"<td>{escape(c.state)}</td></tr>"
+        for c in view.clocks
+    )
+    return f'<h2>Clocks</h2><table id="clocks"><tr><th>clock</th><th>offset</th><th>state</th></tr>{lines}</table>'
 
 
 def _refusals(view: View) -> str:
