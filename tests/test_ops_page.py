@@ -21,6 +21,7 @@ from helpers import records
 
 from hubd.model import now_ms
 from hubd.ops.clocks import Clock
+from hubd.ops.fleet import Fleet
 
 
 def rfc3339(ms: int) -> str:
@@ -203,3 +204,37 @@ def test_clocks_once_measured_show_on_the_page_and_in_the_metrics(hub: RunningHu
         metrics = response.read().decode()
     assert 'hubd_clock_offset_seconds{clock="modbus-1"} -2.5' in metrics
     assert 'clock="cloud-1"' not in metrics  # not measured: no sample rather than a made-up 0
+
+
+def test_the_chart_reads_what_its_budget_allows_then_the_rest(hub: RunningHub) -> None:
+    """Over a large fleet the first view of a day cannot read every slot at once: a view reads slots newest
+    first for its budget and says how many are left; the page's thread reads them after, and a later view
+    shows the whole day from what was read."""
+    password = hub.register("PV-1")
+    now = now_ms()
+    midnight = int(datetime.now().astimezone().replace(hour=0, minute=0, second=0, microsecond=0).timestamp() * 1000)
+    readings = [
+        {
+            "der_id": "PV-1",
+            "password": password,
+            "measured_at": rfc3339(at),
+            "energy_interval_kwh": 0.25,
+            "interval_s": 60,
+        }
+        for at in range(now - 3 * 3600_000, now, 1800_000)
+        if at >= midnight
+    ]
+    if readings:
+        assert hub.rr("hub/v1/data", {"source_id": "edge-1", "readings": readings})["accepted"] == len(readings)
+    day = (midnight, midnight + 24 * 3600_000)
+    slots_so_far = (now - midnight) // 1800_000 + 1
+    fleet = Fleet(hub.config)
+    try:
+        nothing, pending = fleet.energy(*day, now, budget_s=0.0)
+        assert (nothing, pending) == ({}, slots_so_far)
+        energy, pending = fleet.energy(*day, now)  # what the page's thread does after the answer
+        assert pending == 0 and sum(energy.get("pv", [])) == pytest.approx(0.25 * len(readings))
+        again, pending = fleet.energy(*day, now + 1000, budget_s=0.0)  # a view just after: all kept
+        assert (again, pending) == (energy, 0)
+    finally:
+        fleet.close()

@@ -3,13 +3,14 @@ the age of their last reading, today's energy per 30-minute slot by DER type, th
 refusals of the last hour (from the audit trail).
 
 It reads the embedded store's file with the state file attached (read-only connections of its own, used from
-one thread), so each view is one statement however many DERs there are: the last reading of a DER is one
-probe of the readings' primary key. Another readings backend would bring its own reader.
+one thread), so each view is one statement however many DERs there are (the energy: one a slot); the last
+reading of a DER is one probe of the readings' primary key. Another readings backend would bring its own reader.
 """
 
 from __future__ import annotations
 
 import sqlite3
+import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,6 +71,7 @@ class Fleet:
         self._silent_ms = config.http.silent_s * 1000
         self._db: sqlite3.Connection | None = None
         self._slots: dict[int, tuple[int, dict[str, float]]] = {}  # slot start -> (when read, kWh by type)
+        self._stopped = False
 
     def _open(self) -> sqlite3.Connection:
         if self._db is None:
@@ -100,28 +102,40 @@ class Fleet:
         rows = self._open().execute(sql, {**self._bounds(now), "after": after, "limit": limit})
         return [DerRow(*row) for row in rows]
 
-    def energy(self, start: int, end: int, now: int) -> dict[str, list[float]]:
-        """kWh per 30-minute slot of [start, end) up to ``now``, by DER type: interval energies summed, and a
-        register's rise from its highest value in the slot before to its highest in the slot (a fall counts
-        as a reset). A view for the eye: settlement figures come from the extraction queries.
+    def energy(
+        self, start: int, end: int, now: int, budget_s: float | None = None
+    ) -> tuple[dict[str, list[float]], int]:
+        """kWh per 30-minute slot of [start, end) up to ``now``, by DER type, and how many slots are not read yet.
 
-        Each slot is one statement over its own readings and those of the slot before; a slot that ended over
-        an hour ago is kept for ``_SETTLED_S``, a later one for ``_RECENT_S``, so a view reads again only what
-        may have changed (bench/README.md, status_page)."""
+        Interval energies are summed, and a register rises from its highest value in the slot before to its
+        highest in the slot (a fall counts as a reset). A view for the eye: settlement figures come from the
+        extraction queries. Each slot is one statement over its own readings and the slot before's; a slot that
+        ended over an hour ago is kept for ``_SETTLED_S``, a later one for ``_RECENT_S``. Slots are read newest
+        first for at most ``budget_s`` (None: all), so a page over a large fleet answers at once and the rest
+        of the day is read after it (bench/README.md, status_page)."""
         slots = (end - start + SLOT_MS - 1) // SLOT_MS
-        out: dict[str, list[float]] = {}
-        for index in range(slots):
+        began = time.monotonic()
+        self._slots = {k: v for k, v in self._slots.items() if start <= k < end}
+        for index in reversed(range(slots)):
             begins = start + index * SLOT_MS
-            if begins > now:
-                break
             kept = self._slots.get(begins)
             keep_ms = (_SETTLED_S if begins + SLOT_MS + 3600_000 <= now else _RECENT_S) * 1000
-            if kept is None or now - kept[0] >= keep_ms:
-                kept = self._slots[begins] = (now, self._slot_energy(begins))
+            if begins > now or (kept is not None and now - kept[0] < keep_ms):
+                continue
+            if self._stopped or (budget_s is not None and time.monotonic() - began >= budget_s):
+                break
+            self._slots[begins] = (now, self._slot_energy(begins))
+        out: dict[str, list[float]] = {}
+        pending = 0
+        for index in range(slots):
+            begins = start + index * SLOT_MS
+            kept = self._slots.get(begins)
+            if kept is None:
+                pending += begins <= now
+                continue
             for der_type, kwh in kept[1].items():
                 out.setdefault(der_type, [0.0] * slots)[index] = kwh
-        self._slots = {k: v for k, v in self._slots.items() if start <= k < end}
-        return out
+        return out, pending
 
     def _slot_energy(self, begins: int) -> dict[str, float]:
         rows = self._open().execute(
@@ -156,6 +170,10 @@ class Fleet:
             elif record.get("outcome") in _CODES and record.get("event") not in _NOT_REFUSALS:
                 counts[str(record["outcome"])] += 1
         return dict(sorted(counts.items()))
+
+    def stop(self) -> None:
+        """Read no further slot (called from another thread when the hub stops)."""
+        self._stopped = True
 
     def close(self) -> None:
         if self._db is not None:

@@ -41,6 +41,7 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 PAGE_SIZE = 50
 _STATES_TTL_S = 10.0
+_ENERGY_BUDGET_S = 1.0  # a view reads slots for this long at most; the thread reads the rest after it
 _HEADERS = {
     "Cache-Control": "no-store",
     "X-Content-Type-Options": "nosniff",
@@ -68,6 +69,7 @@ class Ops:
         self._registry = hub_registry(hub, lambda: self._quarantined)
         self._logins = Logins(hub, self._config.session_hours)
         self._cache: dict[str, tuple[float, Any]] = {}
+        self._filling: asyncio.Future[Any] | None = None
 
     async def start(self) -> None:
         """Listen on ``http.bind`` (a port taken is a configuration error naming its holder)."""
@@ -114,6 +116,7 @@ class Ops:
                 await self._watchdog
         if self._runner is not None:
             await self._runner.cleanup()
+        self._fleet.stop()  # a day's energy being read stops at the next slot
         await asyncio.get_running_loop().run_in_executor(self._thread, self._fleet.close)
         self._thread.shutdown()
         self.notifier.close()
@@ -178,7 +181,11 @@ class Ops:
         ders = await self._in_thread(fleet.ders, now, after, PAGE_SIZE)
         refusals = await self._cached("refusals", _STATES_TTL_S, fleet.refusals, now - 3600_000)
         total, quarantine = await self._in_thread(fleet.quarantine, 20)
-        energy = await self._in_thread(fleet.energy, start_ms, end_ms, now)
+        energy, pending = await self._in_thread(fleet.energy, start_ms, end_ms, now, _ENERGY_BUDGET_S)
+        if pending and (self._filling is None or self._filling.done()):  # the rest of the day, after this answer
+            self._filling = asyncio.get_running_loop().run_in_executor(
+                self._thread, fleet.energy, start_ms, end_ms, now, None
+            )
         ready = health.readiness(self._hub, self._stopping)["ready"]
         view = View(
             user=user,
@@ -196,6 +203,7 @@ class Ops:
             quarantine=quarantine,
             day_start=day_start,
             energy=energy,
+            energy_pending=pending,
         )
         return _html(status_page(view))
 

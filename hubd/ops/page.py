@@ -50,6 +50,7 @@ class View:
     quarantine: list[dict[str, Any]]
     day_start: datetime
     energy: dict[str, list[float]] = field(default_factory=dict)
+    energy_pending: int = 0  # slots of the chart not read yet
 
 
 def login_page(message: str = "") -> str:
@@ -226,7 +227,13 @@ def _energy(view: View) -> str:
         )
     parts.append("</svg>")
     zone = view.day_start.tzname() or ""
+    pending = (
+        f' <span id="energy-pending">{view.energy_pending} earlier slots are still being read: reload in a '
+        "while.</span>"
+        if view.energy_pending
+        else ""
+    )
     return (
         f'<h2>Energy today</h2><p class="muted">kWh per 30-minute slot by DER type, from '
-        f"{escape(view.day_start.strftime('%Y-%m-%d %H:%M'))} {escape(zone)}</p>{''.join(parts)}"
+        f"{escape(view.day_start.strftime('%Y-%m-%d %H:%M'))} {escape(zone)}{pending}</p>{''.join(parts)}"
     )
