@@ -41,7 +41,7 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 PAGE_SIZE = 50
 _STATES_TTL_S = 10.0
-_ENERGY_BUDGET_S = 1.0  # a view reads slots for this long at most; the thread reads the rest after it
+_ENERGY_BUDGET_S = 1.0  # a view reads slots for this long at most; the thread reads the rest after it, as long
 _HEADERS = {
     "Cache-Control": "no-store",
     "X-Content-Type-Options": "nosniff",
@@ -69,7 +69,7 @@ class Ops:
         self._registry = hub_registry(hub, lambda: self._quarantined)
         self._logins = Logins(hub, self._config.session_hours)
         self._cache: dict[str, tuple[float, Any]] = {}
-        self._filling: asyncio.Future[Any] | None = None
+        self._filling: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         """Listen on ``http.bind`` (a port taken is a configuration error naming its holder)."""
@@ -117,6 +117,10 @@ class Ops:
         if self._runner is not None:
             await self._runner.cleanup()
         self._fleet.stop()  # a day's energy being read stops at the next slot
+        if self._filling is not None:
+            self._filling.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._filling
         await asyncio.get_running_loop().run_in_executor(self._thread, self._fleet.close)
         self._thread.shutdown()
         self.notifier.close()
@@ -183,9 +187,7 @@ class Ops:
         total, quarantine = await self._in_thread(fleet.quarantine, 20)
         energy, pending = await self._in_thread(fleet.energy, start_ms, end_ms, now, _ENERGY_BUDGET_S)
         if pending and (self._filling is None or self._filling.done()):  # the rest of the day, after this answer
-            self._filling = asyncio.get_running_loop().run_in_executor(
-                self._thread, fleet.energy, start_ms, end_ms, now, None
-            )
+            self._filling = asyncio.create_task(self._fill(start_ms, end_ms), name="hubd-page-energy")
         ready = health.readiness(self._hub, self._stopping)["ready"]
         view = View(
             user=user,
@@ -206,6 +208,12 @@ class Ops:
             energy_pending=pending,
         )
         return _html(status_page(view))
+
+    async def _fill(self, start_ms: int, end_ms: int) -> None:
+        """Read the chart's slots left over, a budget at a time, so a scrape or a view waits for one at most."""
+        pending = 1
+        while pending and not self._stopping:
+            _, pending = await self._in_thread(self._fleet.energy, start_ms, end_ms, now_ms(), _ENERGY_BUDGET_S)
 
     async def _in_thread(self, call: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._thread, call, *args)
