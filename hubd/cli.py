@@ -25,8 +25,10 @@ from hubd import progress
 from hubd.audit import AuditError, AuditLog
 from hubd.auth.credentials import hash_password, issue_password
 from hubd.auth.registry import Der, Registry, read_der_csv
+from hubd.clock.commands import time_group
 from hubd.config import Config, ConfigError, load_config
 from hubd.decode.vendor.commands import format_group
+from hubd.edge import edge_group
 from hubd.model import DER_TYPES, FIELDS, HubError, format_time, now_ms, visible
 from hubd.quarantine import Quarantine, masked
 from hubd.query.buckets import INTERVALS_MS
@@ -189,12 +191,25 @@ def run(ctx: Context) -> None:
 @click.option(
     "--port", default=0, type=click.IntRange(0, 65535), help="port for the embedded broker (default: a free one)"
 )
-def demo(minutes: int, port: int) -> None:
+@click.option("--keep", is_flag=True, help="leave the hub running afterwards (its status page too) until Ctrl-C")
+def demo(minutes: int, port: int, keep: bool) -> None:
     """Run the hub on the embedded default with a simulated edge terminal and market system."""
     from hubd.demo import run_demo
 
     setup_logging("WARNING")
-    sys.exit(run_demo(minutes=minutes, port=port))
+    sys.exit(run_demo(minutes=minutes, port=port, keep=keep))
+
+
+@main.command()
+@click.option("--url", help="the hub's listener, e.g. http://127.0.0.1:8780/ (default: from http.bind)")
+@pass_context
+def status(ctx: Context, url: str | None) -> None:
+    """Ask the running hub how it is: exit 0 ready, 1 answering but not ready, 3 not answering."""
+    from hubd.ops.status import report
+
+    code, text = report(url or ctx.config.http.url)
+    click.echo(text)
+    sys.exit(code)
 
 
 @main.command("hash-password")
@@ -329,7 +344,7 @@ def system() -> None:
 
 @system.command("add")
 @click.argument("name")
-@click.option("--role", type=click.Choice(["gateway", "consumer"]), required=True)
+@click.option("--role", type=click.Choice(["gateway", "consumer", "viewer"]), required=True)
 @pass_context
 def system_add(ctx: Context, name: str, role: str) -> None:
     """Create a system and print its password once."""
@@ -632,6 +647,8 @@ def audit_tail(ctx: Context, count: int, der_id: str | None, event: str | None) 
 
 
 main.add_command(format_group)
+main.add_command(time_group)
+main.add_command(edge_group)
 main.add_command(source_group)
 _config_everywhere(main)  # last: after every command is added
 

@@ -130,6 +130,36 @@ class FormatsConfig(Section, frozen=True):
     poll_s: Annotated[float, msgspec.Meta(ge=0.1, le=3600)] = 2.0
 
 
+class NtpConfig(Section, frozen=True):
+    """The hub's own clock, measured against NTP servers (``host`` or ``host:port``); none: not measured."""
+
+    servers: list[str] = []
+    poll_s: Annotated[float, msgspec.Meta(ge=0.1, le=86400)] = 64.0
+    timeout_s: Annotated[float, msgspec.Meta(gt=0, le=60)] = 2.0
+    tolerance_s: Annotated[float, msgspec.Meta(gt=0)] = 0.5  # |offset| beyond it: unsynchronised, an alarm
+    max_age_s: Annotated[float, msgspec.Meta(gt=0)] = 1024.0  # no good answer for longer: unsynchronised, an alarm
+
+
+class EdgeClockConfig(Section, frozen=True):
+    """The clocks of the sources that send data over MQTT: checked, corrected, judged (docs/protocol.md, Time)."""
+
+    check: bool = True  # send hub/v1/time/check/<source_id> at all
+    interval_s: Annotated[float, msgspec.Meta(ge=1)] = 3600.0  # between two checks of one source
+    samples: Annotated[int, msgspec.Meta(ge=1, le=16)] = 4  # round trips per check
+    answer_timeout_s: Annotated[float, msgspec.Meta(gt=0, le=600)] = 5.0
+    tolerance_s: Annotated[float, msgspec.Meta(gt=0)] = 2.0  # |offset| beyond it: set, flag
+    set_clock: bool = True  # send hub/v1/time/set/<source_id> when a check finds the clock off
+    passive_window_s: Annotated[float, msgspec.Meta(ge=1)] = 600.0  # received_at - measured_at minimum over this
+    bad_clock: Literal["flag", "refuse"] = "flag"  # readings from a clock known to be off: stored flagged, or refused
+
+
+class TimeConfig(Section, frozen=True):
+    """The section ``time``: the hub's clock (``ntp``) and the sources' clocks (``edges``)."""
+
+    ntp: NtpConfig = NtpConfig()
+    edges: EdgeClockConfig = EdgeClockConfig()
+
+
 class DriversConfig(Section, frozen=True):
     """Where the operator's own device profiles live: register maps in ``<user_dir>/modbus/*.yaml``."""
 
@@ -165,6 +195,32 @@ class LogConfig(Section, frozen=True):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
 
+class HttpConfig(Section, frozen=True):
+    """The operator's HTTP listener: /metrics, /healthz, /readyz and the status page (docs/operations.md)."""
+
+    bind: str | None = "127.0.0.1:8780"  # host:port (port 0: a free one); null: no listener
+    fresh_s: Positive = 900  # a DER whose last reading is at most this old is fresh on the page, else late
+    silent_s: Positive = 3600  # and older than this (or none at all): silent
+    session_hours: Annotated[float, msgspec.Meta(gt=0, le=24 * 30)] = 12.0  # a page login lasts this long
+
+    @property
+    def address(self) -> tuple[str, int] | None:
+        """(host, port) of ``bind``; an IPv6 host is written in brackets: ``[::1]:8780``."""
+        if self.bind is None:
+            return None
+        host, _, port = self.bind.rpartition(":")
+        return host.strip("[]"), int(port)
+
+    @property
+    def url(self) -> str | None:
+        """Where ``hubd status`` asks; a wildcard address is asked on loopback."""
+        if self.bind is None:
+            return None
+        host, _, port = self.bind.rpartition(":")
+        host = {"0.0.0.0": "127.0.0.1", "[::]": "[::1]"}.get(host, host)
+        return f"http://{host}:{port}/"
+
+
 class Config(Section, frozen=True):
     """The whole configuration; every section optional, so an empty file is the embedded default."""
 
@@ -178,6 +234,8 @@ class Config(Section, frozen=True):
     audit: AuditConfig = AuditConfig()
     formats: FormatsConfig = FormatsConfig()
     log: LogConfig = LogConfig()
+    time: TimeConfig = TimeConfig()
+    http: HttpConfig = HttpConfig()
     drivers: DriversConfig = DriversConfig()
     sources: list[SourceConfig] = []
 
@@ -326,6 +384,18 @@ def _valid_broker_url(url: str) -> bool:
     return bool(parts.hostname) and parts.path in ("", "/") and not parts.query and not parts.fragment and port != 0
 
 
+def ntp_address(server: str) -> tuple[str, int] | None:
+    """``host`` or ``host:port`` (an IPv6 address in brackets: ``[::1]:123``) as (host, port); None if neither."""
+    try:
+        parts = urlsplit(f"ntp://{server}")
+        port = parts.port
+    except ValueError:
+        return None
+    if not parts.hostname or parts.path or parts.query or parts.fragment or "@" in server or port == 0:
+        return None
+    return parts.hostname, 123 if port is None else port
+
+
 def _check(config: Config) -> None:
     """Rules a type cannot say."""
     hashed = config.auth.initial_password_hash
@@ -345,6 +415,16 @@ def _check(config: Config) -> None:
             raise ConfigError("broker.url: must start with mqtt:// or mqtts://")
         if not _valid_broker_url(url):
             raise ConfigError("broker.url: must be mqtt[s]://host[:port] with a port number 1 … 65535")
+    for server in config.time.ntp.servers:
+        if ntp_address(server) is None:
+            raise ConfigError(f"time.ntp.servers: {server!r} must be host or host:port with a port 1 … 65535")
+    bind = config.http.bind
+    if bind is not None and not re.fullmatch(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):(0|[1-9][0-9]{0,4})", bind):
+        raise ConfigError(f"http.bind: must be host:port (an IPv6 host in brackets), got {bind!r}")
+    if bind is not None and int(bind.rpartition(":")[2]) > 65535:
+        raise ConfigError(f"http.bind: the port must be 0 … 65535, got {bind!r}")
+    if config.http.silent_s < config.http.fresh_s:
+        raise ConfigError("http.silent_s: must be at least http.fresh_s")
     _check_sources(config)
     if config.topic_prefix.endswith("/") or "#" in config.topic_prefix or "+" in config.topic_prefix:
         raise ConfigError(
