@@ -142,6 +142,8 @@ def test_a_device_that_stops_and_comes_back_is_audited_once_each_way(site: Any, 
     until(lambda: stored(hub, "INV-2"))
     thread.stop(device)
     until(lambda: events(hub, "modbus.offline", "site-b"))
+    (polled,) = [s for s in hub._hub.sources.sources if s.name == "site-b"]  # type: ignore[union-attr]
+    assert polled.health == "down" and "127.0.0.1" in polled.last_error  # type: ignore[attr-defined]
     time.sleep(1.5)  # several polls fail while it is away
     stopped_at = now_ms()
     thread.start(device)
@@ -153,6 +155,9 @@ def test_a_device_that_stops_and_comes_back_is_audited_once_each_way(site: Any, 
     assert len(events(hub, "modbus.online", "site-b")) == 2  # first contact, and coming back
     (offline,) = events(hub, "modbus.offline", "site-b")
     assert offline["outcome"] == "error" and "127.0.0.1" in offline["reason"]
+    # the status page's view of the source: up again, its last good poll, no error
+    assert polled.health == "up" and polled.last_error is None  # type: ignore[attr-defined]
+    assert polled.last_success >= stopped_at  # type: ignore[attr-defined]
 
 
 def test_exceptions_are_audited_once_and_other_devices_keep_being_polled(

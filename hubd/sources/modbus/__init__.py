@@ -116,6 +116,7 @@ class ModbusSource:
         self._stopped = asyncio.Event()
         self._health: Health = "stopped"
         self._online: bool | None = None  # None: not known yet
+        self._offline_reason = ""
         self._prepared = False
         self._problems: set[str] = set()
         self._states: dict[str, str] = {}
@@ -129,6 +130,18 @@ class ModbusSource:
     @property
     def health(self) -> Health:
         return self._health
+
+    @property
+    def last_success(self) -> int | None:
+        """When the last good poll measured (epoch ms), for the status page."""
+        return self.last.measured_at if self.last is not None else None
+
+    @property
+    def last_error(self) -> str | None:
+        """Why the device is offline, or its current problems, for the status page."""
+        if self._online is False:
+            return self._offline_reason
+        return "; ".join(sorted(self._problems)) or None
 
     async def start(self, pipeline: Pipeline) -> None:
         """Nothing to open yet: a device that is off (at night, say) must not stop the hub; run() connects."""
@@ -243,6 +256,7 @@ class ModbusSource:
 
     def _went_offline(self, reason: str) -> None:
         self._health = "down"
+        self._offline_reason = reason
         if self._online is not False:
             self._online = False
             logger.warning("modbus {}: offline: {}", self.name, reason)
