@@ -175,7 +175,7 @@ class ModbusSourceConfig(Section, frozen=True, tag_field="kind", tag="modbus"):
     unit_id: Annotated[int, msgspec.Meta(ge=0, le=255)] = 1
     poll_s: Annotated[float, msgspec.Meta(ge=0.1, le=86400)] = 10.0
     timeout_s: Annotated[float, msgspec.Meta(ge=0.05, le=60)] = 2.0
-    reconnect_max_s: Annotated[float, msgspec.Meta(ge=0.1, le=3600)] = 60.0
+    reconnect_max_s: Annotated[float, msgspec.Meta(ge=0.1, le=3600)] = 30.0
     profile: Literal["sunspec"] | None = None
     sunspec_base: Annotated[int, msgspec.Meta(ge=0, le=65533)] | None = None  # null: 40000, 0, then 50000
     map: str | None = None  # a register map's name: drivers/modbus/<map>.yaml
