@@ -336,14 +336,14 @@ def test_a_bad_map_is_refused_naming_the_file_the_key_and_the_problem(
     assert message.startswith(f"{file}: {key}"), message
     assert problem in message
     maps, refusals = regmap.load_maps([tmp_path])
-    assert maps == {} and refusals == [message]
+    assert maps == {} and refusals == {"bad": message}
 
 
 def test_the_shipped_maps_load() -> None:
     from hubd.sources.modbus import SHIPPED_MAPS
 
     maps, refused = regmap.load_maps([SHIPPED_MAPS])
-    assert refused == [] and "eastron.sdm630" in maps
+    assert refused == {} and "eastron.sdm630" in maps
     assert all(isinstance(point.factor, float) for m in maps.values() for point in m.quantities)
 
 

@@ -161,11 +161,12 @@ def test_a_device_that_stops_and_comes_back_is_audited_once_each_way(site: Any, 
 
 
 def test_exceptions_are_audited_once_and_other_devices_keep_being_polled(
-    site: Any, devices: Any, tmp_path: Path
+    site: Any, devices: Any, tmp_path: Path, problems: list[str]
 ) -> None:
     maps = tmp_path / "data" / "drivers" / "modbus"
     maps.mkdir(parents=True)
     (maps / "far.yaml").write_text("quantities:\n  power_kw: {address: 900, unit: W}\n", encoding="utf-8")
+    (maps / "later.yaml").write_text("quantities:\n  power_kw: {adress: 1}\n", encoding="utf-8")  # no source uses it
     _, broken = devices({0: 1})  # has no register 900: "illegal data address"
     _, good = devices(IMAGE)
     hub = site(
@@ -178,6 +179,8 @@ def test_exceptions_are_audited_once_and_other_devices_keep_being_polled(
     assert len(events(hub, "modbus.online", "broken")) == 1  # it answers: online, with a problem
     assert len(events(hub, "modbus.discovered", "broken")) == 1  # though it is prepared again after each
     assert stored(hub, "M-1") == []
+    refused = f"WARNING register map refused: {maps / 'later.yaml'}: quantities.power_kw.adress: unknown key"
+    assert refused + "\n" in problems
 
 
 class Silent:

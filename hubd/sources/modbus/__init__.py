@@ -43,6 +43,7 @@ from hubd.sources.modbus.profile import MapProfile, Poll, Profile, SunSpecProfil
 from hubd.sources.modbus.sunspec import NotSunSpec
 
 Describe = Callable[[str, dict[str, str]], dict[str, str]]  # DER, reported → what changed (Registry.describe)
+Maps = tuple[dict[str, regmap.RegisterMap], dict[str, str]]  # maps by name, and refusals by name
 STATUS_EVERY_S = 30.0  # a status file costs a write and a rename (~1 ms): 200 devices, 7 a second
 QUIET_S = 60.0  # a DER the hub refused is sent again after this, not at every poll (each refusal is audited)
 SHIPPED_MAPS = Path(__file__).resolve().parent.parent.parent / "drivers" / "modbus"
@@ -53,25 +54,31 @@ def map_folders(config: Config) -> list[Path]:
     return [SHIPPED_MAPS, config.drivers_user_path / "modbus"]
 
 
-def profile_for(config: Config, index: int) -> Profile:
+def profile_for(config: Config, index: int, maps: Maps | None = None) -> Profile:
     """The profile of ``config.sources[index]``; a map that is missing or refused stops the hub, named."""
     source = config.sources[index]
     if source.profile == "sunspec":
         return SunSpecProfile(source)
     folders = map_folders(config)
-    maps, refused = regmap.load_maps(folders)
+    found, refused = maps if maps is not None else regmap.load_maps(folders)
     assert source.map is not None
-    if source.map not in maps:
-        reasons = [reason for reason in refused if Path(reason.split(":")[0]).stem == source.map]
-        why = reasons[0] if reasons else f"no {source.map}.yaml in {' or '.join(str(f) for f in folders)}"
+    if source.map not in found:
+        why = refused.get(source.map) or f"no {source.map}.yaml in {' or '.join(str(f) for f in folders)}"
         raise ConfigError(f"sources[{index}].map: {why}")
-    return MapProfile(source, maps[source.map])
+    return MapProfile(source, found[source.map])
 
 
 def build_sources(config: Config, audit: AuditLog, describe: Describe | None = None) -> list[ModbusSource]:
+    """The configured Modbus sources; register maps are read once, and a refused one is said even when no
+    source uses it (a map dropped in for later)."""
+    if not config.sources:
+        return []
+    maps = regmap.load_maps(map_folders(config))
+    for reason in maps[1].values():
+        logger.warning("register map refused: {}", reason)
     status_dir = config.data_path / "sources"
     return [
-        ModbusSource(source, profile_for(config, index), audit, describe, status_dir)
+        ModbusSource(source, profile_for(config, index, maps), audit, describe, status_dir)
         for index, source in enumerate(config.sources)
         if isinstance(source, ModbusSourceConfig)
     ]

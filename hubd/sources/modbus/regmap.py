@@ -204,17 +204,19 @@ def load_map(file: Path) -> RegisterMap:
     return RegisterMap(file.stem, file, spec.description, spec.max_registers, spec.max_gap, quantities, info)
 
 
-def load_maps(folders: Sequence[Path]) -> tuple[dict[str, RegisterMap], list[str]]:
-    """Every map in ``folders`` (a later folder's map replaces an earlier one of the same name), and the
-    refusals of the bad ones."""
+def load_maps(folders: Sequence[Path]) -> tuple[dict[str, RegisterMap], dict[str, str]]:
+    """Every map in ``folders`` by name (a later folder's map replaces an earlier one of the same name), and
+    the refusals of the bad ones by name."""
     maps: dict[str, RegisterMap] = {}
-    refused: list[str] = []
+    refused: dict[str, str] = {}
     for folder in folders:
         for file in sorted(folder.glob("*.yaml")) if folder.is_dir() else ():
             try:
                 maps[file.stem] = load_map(file)
+                refused.pop(file.stem, None)
             except MapError as exc:
-                refused.append(str(exc))
+                refused[file.stem] = str(exc)
+                maps.pop(file.stem, None)
     return maps, refused
 
 
