@@ -123,6 +123,7 @@ async def hub_run(ports: list[int], args: argparse.Namespace, data_dir: Path) ->
         {
             "data_dir": str(data_dir),
             "broker": {"embedded_port": free_port()},
+            "http": {"bind": "127.0.0.1:0"},  # the operator's listener on a free port
             "log": {"level": "WARNING"},
             "sources": sources,
         },
