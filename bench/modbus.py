@@ -139,7 +139,7 @@ async def hub_run(ports: list[int], args: argparse.Namespace, data_dir: Path) ->
     await asyncio.sleep(args.warm_up)
     polled = [s for s in hub.sources.sources if isinstance(s, ModbusSource)]
     polls_before = sum(s.polls for s in polled)
-    marks = [len(s.latencies_ms) for s in polled]
+    marks = [s.polls for s in polled]
     own_before, children_before = own_cpu(), children_cpu()
     started, since = time.perf_counter(), now_ms()
     await asyncio.sleep(args.seconds)
@@ -147,7 +147,11 @@ async def hub_run(ports: list[int], args: argparse.Namespace, data_dir: Path) ->
     own, children = own_cpu() - own_before, children_cpu() - children_before
     until = now_ms()
     polls = sum(s.polls for s in polled) - polls_before
-    latencies = [ms for s, mark in zip(polled, marks, strict=True) for ms in list(s.latencies_ms)[mark:]]
+    latencies = [  # each source's polls of the window: the last ones it kept
+        ms
+        for s, mark in zip(polled, marks, strict=True)
+        for ms in list(s.latencies_ms)[max(0, len(s.latencies_ms) - (s.polls - mark)) :]
+    ]
     hub.stop()
     await task
     with sqlite3.connect(config.readings_path) as db:

@@ -130,7 +130,7 @@ class ModbusSource:
         self._quiet: dict[str, tuple[float, str]] = {}  # DER → until when its readings are held back, and why
         self._status_at = 0.0
         self.polls = 0
-        self.latencies_ms: deque[float] = deque(maxlen=100_000)
+        self.latencies_ms: deque[float] = deque(maxlen=1000)  # the last polls' (for the status; bench/modbus)
         self.last: Poll | None = None
         self.discovered: dict[str, Any] = {}
 
