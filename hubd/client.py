@@ -15,8 +15,11 @@ from urllib.parse import urlsplit
 
 import orjson
 
+from hubd.model import format_time, now_ms
 from hubd.mqtt.packets import parse_publish, publish_properties
 from hubd.mqtt.session import MqttError, MqttSession
+
+_NATIVE_DATA = ("/data", "/data/hub.v1")  # the topics of hub.v1 data messages, under any prefix
 
 
 class HubClient:
@@ -75,7 +78,13 @@ class HubClient:
         the hub, but the store is idempotent on DER and time, so the reading is stored once however often it
         comes (docs/protocol.md, Power data). Only the hub's answer says a reading is stored; the broker's
         PUBACK does not. An answer that comes after the timeout is dropped, so each sending is a new request.
+
+        A ``hub.v1`` data message (a dict with ``readings``, on ``.../data`` or ``.../data/hub.v1``) without
+        ``sent_at`` gets the send time now, set in ``body`` itself: sending the same dict again sends the same
+        version, so a resend never outranks a correction sent after the first sending.
         """
+        if isinstance(body, dict) and topic.endswith(_NATIVE_DATA) and "readings" in body and "sent_at" not in body:
+            body["sent_at"] = format_time(now_ms())
         if not self._session.connected:
             raise ConnectionError(f"not connected to the broker at {self._where()}")
         correlation = str(next(self._counter)).encode()

@@ -18,7 +18,7 @@ from hubd import decode
 from hubd.audit import AuditLog
 from hubd.auth import Authenticator, Refused
 from hubd.config import LimitsConfig
-from hubd.decode.native import ReplyRule
+from hubd.decode.native import ReplyRule, sent_at_of
 from hubd.decode.registry import Decoded, Limits
 from hubd.model import ErrorCode, HubError, RawMessage, Reading, Sender
 from hubd.quarantine import Quarantine
@@ -208,7 +208,7 @@ class Ingest:
         for r in good:
             r.password = None  # not needed past this point; keep it out of every later structure
         rows: Rows = []
-        add_rows(rows, good, (raw.received_at, source_id, raw.format_code))
+        add_rows(rows, good, (raw.received_at, source_id, raw.format_code, decoded.sent_at))
         der_ids = {r.der_id for r in good}
         writes.append((reply, raw, decoded, Write(source_id, rows, len(good), der_ids, len(decoded.items)), rejected))
         return None
@@ -260,12 +260,15 @@ class Ingest:
         # ``default: received`` time is it.
         limits = Limits(raw.received_at, self._max_future_ms, self._limits.max_readings_per_message, raw.properties)
         try:
-            return decoder(raw.payload, limits)
+            decoded = decoder(raw.payload, limits)
         except HubError:
             raise
         except Exception as exc:  # a decoder must never take the daemon down
             logger.exception("decoder {} failed on a payload from {}", raw.format_code, raw.topic)
             raise HubError(ErrorCode.DECODE_ERROR, f"the {raw.format_code} decoder failed: {exc}") from None
+        if decoded.sent_at is None and raw.properties and "sent_at" in raw.properties:
+            decoded.sent_at = _sent_at_property(raw.properties["sent_at"], limits)
+        return decoded
 
     def _precheck(
         self, sender: Sender | HubError, decoded: Decoded
@@ -377,6 +380,14 @@ class _Refusals:
             "der_ids": list(self.der_ids)[:AUDITED_REASONS],  # so `hubd audit tail --der` finds the record
             "refusals": self.first,
         }
+
+
+def _sent_at_property(stated: str, limits: Limits) -> int:
+    """The MQTT v5 user property ``sent_at``, for a message whose body has none (a vendor payload): RFC 3339
+    with an offset, or epoch milliseconds in digits (a property is always a string)."""
+    number = stated.strip()
+    digits = number.isascii() and number.lstrip("-").isdigit() and len(number) < 20
+    return sent_at_of(int(number) if digits else stated, limits)
 
 
 def short(reason: str) -> str:

@@ -218,6 +218,19 @@ def _measured_at(stated: object) -> int:
     return measured_at
 
 
+def sent_at_of(stated: object, limits: Limits) -> int:
+    """A message's ``sent_at`` in epoch ms; HubError(bad_request) when it is no time the hub takes, or is more
+    than ``max_future_s`` ahead of the hub's clock: a send time far ahead would make its readings the newest
+    version for good, so that no later correction could replace them."""
+    sent_at = parse_time(stated, "sent_at")
+    if sent_at > limits.now_ms + limits.max_future_ms:
+        raise HubError(
+            ErrorCode.BAD_REQUEST,
+            f"sent_at is more than {limits.max_future_ms // 1000} s in the future; check the sender's clock",
+        )
+    return sent_at
+
+
 def derive_reactive_power(values: dict[str, float]) -> None:
     """Fill ``reactive_power_kvar`` from power and power factor when it was not sent.
 
@@ -253,6 +266,9 @@ def decode_native_slow(payload: bytes, limits: Limits) -> Decoded:
     if source_id is not None and not valid_id(source_id):
         raise HubError(ErrorCode.DECODE_ERROR, "source_id must be 1-64 characters of letters, digits and ._:-")
     gateway = _gateway(data.get("gateway"))
+    sent_at = data.get("sent_at")
+    if sent_at is not None:
+        sent_at = sent_at_of(sent_at, limits)
     readings = data.get("readings")
     if not isinstance(readings, list):
         raise HubError(ErrorCode.DECODE_ERROR, "the message needs a readings list")
@@ -269,7 +285,7 @@ def decode_native_slow(payload: bytes, limits: Limits) -> Decoded:
             named = item.get("der_id") if isinstance(item, dict) else None
             exc.der_id = named if valid_id(named) else None
             items.append(exc)
-    return Decoded(source_id, items, reply_to, request_id, gateway)
+    return Decoded(source_id, items, reply_to, request_id, gateway, sent_at)
 
 
 def _gateway(stated: object) -> tuple[str, str] | None:
@@ -312,6 +328,7 @@ _FastMessage = msgspec.defstruct(
         ("source_id", str | None, None),
         ("reply_to", str | None, None),
         ("request_id", str | int | None, None),
+        ("sent_at", str | int | None, None),
     ],
     forbid_unknown_fields=True,
     gc=False,
@@ -347,7 +364,13 @@ def _decode_fast(payload: bytes, limits: Limits) -> Decoded | None:
     reply_to = message.reply_to
     if reply_to is not None and not _is_topic(reply_to):
         return None  # refused by the slow path
-    return Decoded(source_id, items, reply_to, request_id, gateway)
+    sent_at = message.sent_at
+    if sent_at is not None:
+        try:
+            sent_at = sent_at_of(sent_at, limits)
+        except HubError:
+            return None  # refused by the slow path
+    return Decoded(source_id, items, reply_to, request_id, gateway, sent_at)
 
 
 def _fast_readings(readings: list[Any], latest_ms: int, needs_password: bool) -> list[Reading | HubError] | None:
