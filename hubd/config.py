@@ -93,6 +93,8 @@ class RateLimitConfig(Section, frozen=True):
     window_s: float = 300.0
     der_checks: Positive = 5  # per DER: bcrypt checks of passwords memory does not know, on the data path
     der_window_s: float = 60.0
+    source_checks: Positive = 100  # per source id: the same checks, whatever DERs its messages name
+    source_window_s: float = 60.0
 
 
 class AuthConfig(Section, frozen=True):

@@ -186,7 +186,7 @@ class Ingest:
                 assert checked.decoded.gateway is not None
                 sender = await self._auth.check_gateway(*checked.decoded.gateway)
                 checked.good, checked.slow, checked.refused = self._precheck(sender, checked.decoded)
-            await self._check_slow(checked.slow, checked.good, checked.refused)
+            await self._check_slow(checked.slow, checked.good, checked.refused, checked.source_id)
             writes: list[_ToCommit] = []
             answer = self._finish(checked, reply, writes)
             self._audit.flush()
@@ -280,15 +280,18 @@ class Ingest:
             return [], [], [(i, r.der_id, r if isinstance(r, HubError) else sender) for i, r in enumerate(items)]
         return self._auth.split_readings(decoded.items, sender)
 
-    async def _check_slow(self, slow: list[tuple[int, Reading]], good: list[Reading], refused: Refused) -> None:
-        """bcrypt the credentials memory does not know, adding each reading to ``good`` or ``refused``."""
+    async def _check_slow(
+        self, slow: list[tuple[int, Reading]], good: list[Reading], refused: Refused, source_id: str
+    ) -> None:
+        """bcrypt the credentials memory does not know, adding each reading to ``good`` or ``refused``; each
+        check spends the budgets of its DER and of the message's source."""
         # A few checks at a time: the bcrypt pool runs two at once anyway, and a message's hundred checks
         # in flight, times every message in hand, held hundreds of MB (bench/README.md, memory).
         auth = self._auth
         verdicts: list[HubError | None] = []
         for start in range(0, len(slow), _BCRYPT_AT_ONCE):
             chunk = slow[start : start + _BCRYPT_AT_ONCE]
-            verdicts += await asyncio.gather(*(auth.check_der(r.der_id, r.password or "") for _, r in chunk))
+            verdicts += await asyncio.gather(*(auth.check_der(r.der_id, r.password or "", source_id) for _, r in chunk))
         for (index, reading), error in zip(slow, verdicts, strict=True):
             if error is None:
                 good.append(reading)

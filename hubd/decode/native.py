@@ -10,13 +10,14 @@ from __future__ import annotations
 import math
 import re
 import sys
+from datetime import datetime
 from typing import Annotated, Any, TypeGuard
 
 import msgspec
 
 from hubd.auth.registry import ID_PATTERN
 from hubd.decode.registry import Decoded, Limits, load_json_object, register
-from hubd.model import QUANTITIES, ErrorCode, HubError, Reading, out_of_range, parse_time
+from hubd.model import MIN_TIME_MS, QUANTITIES, ErrorCode, HubError, Reading, out_of_range, parse_time
 
 # What a broker refuses in a topic (as Mosquitto's UTF-8 check does): control characters, surrogates and
 # non-characters; publishing to such a topic gets the hub disconnected, and the message delivered again.
@@ -334,6 +335,7 @@ _FastMessage = msgspec.defstruct(
     gc=False,
 )
 _FAST_DECODER = msgspec.json.Decoder(_FastMessage)
+_FROM_ISO = datetime.fromisoformat
 # request_id ints the slow path keeps as ints; orjson reads wider ones as floats (and reply_fields drops those).
 _INT_IDS = range(-(2**63), 2**64)
 
@@ -366,11 +368,28 @@ def _decode_fast(payload: bytes, limits: Limits) -> Decoded | None:
         return None  # refused by the slow path
     sent_at = message.sent_at
     if sent_at is not None:
-        try:
-            sent_at = sent_at_of(sent_at, limits)
-        except HubError:
+        sent_at = _fast_sent_at(sent_at, limits.now_ms + limits.max_future_ms)
+        if sent_at is None:
             return None  # refused by the slow path
     return Decoded(source_id, items, reply_to, request_id, gateway, sent_at)
+
+
+def _fast_sent_at(stated: str | int, latest_ms: int) -> int | None:
+    """``sent_at`` as ``sent_at_of`` takes it, or None for the slow path to judge. Each message has its own,
+    so no cache helps: parsed inline, without parse_time's calls and steps for the forms edges do not send
+    (a lower-case z, spaces), which fail ``fromisoformat`` here and go to the slow path (~1 µs less a message).
+    """
+    if type(stated) is str:
+        try:
+            parsed = _FROM_ISO(stated)
+        except ValueError:
+            return None
+        if parsed.tzinfo is None:
+            return None
+        sent_at = int(parsed.timestamp() * 1000)
+    else:
+        sent_at = int(stated)
+    return sent_at if MIN_TIME_MS <= sent_at <= latest_ms else None
 
 
 def _fast_readings(readings: list[Any], latest_ms: int, needs_password: bool) -> list[Reading | HubError] | None:
