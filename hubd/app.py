@@ -22,6 +22,9 @@ from hubd.auth import Authenticator
 from hubd.auth.registration import Registration
 from hubd.auth.registry import Registry
 from hubd.broker import EmbeddedBroker, packet_limit
+from hubd.clock.edges import EdgeChecks
+from hubd.clock.ntp import NtpWatch
+from hubd.clock.state import Clocks
 from hubd.config import Config
 from hubd.decode.native import ReplyRule
 from hubd.decode.vendor import Catalog, Change
@@ -98,14 +101,18 @@ class Hub:
             # One rule for where answers may go: ingest refuses a data message by it, the MQTT source answers by
             # it, and the addresses it found good are remembered once for both.
             replies = ReplyRule(config.topic_prefix)
-            self.ingest = Ingest(auth, writer, quarantine, audit, config.limits, replies)
+            # Clocks: the hub's against NTP, the sources' checked over MQTT and judged from their data; the data
+            # path flags (or refuses) the readings of a clock known to be off. Read by hubd time and ops.
+            self.clocks = clocks = Clocks(config.time, audit, config.data_path)
+            stack.callback(clocks.save, True)
+            self.ingest = Ingest(auth, writer, quarantine, audit, config.limits, replies, clocks)
             self.catalog = Catalog([config.formats_shipped_path, config.formats_user_path])
             stack.callback(self.catalog.close)
             self._formats_changed(self.catalog.scan())
             services: list[Service] = [
                 RegisterService(Registration(auth, config.auth, audit, register_pool), audit),
                 QueryService(auth, config.query, reader, query_thread, audit),
-                TimeService(audit),
+                TimeService(audit, clocks),
             ]
             self.mqtt = MqttSource(
                 config.broker,
@@ -132,6 +139,20 @@ class Hub:
                 len(auth.ders),
                 registered,
             )
+            clock_tasks = [asyncio.create_task(NtpWatch(clocks, config.time.ntp).run(), name="hubd-ntp")]
+            if config.time.edges.check:
+                checks = EdgeChecks(
+                    clocks,
+                    config.time.edges,
+                    config.topic_prefix,
+                    config.broker,
+                    url,
+                    audit,
+                    password=_read_secret(config.broker.password_file),
+                )
+                clock_tasks.append(asyncio.create_task(checks.run(), name="hubd-clock-checks"))
+            for task in clock_tasks:
+                stack.push_async_callback(_cancel, task)
             self.ready.set()
             watcher = asyncio.create_task(self._watch_formats(), name="hubd-formats")
             stopping = asyncio.create_task(self._stop.wait(), name="hubd-stop")

@@ -25,8 +25,10 @@ from hubd import progress
 from hubd.audit import AuditError, AuditLog
 from hubd.auth.credentials import hash_password, issue_password
 from hubd.auth.registry import Der, Registry, read_der_csv
+from hubd.clock.commands import time_group
 from hubd.config import Config, ConfigError, load_config
 from hubd.decode.vendor.commands import format_group
+from hubd.edge import edge_group
 from hubd.model import DER_TYPES, FIELDS, HubError, format_time, now_ms, visible
 from hubd.quarantine import Quarantine, masked
 from hubd.query.buckets import INTERVALS_MS
@@ -631,6 +633,8 @@ def audit_tail(ctx: Context, count: int, der_id: str | None, event: str | None) 
 
 
 main.add_command(format_group)
+main.add_command(time_group)
+main.add_command(edge_group)
 _config_everywhere(main)  # last: after every command is added
 
 

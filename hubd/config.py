@@ -135,6 +135,36 @@ class FormatsConfig(Section, frozen=True):
     poll_s: Annotated[float, msgspec.Meta(ge=0.1, le=3600)] = 2.0
 
 
+class NtpConfig(Section, frozen=True):
+    """The hub's own clock, measured against NTP servers (``host`` or ``host:port``); none: not measured."""
+
+    servers: list[str] = []
+    poll_s: Annotated[float, msgspec.Meta(ge=0.1, le=86400)] = 64.0
+    timeout_s: Annotated[float, msgspec.Meta(gt=0, le=60)] = 2.0
+    tolerance_s: Annotated[float, msgspec.Meta(gt=0)] = 0.5  # |offset| beyond it: unsynchronised, an alarm
+    max_age_s: Annotated[float, msgspec.Meta(gt=0)] = 1024.0  # no good answer for longer: unsynchronised, an alarm
+
+
+class EdgeClockConfig(Section, frozen=True):
+    """The clocks of the sources that send data over MQTT: checked, corrected, judged (docs/protocol.md, Time)."""
+
+    check: bool = True  # send hub/v1/time/check/<source_id> at all
+    interval_s: Annotated[float, msgspec.Meta(ge=1)] = 3600.0  # between two checks of one source
+    samples: Annotated[int, msgspec.Meta(ge=1, le=16)] = 4  # round trips per check
+    answer_timeout_s: Annotated[float, msgspec.Meta(gt=0, le=600)] = 5.0
+    tolerance_s: Annotated[float, msgspec.Meta(gt=0)] = 2.0  # |offset| beyond it: set, flag
+    set_clock: bool = True  # send hub/v1/time/set/<source_id> when a check finds the clock off
+    passive_window_s: Annotated[float, msgspec.Meta(ge=1)] = 600.0  # received_at - measured_at minimum over this
+    bad_clock: Literal["flag", "refuse"] = "flag"  # readings from a clock known to be off: stored flagged, or refused
+
+
+class TimeConfig(Section, frozen=True):
+    """The section ``time``: the hub's clock (``ntp``) and the sources' clocks (``edges``)."""
+
+    ntp: NtpConfig = NtpConfig()
+    edges: EdgeClockConfig = EdgeClockConfig()
+
+
 class LogConfig(Section, frozen=True):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
@@ -152,6 +182,7 @@ class Config(Section, frozen=True):
     audit: AuditConfig = AuditConfig()
     formats: FormatsConfig = FormatsConfig()
     log: LogConfig = LogConfig()
+    time: TimeConfig = TimeConfig()
 
     @property
     def data_path(self) -> Path:
@@ -280,6 +311,18 @@ def _valid_broker_url(url: str) -> bool:
     return bool(parts.hostname) and parts.path in ("", "/") and not parts.query and not parts.fragment and port != 0
 
 
+def ntp_address(server: str) -> tuple[str, int] | None:
+    """``host`` or ``host:port`` (an IPv6 address in brackets: ``[::1]:123``) as (host, port); None if neither."""
+    try:
+        parts = urlsplit(f"ntp://{server}")
+        port = parts.port
+    except ValueError:
+        return None
+    if not parts.hostname or parts.path or parts.query or parts.fragment or "@" in server or port == 0:
+        return None
+    return parts.hostname, 123 if port is None else port
+
+
 def _check(config: Config) -> None:
     """Rules a type cannot say."""
     hashed = config.auth.initial_password_hash
@@ -299,6 +342,9 @@ def _check(config: Config) -> None:
             raise ConfigError("broker.url: must start with mqtt:// or mqtts://")
         if not _valid_broker_url(url):
             raise ConfigError("broker.url: must be mqtt[s]://host[:port] with a port number 1 … 65535")
+    for server in config.time.ntp.servers:
+        if ntp_address(server) is None:
+            raise ConfigError(f"time.ntp.servers: {server!r} must be host or host:port with a port 1 … 65535")
     if config.topic_prefix.endswith("/") or "#" in config.topic_prefix or "+" in config.topic_prefix:
         raise ConfigError(
             f"topic_prefix: must be a plain topic without wildcards or a trailing /, got {config.topic_prefix!r}"

@@ -21,7 +21,7 @@ from hubd.audit import AuditLog
 from hubd.auth.credentials import hash_password, issue_password
 from hubd.auth.registry import Registry
 from hubd.broker import PortInUse, free_port
-from hubd.client import HubClient
+from hubd.client import EdgeTerminal, HubClient, TerminalClock
 from hubd.config import parse_config
 from hubd.model import now_ms
 
@@ -105,7 +105,10 @@ async def _demo(minutes: int, port: int, data_dir: Path) -> int:
     prefix = config.topic_prefix
     say(f"2. The hub runs with its own Mosquitto on {url} and an SQLite store.")
     try:
-        async with HubClient(url, "edge-9a") as edge:
+        # The simulated edge terminal (hubd.client.EdgeTerminal) answers the hub's time checks; its clock runs
+        # 90 s fast, which the hub finds and has it correct (step 5).
+        async with EdgeTerminal(url, "edge-9a", prefix=prefix, clock=TerminalClock(ahead_s=90)) as terminal:
+            edge = terminal.client
             say("3. The edge terminal registers its DERs with the initial password:")
             passwords = {}
             for der_id, der_type, name, location in FLEET:
@@ -146,6 +149,7 @@ async def _demo(minutes: int, port: int, data_dir: Path) -> int:
             say(f"   a reading with a wrong password: rejected with {answer['rejected'][0]['error']['code']}")
             answer = await edge.request(f"{prefix}/data", b"\x00\x01 not json")
             say(f"   a payload that is not JSON: {answer['error']['code']}, kept in quarantine")
+            await _clock_step(hub, terminal, passwords["PV-0001"])
 
         async with HubClient(url, "vendor-connector") as cloud:
             der_id, der_type, name, location = VENDOR_SITE
@@ -169,12 +173,12 @@ async def _demo(minutes: int, port: int, data_dir: Path) -> int:
                 properties={"der_id": der_id, "password": site["password"]},
             )
             say(
-                f"5. A vendor-cloud connector forwards {der_id}'s last two hours as the vendor sends them (format "
+                f"6. A vendor-cloud connector forwards {der_id}'s last two hours as the vendor sends them (format "
                 f"solaredge.site_power: watts, Tokyo local time, one null): accepted {answer['accepted']}"
             )
 
         async with HubClient(url, "market-1") as market:
-            say("6. The market system extracts the edge terminal's readings back, 50 rows a page:")
+            say("7. The market system extracts the edge terminal's readings back, 50 rows a page:")
             rows: list[dict[str, Any]] = []
             cursor = None
             pages = 0
@@ -201,7 +205,25 @@ async def _demo(minutes: int, port: int, data_dir: Path) -> int:
             for row in (rows[0], rows[1], rows[-2], rows[-1]):
                 say(f"   {row}")
             per_der = {d: sum(1 for r in rows if r["der_id"] == d) for d, *_ in FLEET}
+            flagged = await market.request(
+                f"{prefix}/query",
+                {
+                    "client_id": "market-1",
+                    "password": market_password,
+                    "start": (datetime.now(UTC) - timedelta(hours=1)).isoformat(),
+                    "end": (datetime.now(UTC) + timedelta(hours=1)).isoformat(),
+                    "der_ids": ["PV-0001"],
+                    "fields": ["power_kw"],
+                    "clock_flagged": True,
+                },
+            )
             say(f"   per DER: {per_der} (each exactly {minutes * 6}: nothing lost, nothing doubled)")
+            say("   readings stored with a clock flag (asked with clock_flagged: true):")
+            for row in flagged["rows"]:
+                say(
+                    f"   {row['der_id']} at {row['measured_at']}: {row['power_kw']} kW, "
+                    f"clock_flag {row['clock_flag']}, clock_offset_s {row['clock_offset_s']:+.3f}"
+                )
             slots = await market.request(
                 f"{prefix}/query",
                 {
@@ -227,7 +249,7 @@ async def _demo(minutes: int, port: int, data_dir: Path) -> int:
         await hub_task
     report = audit_trail.verify(config.audit_path)
     say(
-        f"7. The hub stopped cleanly. Audit log: {report.records} records, "
+        f"8. The hub stopped cleanly. Audit log: {report.records} records, "
         f"{'chain intact' if report.ok else 'BROKEN: ' + report.reason}."
     )
     events: dict[str, int] = {}
@@ -238,6 +260,31 @@ async def _demo(minutes: int, port: int, data_dir: Path) -> int:
     (data_dir / "hubd.yaml").write_text(f"data_dir: {data_dir}\n", encoding="utf-8")
     ok = report.ok and all(n == minutes * 6 for n in per_der.values())
     return 0 if ok else 1
+
+
+async def _clock_step(hub: Hub, terminal: EdgeTerminal, password: str) -> None:
+    """The terminal's clock is 90 s fast: its live reading is flagged, the hub checks and corrects it."""
+    first = await terminal.send([{"der_id": "PV-0001", "password": password, "power_kw": 3.3}])
+    say(
+        "5. The terminal's own clock runs 90 s fast. A live reading it stamps arrives 'from the future' "
+        f"(accepted {first['accepted']}), stored with a clock flag: passive skew."
+    )
+    for _ in range(100):  # the hub checks a new source at once; a few seconds at most
+        if terminal.corrections:
+            break
+        await asyncio.sleep(0.1)
+    await asyncio.sleep(0.5)  # the check after the correction
+    clock = hub.clocks.sources.get("edge-9a")
+    if clock is None or not terminal.corrections:
+        say("   the hub did not correct the terminal's clock in time")
+        return
+    say(
+        f"   the hub checked the terminal's clock (time.checked: {terminal.corrections[0]:+.2f} s), told it to "
+        f"correct (time.set), checked again: {clock.state}, offset {clock.offset_s:+.3f} s, "
+        f"round trip {(clock.rtt_s or 0) * 1000:.1f} ms"
+    )
+    second = await terminal.send([{"der_id": "PV-0001", "password": password, "power_kw": 3.4}])
+    say(f"   its next live reading (accepted {second['accepted']}) carries the right time and no flag")
 
 
 def run_demo(minutes: int = 5, port: int = 0, data_dir: Path | None = None) -> int:

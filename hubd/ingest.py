@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from operator import attrgetter
 from typing import Any
 
 from loguru import logger
@@ -17,12 +18,13 @@ from loguru import logger
 from hubd import decode
 from hubd.audit import AuditLog
 from hubd.auth import Authenticator, Refused
+from hubd.clock.state import Clocks
 from hubd.config import LimitsConfig
 from hubd.decode.native import ReplyRule, sent_at_of
 from hubd.decode.registry import Decoded, Limits
 from hubd.model import ErrorCode, HubError, RawMessage, Reading, Sender
 from hubd.quarantine import Quarantine
-from hubd.store import Rows, add_rows
+from hubd.store import Rows, add_flagged_rows, add_rows
 from hubd.store.writer import BatchWriter, Write
 
 Answer = tuple[dict[str, Any], Decoded | None]  # the answer, and what was decoded (for the reply address)
@@ -80,8 +82,11 @@ class Ingest:
         audit: AuditLog,
         limits: LimitsConfig,
         replies: ReplyRule | None = None,
+        clocks: Clocks | None = None,
     ) -> None:
         self._auth = auth
+        self._clocks = clocks  # None: a hub that judges no clocks (tests of other parts)
+        self._refuse_bad_clock = clocks is not None and clocks.config.edges.bad_clock == "refuse"
         self._replies = replies  # where answers may go; None: a hub without a request/response source
         self._writer = writer
         self._quarantine = quarantine
@@ -199,6 +204,13 @@ class Ingest:
     def _finish(self, checked: _Checked, reply: _Reply, writes: list[_ToCommit]) -> Answer | None:
         """Audit the refusals; the answer of a message with nothing to store, else add its rows to ``writes``."""
         raw, decoded, source_id, good = checked.raw, checked.decoded, checked.source_id, checked.good
+        flag = None
+        if good and self._clocks is not None:  # the message's evidence of its source's clock, and the verdict
+            newest = good[0].measured_at if len(good) == 1 else max(map(_MEASURED_AT, good))
+            flag = self._clocks.observe(source_id, raw.received_at, newest, raw.sender.kind == "mqtt")
+            if flag is not None and self._refuse_bad_clock:
+                self._refuse_clock(checked, flag)
+                good, flag = checked.good, None
         rejected = self._refusals(checked.refused, source_id) if checked.refused else []
         if not good:
             self._audit.append(
@@ -208,10 +220,29 @@ class Ingest:
         for r in good:
             r.password = None  # not needed past this point; keep it out of every later structure
         rows: Rows = []
-        add_rows(rows, good, (raw.received_at, source_id, raw.format_code, decoded.sent_at))
+        tail = (raw.received_at, source_id, raw.format_code, decoded.sent_at)
+        if flag is None:
+            add_rows(rows, good, tail)
+        else:
+            add_flagged_rows(rows, good, tail, flag)
         der_ids = {r.der_id for r in good}
         writes.append((reply, raw, decoded, Write(source_id, rows, len(good), der_ids, len(decoded.items)), rejected))
         return None
+
+    @staticmethod
+    def _refuse_clock(checked: _Checked, flag: tuple[str, float]) -> None:
+        """``time.edges.bad_clock: refuse``: the message's good readings are refused (``bad_request``), since
+        the times they carry are known to be wrong; the source corrects its clock and sends them again."""
+        how, offset = flag
+        found = "a check" if how == "check" else "its readings' times"
+        error = HubError(
+            ErrorCode.BAD_REQUEST,
+            f"the clock of source {checked.source_id} is {offset:+.3f} s off the hub's ({found}); "
+            "correct it and send these readings again",
+        )
+        index = {id(item): i for i, item in enumerate(checked.decoded.items)}
+        checked.refused.extend((index.get(id(r), -1), r.der_id, error) for r in checked.good)
+        checked.good = []
 
     async def _commit(self, writes: list[_ToCommit]) -> None:
         """Commit the messages' readings together, then answer each; if the store fails, keep each whole."""
@@ -399,6 +430,7 @@ def short(reason: str) -> str:
     return reason if len(reason) <= _REASON_CHARS else reason[: _REASON_CHARS - 1] + "…"
 
 
+_MEASURED_AT = attrgetter("measured_at")
 AUDITED_REASONS = 10
 """The refusals one audit record describes one by one (the first of the message's); the rest are counted."""
 _REASON_CHARS = 200

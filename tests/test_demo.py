@@ -62,10 +62,17 @@ def test_demo_tells_each_step_and_leaves_data_that_verifies(tmp_path: Path) -> N
     assert line(out, r"a reading with a wrong password: rejected with (\w+)$")[1] == "bad_credentials"
     assert line(out, r"a payload that is not JSON: (\w+), kept in quarantine$")[1] == "decode_error"
 
-    # 5. The vendor-format message: eight quarter-hour values, one of them null, decoded by a shipped definition.
+    # 5. The terminal's clock, 90 s fast: its live reading flagged, the clock checked, corrected, checked again.
+    told = line(out, r"checked the terminal's clock \(time\.checked: ([+-][\d.]+) s\), told it to correct")
+    assert 89 < float(told[1]) < 91
+    assert re.search(r"told it to correct \(time\.set\), checked again: ok, offset [+-]0\.\d+ s", out), out
+    assert line(out, r"PV-0001 at \S+: 3\.3 kW, clock_flag (\w+), clock_offset_s \+(8\d|9\d)")[1] == "passive"
+    assert "3.4 kW" not in out, "the reading after the correction carries no flag"
+
+    # 6. The vendor-format message: eight quarter-hour values, one of them null, decoded by a shipped definition.
     assert line(out, r"format solaredge\.site_power: .*accepted (\d+)$")[1] == "7"
 
-    # 6. Read back page by page: every reading once, nothing lost to the shuffle nor doubled by the resend.
+    # 7. Read back page by page: every reading once, nothing lost to the shuffle nor doubled by the resend.
     pages = line(out, r"(\d+) rows in (\d+) pages, ordered by measurement time")
     assert (pages[1], pages[2]) == ("60", "2")
     assert "per DER: {'PV-0001': 30, 'ESS-0001': 30}" in out
@@ -82,7 +89,7 @@ def test_demo_tells_each_step_and_leaves_data_that_verifies(tmp_path: Path) -> N
     assert sum(int(n) for *_, n in slots) == 7
     assert all(0.5 < float(mean) < 2.5 for _, _, mean, _ in slots), "watts became kilowatts"
 
-    # 7. The audit trail, as the demo reports it and as the operator's own command finds it afterwards.
+    # 8. The audit trail, as the demo reports it and as the operator's own command finds it afterwards.
     assert re.search(r"Audit log: \d+ records, chain intact\.", out), out
     events = dict(re.findall(r"(\S+) (\d+)", line(out, r"^\s+events: (.+)$")[1]))
     assert events["data.quarantined"] == "1"

@@ -45,8 +45,8 @@ def test_sqlite_sink_and_query_meet_in_the_same_readings(tmp_path: Path) -> None
     try:
         assert query.count() == 2
         assert query.raw(0, 120_000, None, ("power_kw", "energy_kwh"), (), None, 10) == [
-            ("PV-1", 60_000, 2.5, 10.25),
-            ("PV-2", 60_000, 0.5, None),
+            ("PV-1", 60_000, 2.5, 10.25, None, None),  # no clock flag, no offset
+            ("PV-2", 60_000, 0.5, None, None, None),
         ]
         assert query.der_ids(0, 120_000, "") == ["PV-1", "PV-2"]
         assert query.nearest("PV-1", "energy_kwh", 120_000, before=True) == (60_000, 10.25)

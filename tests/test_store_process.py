@@ -62,7 +62,7 @@ def stored(path: Path) -> list[tuple[str, int, float, int]]:
         stamps = reader._db.execute("SELECT DISTINCT stored_at FROM readings").fetchall()
     finally:
         reader.close()
-    return [(d, t, p, len(stamps)) for d, t, p in found]
+    return [(d, t, p, len(stamps)) for d, t, p, *_ in found]
 
 
 def child_pid(writer: Writer) -> int:

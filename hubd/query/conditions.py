@@ -40,6 +40,7 @@ KEYS = {
     "tz",
     "limit",
     "cursor",
+    "clock_flagged",
     "reply_to",
     "request_id",
 }
@@ -85,6 +86,7 @@ class Query:
     agg: tuple[tuple[str, str], ...] = ()
     tz: ZoneInfo = UTC_ZONE
     unknown_der_ids: tuple[str, ...] = ()  # named in der_ids but not in the registry: a warning in the answer
+    flagged: bool | None = None  # clock_flagged: only readings with a clock flag (True), only without (False)
 
     @property
     def columns(self) -> tuple[tuple[str, str, str], ...]:
@@ -226,6 +228,7 @@ def _parse(request: Mapping[str, Any], config: QueryConfig, ders: Mapping[str, D
         "where": _where(request.get("where"), names),
         "limit": limit,
         "unknown_der_ids": tuple(sorted(d for d in _strings(request, "der_ids", names) if d not in ders)),
+        "flagged": _flagged(request.get("clock_flagged"), names),
     }
     cursor = request.get("cursor")
 
@@ -289,6 +292,13 @@ def _parse(request: Mapping[str, Any], config: QueryConfig, ders: Mapping[str, D
         cursor=decode_cursor(cursor, "buckets") if cursor is not None else None,
         **common,
     )
+
+
+def _flagged(value: object, names: Names) -> bool | None:
+    """``clock_flagged``: true (only readings from a clock known to be off), false (only the others), or absent."""
+    if value is not None and not isinstance(value, bool):
+        raise bad(f"{names('clock_flagged')} must be true or false")
+    return value
 
 
 def _agg(value: object, names: Names) -> dict[str, tuple[str, ...]]:

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Callable
+from itertools import pairwise
 from typing import Any
 
 from hubd.model import format_time
 from hubd.query import energy
 from hubd.query.buckets import Bucket, buckets
 from hubd.query.conditions import Query, encode_cursor
-from hubd.store import ReadingQuery
+from hubd.store import CLOCK_COLUMNS, ReadingQuery
 
 _TESTS: dict[str, Callable[[float, float], bool]] = {
     "gt": operator.gt,
@@ -57,8 +58,9 @@ def _page(rows: list[dict[str, Any]], keys: list[tuple[Any, ...]], limit: int) -
 
 
 def _shape(fields: tuple[str, ...], row: tuple[Any, ...]) -> dict[str, Any]:
+    """A raw row: its quantities, and its clock flag and estimated offset when it has one."""
     out: dict[str, Any] = {"der_id": row[0], "measured_at": format_time(row[1])}
-    for name, value in zip(fields, row[2:], strict=True):
+    for name, value in zip((*fields, *CLOCK_COLUMNS), row[2:], strict=True):
         if value is not None:
             out[name] = value
     return out
@@ -66,7 +68,9 @@ def _shape(fields: tuple[str, ...], row: tuple[Any, ...]) -> dict[str, Any]:
 
 def _raw(query: Query, store: ReadingQuery) -> dict[str, Any]:
     after = (query.cursor[0], query.cursor[1]) if query.cursor else None
-    found = store.raw(query.start, query.end, query.der_ids, query.fields, query.where, after, query.limit + 1)
+    found = store.raw(
+        query.start, query.end, query.der_ids, query.fields, query.where, after, query.limit + 1, query.flagged
+    )
     return _page([_shape(query.fields, row) for row in found], [(row[1], row[0]) for row in found], query.limit)
 
 
@@ -82,7 +86,7 @@ def _at(query: Query, store: ReadingQuery) -> dict[str, Any]:
     nearest: dict[str, tuple[Any, ...]] = {}
     cursor: tuple[int, str] | None = None
     while True:  # the window is small (± tolerance), but page through it all the same
-        batch = store.raw(query.start, query.end, query.der_ids, query.fields, (), cursor, 50_000)
+        batch = store.raw(query.start, query.end, query.der_ids, query.fields, (), cursor, 50_000, query.flagged)
         for row in batch:
             if row[0] <= after:
                 continue
@@ -95,7 +99,7 @@ def _at(query: Query, store: ReadingQuery) -> dict[str, Any]:
     rows = []
     for der_id in sorted(nearest):
         row = nearest[der_id]
-        if _matches(query, dict(zip(query.fields, row[2:], strict=True))):
+        if _matches(query, dict(zip(query.fields, row[2:], strict=False))):
             rows.append(_shape(query.fields, row))
             if len(rows) > query.limit:
                 break
@@ -113,8 +117,9 @@ def _buckets(query: Query, store: ReadingQuery) -> dict[str, Any]:
     for der_id in ders:
         if der_id < after_der:
             continue
-        stats = store.bucket_stats(der_id, laid, specs, query.where)
+        stats = store.bucket_stats(der_id, laid, specs, query.where, query.flagged)
         energies = _energy(query, store, der_id, laid, stats)
+        _flagged_shares(query, store, der_id, laid, stats, energies)
         for index in sorted(set(stats) | set(energies)):
             bucket = laid[index]
             if der_id == after_der and bucket.start <= after_bucket:
@@ -200,4 +205,51 @@ def _bucket_row(
         if value is not None:
             row[name] = value
     row["n"] = stats["n"]
+    if stats.get("flagged"):
+        row["clock_flagged"] = stats["flagged"]
+    if "share" in energies:
+        row["clock_flagged_share"] = energies["share"]
     return row
+
+
+def _flagged_shares(
+    query: Query,
+    store: ReadingQuery,
+    der_id: str,
+    laid: list[Bucket],
+    stats: dict[int, dict[str, Any]],
+    energies: dict[int, dict[str, float]],
+) -> None:
+    """The share of each bucket's energy that flagged readings measured (as ``share``), for a DER with flagged
+    readings in the range; a DER without pays nothing for it.
+
+    The energy between two register readings is what the later one measured, spread over the time between
+    them as ``delta`` spreads it; an interval reading's energy is its own, split as ``sum`` splits it.
+    """
+    if not any(bucket.get("flagged") for bucket in stats.values()):
+        return
+    flagged: dict[int, float] = {}
+    total: dict[int, float] = {}
+
+    def add(parts: dict[int, float], is_flagged: bool) -> None:
+        for index, value in parts.items():
+            total[index] = total.get(index, 0.0) + value
+            if is_flagged:
+                flagged[index] = flagged.get(index, 0.0) + value
+
+    if ("energy_kwh", "delta") in query.agg:
+        before = store.nearest(der_id, "energy_kwh", query.start, before=True)
+        after = store.nearest(der_id, "energy_kwh", query.end, before=False)
+        lo, hi = before[0] if before else query.start, after[0] + 1 if after else query.end
+        series = store.flagged_series(der_id, lo, hi, ("energy_kwh",))
+        for (t0, v0, _), (t1, v1, is_flagged) in pairwise(series):
+            rise = v1 - v0 if v1 >= v0 else v1  # a fall: a reset to zero
+            add(energy.split_intervals(laid, [(t1, rise, (t1 - t0) / 1000)]), bool(is_flagged))
+    if ("energy_interval_kwh", "sum") in query.agg:
+        longest = 86_400_000  # as in _energy
+        fields = ("energy_interval_kwh", "interval_s")
+        for t, value, interval_s, is_flagged in store.flagged_series(der_id, query.start, query.end + longest, fields):
+            add(energy.split_intervals(laid, [(t, value, interval_s)]), bool(is_flagged))
+    for index, energy_in in total.items():
+        if energy_in > 0 and (flagged.get(index) or stats.get(index, _EMPTY).get("flagged")) and index in energies:
+            energies[index]["share"] = round(flagged.get(index, 0.0) / energy_in, 4)

@@ -47,6 +47,24 @@ def add_rows(rows: Rows, readings: Iterable[Reading | StoredReading], tail: tupl
         run.append((r.der_id, r.measured_at, *r.values.values(), *tail))
 
 
+def add_flagged_rows(
+    rows: Rows, readings: Iterable[Reading], tail: tuple[int, str, str, int | None], flag: tuple[str, float]
+) -> None:
+    """Like ``add_rows``, for readings from a source whose clock is known to be off: each row also carries the
+    clock flag (``check`` or ``passive``) and the estimated offset in seconds, as two more named columns."""
+    names, run = rows[-1] if rows else ((), [])
+    for r in readings:
+        flagged = (*r.values, *CLOCK_COLUMNS)
+        if flagged != names:
+            names, run = flagged, []
+            rows.append((names, run))
+        run.append((r.der_id, r.measured_at, *r.values.values(), *flag, *tail))
+
+
+CLOCK_COLUMNS = ("clock_flag", "clock_offset_s")
+"""A reading's clock flag and the offset it was estimated with; NULL for a reading from a clock not known to be
+off (docs/protocol.md, Time)."""
+
 Where = tuple[tuple[str, str, float], ...]  # (field, operator, operand), operators as in hubd.query
 
 
@@ -85,8 +103,10 @@ class ReadingQuery(Protocol):
         where: Where,
         after: tuple[int, str] | None,
         limit: int,
+        flagged: bool | None = None,
     ) -> list[tuple[Any, ...]]:
-        """(der_id, measured_at, *fields) in [start, end) after ``after``, by (measured_at, der_id)."""
+        """(der_id, measured_at, *fields, clock_flag, clock_offset_s) in [start, end) after ``after``, by
+        (measured_at, der_id); ``flagged`` True: only readings with a clock flag, False: only without."""
         ...
 
     def der_ids(self, start: int, end: int, first: str) -> list[str]:
@@ -94,9 +114,15 @@ class ReadingQuery(Protocol):
         ...
 
     def bucket_stats(
-        self, der_id: str, buckets: list[Bucket], specs: tuple[tuple[str, str], ...], where: Where
+        self,
+        der_id: str,
+        buckets: list[Bucket],
+        specs: tuple[tuple[str, str], ...],
+        where: Where,
+        flagged: bool | None = None,
     ) -> dict[int, dict[str, Any]]:
-        """Per index of a bucket holding readings: "n" (readings) and "how:field" for mean/min/max/sum/count,
+        """Per index of a bucket holding readings: "n" (readings), "flagged" (those with a clock flag) and
+        "how:field" for mean/min/max/sum/count,
         first_at/last_at (the time of the first/last reading with the field), and (time, value) for
         first/last. Readings are taken from each bucket's ``lo`` … ``hi``."""
         ...
@@ -107,6 +133,10 @@ class ReadingQuery(Protocol):
 
     def series(self, der_id: str, start: int, end: int, fields: tuple[str, ...]) -> list[tuple[Any, ...]]:
         """(measured_at, *fields) of one DER in [start, end) with every field present, by time."""
+        ...
+
+    def flagged_series(self, der_id: str, start: int, end: int, fields: tuple[str, ...]) -> list[tuple[Any, ...]]:
+        """(measured_at, *fields, flagged) of one DER in [start, end) with every field present, by time."""
         ...
 
     def count(self) -> int: ...

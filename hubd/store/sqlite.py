@@ -15,7 +15,7 @@ from typing import Any
 from hubd.config import Config
 from hubd.model import FIELDS, MIN_TIME_MS
 from hubd.query.buckets import Bucket
-from hubd.store import Rows, StoredReading, Where, add_rows
+from hubd.store import CLOCK_COLUMNS, Rows, StoredReading, Where, add_rows
 
 _SQL_AGGREGATES = {"mean": "avg", "min": "min", "max": "max", "sum": "sum", "count": "count"}
 _OPERATORS = {"gt": ">", "gte": ">=", "lt": "<", "lte": "<=", "eq": "=", "ne": "!="}
@@ -34,7 +34,24 @@ CREATE TABLE IF NOT EXISTS readings (
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS readings_by_time ON readings (measured_at, der_id);
 """
-_KNOWN = frozenset(FIELDS)
+_KNOWN = frozenset((*FIELDS, *CLOCK_COLUMNS))
+
+
+def _add_clock_columns(db: sqlite3.Connection) -> None:
+    """Migration: the clock flag of a reading and its estimated offset (docs/protocol.md, Time). A database
+    made before them gets them here; its readings are unflagged (NULL). Checked and added in one write
+    transaction, so the writer process and the query side opening the file at once add them once."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        present = {row[1] for row in db.execute("PRAGMA table_info(readings)")}
+        if "clock_flag" not in present:
+            db.execute("ALTER TABLE readings ADD COLUMN clock_flag TEXT")
+        if "clock_offset_s" not in present:
+            db.execute("ALTER TABLE readings ADD COLUMN clock_offset_s REAL")
+        db.execute("COMMIT")
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
 
 
 def _insert(names: tuple[str, ...], stored_at: int) -> str:
@@ -62,7 +79,7 @@ def _insert(names: tuple[str, ...], stored_at: int) -> str:
 
 _SET_ALL = ", ".join(
     f"{column} = excluded.{column}"
-    for column in (*FIELDS, "received_at", "stored_at", "source_id", "format_code", "sent_at")
+    for column in (*FIELDS, "received_at", "stored_at", "source_id", "format_code", "sent_at", *CLOCK_COLUMNS)
 )
 _UNSENT = MIN_TIME_MS - 1  # the version of a reading without ``sent_at``: before every send time the hub takes
 _NO_OLDER = f"(ifnull(excluded.sent_at, {_UNSENT}), excluded.received_at) >= (ifnull(sent_at, {_UNSENT}), received_at)"
@@ -154,6 +171,7 @@ class SqliteStore:
         self._db.execute(f"PRAGMA synchronous={'FULL' if synchronous == 'full' else 'NORMAL'}")
         self._db.execute("PRAGMA busy_timeout=10000")
         self._db.executescript(_SCHEMA)
+        _add_clock_columns(self._db)
         _add_sent_at(self._db)
         self._buckets: list[tuple[int, int]] = []
 
@@ -191,8 +209,10 @@ class SqliteStore:
         where: Where,
         after: tuple[int, str] | None,
         limit: int,
+        flagged: bool | None = None,
     ) -> list[tuple[Any, ...]]:
         condition, params = _where(where)
+        condition += _flagged(flagged)
         sql = ["measured_at >= :start AND measured_at < :end"]
         named: dict[str, Any] = {"start": start, "end": end, "limit": limit, **params}
         if der_ids is not None:
@@ -204,7 +224,7 @@ class SqliteStore:
             named["start"] = max(start, after[0])
             sql.append("(measured_at, der_id) > (:after_at, :after_der)")
             named |= {"after_at": after[0], "after_der": after[1]}
-        columns = ", ".join(("der_id", "measured_at", *fields))
+        columns = ", ".join(("der_id", "measured_at", *fields, *CLOCK_COLUMNS))
         return self._db.execute(
             f"SELECT {columns} FROM readings WHERE {' AND '.join(sql)}{condition} "
             "ORDER BY measured_at, der_id LIMIT :limit",
@@ -224,12 +244,19 @@ class SqliteStore:
         return [r[0] for r in rows if self._db.execute(probe, (r[0], start, end)).fetchone()]
 
     def bucket_stats(
-        self, der_id: str, buckets: list[Bucket], specs: tuple[tuple[str, str], ...], where: Where
+        self,
+        der_id: str,
+        buckets: list[Bucket],
+        specs: tuple[tuple[str, str], ...],
+        where: Where,
+        flagged: bool | None = None,
     ) -> dict[int, dict[str, Any]]:
         self._load_buckets(buckets)
         condition, values = _where(where, "r.")
+        condition += _flagged(flagged, "r.")
         own_condition, _ = _where(where)  # the same conditions inside the first/last probes
-        columns = []
+        own_condition += _flagged(flagged)
+        columns = ["count(r.clock_flag)"]
         for field, how in specs:
             if how in _SQL_AGGREGATES:
                 columns.append(f"{_SQL_AGGREGATES[how]}(r.{field})")
@@ -253,8 +280,8 @@ class SqliteStore:
         )
         out: dict[int, dict[str, Any]] = {}
         for index, n, *row in self._db.execute(sql, {"der": der_id, **values}):
-            stats: dict[str, Any] = {"n": n}
-            position = 0
+            stats: dict[str, Any] = {"n": n, "flagged": row[0]}
+            position = 1
             for field, how in specs:
                 if how in _SQL_AGGREGATES or how in ("first_at", "last_at"):
                     stats[f"{how}:{field}"] = row[position]
@@ -295,11 +322,27 @@ class SqliteStore:
             (der_id, start, end),
         ).fetchall()
 
+    def flagged_series(self, der_id: str, start: int, end: int, fields: tuple[str, ...]) -> list[tuple[Any, ...]]:
+        """(measured_at, *fields, flagged) of one DER in [start, end) with every field present, by time."""
+        present = " AND ".join(f"{f} IS NOT NULL" for f in fields)
+        return self._db.execute(
+            f"SELECT measured_at, {', '.join(fields)}, clock_flag IS NOT NULL FROM readings WHERE der_id = ? "
+            f"AND measured_at >= ? AND measured_at < ? AND {present} ORDER BY measured_at",
+            (der_id, start, end),
+        ).fetchall()
+
     def count(self) -> int:
         return int(self._db.execute("SELECT count(*) FROM readings").fetchone()[0])
 
     def close(self) -> None:
         self._db.close()
+
+
+def _flagged(flagged: bool | None, table: str = "") -> str:
+    """The condition on the clock flag: only flagged readings (True), only unflagged (False), any (None)."""
+    if flagged is None:
+        return ""
+    return f" AND {table}clock_flag IS {'NOT ' if flagged else ''}NULL"
 
 
 def _where(where: Where, table: str = "") -> tuple[str, dict[str, float]]:
