@@ -13,9 +13,11 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
+import pytest
 from conftest import RunningHub
 from helpers import quarantined, records, rr_bytes
 
+from hubd import client as client_module
 from hubd.client import HubClient
 from hubd.model import format_time, now_ms, parse_time
 from hubd.store import StoredReading
@@ -186,3 +188,29 @@ def test_a_database_made_before_versions_gains_the_column_and_keeps_its_readings
         again.close()
     # PV-1: a versioned reading replaces the unversioned one; PV-2: unversioned, received earlier, does not
     assert [row[:3] for row in rows] == [("PV-1", 60_000, 2.0), ("PV-2", 60_000, 1.0)]
+
+
+def test_a_correction_sent_after_the_edges_clock_stepped_back_still_wins(
+    hub: RunningHub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The edge's system clock is stepped back a minute between a reading and its correction (NTP, or the hub's
+    set command): HubClient's send times never go backwards, so the correction is still the newer version."""
+    password = hub.register("PV-R1")
+    clock = [now_ms()]
+    monkeypatch.setattr(client_module, "now_ms", lambda: clock[0])
+
+    def body(power: float) -> dict[str, Any]:
+        sent = {"der_id": "PV-R1", "password": password, "measured_at": MEASURED, "power_kw": power}
+        return {"source_id": "edge-r", "readings": [sent]}
+
+    async def send() -> tuple[str, str]:
+        async with HubClient(hub.broker.url, "edge") as edge:
+            first, correction = body(1.0), body(2.0)
+            await edge.request(f"{hub.prefix}/data", first)
+            clock[0] -= 60_000
+            await edge.request(f"{hub.prefix}/data", correction)
+            return first["sent_at"], correction["sent_at"]
+
+    first, correction = asyncio.run(send())
+    assert parse_time(correction) == parse_time(first) + 1
+    assert stored(hub) == [(2.0, parse_time(correction))]
