@@ -285,7 +285,8 @@ class Ingest:
             most = self._limits.max_readings_per_message
             if len(raw.readings) > most:
                 raise HubError(ErrorCode.TOO_LARGE, f"{len(raw.readings)} readings in one message; the limit is {most}")
-            return Decoded(raw.source_id, raw.readings)
+            # the hub read them itself: the version is when it did, so a later read replaces an earlier one
+            return Decoded(raw.source_id, raw.readings, sent_at=raw.received_at)
         decoder = decode.decoder_for(raw.format_code)
         # The message's own receive time: "too far in the future" is judged against it, and a vendor format's
         # ``default: received`` time is it.
