@@ -51,6 +51,7 @@ async def main(args: argparse.Namespace) -> None:
                 "broker": {"url": broker.url, "client_id": "hotpath"},
                 "auth": {"initial_password_hash": hash_password(INITIAL_PASSWORD, 4), "bcrypt_rounds": 4},
                 "log": {"level": "WARNING"},
+                "http": {"bind": "127.0.0.1:0"},  # the operator's listener on a free port
             }
             (work / "hubd.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
             der_ids = [f"PV-{n:05d}" for n in range(args.ders)]

@@ -183,6 +183,7 @@ def write_config(path: Path, data_dir: Path, broker_url: str, client_id: str, ro
         "broker": {"url": broker_url, "client_id": client_id},
         "auth": {"initial_password_hash": hash_password(INITIAL_PASSWORD, rounds), "bcrypt_rounds": rounds},
         "log": {"level": "INFO"},
+        "http": {"bind": "127.0.0.1:0"},  # the operator's listener on a free port
     }
     for item in sets:  # --set store.sqlite.synchronous=normal
         key, _, value = item.partition("=")

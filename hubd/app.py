@@ -29,6 +29,7 @@ from hubd.config import Config
 from hubd.decode.native import ReplyRule
 from hubd.decode.vendor import Catalog, Change
 from hubd.ingest import Ingest
+from hubd.ops.http import Ops
 from hubd.quarantine import Quarantine
 from hubd.services import Service
 from hubd.services.query import QueryService
@@ -131,6 +132,10 @@ class Hub:
             audit.flush()
             _quiet_gc()  # before the first message: what is frozen is never collected
             await self.sources.start(self.ingest)
+            # Operating it (hubd.ops): systemd's notifications, metrics, health and the status page on http.bind.
+            self.ops = ops = Ops(self)
+            stack.push_async_callback(ops.stop)
+            await ops.start()
             registered = sum(der.status == "registered" for der in auth.ders.values())
             logger.info(
                 "hubd serving on {} (prefix {}), DERs known: {}, registered: {}",
@@ -154,6 +159,7 @@ class Hub:
             for task in clock_tasks:
                 stack.push_async_callback(_cancel, task)
             self.ready.set()
+            ops.ready()  # READY=1: the broker session, the store and the sources are up
             watcher = asyncio.create_task(self._watch_formats(), name="hubd-formats")
             stopping = asyncio.create_task(self._stop.wait(), name="hubd-stop")
             await asyncio.wait([t for t in (stopping, supervising) if t is not None], return_when="FIRST_COMPLETED")
@@ -163,6 +169,7 @@ class Hub:
             if failure is not None:
                 audit.append("broker.failed", "error", reason=str(failure))
             logger.info("stopping: taking no new messages, committing and answering those in hand")
+            await ops.stop()  # STOPPING=1, and the listener closes
             await self.sources.stop()
             await self.ingest.close()
             await writer.close()

@@ -490,3 +490,19 @@ def tail(path: Path, n: int = 20, der_id: str | None = None, event: str | None =
                     break
     found.reverse()
     return found
+
+
+def since(path: Path, at_ms: int) -> Iterator[dict[str, object]]:
+    """The records written at or after ``at_ms``, newest first, read from the end (the status page's last hour).
+
+    Writers in other processes may interleave a little out of order; reading stops at the first older record.
+    """
+    limit = format_time(at_ms)
+    with Path(path).open("rb") as file:
+        for line in _lines_backward(file):
+            record = _parse_record(line) if line else None
+            if record is None:
+                continue
+            if str(record.get("at", "")) < limit:
+                return
+            yield record

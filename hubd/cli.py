@@ -190,12 +190,25 @@ def run(ctx: Context) -> None:
 @click.option(
     "--port", default=0, type=click.IntRange(0, 65535), help="port for the embedded broker (default: a free one)"
 )
-def demo(minutes: int, port: int) -> None:
+@click.option("--keep", is_flag=True, help="leave the hub running afterwards (its status page too) until Ctrl-C")
+def demo(minutes: int, port: int, keep: bool) -> None:
     """Run the hub on the embedded default with a simulated edge terminal and market system."""
     from hubd.demo import run_demo
 
     setup_logging("WARNING")
-    sys.exit(run_demo(minutes=minutes, port=port))
+    sys.exit(run_demo(minutes=minutes, port=port, keep=keep))
+
+
+@main.command()
+@click.option("--url", help="the hub's listener, e.g. http://127.0.0.1:8780/ (default: from http.bind)")
+@pass_context
+def status(ctx: Context, url: str | None) -> None:
+    """Ask the running hub how it is: exit 0 ready, 1 answering but not ready, 3 not answering."""
+    from hubd.ops.status import report
+
+    code, text = report(url or ctx.config.http.url)
+    click.echo(text)
+    sys.exit(code)
 
 
 @main.command("hash-password")
@@ -330,7 +343,7 @@ def system() -> None:
 
 @system.command("add")
 @click.argument("name")
-@click.option("--role", type=click.Choice(["gateway", "consumer"]), required=True)
+@click.option("--role", type=click.Choice(["gateway", "consumer", "viewer"]), required=True)
 @pass_context
 def system_add(ctx: Context, name: str, role: str) -> None:
     """Create a system and print its password once."""

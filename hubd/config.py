@@ -169,6 +169,32 @@ class LogConfig(Section, frozen=True):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
 
+class HttpConfig(Section, frozen=True):
+    """The operator's HTTP listener: /metrics, /healthz, /readyz and the status page (docs/operations.md)."""
+
+    bind: str | None = "127.0.0.1:8780"  # host:port (port 0: a free one); null: no listener
+    fresh_s: Positive = 900  # a DER whose last reading is at most this old is fresh on the page, else late
+    silent_s: Positive = 3600  # and older than this (or none at all): silent
+    session_hours: Annotated[float, msgspec.Meta(gt=0, le=24 * 30)] = 12.0  # a page login lasts this long
+
+    @property
+    def address(self) -> tuple[str, int] | None:
+        """(host, port) of ``bind``; an IPv6 host is written in brackets: ``[::1]:8780``."""
+        if self.bind is None:
+            return None
+        host, _, port = self.bind.rpartition(":")
+        return host.strip("[]"), int(port)
+
+    @property
+    def url(self) -> str | None:
+        """Where ``hubd status`` asks; a wildcard address is asked on loopback."""
+        if self.bind is None:
+            return None
+        host, _, port = self.bind.rpartition(":")
+        host = {"0.0.0.0": "127.0.0.1", "[::]": "[::1]"}.get(host, host)
+        return f"http://{host}:{port}/"
+
+
 class Config(Section, frozen=True):
     """The whole configuration; every section optional, so an empty file is the embedded default."""
 
@@ -183,6 +209,7 @@ class Config(Section, frozen=True):
     formats: FormatsConfig = FormatsConfig()
     log: LogConfig = LogConfig()
     time: TimeConfig = TimeConfig()
+    http: HttpConfig = HttpConfig()
 
     @property
     def data_path(self) -> Path:
@@ -345,6 +372,13 @@ def _check(config: Config) -> None:
     for server in config.time.ntp.servers:
         if ntp_address(server) is None:
             raise ConfigError(f"time.ntp.servers: {server!r} must be host or host:port with a port 1 … 65535")
+    bind = config.http.bind
+    if bind is not None and not re.fullmatch(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):(0|[1-9][0-9]{0,4})", bind):
+        raise ConfigError(f"http.bind: must be host:port (an IPv6 host in brackets), got {bind!r}")
+    if bind is not None and int(bind.rpartition(":")[2]) > 65535:
+        raise ConfigError(f"http.bind: the port must be 0 … 65535, got {bind!r}")
+    if config.http.silent_s < config.http.fresh_s:
+        raise ConfigError("http.silent_s: must be at least http.fresh_s")
     if config.topic_prefix.endswith("/") or "#" in config.topic_prefix or "+" in config.topic_prefix:
         raise ConfigError(
             f"topic_prefix: must be a plain topic without wildcards or a trailing /, got {config.topic_prefix!r}"

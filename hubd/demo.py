@@ -61,7 +61,7 @@ def _readings(der_id: str, password: str, start: datetime, minutes: int) -> list
     return out
 
 
-async def _demo(minutes: int, port: int, data_dir: Path) -> int:
+async def _demo(minutes: int, port: int, data_dir: Path, keep: bool = False) -> int:
     initial = issue_password()
     config = parse_config(
         {
@@ -69,6 +69,7 @@ async def _demo(minutes: int, port: int, data_dir: Path) -> int:
             "broker": {"embedded_port": port or free_port()},
             "auth": {"initial_password_hash": hash_password(initial, 10)},
             "log": {"level": "WARNING"},
+            "http": {"bind": "127.0.0.1:0"},
         },
         "demo",
     )
@@ -82,6 +83,13 @@ async def _demo(minutes: int, port: int, data_dir: Path) -> int:
             audit.append("der.added", der_id=der_id, by="operator")
         registry.add_system("market-1", "consumer", hash_password(market_password, 10), now_ms())
         audit.append("system.added", client_id="market-1", role="consumer", by="operator")
+        # The status page's login, for the person running the demo: in a file, never on the screen.
+        viewer_password = issue_password()
+        registry.add_system("viewer-1", "viewer", hash_password(viewer_password, 10), now_ms())
+        audit.append("system.added", client_id="viewer-1", role="viewer", by="operator")
+        viewer_file = data_dir / "viewer.password"
+        viewer_file.touch(mode=0o600)
+        viewer_file.write_text(viewer_password + "\n", encoding="utf-8")
     registry.close()
 
     hub = Hub(config)
@@ -104,6 +112,7 @@ async def _demo(minutes: int, port: int, data_dir: Path) -> int:
     url = f"mqtt://127.0.0.1:{config.broker.embedded_port}"
     prefix = config.topic_prefix
     say(f"2. The hub runs with its own Mosquitto on {url} and an SQLite store.")
+    say(f"   Its status page: {hub.ops.url} (log in as viewer-1, password in {viewer_file})")
     try:
         # The simulated edge terminal (hubd.client.EdgeTerminal) answers the hub's time checks; its clock runs
         # 90 s fast, which the hub finds and has it correct (step 5).
@@ -244,6 +253,9 @@ async def _demo(minutes: int, port: int, data_dir: Path) -> int:
                     f"   {row['der_id']} slot {row['slot']:2d} from {row['bucket_start']}: "
                     f"mean {row['power_kw']:.3f} kW of {row['n']} reading{'s' if row['n'] != 1 else ''}"
                 )
+        if keep:
+            say(f"The hub keeps running (--keep): open {hub.ops.url} in a browser; Ctrl-C stops it.")
+            await hub_task  # until SIGINT or SIGTERM, which the hub takes as its stop
     finally:
         hub.stop()
         await hub_task
@@ -287,9 +299,9 @@ async def _clock_step(hub: Hub, terminal: EdgeTerminal, password: str) -> None:
     say(f"   its next live reading (accepted {second['accepted']}) carries the right time and no flag")
 
 
-def run_demo(minutes: int = 5, port: int = 0, data_dir: Path | None = None) -> int:
+def run_demo(minutes: int = 5, port: int = 0, data_dir: Path | None = None, keep: bool = False) -> int:
     directory = data_dir or Path(tempfile.mkdtemp(prefix="hubd-demo-"))
-    return asyncio.run(_demo(minutes, port, directory))
+    return asyncio.run(_demo(minutes, port, directory, keep))
 
 
 def _command() -> str:

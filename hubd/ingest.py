@@ -96,6 +96,11 @@ class Ingest:
         self._intake: list[tuple[RawMessage, _Reply]] = []
         self._intake_bytes = 0
         self._groups: set[asyncio.Task[None]] = set()
+        # Read by the metrics at scrape time (hubd.ops.metrics): an addition per message, none per reading.
+        self.messages = 0  # data messages taken in
+        self.readings = 0  # readings they held, once decoded
+        self.refused: dict[str, int] = {}  # readings refused, by error code
+        self.kept: dict[str, int] = {}  # messages quarantined, by error code
 
     def submit(self, raw: RawMessage, reply: Callable[[Outcome], None]) -> None:
         """Take in one data message; ``reply`` is called once, later, with its outcome.
@@ -105,6 +110,7 @@ class Ingest:
         of switching between messages at every step (case A of bench/ingest: most of its time went there).
         """
         self._intake.append((raw, _Reply(reply)))
+        self.messages += 1
         self._intake_bytes += len(raw.payload)
         if len(self._intake) == 1:
             asyncio.get_running_loop().call_soon(self._take_intake)
@@ -212,6 +218,7 @@ class Ingest:
                 self._refuse_clock(checked, flag)
                 good, flag = checked.good, None
         rejected = self._refusals(checked.refused, source_id) if checked.refused else []
+        self.readings += len(decoded.items)
         if not good:
             self._audit.append(
                 "data.received", "rejected", source_id=source_id, topic=raw.topic, readings=len(decoded.items)
@@ -346,12 +353,15 @@ class Ingest:
             rejected.append({"index": index, "der_id": der_id, "error": error.as_dict()})
         for event, summary in summaries.items():
             self._audit.append(event, summary.outcome(), source_id=source_id, **summary.fields())
+            for code, n in summary.codes.items():
+                self.refused[code] = self.refused.get(code, 0) + n
         return rejected
 
     def keep(self, raw: RawMessage, error: HubError, source_id: str | None = None) -> None:
         """Keep a message the hub could not take in quarantine (its payload's first bytes, its size and hash),
         and audit it, under ``source_id`` when its body named one that was read."""
         source_id = source_id or raw.source_id
+        self.kept[error.code.value] = self.kept.get(error.code.value, 0) + 1
         entry = self._quarantine.add(
             received_at=raw.received_at,
             topic=raw.topic,

@@ -238,6 +238,7 @@ def write_config(path: Path, broker: EmbeddedBroker, **overrides: Any) -> Path:
             "bcrypt_rounds": TEST_BCRYPT_ROUNDS,
         },
         "log": {"level": "WARNING"},
+        "http": {"bind": "127.0.0.1:0"},  # the operator's listener on a free port
     }
     for section, values in overrides.items():
         if isinstance(values, dict):

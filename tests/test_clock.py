@@ -17,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from typing import Any
 import pytest
 from conftest import INITIAL_PASSWORD, RunningHub
 from helpers import reading, records
+from prometheus_client.parser import text_string_to_metric_families
 
 from hubd.client import EdgeTerminal, TerminalClock, load_passwords
 from hubd.model import format_time
@@ -342,6 +344,17 @@ def test_a_terminal_that_never_answers_is_caught_passively(hub_factory: Any) -> 
         what="clock.json",
     )
     assert '"flag":"passive"' in listing
+    # The operator's metrics carry the estimate the flags come from (docs/operations.md, Metrics).
+    assert hub._hub is not None and hub._hub.ops.url is not None
+    with urllib.request.urlopen(hub._hub.ops.url + "metrics") as response:
+        offsets = {
+            sample.labels["clock"]: sample.value
+            for family in text_string_to_metric_families(response.read().decode())
+            if family.name == "hubd_clock_offset_seconds"
+            for sample in family.samples
+        }
+    assert 85 < offsets["edge-mute"] < 91
+    assert "hub" not in offsets  # no NTP server configured: not measured, no made-up 0
 
 
 def test_refuse_mode_refuses_readings_from_a_bad_clock(hub_factory: Any) -> None:

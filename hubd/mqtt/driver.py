@@ -124,6 +124,11 @@ class MqttDriver:
         return self._session.connected
 
     @property
+    def in_hand(self) -> tuple[int, int]:
+        """Messages taken from the broker and not yet acknowledged, and their bytes."""
+        return self._in_hand, self._bytes_in_hand
+
+    @property
     def address(self) -> str:
         """host:port of the broker."""
         return f"{self._host}:{self._port}"

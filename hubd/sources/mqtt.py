@@ -61,6 +61,7 @@ class MqttSource:
         self._requests = per_message(self._on_request)
         self._pipeline: Pipeline | None = None
         self._stopped = asyncio.Event()
+        self.answers: dict[str, int] = {}  # answers sent, by topic (data, or a service's): read by the metrics
         self.driver = MqttDriver(
             config,
             url,
@@ -128,6 +129,7 @@ class MqttSource:
                 answered = self._answer(answer, response_topic, correlation, reply_to, request_id)
                 if answered:
                     self._count("data.answered", source_id)
+                    self.answers["data"] = self.answers.get("data", 0) + 1
                 if self._debug:  # asked first: the call's arguments cost ~1 µs a message even when not logged
                     logger.debug(
                         "data on {} from {}: {} in {} ms{}",
@@ -196,6 +198,7 @@ class MqttSource:
         outcome = "ok" if answer.get("ok") else answer["error"]["code"]
         if size:
             self._audit.append("answer.sent", outcome, topic=topic, requester=requester, bytes=size)
+            self.answers[service.name] = self.answers.get(service.name, 0) + 1
         self._audit.flush()
         # The outcome's code only: a registration's answer carries the DER's new password.
         logger.debug(

@@ -7,7 +7,9 @@ cost of a commit is shared; a bounded queue pushes back on the broker instead of
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import defaultdict, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -90,6 +92,10 @@ class BatchWriter:
         self._last_rows = 0  # readings in the last batch taken
         self._last_end = 0.0  # when the last commit ended (loop time)
         self._timer: asyncio.TimerHandle | None = None
+        # For the metrics (hubd.ops.metrics): readings committed, and a call per commit with its readings
+        # and seconds (the commit histograms).
+        self.committed = 0
+        self.on_commit: Callable[[int, float], None] | None = None
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="hubd-store-writer")
@@ -171,6 +177,7 @@ class BatchWriter:
     async def _commit(self, batch: list[_Pending]) -> None:
         """Commit one batch, audit it, then tell its writers."""
         rows: Rows = [run for p in batch for w in p.writes for run in w.rows]
+        started = time.perf_counter()
         try:
             await self._store.write_rows(rows, now_ms())
         except Exception as exc:
@@ -184,6 +191,10 @@ class BatchWriter:
                 logger.error("auditing the failed write failed too: {}", audit_failed)
         else:
             outcome = None
+            count = sum(p.count for p in batch)
+            self.committed += count
+            if self.on_commit is not None:
+                self.on_commit(count, time.perf_counter() - started)
             try:
                 self._audit_batch(batch)
             except Exception as audit_failed:  # committed but not audited: nobody is told "ok"
@@ -222,6 +233,16 @@ class BatchWriter:
             audit.append("auth.ok", source_id=source_id, readings=tally.readings, der_count=count, der_ids=listed)
             audit.append("data.stored", source_id=source_id, readings=tally.readings, der_count=count, der_ids=listed)
         self.flush_counts()
+
+    @property
+    def serving(self) -> bool:
+        """Whether commits are taken: started, not closing, and its task has not ended (a failed store)."""
+        return self._task is not None and not self._task.done() and not self._closing
+
+    @property
+    def queued(self) -> tuple[int, int]:
+        """Messages and readings waiting for a commit."""
+        return self._queued, self._queued_rows
 
     def count(self, event: str, source_id: str) -> None:
         """Count a frequent event (an answer sent) for the next coalesced audit record."""
