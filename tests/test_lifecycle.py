@@ -191,6 +191,7 @@ def _embedded_config(tmp_path: Path, port: int) -> Path:
     config = {
         "data_dir": "data",
         "broker": {"embedded_port": port},
+        "http": {"bind": "127.0.0.1:0"},  # the operator's listener on a free port, not the shared default
         "auth": {
             "initial_password_hash": hash_password(INITIAL_PASSWORD, TEST_BCRYPT_ROUNDS),
             "bcrypt_rounds": TEST_BCRYPT_ROUNDS,
@@ -399,7 +400,10 @@ def test_hubds_process_group_killed_then_run_again_at_once(tmp_path: Path) -> No
         os.killpg(first.pid, signal.SIGKILL)
         first.wait()
         second = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True)
-        assert _wait_for(lambda: _serving(port), 20), "the second run did not come up"
+        if not _wait_for(lambda: _serving(port), 20):
+            second.kill()
+            _, said = second.communicate()
+            raise AssertionError(f"the second run did not come up: {said[-2000:]}")
         assert not _alive(broker)
         again = _rr(port, "hub/v1/data", {"readings": [{**sent, "measured_at": 60_000}]})
         assert again is not None and again["accepted"] == 1
