@@ -228,7 +228,8 @@ def iso(epoch_ms: int) -> str:
 
 
 def write_lines(path: Path, messages: int, per_message: int, passwords: dict[str, str], base_ms: int) -> int:
-    """One native hub.v1 message per line; reading k goes to DER k mod D at base + (k div D) seconds.
+    """One native hub.v1 message per line; reading k goes to DER k mod D at base + (k div D) seconds, and each
+    message carries its send time (``sent_at``), as an edge sends it.
 
     So every reading has its own (der_id, measured_at) and each DER's readings are one second apart.
     Returns the number of readings written.
@@ -254,6 +255,7 @@ def write_lines(path: Path, messages: int, per_message: int, passwords: dict[str
                 )
                 k += 1
             line = {"source_id": SOURCE_ID, "reply_to": ANSWERS, "request_id": m, "readings": readings}
+            line["sent_at"] = iso(base_ms + ((k - 1) // count) * 1000)  # the send time: its last reading's
             out.write(orjson.dumps(line, option=orjson.OPT_APPEND_NEWLINE))
     return k
 

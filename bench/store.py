@@ -37,7 +37,8 @@ def batches(ders: int, batch: int, rows: int, first: int = 0) -> list[list[tuple
 
     def row(k: int) -> tuple[Any, ...]:
         at = BASE_MS + k // ders * 1000
-        return (der_ids[k % ders], at, 3.0 + k % 997 / 1000, 1000 + k / 1000, 230.0, 0.98, 0.61, at, "edge", "hub.v1")
+        values = (3.0 + k % 997 / 1000, 1000 + k / 1000, 230.0, 0.98, 0.61)
+        return (der_ids[k % ders], at, *values, at, "edge", "hub.v1", at)  # sent_at: the edge's send time
 
     end = first + rows
     return [[row(k) for k in range(start, min(start + batch, end))] for start in range(first, end, batch)]
@@ -52,12 +53,13 @@ class Floor:
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute(
             "CREATE TABLE rows (der_id TEXT, measured_at INTEGER, power_kw REAL, energy_kwh REAL, voltage_v REAL, "
-            "power_factor REAL, reactive_power_kvar REAL, received_at INTEGER, source_id TEXT, format_code TEXT)"
+            "power_factor REAL, reactive_power_kvar REAL, received_at INTEGER, source_id TEXT, format_code TEXT, "
+            "sent_at INTEGER)"
         )
 
     def write(self, rows: list[tuple[Any, ...]]) -> None:
         self._db.execute("BEGIN IMMEDIATE")
-        self._db.executemany("INSERT INTO rows VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+        self._db.executemany("INSERT INTO rows VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
         self._db.execute("COMMIT")
 
 

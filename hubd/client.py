@@ -24,9 +24,11 @@ from urllib.parse import urlsplit
 
 import orjson
 
-from hubd.model import HubError, parse_time
+from hubd.model import HubError, format_time, now_ms, parse_time
 from hubd.mqtt.packets import parse_publish, publish_properties
 from hubd.mqtt.session import MqttError, MqttSession
+
+_NATIVE_DATA = ("/data", "/data/hub.v1")  # the topics of hub.v1 data messages, under any prefix
 
 
 class HubClient:
@@ -47,6 +49,7 @@ class HubClient:
         self.inbox = inbox or f"clients/{self._id}/answers"
         self._waiting: dict[bytes, asyncio.Future[dict[str, Any]]] = {}
         self._counter = itertools.count()
+        self._last_sent_at = 0  # the last send time stamped on a data message (epoch ms)
         # Requests this client answers itself (an edge terminal's time checks): topic filter → coroutine.
         self._serve = serve or {}
         self._serving: set[asyncio.Task[None]] = set()
@@ -157,7 +160,14 @@ class HubClient:
         comes (docs/protocol.md, Power data). Only the hub's answer says a reading is stored; the broker's
         PUBACK does not. An answer that comes after the timeout is dropped, so each sending is a new request.
         ``with_reply_to`` also puts ``reply_to`` and ``request_id`` in the body, for a peer on MQTT 3.1.1.
+
+        A ``hub.v1`` data message (a dict with ``readings``, on ``.../data`` or ``.../data/hub.v1``) without
+        ``sent_at`` gets its send time, the version of its readings (docs/protocol.md, Power data), set in
+        ``body`` itself: sending the same dict again sends the same version, so a resend never outranks a
+        correction sent after the first sending.
         """
+        if isinstance(body, dict) and topic.endswith(_NATIVE_DATA) and "readings" in body and "sent_at" not in body:
+            body["sent_at"] = format_time(self._send_time())
         if not self._session.connected:
             raise ConnectionError(f"not connected to the broker at {self._where()}")
         correlation = f"{self._id}-{next(self._counter)}".encode()
@@ -176,6 +186,13 @@ class HubClient:
             return await asyncio.wait_for(future, timeout)
         finally:
             self._waiting.pop(correlation, None)
+
+    def _send_time(self) -> int:
+        """Now, in epoch ms, but never earlier than the last send time given plus 1 ms: a system clock stepped
+        back (by NTP, or by the hub's set command) must not make this client's later messages older versions
+        than its earlier ones."""
+        self._last_sent_at = max(now_ms(), self._last_sent_at + 1)
+        return self._last_sent_at
 
     def publish(self, topic: str, body: dict[str, Any] | bytes) -> None:
         """Fire and forget (QoS 1), no answer asked for."""

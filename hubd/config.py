@@ -91,8 +91,13 @@ class RateLimitConfig(Section, frozen=True):
     failures: Positive = 5  # per requester: any failed registration
     global_failures: Positive = 20  # the whole hub: wrong initial passwords, whoever sent them
     window_s: float = 300.0
+    # past global_failures, each further wrong initial password pauses all registrations: twice as long each time
+    global_backoff_s: float = 60.0
+    global_backoff_max_s: float = 3600.0
     der_checks: Positive = 5  # per DER: bcrypt checks of passwords memory does not know, on the data path
     der_window_s: float = 60.0
+    source_checks: Positive = 100  # per source id: the same checks, whatever DERs its messages name
+    source_window_s: float = 60.0
 
 
 class AuthConfig(Section, frozen=True):

@@ -20,7 +20,7 @@ from hubd.audit import AuditLog
 from hubd.auth import Authenticator, Refused
 from hubd.clock.state import Clocks
 from hubd.config import LimitsConfig
-from hubd.decode.native import ReplyRule
+from hubd.decode.native import ReplyRule, sent_at_of
 from hubd.decode.registry import Decoded, Limits
 from hubd.model import ErrorCode, HubError, RawMessage, Reading, Sender
 from hubd.quarantine import Quarantine
@@ -197,7 +197,7 @@ class Ingest:
                 assert checked.decoded.gateway is not None
                 sender = await self._auth.check_gateway(*checked.decoded.gateway)
                 checked.good, checked.slow, checked.refused = self._precheck(sender, checked.decoded)
-            await self._check_slow(checked.slow, checked.good, checked.refused)
+            await self._check_slow(checked.slow, checked.good, checked.refused, checked.source_id)
             writes: list[_ToCommit] = []
             answer = self._finish(checked, reply, writes)
             self._audit.flush()
@@ -227,10 +227,11 @@ class Ingest:
         for r in good:
             r.password = None  # not needed past this point; keep it out of every later structure
         rows: Rows = []
+        tail = (raw.received_at, source_id, raw.format_code, decoded.sent_at)
         if flag is None:
-            add_rows(rows, good, (raw.received_at, source_id, raw.format_code))
+            add_rows(rows, good, tail)
         else:
-            add_flagged_rows(rows, good, (raw.received_at, source_id, raw.format_code), flag)
+            add_flagged_rows(rows, good, tail, flag)
         der_ids = {r.der_id for r in good}
         writes.append((reply, raw, decoded, Write(source_id, rows, len(good), der_ids, len(decoded.items)), rejected))
         return None
@@ -291,18 +292,22 @@ class Ingest:
             most = self._limits.max_readings_per_message
             if len(raw.readings) > most:
                 raise HubError(ErrorCode.TOO_LARGE, f"{len(raw.readings)} readings in one message; the limit is {most}")
-            return Decoded(raw.source_id, raw.readings)
+            # the hub read them itself: the version is when it did, so a later read replaces an earlier one
+            return Decoded(raw.source_id, raw.readings, sent_at=raw.received_at)
         decoder = decode.decoder_for(raw.format_code)
         # The message's own receive time: "too far in the future" is judged against it, and a vendor format's
         # ``default: received`` time is it.
         limits = Limits(raw.received_at, self._max_future_ms, self._limits.max_readings_per_message, raw.properties)
         try:
-            return decoder(raw.payload, limits)
+            decoded = decoder(raw.payload, limits)
         except HubError:
             raise
         except Exception as exc:  # a decoder must never take the daemon down
             logger.exception("decoder {} failed on a payload from {}", raw.format_code, raw.topic)
             raise HubError(ErrorCode.DECODE_ERROR, f"the {raw.format_code} decoder failed: {exc}") from None
+        if decoded.sent_at is None and raw.properties and "sent_at" in raw.properties:
+            decoded.sent_at = _sent_at_property(raw.properties["sent_at"], limits)
+        return decoded
 
     def _precheck(
         self, sender: Sender | HubError, decoded: Decoded
@@ -314,15 +319,18 @@ class Ingest:
             return [], [], [(i, r.der_id, r if isinstance(r, HubError) else sender) for i, r in enumerate(items)]
         return self._auth.split_readings(decoded.items, sender)
 
-    async def _check_slow(self, slow: list[tuple[int, Reading]], good: list[Reading], refused: Refused) -> None:
-        """bcrypt the credentials memory does not know, adding each reading to ``good`` or ``refused``."""
+    async def _check_slow(
+        self, slow: list[tuple[int, Reading]], good: list[Reading], refused: Refused, source_id: str
+    ) -> None:
+        """bcrypt the credentials memory does not know, adding each reading to ``good`` or ``refused``; each
+        check spends the budgets of its DER and of the message's source."""
         # A few checks at a time: the bcrypt pool runs two at once anyway, and a message's hundred checks
         # in flight, times every message in hand, held hundreds of MB (bench/README.md, memory).
         auth = self._auth
         verdicts: list[HubError | None] = []
         for start in range(0, len(slow), _BCRYPT_AT_ONCE):
             chunk = slow[start : start + _BCRYPT_AT_ONCE]
-            verdicts += await asyncio.gather(*(auth.check_der(r.der_id, r.password or "") for _, r in chunk))
+            verdicts += await asyncio.gather(*(auth.check_der(r.der_id, r.password or "", source_id) for _, r in chunk))
         for (index, reading), error in zip(slow, verdicts, strict=True):
             if error is None:
                 good.append(reading)
@@ -417,6 +425,14 @@ class _Refusals:
             "der_ids": list(self.der_ids)[:AUDITED_REASONS],  # so `hubd audit tail --der` finds the record
             "refusals": self.first,
         }
+
+
+def _sent_at_property(stated: str, limits: Limits) -> int:
+    """The MQTT v5 user property ``sent_at``, for a message whose body has none (a vendor payload): RFC 3339
+    with an offset, or epoch milliseconds in digits (a property is always a string)."""
+    number = stated.strip()
+    digits = number.isascii() and number.lstrip("-").isdigit() and len(number) < 20
+    return sent_at_of(int(number) if digits else stated, limits)
 
 
 def short(reason: str) -> str:

@@ -37,9 +37,9 @@ def put(store: SqliteStore, at: int, flag: tuple[str, float] | None = None, rece
     rows: Rows = []
     readings = [Reading("M-1", at, values)]
     if flag is None:
-        add_rows(rows, readings, (received, "edge", "hub.v1"))
+        add_rows(rows, readings, (received, "edge", "hub.v1", None))
     else:
-        add_flagged_rows(rows, readings, (received, "edge", "hub.v1"), flag)
+        add_flagged_rows(rows, readings, (received, "edge", "hub.v1", None), flag)
     store.write_rows(rows, stored_at=0)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -15,8 +16,10 @@ import yaml
 from conftest import INITIAL_PASSWORD, TEST_BCRYPT_ROUNDS, RunningHub, write_config
 
 from hubd.auth.credentials import hash_password
-from hubd.broker import EmbeddedBroker, free_port, load_template, render_config
+from hubd.broker import MAX_RESTARTS, EmbeddedBroker, free_port, load_template, render_config
 from hubd.cli import EXIT_CONFIG
+from hubd.client import HubClient
+from hubd.mqtt.session import MqttError
 
 
 def _count(db: Path) -> int:
@@ -188,6 +191,7 @@ def _embedded_config(tmp_path: Path, port: int) -> Path:
     config = {
         "data_dir": "data",
         "broker": {"embedded_port": port},
+        "http": {"bind": "127.0.0.1:0"},  # the operator's listener on a free port, not the shared default
         "auth": {
             "initial_password_hash": hash_password(INITIAL_PASSWORD, TEST_BCRYPT_ROUNDS),
             "bcrypt_rounds": TEST_BCRYPT_ROUNDS,
@@ -336,3 +340,134 @@ def _serving_broker(port: int) -> bool:
         check=False,
     )
     return probe.returncode == 0
+
+
+def test_a_broker_that_keeps_dying_makes_hubd_stop_in_one_line_audited(tmp_path: Path) -> None:
+    """The supervisor's cap: a broker that dies more than MAX_RESTARTS times in a row, each soon after its start,
+    is not started a seventh time; hubd stops with status 1 and one line, audits broker.failed, and leaves no
+    broker behind."""
+    port = free_port()
+    data = tmp_path / "data"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    daemon = subprocess.Popen(
+        [sys.executable, "-m", "hubd.cli", "--config", str(_embedded_config(tmp_path, port)), "run"],
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    killed: list[int] = []
+    try:
+        assert _wait_for(lambda: _serving(port), 20)
+        for _ in range(MAX_RESTARTS + 1):
+            assert _wait_for(lambda: _broker_pid(data) not in killed and _serving_broker(port), 20)
+            killed.append(_broker_pid(data))
+            os.kill(killed[-1], signal.SIGKILL)
+        assert daemon.wait(30) == 1
+        assert daemon.stderr is not None
+        said = daemon.stderr.read().strip().splitlines()
+        assert said[-1].startswith("Error: the embedded broker died 6 times in a row"), said[-3:]
+        assert "Traceback" not in "\n".join(said)
+        assert [r["status"] for r in _audit_events(data, "broker.restarted")] == [-signal.SIGKILL] * MAX_RESTARTS
+        failed = _audit_events(data, "broker.failed")
+        assert len(failed) == 1 and "died 6 times in a row" in str(failed[0]["reason"])
+        assert not any(_alive(pid) for pid in killed) and not _serving_broker(port)
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+            daemon.wait()
+
+
+def test_hubds_process_group_killed_then_run_again_at_once(tmp_path: Path) -> None:
+    """kill -9 of hubd's whole process group (hubd and its store process), then `hubd run` again at once: the
+    broker went with hubd, the new run starts without a traceback or a port in use, and every reading the hub
+    had answered is still there."""
+    port = free_port()
+    config = _embedded_config(tmp_path, port)
+    data = tmp_path / "data"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    command = [sys.executable, "-m", "hubd.cli", "--config", str(config), "run"]
+    first = subprocess.Popen(command, env=env, start_new_session=True)
+    second = None
+    try:
+        assert _wait_for(lambda: _serving(port), 20)
+        answer = _rr(port, "hub/v1/register", {"der_id": "PV-0001", "password": INITIAL_PASSWORD, "type": "pv"})
+        assert answer is not None and answer["ok"], answer
+        password = answer["password"]
+        sent = {"der_id": "PV-0001", "password": password, "measured_at": 0, "power_kw": 1.0}
+        stored = _rr(port, "hub/v1/data", {"readings": [sent]})
+        assert stored is not None and stored["accepted"] == 1
+        broker = _broker_pid(data)
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+        second = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True)
+        if not _wait_for(lambda: _serving(port), 20):
+            second.kill()
+            _, said = second.communicate()
+            raise AssertionError(f"the second run did not come up: {said[-2000:]}")
+        assert not _alive(broker)
+        again = _rr(port, "hub/v1/data", {"readings": [{**sent, "measured_at": 60_000}]})
+        assert again is not None and again["accepted"] == 1
+        assert _count(data / "readings.sqlite3") == 2
+        second.send_signal(signal.SIGTERM)
+        assert second.wait(15) == 0
+        assert second.stderr is not None and "Traceback" not in second.stderr.read()
+    finally:
+        for daemon in (first, second):
+            if daemon is not None and daemon.poll() is None:
+                daemon.kill()
+                daemon.wait()
+
+
+def test_a_broker_killed_mid_load_loses_nothing_the_edge_was_told_was_stored(tmp_path: Path) -> None:
+    """The embedded broker killed while an edge sends: the edge (hubd.client) sends again whatever the hub did not
+    answer, ingest resumes without an operator, and every reading the hub answered as accepted is in the store."""
+    port = free_port()
+    data = tmp_path / "data"
+    daemon = _start_daemon(_embedded_config(tmp_path, port))
+    readings = 400
+    try:
+        assert _wait_for(lambda: _serving(port), 20)
+        answer = _rr(port, "hub/v1/register", {"der_id": "PV-0001", "password": INITIAL_PASSWORD, "type": "pv"})
+        assert answer is not None and answer["ok"], answer
+        password = str(answer["password"])
+        url = f"mqtt://127.0.0.1:{port}"
+
+        def body(i: int) -> dict[str, object]:
+            sent = {"der_id": "PV-0001", "password": password, "measured_at": i * 1000, "power_kw": i / 10}
+            return {"source_id": "edge-load", "readings": [sent]}
+
+        async def load() -> tuple[set[int], bool]:
+            told: set[int] = set()
+            killed = False
+            deadline = time.monotonic() + 60
+            while len(told) < readings and time.monotonic() < deadline:
+                try:
+                    async with HubClient(url, "edge") as edge:
+                        while len(told) < readings:
+                            batch = [i for i in range(readings) if i not in told][:25]
+                            asked = [edge.request("hub/v1/data", body(i), timeout=3) for i in batch]
+                            results = await asyncio.gather(*asked, return_exceptions=True)
+                            for i, result in zip(batch, results, strict=True):
+                                if isinstance(result, dict) and result.get("accepted") == 1:
+                                    told.add(i)
+                            if any(isinstance(result, ConnectionError) for result in results):
+                                break  # the connection is gone: a new one, then the rest again
+                            if not killed and len(told) >= readings // 3:
+                                os.kill(_broker_pid(data), signal.SIGKILL)  # with requests in flight
+                                killed = True
+                except (OSError, MqttError, TimeoutError):  # the broker is away: the edge tries again
+                    await asyncio.sleep(0.1)
+            return told, killed
+
+        told, killed = asyncio.run(load())
+        assert killed and len(told) == readings
+        with sqlite3.connect(data / "readings.sqlite3") as db:
+            stored = {row[0] // 1000 for row in db.execute("SELECT measured_at FROM readings")}
+        assert told <= stored and len(stored) == readings
+        assert len(_audit_events(data, "broker.restarted")) == 1
+        daemon.send_signal(signal.SIGTERM)
+        assert daemon.wait(15) == 0
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+            daemon.wait()

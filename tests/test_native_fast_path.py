@@ -168,9 +168,11 @@ def messages(draw: st.DrawFn) -> bytes:
     if draw(st.booleans()):
         request_ids = st.sampled_from(["r-1", 7, -(2**63), 2**64 - 1, None, 2**64, -(2**63) - 1, 1.5, True])
         pairs.append(("request_id", draw(maybe(noisy, request_ids, values))))
+    if draw(st.booleans()):  # the send time: the same forms as a reading's time, and the same limit ahead
+        pairs.append(("sent_at", draw(maybe(noisy, good_times | st.none(), bad_times))))
     pairs.append(("readings", draw(maybe(noisy, st.lists(readings(noisy), max_size=4), values, odds=29))))
     if noisy and draw(st.integers(0, 9)) == 0:
-        top_keys = st.sampled_from(["source_id", "reply_to", "request_id", "readings", "extra", "Readings"])
+        top_keys = st.sampled_from(["source_id", "reply_to", "request_id", "readings", "extra", "Readings", "sent_at"])
         pairs.insert(draw(st.integers(0, len(pairs))), (draw(top_keys | texts.map(dump).map(Raw)), draw(values)))
     if draw(st.booleans()):
         pairs = draw(st.permutations(pairs))
@@ -203,7 +205,7 @@ def described(decoded: Decoded) -> Any:
             assert type(item) is Reading
             values = sorted((key, type(value), repr(value)) for key, value in item.values.items())
             items.append(("reading", item.der_id, type(item.measured_at), item.measured_at, values, item.password))
-    extra = (decoded.gateway, type(decoded.request_id), decoded.request_id)
+    extra = (decoded.gateway, type(decoded.request_id), decoded.request_id, type(decoded.sent_at), decoded.sent_at)
     return (type(decoded.source_id), decoded.source_id, decoded.reply_to, extra, items)
 
 

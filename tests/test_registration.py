@@ -150,6 +150,44 @@ def test_guessing_the_initial_password_is_limited_for_the_whole_hub(hub_factory:
     assert send(hub, "PV-1", pv1, at(0)) == {"ok": True, "accepted": 1, "rejected": []}
 
 
+def test_past_the_hubs_limit_each_further_wrong_guess_doubles_the_pause(hub_factory: Any) -> None:
+    """With a short window, a guesser who waits for it would get fresh tries: past the limit each further wrong
+    initial password pauses every registration, twice as long as the one before, beyond the window. The right
+    password is not checked during a pause (a guesser cannot tell), and is taken once the pause is over."""
+    limits = {"global_failures": 2, "window_s": 0.3, "global_backoff_s": 1.0, "global_backoff_max_s": 60}
+    hub = hub_factory(auth={"rate_limit": limits})
+    assert hub.cli("der", "add", "PV-9").exit_code == 0
+    topic = f"{hub.prefix}/register"
+    right = {"der_id": "PV-9", "password": INITIAL_PASSWORD}
+
+    def guess(i: int) -> tuple[str, float]:
+        """The answer's code, and the time after it came (the hub judged the guess before)."""
+        body = {"der_id": f"PV-{i}", "password": f"guess-{i}-guess-{i}"}
+        answer = rr_on(hub, topic, body, f"test/answers/b{i}")
+        return str(answer["error"]["code"]), time.monotonic()
+
+    def wait_until(moment: float) -> None:
+        time.sleep(max(0.0, moment - time.monotonic()))
+
+    assert [guess(i)[0] for i in (1, 2)] == ["bad_credentials"] * 2  # the limit: strike 1, a pause of 1 s
+    strike_1 = time.monotonic()
+    wait_until(strike_1 + 0.45)  # the window (0.3 s) has passed, the pause has not
+    assert rr_on(hub, topic, right, "test/answers/pv-9")["error"]["code"] == "rate_limited"
+    wait_until(strike_1 + 1.1)
+    code, strike_2 = guess(3)  # allowed again, and wrong: strike 2, a pause of 2 s
+    assert code == "bad_credentials"
+    wait_until(strike_2 + 1.2)  # longer than the first pause
+    assert rr_on(hub, topic, right, "test/answers/pv-9")["error"]["code"] == "rate_limited"
+    wait_until(strike_2 + 2.1)
+    answer = rr_on(hub, topic, right, "test/answers/pv-9")
+    assert answer["ok"] is True, answer
+    assert outcomes(hub, "register.failed") == ["bad_credentials"] * 2 + [
+        "rate_limited",
+        "bad_credentials",
+        "rate_limited",
+    ]
+
+
 def test_guesses_sent_all_at_once_are_limited_all_the_same(hub_factory: Any) -> None:
     hub = hub_factory(auth={"rate_limit": {"global_failures": 3, "window_s": 60}})
     topic = f"{hub.prefix}/register"

@@ -50,6 +50,28 @@ def test_a_configured_source_writes_its_own_ders_without_passwords(hub: RunningH
     assert stored["readings"] == 1
 
 
+def test_a_configured_sources_readings_are_versioned_by_when_the_hub_read_them(hub: RunningHub) -> None:
+    """A reading the hub read earlier, committed after a later read of the same DER and time, does not replace it;
+    an MQTT message without a send time does not replace it either (docs/protocol.md, Storing)."""
+    site = Site.on(hub)
+    measured = parse_time(at(240))
+    later = polled(METER, Reading("PV-1", measured, {"power_kw": 2.0}))
+    earlier = RawMessage(
+        "meter-7",
+        "modbus",
+        b"",
+        later.received_at - 5000,
+        sender=METER,
+        readings=[Reading("PV-1", measured, {"power_kw": 1.0})],
+    )
+    assert submit(hub, later)[0]["accepted"] == 1
+    assert submit(hub, earlier)[0]["accepted"] == 1
+    unversioned = {"readings": [{"der_id": "PV-1", "password": site.pv1, "measured_at": at(240), "power_kw": 3.0}]}
+    assert hub.rr(f"{hub.prefix}/data", unversioned)["accepted"] == 1
+    rows = site.query(start=at(240), end=at(241), der_ids=["PV-1"])["rows"]
+    assert [r["power_kw"] for r in rows] == [2.0]
+
+
 def test_a_configured_source_is_refused_for_other_ders_unknown_and_revoked(hub: RunningHub) -> None:
     site = Site.on(hub)
     since = len(records(hub))

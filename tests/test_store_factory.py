@@ -20,7 +20,7 @@ from hubd.store.factory import BACKENDS, open_query, open_sink
 def rows(*readings: StoredReading) -> Rows:
     out: Rows = []
     for r in readings:
-        add_rows(out, (r,), (r.received_at, r.source_id, r.format_code))
+        add_rows(out, (r,), (r.received_at, r.source_id, r.format_code, r.sent_at))
     return out
 
 

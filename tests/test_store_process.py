@@ -27,7 +27,7 @@ NAMES = ("power_kw",)
 
 
 def rows(*items: tuple[str, int, float]) -> Rows:
-    return [(NAMES, [(der_id, minute * 60_000, power, 0, "edge", "hub.v1") for der_id, minute, power in items])]
+    return [(NAMES, [(der_id, minute * 60_000, power, 0, "edge", "hub.v1", None) for der_id, minute, power in items])]
 
 
 class Writer:
@@ -78,7 +78,7 @@ def test_a_batch_is_readable_once_write_returns_and_a_resend_replaces(writer: Wr
 
 def test_of_two_readings_of_a_der_and_time_in_one_batch_the_later_wins(writer: Writer, tmp_path: Path) -> None:
     """Also when they carry different quantities, so are written by different statements."""
-    tail = (0, "edge", "hub.v1")
+    tail = (0, "edge", "hub.v1", None)
     writer.write_rows(
         [
             (("power_kw",), [("A", 0, 1.0, *tail), ("B", 0, 1.0, *tail)]),
@@ -116,7 +116,8 @@ def test_a_dead_writer_is_replaced_for_the_next_batch(writer: Writer, tmp_path: 
 def test_a_refused_batch_raises_and_the_writer_keeps_serving(writer: Writer, tmp_path: Path) -> None:
     pid = child_pid(writer)
     with pytest.raises(StoreProcessError, match="not quantities of the unified schema"):
-        writer.write_rows([(("power_kw; DROP TABLE readings",), [("A", 0, 1.0, 0, "edge", "hub.v1")])], stored_at=1)
+        bad = ("A", 0, 1.0, 0, "edge", "hub.v1", None)
+        writer.write_rows([(("power_kw; DROP TABLE readings",), [bad])], stored_at=1)
     writer.write_rows(rows(("A", 4, 1.0)), stored_at=1)
     assert child_pid(writer) == pid
     assert len(stored(tmp_path / "readings.sqlite3")) == 1
@@ -190,10 +191,10 @@ def test_a_full_queue_holds_writers_back_and_then_takes_them_all(tmp_path: Path)
 
 def test_a_reading_received_earlier_never_replaces_one_received_later(writer: Writer, tmp_path: Path) -> None:
     """A message that waited for bcrypt can commit after a later one of the same DER and time."""
-    writer.write_rows([(("power_kw",), [("A", 0, 2.0, 200, "edge", "hub.v1")])], stored_at=1)
-    writer.write_rows([(("power_kw", "energy_kwh"), [("A", 0, 1.0, 5.0, 100, "edge", "hub.v1")])], stored_at=2)
-    writer.write_rows([(("energy_kwh",), [("B", 0, 7.0, 100, "edge", "hub.v1")])], stored_at=3)
-    writer.write_rows([(("power_kw",), [("B", 0, 3.0, 300, "edge", "hub.v1")])], stored_at=4)
+    writer.write_rows([(("power_kw",), [("A", 0, 2.0, 200, "edge", "hub.v1", None)])], stored_at=1)
+    writer.write_rows([(("power_kw", "energy_kwh"), [("A", 0, 1.0, 5.0, 100, "edge", "hub.v1", None)])], stored_at=2)
+    writer.write_rows([(("energy_kwh",), [("B", 0, 7.0, 100, "edge", "hub.v1", None)])], stored_at=3)
+    writer.write_rows([(("power_kw",), [("B", 0, 3.0, 300, "edge", "hub.v1", None)])], stored_at=4)
     db = sqlite3.connect(tmp_path / "readings.sqlite3")
     found = db.execute("SELECT der_id, power_kw, energy_kwh, received_at, stored_at FROM readings ORDER BY der_id")
     assert found.fetchall() == [("A", 2.0, None, 200, 1), ("B", 3.0, None, 300, 4)]
@@ -206,8 +207,8 @@ def test_across_quantity_sets_in_one_batch_a_row_received_earlier_never_replaces
     """A message that waited for bcrypt lands in the same batch as one received after it, with other quantities."""
     writer.write_rows(
         [
-            (("power_kw",), [("A", 0, 2.0, 200, "edge", "hub.v1")]),
-            (("power_kw", "energy_kwh"), [("A", 0, 1.0, 5.0, 100, "edge", "hub.v1")]),
+            (("power_kw",), [("A", 0, 2.0, 200, "edge", "hub.v1", None)]),
+            (("power_kw", "energy_kwh"), [("A", 0, 1.0, 5.0, 100, "edge", "hub.v1", None)]),
         ],
         stored_at=1,
     )
@@ -224,9 +225,9 @@ def test_in_a_batch_of_one_quantity_set_the_last_to_arrive_of_a_der_and_time_sta
     and a row received earlier never replaces one received later, wherever it sits in the batch."""
     writer.write_rows(
         [
-            (NAMES, [("B", 0, 1.0, 100, "edge", "hub.v1"), ("A", 0, 3.0, 100, "edge", "hub.v1")]),
-            (NAMES, [("A", 0, 2.0, 100, "edge", "hub.v1"), ("B", 0, 9.0, 50, "edge", "hub.v1")]),
-            (NAMES, [("A", 0, 1.0, 100, "edge", "hub.v1")]),
+            (NAMES, [("B", 0, 1.0, 100, "edge", "hub.v1", None), ("A", 0, 3.0, 100, "edge", "hub.v1", None)]),
+            (NAMES, [("A", 0, 2.0, 100, "edge", "hub.v1", None), ("B", 0, 9.0, 50, "edge", "hub.v1", None)]),
+            (NAMES, [("A", 0, 1.0, 100, "edge", "hub.v1", None)]),
         ],
         stored_at=1,
     )

@@ -34,6 +34,8 @@ class Authenticator:
         # bcrypt calls of the data path per DER: without a limit, a flood of readings with ever new wrong
         # passwords for one DER costs a bcrypt call (~85 ms) each, and holds up every DER's new passwords
         self._checks = RateLimiter(limits.der_checks, limits.der_window_s)
+        # and per source: one that names ever other DERs (each with a budget of its own) is held all the same
+        self._source_checks = RateLimiter(limits.source_checks, limits.source_window_s)
         self._version = -1
         self.refresh()
 
@@ -134,8 +136,9 @@ class Authenticator:
             refused.append((index, item.der_id, error))
         return good, [], refused
 
-    async def check_der(self, der_id: str, password: str) -> HubError | None:
-        """None when ``password`` is the DER's unique password, else the error to answer."""
+    async def check_der(self, der_id: str, password: str, source_id: str = "unknown") -> HubError | None:
+        """None when ``password`` is the DER's unique password, else the error to answer. ``source_id``: the
+        message's source, whose budget of bcrypt checks a check spends as well as the DER's."""
         verdict = self.der_precheck(der_id, password)
         if isinstance(verdict, HubError):
             return verdict
@@ -149,7 +152,12 @@ class Authenticator:
             now = time.monotonic()
             if self._checks.blocked(der_id, now):
                 return HubError(ErrorCode.RATE_LIMITED, f"too many new passwords tried for DER {der_id}; try later")
+            if self._source_checks.blocked(source_id, now):
+                return HubError(
+                    ErrorCode.RATE_LIMITED, f"too many new passwords tried from source {source_id}; try later"
+                )
             self._checks.count(der_id, now)
+            self._source_checks.count(source_id, now)
         good = await self.der_cache.check(der_id, der.password_hash, password)
         return None if good else _bad_password("DER", der_id)
 

@@ -2,7 +2,9 @@
 
 The unique password is shown once, in the answer, and stored only as a bcrypt hash. Failed attempts count
 per requester, and wrong initial passwords also for the whole hub; past either limit the hub answers
-``rate_limited`` without even checking. There is no count per DER id: the initial password is the same for
+``rate_limited`` without even checking. Past the hub's limit each further wrong initial password also pauses
+all registrations, twice as long as the one before (capped), so a patient guesser who waits for the window
+gets ever fewer tries, not the same number again. There is no count per DER id: the initial password is the same for
 every id, so guesses on one id are guesses on all (the hub's count holds them), and a count per id let anyone
 lock a DER out of its own registration.
 
@@ -38,6 +40,8 @@ class Registration:
         limits = config.rate_limit
         self._requesters = RateLimiter(limits.failures, limits.window_s)
         self._hub = RateLimiter(limits.global_failures, limits.window_s)
+        self._strikes = 0  # wrong initial passwords since the hub's count reached its limit
+        self._paused_until = 0.0  # monotonic: no registration is checked before then
         # One initial-password check at a time, the limits read just before it: requests sent all at once
         # cannot all pass the limit before the first of them has failed. One bcrypt thread serves them anyway.
         self._turn = asyncio.Lock()
@@ -85,16 +89,30 @@ class Registration:
             now = time.monotonic()
             if requester and self._requesters.blocked(requester, now):
                 raise HubError(ErrorCode.RATE_LIMITED, "too many failed registrations from this requester; try later")
-            if self._hub.blocked(_HUB, now):
+            if self._hub.blocked(_HUB, now) or now < self._paused_until:
                 raise HubError(ErrorCode.RATE_LIMITED, "too many wrong initial passwords on this hub; try later")
             if initial is None:
                 raise HubError(ErrorCode.NOT_ALLOWED, "registration is closed: no initial password is configured")
             if not await self._initial.check("initial", initial, password):
                 now = time.monotonic()
                 self._hub.count(_HUB, now)
+                self._strike(now)
                 if requester:
                     self._requesters.count(requester, now)
                 raise HubError(ErrorCode.BAD_CREDENTIALS, "wrong initial password")
+
+    def _strike(self, now: float) -> None:
+        """After a wrong initial password: once the hub's count has reached its limit, this and every further one
+        is a strike, and strike n pauses every registration for ``global_backoff_s * 2 ** (n - 1)`` (at most
+        ``global_backoff_max_s``). The strikes start over after a window with no wrong initial password that
+        began when the last pause ended."""
+        limits = self._config.rate_limit
+        if self._strikes and now >= self._paused_until + limits.window_s:
+            self._strikes = 0
+        if self._strikes or self._hub.blocked(_HUB, now):
+            self._strikes += 1
+            pause = min(limits.global_backoff_s * 2.0 ** min(self._strikes - 1, 60), limits.global_backoff_max_s)
+            self._paused_until = now + pause
 
     async def _claim(self, der_id: str, meta: dict[str, Any]) -> dict[str, Any]:
         """The initial password was right: the allowlist, revocation, an earlier claim, then the new password."""

@@ -27,6 +27,9 @@ class Decoded:
     reply_to: str | None = None
     request_id: Any = None
     gateway: tuple[str, str] | None = None  # (name, password) of the gateway system that sent the message
+    # The sender's send time (epoch ms): the version of every reading of the message, so a message sent earlier
+    # never replaces what a later one stored, whenever it arrives (docs/protocol.md, Power data). None: unsent.
+    sent_at: int | None = None
 
 
 class Limits(msgspec.Struct, frozen=True, gc=False):

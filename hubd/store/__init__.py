@@ -26,17 +26,19 @@ class StoredReading:
     received_at: int
     source_id: str
     format_code: str
+    sent_at: int | None = None  # the sender's send time: the reading's version (None: the message had none)
 
 
 Rows = list[tuple[tuple[str, ...], list[tuple[Any, ...]]]]
 """Readings ready to store, in the order they arrived, as runs of rows that carry the same quantities:
-(names, [(der_id, measured_at, *values in the order of names, received_at, source_id, format_code), ...]).
-A sender's readings mostly carry the same quantities, so a message is one run; the order says which of two
-readings of the same DER and time came last, and so stays."""
+(names, [(der_id, measured_at, *values in the order of names, received_at, source_id, format_code, sent_at), ...]).
+A sender's readings mostly carry the same quantities, so a message is one run. Of two readings of the same DER
+and time, the one with the later ``sent_at`` (the sender's send time; None is earlier than any) stays, and of
+two with the same, the one received later; the order of the rows only decides between equals."""
 
 
-def add_rows(rows: Rows, readings: Iterable[Reading | StoredReading], tail: tuple[int, str, str]) -> None:
-    """Append ``readings`` to ``rows``, each with ``tail``: (received_at, source_id, format_code)."""
+def add_rows(rows: Rows, readings: Iterable[Reading | StoredReading], tail: tuple[int, str, str, int | None]) -> None:
+    """Append ``readings`` to ``rows``, each with ``tail``: (received_at, source_id, format_code, sent_at)."""
     names, run = rows[-1] if rows else ((), [])
     for r in readings:
         if tuple(r.values) != names:
@@ -46,7 +48,7 @@ def add_rows(rows: Rows, readings: Iterable[Reading | StoredReading], tail: tupl
 
 
 def add_flagged_rows(
-    rows: Rows, readings: Iterable[Reading], tail: tuple[int, str, str], flag: tuple[str, float]
+    rows: Rows, readings: Iterable[Reading], tail: tuple[int, str, str, int | None], flag: tuple[str, float]
 ) -> None:
     """Like ``add_rows``, for readings from a source whose clock is known to be off: each row also carries the
     clock flag (``check`` or ``passive``) and the estimated offset in seconds, as two more named columns."""

@@ -1,7 +1,8 @@
 """The embedded default store: one SQLite file in WAL mode, zero setup.
 
-Readings are keyed by (der_id, measured_at) so a re-sent reading replaces the earlier one; a second index on
-(measured_at, der_id) serves time-range extraction in the order the protocol promises.
+Readings are keyed by (der_id, measured_at) so a re-sent reading replaces the earlier one, unless the stored one
+is a newer version (its sender's ``sent_at``); a second index on (measured_at, der_id) serves time-range
+extraction in the order the protocol promises.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from hubd.config import Config
-from hubd.model import FIELDS
+from hubd.model import FIELDS, MIN_TIME_MS
 from hubd.query.buckets import Bucket
 from hubd.store import CLOCK_COLUMNS, Rows, StoredReading, Where, add_rows
 
@@ -58,23 +59,56 @@ def _insert(names: tuple[str, ...], stored_at: int) -> str:
 
     Binding only the quantities a reading has, not all ten with NULLs, makes a write about 2.5 times cheaper
     (Python's sqlite3 pays per bound parameter); on a conflict every column is set, the absent quantities to
-    NULL, so a reading replaces the whole earlier one of its DER and time. Only one received no earlier,
-    though: a message that waited for a bcrypt check can commit after a later one. ``stored_at`` is the same
-    for a whole batch: written into the statement, not bound per row.
+    NULL, so a reading replaces the whole earlier one of its DER and time. Only a version no older, though:
+    one sent no earlier (``sent_at``; a reading without one is older than any with one, so a message stripped
+    of its send time cannot beat one that had it), and of the same send time one received no earlier (a
+    message that waited for a bcrypt check can commit after a later one). The version is compared only on a
+    conflict, so a new reading costs just its one more bound parameter. ``stored_at`` is the same for a whole
+    batch: written into the statement, not bound per row.
     """
     if not _KNOWN.issuperset(names):
         raise ValueError(f"not quantities of the unified schema: {sorted(set(names) - _KNOWN)}")
-    columns = ", ".join(("der_id", "measured_at", *names, "received_at", "source_id", "format_code", "stored_at"))
+    columns = ", ".join(
+        ("der_id", "measured_at", *names, "received_at", "source_id", "format_code", "sent_at", "stored_at")
+    )
     return (
-        f"INSERT INTO readings ({columns}) VALUES ({'?, ' * (len(names) + 5)}{int(stored_at)}) "
-        f"ON CONFLICT (der_id, measured_at) DO UPDATE SET {_SET_ALL} WHERE excluded.received_at >= received_at"
+        f"INSERT INTO readings ({columns}) VALUES ({'?, ' * (len(names) + 6)}{int(stored_at)}) "
+        f"ON CONFLICT (der_id, measured_at) DO UPDATE SET {_SET_ALL} WHERE {_NO_OLDER}"
     )
 
 
 _SET_ALL = ", ".join(
     f"{column} = excluded.{column}"
-    for column in (*FIELDS, "received_at", "stored_at", "source_id", "format_code", *CLOCK_COLUMNS)
+    for column in (*FIELDS, "received_at", "stored_at", "source_id", "format_code", "sent_at", *CLOCK_COLUMNS)
 )
+_UNSENT = MIN_TIME_MS - 1  # the version of a reading without ``sent_at``: before every send time the hub takes
+_NO_OLDER = f"(ifnull(excluded.sent_at, {_UNSENT}), excluded.received_at) >= (ifnull(sent_at, {_UNSENT}), received_at)"
+
+
+def _version(row: tuple[Any, ...]) -> tuple[int, int]:
+    """A row's version as the upsert compares them: (sent_at, received_at), no sent_at before any."""
+    sent_at = row[-1]
+    return (_UNSENT if sent_at is None else sent_at, row[-4])
+
+
+def _add_sent_at(db: sqlite3.Connection) -> None:
+    """Migration: a readings table made before versions gets the ``sent_at`` column (NULL: its readings have
+    no version, so any reading sent with one replaces them, as arrival order did before). Checked and added
+    in one write transaction, so the hub's two connections opening one file cannot both add it."""
+    if "sent_at" in _columns(db):
+        return
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        if "sent_at" not in _columns(db):
+            db.execute("ALTER TABLE readings ADD COLUMN sent_at INTEGER")
+        db.execute("COMMIT")
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+
+
+def _columns(db: sqlite3.Connection) -> set[str]:
+    return {row[1] for row in db.execute("PRAGMA table_info(readings)")}
 
 
 # SQLite's page cache per connection (default 2 MB). Readings are clustered by DER, so a batch touches a leaf
@@ -98,8 +132,8 @@ def _latest_by_quantities(rows: Rows) -> dict[tuple[str, ...], list[tuple[Any, .
     One statement per group binds only the quantities present; in key order, consecutive rows land in the same
     B-tree pages (about 30 % less work per row than arrival order, bench/README.md). With one group (the usual
     case) a stable sort keeps arrival order among rows of the same key, and the upsert lets the later replace
-    the earlier (unless it was received earlier); across groups the statements' order cannot say which came
-    last, so each key keeps only its last row first, by the same rule.
+    the earlier (unless it is an older version); across groups the statements' order cannot say which came
+    last, so each key keeps only its newest row first, by the same rule.
     """
     names = rows[0][0] if rows else ()
     if all(run_names == names for run_names, _ in rows):
@@ -110,7 +144,7 @@ def _latest_by_quantities(rows: Rows) -> dict[tuple[str, ...], list[tuple[Any, .
     for names, run in rows:
         for row in run:
             kept = latest.get((row[0], row[1]))
-            if kept is None or row[-3] >= kept[1][-3]:  # received_at: one received earlier never replaces
+            if kept is None or _version(row) >= _version(kept[1]):  # as the upsert: an older one never replaces
                 latest[row[0], row[1]] = (names, row)
     groups: dict[tuple[str, ...], list[tuple[Any, ...]]] = {}
     for names, row in latest.values():
@@ -138,6 +172,7 @@ class SqliteStore:
         self._db.execute("PRAGMA busy_timeout=10000")
         self._db.executescript(_SCHEMA)
         _add_clock_columns(self._db)
+        _add_sent_at(self._db)
         self._buckets: list[tuple[int, int]] = []
 
     @classmethod
@@ -149,7 +184,7 @@ class SqliteStore:
     def write(self, readings: list[StoredReading], stored_at: int) -> None:
         rows: Rows = []
         for r in readings:
-            add_rows(rows, (r,), (r.received_at, r.source_id, r.format_code))
+            add_rows(rows, (r,), (r.received_at, r.source_id, r.format_code, r.sent_at))
         self.write_rows(rows, stored_at)
 
     def write_rows(self, rows: Rows, stored_at: int) -> None:
