@@ -36,6 +36,7 @@ from hubd.services.query import QueryService
 from hubd.services.register import RegisterService
 from hubd.services.time import TimeService
 from hubd.sources import Supervisor
+from hubd.sources.modbus import build_sources as modbus_sources
 from hubd.sources.mqtt import MqttSource
 from hubd.store.factory import open_query, open_sink
 from hubd.store.writer import BatchWriter
@@ -127,7 +128,8 @@ class Hub:
                 password=_read_secret(config.broker.password_file),
                 debug=config.log.level == "DEBUG",
             )
-            self.sources = Supervisor([self.mqtt], audit)
+            polled = modbus_sources(config, audit, registry.describe)  # devices the hub polls itself
+            self.sources = Supervisor([self.mqtt, *polled], audit)
             audit.append("hub.start", broker=url, store=config.store.backend)
             audit.flush()
             _quiet_gc()  # before the first message: what is frozen is never collected

@@ -165,6 +165,37 @@ class TimeConfig(Section, frozen=True):
     edges: EdgeClockConfig = EdgeClockConfig()
 
 
+class DriversConfig(Section, frozen=True):
+    """Where the operator's own device profiles live: register maps in ``<user_dir>/modbus/*.yaml``."""
+
+    user_dir: str | None = None  # null: <data_dir>/drivers
+
+
+class ModbusSourceConfig(Section, frozen=True, tag_field="kind", tag="modbus"):
+    """A device the hub polls over Modbus TCP (docs/operations.md, Modbus sources)."""
+
+    name: str
+    host: str
+    port: TwoBytes = 502
+    unit_id: Annotated[int, msgspec.Meta(ge=0, le=255)] = 1
+    poll_s: Annotated[float, msgspec.Meta(ge=0.1, le=86400)] = 10.0
+    timeout_s: Annotated[float, msgspec.Meta(ge=0.05, le=60)] = 2.0
+    reconnect_max_s: Annotated[float, msgspec.Meta(ge=0.1, le=3600)] = 30.0
+    profile: Literal["sunspec"] | None = None
+    sunspec_base: Annotated[int, msgspec.Meta(ge=0, le=65533)] | None = None  # null: 40000, 0, then 50000
+    map: str | None = None  # a register map's name: drivers/modbus/<map>.yaml
+    der: str | None = None  # every quantity of the device to this DER
+    ders: dict[str, list[int | str]] = {}  # DER → its SunSpec models: 103, or "802:2" for a second 802
+    max_registers: Annotated[int, msgspec.Meta(ge=1, le=125)] = 125
+
+    @property
+    def kind(self) -> str:
+        return "modbus"
+
+
+SourceConfig = ModbusSourceConfig  # a union of the source kinds' sections, told apart by `kind`
+
+
 class LogConfig(Section, frozen=True):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
@@ -210,6 +241,8 @@ class Config(Section, frozen=True):
     log: LogConfig = LogConfig()
     time: TimeConfig = TimeConfig()
     http: HttpConfig = HttpConfig()
+    drivers: DriversConfig = DriversConfig()
+    sources: list[SourceConfig] = []
 
     @property
     def data_path(self) -> Path:
@@ -236,6 +269,10 @@ class Config(Section, frozen=True):
         if self.formats.shipped_dir:
             return Path(self.formats.shipped_dir).expanduser()
         return Path(__file__).resolve().parent / "formats"
+
+    @property
+    def drivers_user_path(self) -> Path:
+        return Path(self.drivers.user_dir).expanduser() if self.drivers.user_dir else self.data_path / "drivers"
 
 
 _ABSENT: Final = object()
@@ -295,22 +332,36 @@ _UNKNOWN = re.compile(r"Object contains unknown field `(?P<name>.*)`", re.DOTALL
 _EXPECTED = re.compile(r"Expected `(?P<type>[^`]*)`, got `[^`]*`")
 
 
+_KIND = "kind"
+SOURCE_KINDS = [s.__struct_config__.tag for s in get_args(SourceConfig) or [SourceConfig]]
+
+
+def _dotted(names: list[tuple[str, str]]) -> str:
+    return "".join(f"[{index}]" if index else f".{name}" for name, index in names).lstrip(".")
+
+
 def _explain(error: msgspec.ValidationError, document: Any) -> str:
     """msgspec's error as hubd's one line: the dotted key first, then what it must be and what it was."""
     failure = _FAILURE.fullmatch(str(error))
     assert failure is not None  # the pattern matches any text
     what = failure["what"]
-    names = [name for name in failure["path"].split(".") if name] if failure["path"] else []
+    names = re.findall(r"\.([^.\[]+)|\[(\d+)\]", failure["path"] or "")
     annotation: Any = Config
     value = document
-    for name in names:
-        annotation = {field.name: field.type for field in msgspec.structs.fields(annotation)}[name]
-        value = value[name]
-    key = ".".join(names)
+    for name, index in names:
+        if index:  # an item of a list (``sources[0]``): of the list's item type
+            annotation, value = get_args(annotation)[0], value[int(index)]
+        elif name == _KIND:  # the tag of a source's section
+            kinds = " or ".join(repr(kind) for kind in SOURCE_KINDS)
+            return f"{_dotted(names)}: must be {kinds}, got {value.get(name)!r}"
+        else:
+            annotation = {field.name: field.type for field in msgspec.structs.fields(annotation)}[name]
+            value = value[name]
+    key = _dotted(names)
     unknown = _UNKNOWN.fullmatch(what)
     if unknown or failure["bad_key"]:
         name = unknown["name"] if unknown else next(str(k) for k in value if not isinstance(k, str))
-        known = ", ".join(sorted(annotation.__struct_fields__))
+        known = ", ".join(sorted([*annotation.__struct_fields__, *([_KIND] if key.startswith("sources[") else [])]))
         return f"{key + '.' if key else ''}{name}: unknown key (known: {known})"
     where = key or "config"
     shown = f"{type(value).__name__} (value not shown)" if key in _UNSHOWN else repr(value)
@@ -379,10 +430,35 @@ def _check(config: Config) -> None:
         raise ConfigError(f"http.bind: the port must be 0 … 65535, got {bind!r}")
     if config.http.silent_s < config.http.fresh_s:
         raise ConfigError("http.silent_s: must be at least http.fresh_s")
+    _check_sources(config)
     if config.topic_prefix.endswith("/") or "#" in config.topic_prefix or "+" in config.topic_prefix:
         raise ConfigError(
             f"topic_prefix: must be a plain topic without wildcards or a trailing /, got {config.topic_prefix!r}"
         )
+
+
+def _check_sources(config: Config) -> None:
+    """A source's rules no type says: unique names, one profile or map, one way of naming its DERs."""
+    names: set[str] = set()
+    for index, source in enumerate(config.sources):
+        key = f"sources[{index}]"
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}", source.name):
+            raise ConfigError(f"{key}.name: must be 1-64 characters of letters, digits and ._:-, got {source.name!r}")
+        if source.name in names:
+            raise ConfigError(f"{key}.name: {source.name!r} names another source too; each needs its own name")
+        names.add(source.name)
+        if (source.profile is None) == (source.map is None):
+            raise ConfigError(f"{key}: give either profile: sunspec or map: <register map name>")
+        if (source.der is None) == (not source.ders):
+            raise ConfigError(f"{key}: give either der: <DER id> or ders: {{<DER id>: [<SunSpec model>, ...]}}")
+        for der_id, models in source.ders.items():
+            for model in models:
+                if not re.fullmatch(r"[0-9]{1,5}(:[1-9][0-9]{0,2})?", str(model)):
+                    raise ConfigError(
+                        f"{key}.ders.{der_id}: {model!r} is no SunSpec model (103, or 802:2 for a second)"
+                    )
+        if source.ders and source.profile != "sunspec":
+            raise ConfigError(f"{key}.ders: DERs by SunSpec model need profile: sunspec; a map's device is one der")
 
 
 def parse_config(data: Any, source: str = "config") -> Config:
@@ -448,4 +524,5 @@ def _anchored(config: Config, folder: Path) -> Config:
         formats=replace(
             config.formats, user_dir=maybe(config.formats.user_dir), shipped_dir=maybe(config.formats.shipped_dir)
         ),
+        drivers=replace(config.drivers, user_dir=maybe(config.drivers.user_dir)),
     )

@@ -24,8 +24,11 @@ from hubd.broker import PortInUse, free_port
 from hubd.client import EdgeTerminal, HubClient, TerminalClock
 from hubd.config import parse_config
 from hubd.model import now_ms
+from hubd.sources.modbus.simulate import Device, demo_battery, demo_inverter
 
 VENDOR_SITE = ("PV-0100", "pv", "Vendor cloud site 100", {"lat": 35.70, "lon": 139.80, "area": "feeder-7"})
+# Polled by the hub itself over Modbus TCP: a simulated SunSpec inverter and battery (pymodbus servers).
+POLLED = (("INV-0001", "pv", "Inverter 1", demo_inverter), ("BAT-0001", "ess", "Battery 1", demo_battery))
 FLEET = (
     ("PV-0001", "pv", "Rooftop PV 1", {"lat": 35.681, "lon": 139.767, "area": "feeder-12"}),
     ("ESS-0001", "ess", "Home battery 1", {"lat": 35.690, "lon": 139.700, "area": "feeder-12"}),
@@ -63,6 +66,14 @@ def _readings(der_id: str, password: str, start: datetime, minutes: int) -> list
 
 async def _demo(minutes: int, port: int, data_dir: Path, keep: bool = False) -> int:
     initial = issue_password()
+    devices = [Device({1: (image(), {})}, free_port()) for *_, image in POLLED]
+    for device in devices:
+        await device.start()
+    sources = [
+        {"kind": "modbus", "name": der_id.lower(), "host": "127.0.0.1", "port": device.port}
+        | {"profile": "sunspec", "der": der_id, "poll_s": 1.0}
+        for (der_id, *_), device in zip(POLLED, devices, strict=True)
+    ]
     config = parse_config(
         {
             "data_dir": str(data_dir),
@@ -70,16 +81,21 @@ async def _demo(minutes: int, port: int, data_dir: Path, keep: bool = False) -> 
             "auth": {"initial_password_hash": hash_password(initial, 10)},
             "log": {"level": "WARNING"},
             "http": {"bind": "127.0.0.1:0"},
+            "sources": sources,
         },
         "demo",
     )
     say(f"hubd demo — data in {data_dir}")
     say("1. The operator puts three DERs on the allowlist and creates the market system's account.")
+    say(f"   Two more the hub polls itself over Modbus TCP: {', '.join(d for d, *_ in POLLED)} (simulated SunSpec).")
     registry = Registry(config.registry_path)
     market_password = issue_password()
     with AuditLog(config.audit_path) as audit:
         for der_id, der_type, name, location in (*FLEET, VENDOR_SITE):
             registry.add_der(der_id, now_ms(), {"type": der_type, "name": name, **location})
+            audit.append("der.added", der_id=der_id, by="operator")
+        for der_id, der_type, name, _ in POLLED:
+            registry.add_der(der_id, now_ms(), {"type": der_type, "name": name})
             audit.append("der.added", der_id=der_id, by="operator")
         registry.add_system("market-1", "consumer", hash_password(market_password, 10), now_ms())
         audit.append("system.added", client_id="market-1", role="consumer", by="operator")
@@ -253,12 +269,22 @@ async def _demo(minutes: int, port: int, data_dir: Path, keep: bool = False) -> 
                     f"   {row['der_id']} slot {row['slot']:2d} from {row['bucket_start']}: "
                     f"mean {row['power_kw']:.3f} kW of {row['n']} reading{'s' if row['n'] != 1 else ''}"
                 )
+            polled = await market.request(
+                f"{prefix}/query",
+                {"client_id": "market-1", "password": market_password, "der_ids": [d for d, *_ in POLLED]}
+                | {"at": datetime.now(UTC).isoformat(), "at_tolerance_s": 60, "fields": ["power_kw", "soc_pct"]},
+            )
+            say("   and the latest readings the hub polled itself (SunSpec over Modbus TCP, no password involved):")
+            for row in polled["rows"]:
+                say(f"   {row}")
         if keep:
             say(f"The hub keeps running (--keep): open {hub.ops.url} in a browser; Ctrl-C stops it.")
             await hub_task  # until SIGINT or SIGTERM, which the hub takes as its stop
     finally:
         hub.stop()
         await hub_task
+        for device in devices:
+            await device.stop()
     report = audit_trail.verify(config.audit_path)
     say(
         f"8. The hub stopped cleanly. Audit log: {report.records} records, "

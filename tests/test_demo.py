@@ -76,8 +76,11 @@ def test_demo_tells_each_step_and_leaves_data_that_verifies(tmp_path: Path) -> N
     pages = line(out, r"(\d+) rows in (\d+) pages, ordered by measurement time")
     assert (pages[1], pages[2]) == ("60", "2")
     assert "per DER: {'PV-0001': 30, 'ESS-0001': 30}" in out
-    times = re.findall(r"'measured_at': '([^']+)'", out)
+    times = re.findall(r"'measured_at': '([^']+)'", out.split("polled itself")[0])
     assert len(times) == 4 and times == sorted(times), "the first and last rows are in measurement order"
+    # ... and the simulated SunSpec inverter and battery the hub polled itself over Modbus TCP.
+    assert "{'der_id': 'BAT-0001', 'measured_at'" in out and "'power_kw': 1.5, 'soc_pct': 62.5}" in out
+    assert "{'der_id': 'INV-0001', 'measured_at'" in out and "'power_kw': 3.21}" in out
 
     # ... and the vendor site's 30-minute settlement slots: numbered 1..48 in the Tokyo day, starting on the
     # half hour, one row per slot, together holding the seven readings sent.
@@ -96,6 +99,7 @@ def test_demo_tells_each_step_and_leaves_data_that_verifies(tmp_path: Path) -> N
     assert events["auth.failed"] == "1"
     assert events["register.failed"] == "1"
     assert events["password.issued"] == "3"
+    assert events["modbus.online"] == "2" and "modbus.offline" not in events
 
     config = data_dir / "hubd.yaml"
     assert str(config) in line(out, r"look around: .*--config (\S+)")[1]
@@ -103,7 +107,8 @@ def test_demo_tells_each_step_and_leaves_data_that_verifies(tmp_path: Path) -> N
     assert verify.returncode == 0, verify.stdout + verify.stderr
     ders = run_hubd("--config", str(config), "der", "list", cwd=tmp_path)
     assert ders.returncode == 0, ders.stderr
-    assert sorted(text.split("\t")[0] for text in ders.stdout.splitlines()) == ["ESS-0001", "PV-0001", "PV-0100"]
+    listed = sorted(text.split("\t")[0] for text in ders.stdout.splitlines())
+    assert listed == ["BAT-0001", "ESS-0001", "INV-0001", "PV-0001", "PV-0100"]
     quarantine = run_hubd("--config", str(config), "quarantine", "list", cwd=tmp_path)
     assert quarantine.returncode == 0, quarantine.stderr
     (kept,) = quarantine.stdout.splitlines()

@@ -63,6 +63,8 @@ class Der:
     password_hash: str | None
     added_at: int
     registered_at: int | None
+    serial: str | None = None  # what the device itself reports (SunSpec's common model, a register map's info)
+    version: str | None = None
 
     def public(self) -> dict[str, Any]:
         """Everything but the password hash, for listings and answers."""
@@ -126,6 +128,7 @@ class Registry:
     def __init__(self, path: Path) -> None:
         self._db = open_state(path, _SCHEMA)
         self._db.row_factory = sqlite3.Row
+        _add_columns(self._db, "ders", {"serial": "TEXT", "version": "TEXT"})
 
     def close(self) -> None:
         self._db.close()
@@ -157,6 +160,26 @@ class Registry:
         der = self.der(der_id)
         assert der is not None
         return der
+
+    def describe(self, der_id: str, reported: dict[str, str]) -> dict[str, str]:
+        """Record what a device reports of itself (maker, model, serial, version) on its DER; what changed.
+
+        The serial number and version are the device's to say; maker and model fill only what the operator
+        left empty, as a registering DER's metadata does (``claim``)."""
+        der = self.der(der_id)
+        if der is None:
+            return {}
+        wanted = {key: value[:200] for key, value in reported.items() if key in ("maker", "model", "serial", "version")}
+        wanted = {key: CONTROL_CHARACTERS.sub("", value) for key, value in wanted.items()}
+        changed = {
+            key: value
+            for key, value in wanted.items()
+            if value and getattr(der, key) != value and (key in ("serial", "version") or getattr(der, key) is None)
+        }
+        if changed:
+            sets = ", ".join(f"{key} = ?" for key in changed)
+            self._db.execute(f"UPDATE ders SET {sets} WHERE der_id = ?", (*changed.values(), der_id))
+        return changed
 
     def import_ders(self, rows: Iterable[dict[str, Any]], now: int) -> int:
         """Add many DERs in one transaction; a bad row aborts all, naming its line."""
@@ -266,6 +289,18 @@ class Registry:
             raise
         self._db.execute("COMMIT")
         return changed
+
+
+def _add_columns(db: sqlite3.Connection, table: str, columns: dict[str, str]) -> None:
+    """Bring a state file made by an earlier hubd up to date: add the columns it does not have yet."""
+    present = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
+    for name, kind in columns.items():
+        if name not in present:
+            try:
+                db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {kind}")
+            except sqlite3.OperationalError as exc:  # another opener added it a moment ago
+                if "duplicate column" not in str(exc):
+                    raise
 
 
 def read_der_csv(path: Path) -> list[dict[str, Any]]:

@@ -1,0 +1,103 @@
+"""``hubd source ...``: the sources the hub polls itself (docs/operations.md, Modbus sources).
+
+``list`` and ``test`` need only the config (``test`` polls the device once from this process, storing
+nothing); ``status`` reads what the running hub wrote in ``<data_dir>/sources/``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from typing import Any
+
+import click
+import orjson
+
+from hubd.config import Config, ConfigError, ModbusSourceConfig
+from hubd.model import format_time
+from hubd.sources.modbus import profile_for
+from hubd.sources.modbus.client import Link, NoAnswer, Offline, ShortRead
+from hubd.sources.modbus.sunspec import NotSunSpec
+
+
+def _config(ctx: click.Context) -> Config:
+    config: Config = ctx.find_root().obj.config
+    return config
+
+
+def _show(value: Any) -> None:
+    click.echo(orjson.dumps(value, option=orjson.OPT_INDENT_2).decode())
+
+
+@click.group("source")
+def source_group() -> None:
+    """Devices the hub polls itself (Modbus TCP)."""
+
+
+@source_group.command("list")
+@click.pass_context
+def source_list(ctx: click.Context) -> None:
+    """The configured sources: name, kind, address, profile or map, DERs."""
+    for source in _config(ctx).sources:
+        what = f"map {source.map}" if source.map else f"profile {source.profile}"
+        ders = source.der or ", ".join(f"{der}={'+'.join(map(str, models))}" for der, models in source.ders.items())
+        click.echo(f"{source.name}\t{source.kind}\t{source.host}:{source.port} unit {source.unit_id}\t{what}\t{ders}")
+
+
+@source_group.command("status")
+@click.argument("name", required=False)
+@click.pass_context
+def source_status(ctx: click.Context, name: str | None) -> None:
+    """What the running hub last wrote of each source (or of NAME): online, last poll, problems."""
+    config = _config(ctx)
+    names = [source.name for source in config.sources]
+    if name is not None and name not in names:
+        raise click.ClickException(f"no source {name} in the config (sources: {', '.join(names) or 'none'})")
+    for wanted in [name] if name else names:
+        file = config.data_path / "sources" / f"{wanted}.json"
+        if not file.exists():
+            _show({"name": wanted, "health": "unknown", "note": "the hub has not polled it yet (is hubd running?)"})
+            continue
+        _show(orjson.loads(file.read_bytes()))
+
+
+@source_group.command("test")
+@click.argument("name")
+@click.pass_context
+def source_test(ctx: click.Context, name: str) -> None:
+    """Poll NAME once now, from here (nothing is stored): what was discovered, and the readings."""
+    config = _config(ctx)
+    index = next((i for i, source in enumerate(config.sources) if source.name == name), None)
+    if index is None:
+        names = ", ".join(source.name for source in config.sources) or "none"
+        raise click.ClickException(f"no source {name} in the config (sources: {names})")
+    try:
+        profile = profile_for(config, index)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+    source = config.sources[index]
+    assert isinstance(source, ModbusSourceConfig)
+
+    async def once() -> dict[str, Any]:
+        link = Link(source.host, source.port, source.unit_id, source.timeout_s)
+        try:
+            await link.connect()
+            discovered = await profile.prepare(link)
+            poll = await profile.poll(link)
+        finally:
+            link.close()
+        return {
+            "discovered": discovered,
+            "described": profile.described,
+            "measured_at": format_time(poll.measured_at),
+            "spread_ms": poll.spread_ms,
+            "readings": [{"der_id": r.der_id, **r.values} for r in poll.readings],
+            "states": poll.states,
+            "problems": poll.problems,
+        }
+
+    try:
+        _show(asyncio.run(once()))
+    except (Offline, NoAnswer, ShortRead, NotSunSpec) as exc:
+        click.echo(f"{name}: {exc}", err=True)
+        sys.exit(1)
