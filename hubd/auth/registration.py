@@ -45,6 +45,9 @@ class Registration:
         # One initial-password check at a time, the limits read just before it: requests sent all at once
         # cannot all pass the limit before the first of them has failed. One bcrypt thread serves them anyway.
         self._turn = asyncio.Lock()
+        # Claims whose answer (with the new password) the broker has not yet taken: DER id → (hash, password,
+        # whether the claim created the DER). Undone if the broker refuses the answer (docs/protocol.md).
+        self._unsettled: dict[str, tuple[str, str, bool]] = {}
 
     async def handle(self, request: dict[str, Any], requester: str | None) -> dict[str, Any]:
         der_id = request.get("der_id")
@@ -135,7 +138,27 @@ class Registration:
         if not self._auth.registry.claim(der_id, hashed, now, meta, create=der is None):
             raise HubError(ErrorCode.ALREADY_REGISTERED, f"DER {der_id} was registered by another request")
         self._auth.reload_der(der_id)
-        self._auth.der_cache.remember(der_id, hashed, unique, good=True)
+        self._unsettled[der_id] = (hashed, unique, der is None)
         self._audit.append("register.ok", der_id=der_id, mode=self._config.registration_mode)
         self._audit.append("password.issued", der_id=der_id)
         return {"ok": True, "der_id": der_id, "password": unique, "registered_at": format_time(now)}
+
+    def settle(self, der_id: str, topic: str | None, failure: str | None) -> None:
+        """The broker's verdict on a registration's answer: taken (``failure`` None), the new password counts;
+        otherwise the claim is undone (the DER may claim again) and the audit trail says where and why."""
+        unsettled = self._unsettled.pop(der_id, None)
+        if unsettled is None:
+            return
+        hashed, unique, created = unsettled
+        if failure is None:
+            self._auth.der_cache.remember(der_id, hashed, unique, good=True)
+            return
+        undone = self._auth.registry.unclaim(der_id, hashed, delete=created)
+        self._auth.reload_der(der_id)
+        self._audit.append(
+            "register.undone",
+            "undelivered" if undone else "kept",
+            der_id=der_id,
+            topic=topic,
+            reason=f"the answer with the new password was not delivered: {failure}",
+        )

@@ -203,6 +203,18 @@ class Registry:
         cursor = self._db.execute(sql, (password_hash, now, *meta.values(), der_id))
         return cursor.rowcount == 1
 
+    def unclaim(self, der_id: str, password_hash: str, delete: bool) -> bool:
+        """Undo ``claim`` of this very password (its answer never reached the DER): the DER is ``allowed`` again,
+        or gone when the claim created it. False when the DER has moved on since (rotated, revoked)."""
+        if delete:
+            sql = "DELETE FROM ders WHERE der_id = ? AND password_hash = ? AND status = 'registered'"
+        else:
+            sql = (
+                "UPDATE ders SET status = 'allowed', password_hash = NULL, registered_at = NULL "
+                "WHERE der_id = ? AND password_hash = ? AND status = 'registered'"
+            )
+        return self._db.execute(sql, (der_id, password_hash)).rowcount == 1
+
     def set_der_password(self, der_id: str, password_hash: str | None, status: DerStatus) -> bool:
         cursor = self._db.execute(
             "UPDATE ders SET password_hash = ?, status = ?, "

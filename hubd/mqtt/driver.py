@@ -263,12 +263,18 @@ class MqttDriver:
 
     # -- outbound ------------------------------------------------------------------------------------------
 
-    def publish(self, topic: str, body: dict[str, Any], correlation_data: bytes | None = None) -> int:
+    def publish(
+        self,
+        topic: str,
+        body: dict[str, Any],
+        correlation_data: bytes | None = None,
+        verdict: Callable[[int], None] | None = None,
+    ) -> int:
         """Publish an answer (QoS 1), in order, waiting in the session's queue for a packet id; return its size.
 
         Raises ``AnswerTooLarge``, sending nothing, for an answer larger than the broker takes (the Maximum
         Packet Size of its CONNACK): a broker disconnects a client that sends one, and the request it answers
-        would come again and again."""
+        would come again and again. ``verdict``: called with the reason code of the broker's PUBACK."""
         payload = orjson.dumps(body)
         properties = publish_properties("application/json", correlation_data=correlation_data)
         # At most: fixed header 5, topic 2 + 4 bytes a character, packet id 2, properties, payload.
@@ -276,7 +282,7 @@ class MqttDriver:
         limit = self._session.server_maximum_packet
         if largest > limit and 9 + len(topic.encode()) + len(properties) + len(payload) > limit:
             raise AnswerTooLarge(len(payload), limit)
-        self._session.publish(topic, payload, properties)
+        self._session.publish(topic, payload, properties, verdict)
         return len(payload)
 
     # -- stopping ------------------------------------------------------------------------------------------

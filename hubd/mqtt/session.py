@@ -83,7 +83,8 @@ class MqttSession(asyncio.Protocol):
         self.server_receive_maximum = 65535
         self.server_maximum_packet = LARGEST_PACKET  # the broker's Maximum Packet Size, from its CONNACK
         self._inflight: dict[int, bytes] = {}  # packet id → QoS 1 PUBLISH not yet acknowledged, in send order
-        self._queue: deque[tuple[str, bytes, bytes]] = deque()  # publishes waiting for a slot
+        self._queue: deque[tuple[str, bytes, bytes, Callable[[int], None] | None]] = deque()  # waiting for a slot
+        self._verdicts: dict[int, Callable[[int], None]] = {}  # packet id → told the reason code of its PUBACK
         self.queued_total = 0  # publishes that ever waited in the queue
         self.sent_total = 0  # of those, handed to the connection
         self._last_id = 0
@@ -299,11 +300,17 @@ class MqttSession(asyncio.Protocol):
                 elif kind == packets.PUBACK:  # the broker took one of our publishes
                     if length < 2:
                         raise packets.MalformedPacket("PUBACK shorter than two bytes")
-                    if inflight.pop((data[start] << 8) | data[start + 1], None) is not None:
+                    packet_id = (data[start] << 8) | data[start + 1]
+                    if inflight.pop(packet_id, None) is not None:
                         acked = True
-                        if length > 2 and data[start + 2] >= 0x80:
-                            reason = packets.reason_text(data[start + 2])
+                        code = data[start + 2] if length > 2 else 0
+                        if code >= 0x80:
+                            reason = packets.reason_text(code)
                             logger.warning("the broker refused a message published to it: {}", reason)
+                        if self._verdicts:
+                            told = self._verdicts.pop(packet_id, None)
+                            if told is not None:
+                                told(code)
                 else:
                     self._control(kind, data[start:stop])
                 pos = stop
@@ -349,15 +356,26 @@ class MqttSession(asyncio.Protocol):
 
     # -- outbound QoS 1 ------------------------------------------------------------------------------------
 
-    def publish(self, topic: str, payload: bytes, properties: bytes = b"\x00") -> None:
-        """Publish at QoS 1, now if the broker takes one more unacknowledged, else after those queued before."""
+    def publish(
+        self,
+        topic: str,
+        payload: bytes,
+        properties: bytes = b"\x00",
+        verdict: Callable[[int], None] | None = None,
+    ) -> None:
+        """Publish at QoS 1, now if the broker takes one more unacknowledged, else after those queued before.
+
+        ``verdict`` is called with the reason code of the broker's PUBACK (below 0x80: taken; 0x87: not
+        authorized, ...) when it comes: an answer that must reach its requester (a new password) waits for it."""
         if self._queue or not self._up or len(self._inflight) >= self.server_receive_maximum:
-            self._queue.append((topic, payload, properties))
+            self._queue.append((topic, payload, properties, verdict))
             self.queued_total += 1
             return
         packet_id = self._next_id()
         packet = packets.publish(topic, payload, 1, packet_id, properties)
         self._inflight[packet_id] = packet
+        if verdict is not None:
+            self._verdicts[packet_id] = verdict
         self._write(packet)
 
     def _send_queued(self) -> None:
@@ -367,10 +385,12 @@ class MqttSession(asyncio.Protocol):
         encode = packets.publish
         sent = 0
         while queue and self._up and len(inflight) < limit:
-            topic, payload, properties = queue.popleft()
+            topic, payload, properties, verdict = queue.popleft()
             packet_id = self._next_id()
             packet = encode(topic, payload, 1, packet_id, properties)
             inflight[packet_id] = packet
+            if verdict is not None:
+                self._verdicts[packet_id] = verdict
             self._write(packet)
             sent += 1
         if sent:

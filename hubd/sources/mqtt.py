@@ -26,8 +26,11 @@ from hubd.decode.native import ReplyRule, reply_fields, valid_id
 from hubd.ingest import Outcome
 from hubd.model import ErrorCode, HubError, RawMessage, now_ms
 from hubd.mqtt.driver import AnswerTooLarge, Done, MqttDriver, MqttError, per_message
-from hubd.services import Request, Service, refusal
+from hubd.mqtt.packets import reason_text
+from hubd.services import Request, Service, Settled, refusal
 from hubd.sources import Health, Pipeline
+
+ANSWER_ACK_TIMEOUT_S = 30.0  # a request's answer not acknowledged by the broker by then counts as not delivered
 
 
 class MqttSource:
@@ -194,11 +197,19 @@ class MqttSource:
         else:
             answer = await service.handle(Request(body, error, requester))
         self._audit.flush()  # audited before answered
-        size = self._answer(answer, response_topic, correlation, reply_to, request_id)
+        verdict: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        size = self._answer(answer, response_topic, correlation, reply_to, request_id, partial(_told, verdict))
         outcome = "ok" if answer.get("ok") else answer["error"]["code"]
+        failure = await self._delivery(verdict) if size else "no reply address"
         if size:
-            self._audit.append("answer.sent", outcome, topic=topic, requester=requester, bytes=size)
-            self.answers[service.name] = self.answers.get(service.name, 0) + 1
+            if failure is None:
+                self._audit.append("answer.sent", outcome, topic=topic, requester=requester, bytes=size)
+                self.answers[service.name] = self.answers.get(service.name, 0) + 1
+            else:  # the broker's verdict, never ``ok``: the requester did not get its answer
+                self._audit.append("answer.sent", "refused", topic=topic, requester=requester, reason=failure)
+                logger.warning("the answer on {} to {} was not delivered: {}", topic, requester, failure)
+        if isinstance(service, Settled):
+            service.settle(answer, requester, failure)
         self._audit.flush()
         # The outcome's code only: a registration's answer carries the DER's new password.
         logger.debug(
@@ -210,6 +221,15 @@ class MqttSource:
             (time.perf_counter() - started) * 1000,
             "" if size else " (no reply address)",
         )
+
+    async def _delivery(self, verdict: asyncio.Future[int]) -> str | None:
+        """Why an answer was not delivered (the broker refused it, or did not acknowledge it in time); None
+        when the broker took it. A refused answer is not sent again: the broker would refuse it again."""
+        try:
+            code = await asyncio.wait_for(asyncio.shield(verdict), ANSWER_ACK_TIMEOUT_S)
+        except TimeoutError:
+            return f"the broker did not acknowledge it within {ANSWER_ACK_TIMEOUT_S:g} s"
+        return f"the broker refused it: {reason_text(code)}" if code >= 0x80 else None
 
     def _failed(
         self,
@@ -261,20 +281,24 @@ class MqttSource:
         correlation: bytes | None,
         reply_to: str | None,
         request_id: Any,
+        verdict: Callable[[int], None] | None = None,
     ) -> int:
         """Answer on the v5 response topic, else on the v3.1.1 ``reply_to``; nothing when neither is set, nor
         on an address the hub may not use (``ReplyRule``). An answer larger than the broker takes (a query page
         of many fields, a data answer naming thousands of refused readings) is replaced by a ``too_large``
         refusal that says so."""
         try:
-            return self._publish(body, response_topic, correlation, reply_to, request_id)
+            return self._publish(body, response_topic, correlation, reply_to, request_id, verdict)
         except AnswerTooLarge as exc:
             message = f"{exc}; ask for fewer rows or fields"
             if "accepted" in body:  # a data answer: what became of the readings all the same
                 message = f"{exc}; {body['accepted']} readings accepted, {len(body['rejected'])} refused"
             logger.warning("not sent: {}", message)
             refused = refusal(HubError(ErrorCode.TOO_LARGE, message))
-            return self._publish(refused, response_topic, correlation, reply_to, request_id)
+            size = self._publish(refused, response_topic, correlation, reply_to, request_id)
+            if verdict is not None and size:
+                verdict(0x95)  # the answer itself never went, only its refusal: "packet too large"
+            return size
 
     def _publish(
         self,
@@ -283,15 +307,24 @@ class MqttSource:
         correlation: bytes | None,
         reply_to: str | None,
         request_id: Any,
+        verdict: Callable[[int], None] | None = None,
     ) -> int:
         """A refused response topic is not replaced by ``reply_to``: the sender asked for its answer there."""
         if response_topic:
-            return self.driver.publish(response_topic, body, correlation) if self._replies.allows(response_topic) else 0
+            if not self._replies.allows(response_topic):
+                return 0
+            return self.driver.publish(response_topic, body, correlation, verdict)
         if reply_to and self._replies.allows(reply_to):
             if request_id is not None:
                 body = {**body, "request_id": request_id}
-            return self.driver.publish(reply_to, body)
+            return self.driver.publish(reply_to, body, verdict=verdict)
         return 0
+
+
+def _told(verdict: asyncio.Future[int], code: int) -> None:
+    """The broker's PUBACK reason code for an answer, to the request waiting for it (if it still waits)."""
+    if not verdict.done():
+        verdict.set_result(code)
 
 
 def _data_outcome(answer: dict[str, Any]) -> str:
