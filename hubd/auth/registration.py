@@ -18,9 +18,12 @@ import time
 from concurrent.futures import Executor
 from typing import Any
 
+from loguru import logger
+
 from hubd.audit import AuditLog
 from hubd.auth import Authenticator
 from hubd.auth.credentials import RateLimiter, VerifiedCache, hash_password, issue_password
+from hubd.auth.dynsec import BrokerAcl, BrokerAclError, create_commands, delete_commands, der_principal, password_record
 from hubd.auth.registry import DER_METADATA, check_id, check_metadata
 from hubd.config import AuthConfig
 from hubd.model import ErrorCode, HubError, format_time, now_ms
@@ -31,8 +34,18 @@ _HUB = "hub"  # the one key of the hub-wide count
 class Registration:
     """Answers ``register`` requests per PROTOCOL.md (allowlist or open mode, one-time claim)."""
 
-    def __init__(self, auth: Authenticator, config: AuthConfig, audit: AuditLog, pool: Executor) -> None:
+    def __init__(
+        self,
+        auth: Authenticator,
+        config: AuthConfig,
+        audit: AuditLog,
+        pool: Executor,
+        acl: BrokerAcl | None = None,
+        prefix: str = "hub/v1",
+    ) -> None:
         self._auth = auth
+        self._acl = acl  # access control at the broker: a registered DER becomes a broker client of its own
+        self._prefix = prefix
         self._config = config
         self._audit = audit
         self._pool = pool  # registration's own (one thread): never shared with the data path's checks
@@ -137,13 +150,29 @@ class Registration:
         now = now_ms()
         if not self._auth.registry.claim(der_id, hashed, now, meta, create=der is None):
             raise HubError(ErrorCode.ALREADY_REGISTERED, f"DER {der_id} was registered by another request")
+        if self._acl is not None:
+            await self._admit(der_id, hashed, unique, created=der is None)
         self._auth.reload_der(der_id)
         self._unsettled[der_id] = (hashed, unique, der is None)
         self._audit.append("register.ok", der_id=der_id, mode=self._config.registration_mode)
         self._audit.append("password.issued", der_id=der_id)
         return {"ok": True, "der_id": der_id, "password": unique, "registered_at": format_time(now)}
 
-    def settle(self, der_id: str, topic: str | None, failure: str | None) -> None:
+    async def _admit(self, der_id: str, hashed: str, unique: str, created: bool) -> None:
+        """The DER's broker client, with the new password and its own topics, before the answer goes out."""
+        assert self._acl is not None
+        try:
+            await self._acl.run(create_commands(der_principal(self._prefix, der_id), unique))
+        except BrokerAclError as exc:
+            logger.error("registration of {} undone: {}", der_id, exc)
+            self._auth.registry.unclaim(der_id, hashed, delete=created)
+            self._auth.reload_der(der_id)
+            raise HubError(
+                ErrorCode.UNAVAILABLE, "the broker's access control could not be updated; try later"
+            ) from None
+        self._auth.registry.set_broker_record("der:" + der_id, password_record(unique))
+
+    async def settle(self, der_id: str, topic: str | None, failure: str | None) -> None:
         """The broker's verdict on a registration's answer: taken (``failure`` None), the new password counts;
         otherwise the claim is undone (the DER may claim again) and the audit trail says where and why."""
         unsettled = self._unsettled.pop(der_id, None)
@@ -155,6 +184,12 @@ class Registration:
             return
         undone = self._auth.registry.unclaim(der_id, hashed, delete=created)
         self._auth.reload_der(der_id)
+        if undone and self._acl is not None:
+            self._auth.registry.set_broker_record("der:" + der_id, None)
+            try:
+                await self._acl.run(delete_commands(der_id))
+            except BrokerAclError as exc:  # its password was never delivered: nobody can use the client
+                logger.error("the broker client of {} could not be removed: {}", der_id, exc)
         self._audit.append(
             "register.undone",
             "undelivered" if undone else "kept",

@@ -7,6 +7,7 @@ daemon share it; the daemon notices the CLI's changes through SQLite's ``data_ve
 from __future__ import annotations
 
 import csv
+import json
 import math
 import re
 import sqlite3
@@ -39,6 +40,10 @@ CREATE TABLE IF NOT EXISTS systems (
     status TEXT NOT NULL,
     password_hash TEXT NOT NULL,
     added_at INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS broker_credentials (
+    principal TEXT PRIMARY KEY,
+    record TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS gateway_ders (
     gateway TEXT NOT NULL,
@@ -241,6 +246,24 @@ class Registry:
     def revoke_system(self, name: str) -> bool:
         cursor = self._db.execute("UPDATE systems SET status = 'revoked' WHERE name = ?", (name,))
         return cursor.rowcount == 1
+
+    # -- the broker's copy of passwords (hubd.auth.dynsec) -------------------------------------------------
+
+    def broker_records(self) -> dict[str, dict[str, Any]]:
+        """Each principal's broker password as the broker's plugin stores it (a salted PBKDF2 hash), by
+        ``der:<id>`` or ``system:<name>``: what rebuilds the plugin's file without any password in plain text."""
+        rows = self._db.execute("SELECT principal, record FROM broker_credentials")
+        return {principal: json.loads(record) for principal, record in rows}
+
+    def set_broker_record(self, principal: str, record: dict[str, Any] | None) -> None:
+        if record is None:
+            self._db.execute("DELETE FROM broker_credentials WHERE principal = ?", (principal,))
+        else:
+            self._db.execute(
+                "INSERT INTO broker_credentials (principal, record) VALUES (?, ?) "
+                "ON CONFLICT (principal) DO UPDATE SET record = excluded.record",
+                (principal, json.dumps(record)),
+            )
 
     # -- gateways' DERs ---------------------------------------------------------------------------------
 

@@ -73,6 +73,9 @@ _PROPERTIES: dict[int, tuple[str, int]] = {
 REASONS: dict[int, str] = {
     0x00: "success",
     0x04: "disconnect with will message",
+    0x01: "granted QoS 1",
+    0x10: "no matching subscribers",
+    0x11: "no subscription existed",
     0x80: "unspecified error",
     0x81: "malformed packet",
     0x82: "protocol error",
@@ -90,9 +93,14 @@ REASONS: dict[int, str] = {
     0x8E: "session taken over",
     0x8F: "topic filter invalid",
     0x90: "topic name invalid",
+    0x91: "packet identifier in use",
+    0x92: "packet identifier not found",
     0x93: "receive maximum exceeded",
+    0x94: "topic alias invalid",
     0x95: "packet too large",
+    0x96: "message rate too high",
     0x97: "quota exceeded",
+    0x98: "administrative action",
     0x99: "payload format invalid",
     0x9A: "retain not supported",
     0x9B: "QoS not supported",
@@ -100,6 +108,8 @@ REASONS: dict[int, str] = {
     0x9D: "server moved",
     0x9E: "shared subscriptions not supported",
     0x9F: "connection rate exceeded",
+    0xA0: "maximum connect time",
+    0xA1: "subscription identifiers not supported",
     0xA2: "wildcard subscriptions not supported",
 }
 

@@ -40,7 +40,7 @@ class Settled(Protocol):
     the broker took it (reason code below 0x80), else why not (refused with a reason code, no reply address,
     no acknowledgement in time)."""
 
-    def settle(self, answer: dict[str, Any], topic: str | None, failure: str | None) -> None: ...
+    async def settle(self, answer: dict[str, Any], topic: str | None, failure: str | None) -> None: ...
 
 
 def refusal(error: HubError) -> dict[str, Any]:

@@ -24,7 +24,7 @@ class RegisterService:
             return refusal(error)
         return await self._registration.handle(request.body, request.requester)
 
-    def settle(self, answer: dict[str, Any], topic: str | None, failure: str | None) -> None:
+    async def settle(self, answer: dict[str, Any], topic: str | None, failure: str | None) -> None:
         """A registration counts once its answer, with the new password, reached the broker; else it is undone."""
         if answer.get("ok"):
-            self._registration.settle(str(answer["der_id"]), topic, failure)
+            await self._registration.settle(str(answer["der_id"]), topic, failure)

@@ -200,7 +200,8 @@ class MqttSource:
         verdict: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         size = self._answer(answer, response_topic, correlation, reply_to, request_id, partial(_told, verdict))
         outcome = "ok" if answer.get("ok") else answer["error"]["code"]
-        failure = await self._delivery(verdict) if size else "no reply address"
+        settled = service if isinstance(service, Settled) else None
+        failure = await self._delivery(verdict, settled is not None) if size else "no reply address"
         if size:
             if failure is None:
                 self._audit.append("answer.sent", outcome, topic=topic, requester=requester, bytes=size)
@@ -208,8 +209,8 @@ class MqttSource:
             else:  # the broker's verdict, never ``ok``: the requester did not get its answer
                 self._audit.append("answer.sent", "refused", topic=topic, requester=requester, reason=failure)
                 logger.warning("the answer on {} to {} was not delivered: {}", topic, requester, failure)
-        if isinstance(service, Settled):
-            service.settle(answer, requester, failure)
+        if settled is not None:
+            await settled.settle(answer, requester, failure)
         self._audit.flush()
         # The outcome's code only: a registration's answer carries the DER's new password.
         logger.debug(
@@ -222,14 +223,18 @@ class MqttSource:
             "" if size else " (no reply address)",
         )
 
-    async def _delivery(self, verdict: asyncio.Future[int]) -> str | None:
+    async def _delivery(self, verdict: asyncio.Future[int], settled: bool) -> str | None:
         """Why an answer was not delivered (the broker refused it, or did not acknowledge it in time); None
-        when the broker took it. A refused answer is not sent again: the broker would refuse it again."""
+        when the broker took it. A refused answer is not sent again: the broker would refuse it again. An answer
+        that must reach its requester (``settled``: a new password) also fails on 0x10, "no matching
+        subscribers": nobody was there to receive it."""
         try:
             code = await asyncio.wait_for(asyncio.shield(verdict), ANSWER_ACK_TIMEOUT_S)
         except TimeoutError:
             return f"the broker did not acknowledge it within {ANSWER_ACK_TIMEOUT_S:g} s"
-        return f"the broker refused it: {reason_text(code)}" if code >= 0x80 else None
+        if code >= 0x80 or (settled and code == 0x10):
+            return f"the broker refused it: {reason_text(code)}"
+        return None
 
     def _failed(
         self,
