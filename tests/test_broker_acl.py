@@ -1,0 +1,344 @@
+"""Access control at the broker (broker.access_control dynsec), tried as an attacker would: with the real
+Mosquitto, its dynamic-security plugin and the Mosquitto command-line clients, on a hub set up the way
+docs/operations.md tells (password files, `hubd broker sync`, then the broker, then hubd)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import secrets
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from conftest import INITIAL_PASSWORD, RunningHub, write_config
+from helpers import T0, reading, records
+
+from hubd.auth.dynsec import find_plugin
+from hubd.broker import EmbeddedBroker, free_port
+from hubd.mqtt.session import MqttSession
+
+HUBD_PASSWORD = "hubd-broker-secret-1"
+ADMIN_PASSWORD = "admin-broker-secret-1"
+
+
+@dataclass
+class Site:
+    hub: RunningHub
+    broker: EmbeddedBroker
+    config: Path
+
+    def mqtt(
+        self, *args: str, user: str | None = None, password: str | None = None, client: str | None = None
+    ) -> list[str]:
+        found = ["-h", "127.0.0.1", "-p", str(self.broker.port), "-V", "mqttv5"]
+        if user is not None:
+            found += ["-u", user]
+        if password is not None:
+            found += ["-P", password]
+        if client is not None:
+            found += ["-i", client]
+        return found + list(args)
+
+    def publish(self, topic: str, message: str, **who: Any) -> int | None:
+        """Publish at QoS 1; the PUBACK's reason code, or None when the connection was refused (or no PUBACK)."""
+        out = subprocess.run(
+            ["mosquitto_pub", *self.mqtt("-q", "1", "-d", "-t", topic, "-m", message, **who)],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
+        )
+        found = re.search(r"received PUBACK \(Mid: \d+, RC:(\d+)\)", out.stdout)
+        return int(found.group(1)) if found else None
+
+    def connects(self, **who: Any) -> bool:
+        return self.publish("nowhere/at/all", "x", **who) is not None
+
+    def subscribe(self, topic: str, **who: Any) -> int | None:
+        """Subscribe; the SUBACK's reason code, or None when the connection was refused."""
+        out = subprocess.run(
+            ["mosquitto_sub", *self.mqtt("-q", "1", "-d", "-t", topic, "-W", "1", **who)],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
+        )
+        found = re.search(r"Subscribed \(mid: \d+\): (\d+)", out.stdout)
+        return int(found.group(1)) if found else None
+
+    def register(self, der_id: str, nonce: str | None = None) -> dict[str, Any]:
+        """First contact as the docs tell: the claim account, and a reply topic whose last level is random."""
+        answer_topic = f"reply/claim/{nonce or secrets.token_urlsafe(16)}"
+        body = json.dumps({"der_id": der_id, "password": INITIAL_PASSWORD, "type": "pv"})
+        who = {"user": "claim", "password": INITIAL_PASSWORD, "client": "claim"}
+        out = subprocess.run(
+            [
+                "mosquitto_rr",
+                *self.mqtt("-q", "1", "-t", "hub/v1/register", "-e", answer_topic, "-m", body, "-W", "10", **who),
+            ],
+            capture_output=True,
+            timeout=15,
+            check=False,
+        )
+        assert out.returncode == 0, out.stderr
+        return dict(json.loads(out.stdout))
+
+    def send(
+        self, der_id: str, password: str, readings: list[dict[str, Any]], topic: str = "hub/v1/data"
+    ) -> dict[str, Any]:
+        """A DER's data message as its own broker client; the hub's answer."""
+        who = {"user": der_id, "password": password, "client": der_id}
+        body = json.dumps({"readings": readings})
+        out = subprocess.run(
+            [
+                "mosquitto_rr",
+                *self.mqtt("-q", "1", "-t", topic, "-e", f"reply/{der_id}/data", "-m", body, "-W", "10", **who),
+            ],
+            capture_output=True,
+            timeout=15,
+            check=False,
+        )
+        assert out.returncode == 0, out.stderr
+        return dict(json.loads(out.stdout))
+
+
+def _start(tmp_path: Path, port: int) -> tuple[EmbeddedBroker, Path]:
+    config = tmp_path / "hubd.yaml"
+    broker = EmbeddedBroker(
+        tmp_path / "broker-data", port=port, dynsec=(find_plugin(), tmp_path / "data" / "dynamic-security.json")
+    )
+    return broker, config
+
+
+@pytest.fixture
+def site(tmp_path: Path) -> Iterator[Site]:
+    for name, secret in (("hubd", HUBD_PASSWORD), ("admin", ADMIN_PASSWORD), ("claim", INITIAL_PASSWORD)):
+        (tmp_path / f"{name}.secret").write_text(secret + "\n", encoding="utf-8")
+    broker, config = _start(tmp_path, free_port())
+    write_config(config, broker)
+    settings = yaml.safe_load(config.read_text(encoding="utf-8"))
+    settings["broker"].update(
+        {
+            "url": broker.url,
+            "client_id": "hubd",
+            "username": "hubd",
+            "password_file": str(tmp_path / "hubd.secret"),
+            "access_control": "dynsec",
+            "plugin_file": str(tmp_path / "data" / "dynamic-security.json"),
+            "admin_password_file": str(tmp_path / "admin.secret"),
+            "claim_password_file": str(tmp_path / "claim.secret"),
+        }
+    )
+    config.write_text(yaml.safe_dump(settings), encoding="utf-8")
+    hub = RunningHub(config, broker)
+    synced = hub.cli("broker", "sync")
+    assert synced.exit_code == 0, synced.output
+    broker.start_sync()
+    try:
+        hub.start()
+        try:
+            yield Site(hub, broker, config)
+        finally:
+            hub.stop()
+    finally:
+        broker.stop_sync()
+
+
+def _registered(site: Site, der_id: str) -> str:
+    assert site.hub.cli("der", "add", der_id, "--type", "pv").exit_code == 0
+    answer = site.register(der_id)
+    assert answer["ok"], answer
+    return str(answer["password"])
+
+
+def test_anonymous_and_wrong_password_connects_are_refused(site: Site) -> None:
+    password = _registered(site, "PV-1")
+    assert site.connects(user="PV-1", password=password, client="PV-1")
+    assert not site.connects()
+    assert not site.connects(client="PV-1")
+    assert not site.connects(user="PV-1", password=password + "x", client="PV-1")
+    assert not site.connects(user="hubd", password="guess", client="hubd")
+    assert not site.connects(user="nobody", password=password, client="nobody")
+
+
+def test_nobody_but_hubd_connects_with_hubds_client_id(site: Site) -> None:
+    password = _registered(site, "PV-1")
+    consumer = site.hub.consumer("market-1")
+    for user, secret in (("PV-1", password), ("market-1", consumer), ("claim", INITIAL_PASSWORD)):
+        assert not site.connects(user=user, password=secret, client="hubd"), user
+        assert not site.connects(user=user, password=secret), f"{user} with a client id of the broker's choosing"
+    # hubd kept its session all along: a DER's message is still answered.
+    assert site.send("PV-1", password, [reading("PV-1", password)])["accepted"] == 1
+
+
+def test_a_der_cannot_publish_as_another_der(site: Site) -> None:
+    pv1 = _registered(site, "PV-1")
+    _registered(site, "PV-2")
+    pv1_client = {"user": "PV-1", "password": pv1, "client": "PV-1"}
+    assert site.publish("hub/v1/der/PV-2/data", "{}", **pv1_client) == 0x87  # another DER's topic
+    assert site.publish("hub/v1/der/PV-1/data", "{}", **pv1_client) in (0x00, 0x10)  # its own
+    # With its own password for another DER's reading: refused by the hub, nothing stored.
+    answer = site.send("PV-1", pv1, [reading("PV-2", pv1, T0)])
+    assert answer["accepted"] == 0
+    assert answer["rejected"][0]["error"]["code"] == "bad_credentials"
+
+
+def test_a_der_cannot_subscribe_to_others_answers_nor_to_the_data(site: Site) -> None:
+    pv1 = _registered(site, "PV-1")
+    _registered(site, "PV-2")
+    site.hub.consumer("market-1")
+    pv1_client = {"user": "PV-1", "password": pv1, "client": "PV-1"}
+    assert site.subscribe("reply/PV-1/data", **pv1_client) == 1  # its own answers
+    for topic in ("reply/PV-2/data", "reply/PV-2/#", "hub/v1/data", "hub/v1/#", "#", "reply/market-1/#", "reply/#"):
+        assert site.subscribe(topic, **pv1_client) == 0x87, topic
+
+
+def test_the_claim_account_may_only_register(site: Site) -> None:
+    claim = {"user": "claim", "password": INITIAL_PASSWORD, "client": "claim"}
+    assert site.publish("hub/v1/data", json.dumps({"readings": []}), **claim) == 0x87
+    assert site.publish("hub/v1/data/hub.v1", "{}", **claim) == 0x87
+    assert site.publish("hub/v1/query", "{}", **claim) == 0x87
+    for topic in ("hub/v1/register", "hub/v1/#", "reply/PV-1/#", "reply/#", "#", "reply/claim/#", "reply/claim/+"):
+        assert site.subscribe(topic, **claim) == 0x87, topic
+    assert site.subscribe(f"reply/claim/{secrets.token_urlsafe(16)}", **claim) == 1
+
+
+def test_a_second_claimant_cannot_read_the_password_issued_to_the_first(site: Site) -> None:
+    """A second holder of the initial password tries every way to listen while the first registers: under a
+    client id of its own it is not let in at all (the claim account is bound to the id ``claim``); as ``claim``
+    every wildcard filter is refused; and the first claimant's reply topic ends in a random level it cannot
+    guess. It receives nothing, and the first claimant gets its password."""
+    assert site.hub.cli("der", "add", "PV-7", "--type", "pv").exit_code == 0
+    filters = ["reply/claim/+", "reply/claim/#", "reply/#", "#", "+/+/+", "hub/v1/register"]
+    listeners = [
+        subprocess.Popen(
+            [
+                "mosquitto_sub",
+                *site.mqtt(
+                    "-q",
+                    "1",
+                    "-v",
+                    "-t",
+                    topic,
+                    "-W",
+                    "4",
+                    user="claim",
+                    password=INITIAL_PASSWORD,
+                    client=f"claim-{i}",
+                ),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i, topic in enumerate(filters)
+    ]
+    for topic in filters:
+        assert site.subscribe(topic, user="claim", password=INITIAL_PASSWORD, client="claim") == 0x87, topic
+    answer = site.register("PV-7")
+    assert answer["ok"], answer
+    for listener in listeners:
+        out, err = listener.communicate(timeout=10)
+        assert out == ""
+        assert "not authorised" in err.lower() or "not authorized" in err.lower(), err
+
+
+async def _connected_until_dropped(site: Site, der_id: str, password: str, action: Any) -> bool:
+    """Connect as the DER, run ``action`` (sync, in a thread), and say whether the broker dropped the DER."""
+    lost = asyncio.Event()
+    session = MqttSession(
+        der_id,
+        on_publish=lambda first, body: None,
+        on_lost=lambda exc: lost.set(),
+        clean_start=True,
+        username=der_id,
+        password=password,
+    )
+    await session.connect("127.0.0.1", site.broker.port)
+    await asyncio.to_thread(action)
+    try:
+        await asyncio.wait_for(lost.wait(), 5)
+    except TimeoutError:
+        return False
+    finally:
+        await session.disconnect()
+    return True
+
+
+def test_a_revoked_ders_live_connection_is_dropped_and_its_reconnect_refused(site: Site) -> None:
+    password = _registered(site, "PV-1")
+
+    def revoke() -> None:
+        result = site.hub.cli("der", "revoke", "PV-1")
+        assert result.exit_code == 0, result.output
+
+    assert asyncio.run(_connected_until_dropped(site, "PV-1", password, revoke))
+    assert not site.connects(user="PV-1", password=password, client="PV-1")
+
+
+def test_rotation_makes_the_old_password_fail_at_the_broker_and_the_hub(site: Site) -> None:
+    old = _registered(site, "PV-1")
+    result = site.hub.cli("der", "rotate", "PV-1")
+    assert result.exit_code == 0, result.output
+    new = result.output.strip()
+    assert not site.connects(user="PV-1", password=old, client="PV-1")
+    assert site.send("PV-1", new, [reading("PV-1", old, T0)])["rejected"][0]["error"]["code"] == "bad_credentials"
+    assert site.send("PV-1", new, [reading("PV-1", new, T0)])["accepted"] == 1
+
+
+def test_a_revoked_system_is_dropped_and_refused(site: Site) -> None:
+    password = site.hub.consumer("market-1")
+    assert site.connects(user="market-1", password=password, client="market-1")
+    assert site.hub.cli("system", "revoke", "market-1").exit_code == 0
+    assert not site.connects(user="market-1", password=password, client="market-1")
+
+
+def test_broker_sync_against_a_blank_plugin_file_restores_access(site: Site, tmp_path: Path) -> None:
+    pv1 = _registered(site, "PV-1")
+    consumer = site.hub.consumer("market-1")
+    site.hub.stop()
+    site.broker.stop_sync()
+    plugin = tmp_path / "data" / "dynamic-security.json"
+    plugin.write_text("", encoding="utf-8")
+    synced = site.hub.cli("broker", "sync")
+    assert synced.exit_code == 0, synced.output
+    assert "added client PV-1" in synced.output and "added client market-1" in synced.output
+    assert "added client hubd" in synced.output and "added client claim" in synced.output
+    again = site.hub.cli("broker", "sync")  # idempotent: nothing more to change
+    assert again.output.strip().endswith(": 0 changes"), again.output
+    site.broker.start_sync()
+    site.hub.start()
+    assert site.connects(user="PV-1", password=pv1, client="PV-1")
+    assert site.connects(user="market-1", password=consumer, client="market-1")
+    assert not site.connects()
+    assert site.send("PV-1", pv1, [reading("PV-1", pv1, T0)])["accepted"] == 1
+    assert site.register("PV-9")["error"]["code"] == "unknown_der"  # the claim account works again
+
+
+def test_a_der_whose_answer_found_nobody_is_not_registered(site: Site) -> None:
+    """The claimant left before its answer came: the broker says "no matching subscribers" (0x10), and the
+    registration is undone, broker client and all; the DER registers again."""
+    assert site.hub.cli("der", "add", "PV-5", "--type", "pv").exit_code == 0
+    body = json.dumps({"der_id": "PV-5", "password": INITIAL_PASSWORD})
+    who = {"user": "claim", "password": INITIAL_PASSWORD, "client": "claim"}
+    reply = ["-D", "publish", "response-topic", "reply/claim/gone"]
+    subprocess.run(
+        ["mosquitto_pub", *site.mqtt("-q", "1", "-t", "hub/v1/register", "-m", body, *reply, **who)],
+        check=True,
+        timeout=10,
+    )
+    deadline = time.monotonic() + 10
+    while not records(site.hub, "register.undone"):
+        assert time.monotonic() < deadline, "the registration was not undone"
+        time.sleep(0.05)
+    undone = records(site.hub, "register.undone")[0]
+    assert undone["der_id"] == "PV-5" and "0x10 (no matching subscribers)" in undone["reason"]
+    assert '"status": "allowed"' in site.hub.cli("der", "show", "PV-5").output
+    assert site.register("PV-5")["ok"]
