@@ -131,6 +131,7 @@ class Hub:
                 writer.count,
                 password=_read_secret(config.broker.password_file),
                 debug=config.log.level == "DEBUG",
+                vouched=config.broker.access_control == "dynsec",
             )
             self.sources = Supervisor([self.mqtt], audit)
             audit.append("hub.start", broker=url, store=config.store.backend)

@@ -342,3 +342,34 @@ def test_a_der_whose_answer_found_nobody_is_not_registered(site: Site) -> None:
     assert undone["der_id"] == "PV-5" and "0x10 (no matching subscribers)" in undone["reason"]
     assert '"status": "allowed"' in site.hub.cli("der", "show", "PV-5").output
     assert site.register("PV-5")["ok"]
+
+
+def test_a_ders_own_topic_is_proof_of_sender_without_a_password(site: Site) -> None:
+    """On hub/v1/der/<id>/data the broker lets that DER's client alone publish: its readings need no password,
+    and it may write no other DER's."""
+    pv1 = _registered(site, "PV-1")
+    _registered(site, "PV-2")
+    own = "hub/v1/der/PV-1/data"
+    plain = {"der_id": "PV-1", "measured_at": T0, "power_kw": 2.5}
+    assert site.send("PV-1", pv1, [plain], topic=own) == {"ok": True, "accepted": 1, "rejected": []}
+    other = {"der_id": "PV-2", "measured_at": T0, "power_kw": 2.5}
+    answer = site.send("PV-1", pv1, [other], topic=own)
+    assert answer["accepted"] == 0 and answer["rejected"][0]["error"]["code"] == "not_allowed"
+    # The format code goes after data/, as on hub/v1/data/<code>.
+    later = {**plain, "measured_at": "2025-06-01T00:01:00Z"}
+    assert site.send("PV-1", pv1, [later], topic=own + "/hub.v1") == {"ok": True, "accepted": 1, "rejected": []}
+
+
+def test_without_access_control_the_hub_does_not_listen_on_ders_own_topics(tmp_path: Path) -> None:
+    """Without the broker's word a topic proves nothing: the hub takes no data there."""
+    from hubd.config import load_config
+    from hubd.sources.mqtt import MqttSource
+
+    broker = EmbeddedBroker(tmp_path / "b", port=free_port())
+    config = load_config(write_config(tmp_path / "hubd.yaml", broker))
+    source = MqttSource(config.broker, broker.url, "hub/v1", None, config.limits, [], None, lambda a, b: None)  # type: ignore[arg-type]
+    assert not any("/der/" in topic for topic in source.driver._topics)
+    vouched = MqttSource(
+        config.broker, broker.url, "hub/v1", None, config.limits, [], None, lambda a, b: None, vouched=True
+    )  # type: ignore[arg-type]
+    assert "hub/v1/der/+/data" in vouched.driver._topics

@@ -24,7 +24,7 @@ from hubd.config import BrokerConfig, LimitsConfig
 from hubd.decode import load_json_object
 from hubd.decode.native import ReplyRule, reply_fields, valid_id
 from hubd.ingest import Outcome
-from hubd.model import ErrorCode, HubError, RawMessage, now_ms
+from hubd.model import ErrorCode, HubError, RawMessage, Sender, now_ms
 from hubd.mqtt.driver import AnswerTooLarge, Done, MqttDriver, MqttError, per_message
 from hubd.mqtt.packets import reason_text
 from hubd.services import Request, Service, Settled, refusal
@@ -50,6 +50,7 @@ class MqttSource:
         count: Callable[[str, str], None],
         password: str | None = None,
         debug: bool = False,
+        vouched: bool = False,
     ) -> None:
         self.name = config.client_id
         self._debug = debug  # log.level DEBUG: a line per data answer
@@ -61,6 +62,10 @@ class MqttSource:
         self._replies = replies  # never an answer inside the hub's own topics (docs/protocol.md)
         self.data_topic = f"{prefix}/data"
         self._data_prefix = self.data_topic + "/"  # hub/v1/data/<format code>
+        # hub/v1/der/<der id>/data[/<format code>]: only with access control at the broker, which lets that DER's
+        # client alone publish there; the topic is then the proof of sender (docs/protocol.md).
+        self._der_prefix = f"{prefix}/der/" if vouched else None
+        own = [f"{prefix}/der/+/data", f"{prefix}/der/+/data/+"] if vouched else []
         self._requests = per_message(self._on_request)
         self._pipeline: Pipeline | None = None
         self._stopped = asyncio.Event()
@@ -68,7 +73,7 @@ class MqttSource:
         self.driver = MqttDriver(
             config,
             url,
-            [*self._services, self.data_topic, self.data_topic + "/+"],
+            [*self._services, self.data_topic, self.data_topic + "/+", *own],
             self.on_message,
             password=password,
         )
@@ -264,11 +269,17 @@ class MqttSource:
         self._answer(refusal(error), *_v5_reply(properties), reply_to, request_id)
 
     def _is_data(self, topic: str) -> bool:
-        return topic == self.data_topic or topic.startswith(self._data_prefix)
+        return (
+            topic == self.data_topic
+            or topic.startswith(self._data_prefix)
+            or (self._der_prefix is not None and topic.startswith(self._der_prefix))
+        )
 
     def _raw_message(self, topic: str, payload: bytes, properties: dict[str, Any]) -> RawMessage:
         """A data message as the pipeline takes it: the format code from the topic, the v5 user properties."""
         user = _user_properties(properties)
+        if self._der_prefix is not None and topic.startswith(self._der_prefix):
+            return self._own_topic(topic, payload, properties, user)
         return RawMessage(
             source_id=user.get("source_id", "unknown"),
             format_code=topic[len(self._data_prefix) :] or "hub.v1",
@@ -277,6 +288,22 @@ class MqttSource:
             topic=topic,
             requester=_first(properties.get("response_topic")),
             properties=user,
+        )
+
+    def _own_topic(self, topic: str, payload: bytes, properties: dict[str, Any], user: dict[str, str]) -> RawMessage:
+        """A message on a DER's own topic: the broker let that DER's client alone publish it, so the sender is
+        that DER, which may write its own readings without passwords and no other's."""
+        assert self._der_prefix is not None
+        der_id, _, rest = topic[len(self._der_prefix) :].partition("/data")
+        return RawMessage(
+            source_id=user.get("source_id", der_id),
+            format_code=rest[1:] or "hub.v1",
+            payload=payload,
+            received_at=now_ms(),
+            topic=topic,
+            requester=_first(properties.get("response_topic")),
+            properties=user,
+            sender=Sender("topic", self._der_prefix + der_id, frozenset((der_id,))),
         )
 
     def _answer(
