@@ -373,3 +373,33 @@ def test_without_access_control_the_hub_does_not_listen_on_ders_own_topics(tmp_p
         config.broker, broker.url, "hub/v1", None, config.limits, [], None, lambda a, b: None, vouched=True
     )  # type: ignore[arg-type]
     assert "hub/v1/der/+/data" in vouched.driver._topics
+
+
+def test_the_embedded_broker_with_access_control_starts_from_the_registry(tmp_path: Path) -> None:
+    """No broker.url, access_control dynsec: hubd rebuilds the plugin file from its registry and starts its own
+    Mosquitto with it; anonymous clients are refused, a DER registers through the claim account and sends."""
+    for name, secret in (("hubd", HUBD_PASSWORD), ("admin", ADMIN_PASSWORD), ("claim", INITIAL_PASSWORD)):
+        (tmp_path / f"{name}.secret").write_text(secret + "\n", encoding="utf-8")
+    port = free_port()
+    placeholder = EmbeddedBroker(tmp_path / "unused", port=port)  # for the helpers: the port only, never started
+    config = write_config(tmp_path / "hubd.yaml", placeholder)
+    settings = yaml.safe_load(config.read_text(encoding="utf-8"))
+    settings["broker"] = {
+        "embedded_port": port,
+        "username": "hubd",
+        "password_file": str(tmp_path / "hubd.secret"),
+        "access_control": "dynsec",
+        "admin_password_file": str(tmp_path / "admin.secret"),
+        "claim_password_file": str(tmp_path / "claim.secret"),
+    }
+    config.write_text(yaml.safe_dump(settings), encoding="utf-8")
+    hub = RunningHub(config, placeholder)
+    hub.start()
+    try:
+        site = Site(hub, placeholder, config)
+        assert not site.connects()
+        password = _registered(site, "PV-3")
+        assert site.send("PV-3", password, [reading("PV-3", password)])["accepted"] == 1
+        assert (tmp_path / "data" / "mosquitto" / "dynamic-security.json").stat().st_mode & 0o077 == 0
+    finally:
+        hub.stop()

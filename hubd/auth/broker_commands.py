@@ -7,6 +7,7 @@ import asyncio
 from typing import Any
 
 import click
+from msgspec.structs import replace
 
 from hubd.auth import dynsec
 from hubd.auth.registry import Registry
@@ -58,13 +59,16 @@ def broker_group() -> None:
 
 
 @broker_group.command("sync")
+@click.option("--output", type=click.Path(dir_okay=False), help="Write here instead of broker.plugin_file.")
 @click.pass_context
-def broker_sync(ctx: click.Context) -> None:
+def broker_sync(ctx: click.Context, output: str | None) -> None:
     """Rebuild the broker's dynamic-security file from the registry and say what changed.
 
     Run it with the broker stopped (a running broker reads the file only when it starts, and writes over it on
     its next change); the embedded broker's file is rebuilt at every start of hubd by itself."""
     config = _config(ctx)
+    if output is not None:
+        config = replace(config, broker=replace(config.broker, plugin_file=output))
     if config.broker.access_control != "dynsec":
         raise click.ClickException("broker.access_control is not dynsec: the broker keeps no access control of hubd's")
     registry = Registry(config.registry_path)
