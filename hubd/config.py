@@ -49,6 +49,14 @@ class Section(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=T
     """
 
 
+class BrokerTlsConfig(Section, frozen=True):
+    """TLS to the broker (``mqtts://``) beyond the system's CA store: a private CA, a client certificate."""
+
+    ca_file: str | None = None  # trust this CA (PEM) instead of the system's
+    cert_file: str | None = None  # present this client certificate (PEM) ...
+    key_file: str | None = None  # ... with this key (PEM; default: in cert_file)
+
+
 class BrokerConfig(Section, frozen=True):
     """Where hubd's MQTT traffic goes. Without ``url`` hubd starts its own local Mosquitto."""
 
@@ -74,6 +82,7 @@ class BrokerConfig(Section, frozen=True):
     admin_password_file: str | None = None
     claim_username: str = "claim"  # first contact; its password: the initial password, from claim_password_file
     claim_password_file: str | None = None
+    tls: BrokerTlsConfig = BrokerTlsConfig()
 
 
 class SqliteConfig(Section, frozen=True):

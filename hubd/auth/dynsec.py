@@ -38,6 +38,7 @@ from urllib.parse import urlsplit
 import orjson
 from loguru import logger
 
+from hubd.mqtt.driver import tls_context
 from hubd.mqtt.packets import parse_publish
 from hubd.mqtt.session import MqttError, MqttSession
 
@@ -122,6 +123,11 @@ def _replies(username: str) -> tuple[tuple[str, str, bool, int], ...]:
     return (("subscribePattern", f"{REPLY_ROOT}/{username}/#", True, 0),)
 
 
+def _status(prefix: str) -> tuple[str, str, bool, int]:
+    """The hub's retained online/offline status: every principal may read it."""
+    return ("subscribeLiteral", f"{prefix}/status", True, 0)
+
+
 def hubd_acls(prefix: str) -> tuple[tuple[str, str, bool, int], ...]:
     return (
         ("subscribePattern", f"{prefix}/#", True, 0),
@@ -134,6 +140,7 @@ def claim_acls(prefix: str) -> tuple[tuple[str, str, bool, int], ...]:
     root = f"{REPLY_ROOT}/claim"
     return (
         _pub(f"{prefix}/register"),
+        _status(prefix),
         ("subscribeLiteral", f"{root}/+", False, 10),  # a wildcard would read every claimant's answer
         ("subscribeLiteral", f"{root}/#", False, 10),
         ("subscribePattern", f"{root}/+", True, 0),  # one literal, unguessable topic
@@ -148,6 +155,7 @@ def der_acls(prefix: str, der_id: str) -> tuple[tuple[str, str, bool, int], ...]
         _pub(own),
         _pub(own + "/+"),
         _pub(f"{prefix}/time"),
+        _status(prefix),
         *_replies(der_id),
     )
 
@@ -160,7 +168,7 @@ def system_acls(prefix: str, name: str, role: str) -> tuple[tuple[str, str, bool
         sends = (_pub(f"{prefix}/query"), _pub(f"{prefix}/time"))
     else:  # a viewer uses the status page only
         sends = ()
-    return (*sends, *_replies(name))
+    return (*sends, _status(prefix), *_replies(name))
 
 
 @dataclass(frozen=True)
@@ -382,7 +390,7 @@ def broker_acl(config: Config, url: str) -> BrokerAcl | None:
     if config.broker.access_control != "dynsec":
         return None
     parts = urlsplit(url)
-    tls = ssl.create_default_context() if parts.scheme == "mqtts" else None
+    tls = tls_context(config.broker) if parts.scheme == "mqtts" else None
     port = parts.port or (8883 if tls else 1883)
     return BrokerAcl(parts.hostname or "127.0.0.1", port, accounts(config)[2], tls)
 

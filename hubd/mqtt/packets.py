@@ -285,9 +285,13 @@ def connect(
     receive_maximum: int,
     username: str | None = None,
     password: str | None = None,
+    will: tuple[str, bytes] | None = None,
 ) -> bytes:
-    """CONNECT, protocol level 5, without a will. Topic Alias Maximum is left at 0: the broker sends no aliases."""
+    """CONNECT, protocol level 5. Topic Alias Maximum is left at 0: the broker sends no aliases. ``will``: a topic
+    and payload the broker publishes (QoS 1, retained) when the connection ends without a normal DISCONNECT."""
     flags = (0x02 if clean_start else 0) | (0x80 if username is not None else 0) | (0x40 if password is not None else 0)
+    if will is not None:
+        flags |= 0x04 | (1 << 3) | 0x20  # will, will QoS 1, will retain
     pairs: list[tuple[int, Any]] = []
     if session_expiry_s:
         pairs.append((0x11, session_expiry_s))
@@ -295,6 +299,8 @@ def connect(
         pairs.append((0x21, receive_maximum))
     body = b"\x00\x04MQTT\x05" + bytes((flags,)) + keepalive_s.to_bytes(2, "big") + encode_properties(pairs)
     body += encode_string(client_id)
+    if will is not None:
+        body += b"\x00" + encode_string(will[0]) + encode_binary(will[1])  # no will properties
     if username is not None:
         body += encode_string(username)
     if password is not None:
@@ -331,7 +337,9 @@ def parse_connack(body: bytes) -> ConnAck:
 _ONE_BYTE = [bytes((i,)) for i in range(128)]
 
 
-def publish(topic: str, payload: bytes, qos: int, packet_id: int, properties: bytes = b"\x00") -> bytes:
+def publish(
+    topic: str, payload: bytes, qos: int, packet_id: int, properties: bytes = b"\x00", retain: bool = False
+) -> bytes:
     """A PUBLISH; ``properties`` as ``publish_properties`` returns them (length included), the default none."""
     name = topic.encode()
     head = len(name).to_bytes(2, "big") + name
@@ -339,7 +347,7 @@ def publish(topic: str, payload: bytes, qos: int, packet_id: int, properties: by
         head += packet_id.to_bytes(2, "big")
     size = len(head) + len(properties) + len(payload)
     length = _ONE_BYTE[size] if size < 128 else encode_varint(size)
-    return b"".join((_ONE_BYTE[0x30 | qos << 1], length, head, properties, payload))
+    return b"".join((_ONE_BYTE[0x30 | qos << 1 | retain], length, head, properties, payload))
 
 
 def with_dup(packet: bytes) -> bytes:

@@ -76,6 +76,7 @@ class MqttSource:
             [*self._services, self.data_topic, self.data_topic + "/+", *own],
             self.on_message,
             password=password,
+            status_topic=f"{prefix}/status",
         )
 
     @property
