@@ -43,9 +43,12 @@ class HubClient:
         serve: dict[str, Serve] | None = None,
         username: str | None = None,
         password: str | None = None,
+        client_id: str | None = None,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self._url = urlsplit(url)
-        self._id = f"{name}-{uuid.uuid4().hex[:8]}"
+        self._id = client_id or f"{name}-{uuid.uuid4().hex[:8]}"  # a fixed one where the broker pins it
+        self._tls = tls
         self.inbox = inbox or f"clients/{self._id}/answers"
         self._waiting: dict[bytes, asyncio.Future[dict[str, Any]]] = {}
         self._counter = itertools.count()
@@ -63,7 +66,7 @@ class HubClient:
         )
 
     async def __aenter__(self) -> HubClient:
-        tls = ssl.create_default_context() if self._url.scheme == "mqtts" else None
+        tls = (self._tls or ssl.create_default_context()) if self._url.scheme == "mqtts" else None
         port = self._url.port or (8883 if tls else 1883)
         await self._session.connect(self._url.hostname or "127.0.0.1", port, tls)
         topics = [self.inbox, *self._serve]

@@ -22,6 +22,7 @@ from helpers import T0, reading, records
 
 from hubd.auth.dynsec import find_plugin
 from hubd.broker import EmbeddedBroker, free_port
+from hubd.mqtt import packets
 from hubd.mqtt.session import MqttSession
 
 HUBD_PASSWORD = "hubd-broker-secret-1"
@@ -403,3 +404,31 @@ def test_the_embedded_broker_with_access_control_starts_from_the_registry(tmp_pa
         assert (tmp_path / "data" / "mosquitto" / "dynamic-security.json").stat().st_mode & 0o077 == 0
     finally:
         hub.stop()
+
+
+def test_the_hubs_clock_checks_reach_a_der_under_access_control(site: Site) -> None:
+    """hubd's clock checks connect as their own pinned principal, and a DER that names itself as the source
+    hears the checks of its clock on hub/v1/time/check/<its id> (docs/protocol.md, Time), and no other's."""
+    password = _registered(site, "PV-1")
+    assert site.subscribe("hub/v1/time/check/PV-2", user="PV-1", password=password, client="PV-1") == 0x87
+
+    async def run() -> list[str]:
+        heard: list[str] = []
+        checked = asyncio.Event()
+
+        def on_publish(first: int, body: bytes) -> None:
+            heard.append(packets.parse_publish(first, body)[0])
+            checked.set()
+
+        session = MqttSession("PV-1", on_publish=on_publish, clean_start=True, username="PV-1", password=password)
+        await session.connect("127.0.0.1", site.broker.port, topics=["hub/v1/time/check/PV-1"])
+        assert await session.subscribed() == [1]
+        body = {"source_id": "PV-1", "readings": [reading("PV-1", password)]}
+        session.publish("hub/v1/data", json.dumps(body).encode())
+        try:
+            await asyncio.wait_for(checked.wait(), 10)
+        finally:
+            await session.disconnect()
+        return heard
+
+    assert asyncio.run(run())[0] == "hub/v1/time/check/PV-1"

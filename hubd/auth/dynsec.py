@@ -147,9 +147,19 @@ def claim_acls(prefix: str) -> tuple[tuple[str, str, bool, int], ...]:
     )
 
 
+def _clock(prefix: str, name: str) -> tuple[tuple[str, str, bool, int], ...]:
+    """The hub's clock checks of a source named like the principal (docs/protocol.md, Time): hear them, answer."""
+    return (
+        ("subscribeLiteral", f"{prefix}/time/check/{name}", True, 0),
+        ("subscribeLiteral", f"{prefix}/time/set/{name}", True, 0),
+        _pub(f"{prefix}/time/answers/+"),
+    )
+
+
 def der_acls(prefix: str, der_id: str) -> tuple[tuple[str, str, bool, int], ...]:
     own = f"{prefix}/der/{der_id}/data"
     return (
+        *_clock(prefix, der_id),
         _pub(f"{prefix}/data"),
         _pub(f"{prefix}/data/+"),
         _pub(own),
@@ -163,7 +173,7 @@ def der_acls(prefix: str, der_id: str) -> tuple[tuple[str, str, bool, int], ...]
 def system_acls(prefix: str, name: str, role: str) -> tuple[tuple[str, str, bool, int], ...]:
     sends: tuple[tuple[str, str, bool, int], ...]
     if role == "gateway":
-        sends = (_pub(f"{prefix}/data"), _pub(f"{prefix}/data/+"), _pub(f"{prefix}/time"))
+        sends = (_pub(f"{prefix}/data"), _pub(f"{prefix}/data/+"), _pub(f"{prefix}/time"), *_clock(prefix, name))
     elif role == "consumer":
         sends = (_pub(f"{prefix}/query"), _pub(f"{prefix}/time"))
     else:  # a viewer uses the status page only
@@ -184,7 +194,13 @@ def principals(registry: Registry, prefix: str, hubd: Account, claim: Account | 
     """Every broker client the registry implies (the admin aside): hubd, the claim account, each registered or
     revoked DER and each system whose broker password is known."""
     records = registry.broker_records()
-    found = [Principal(hubd.username, hubd.client_id, hubd_acls(prefix), password_record(hubd.password))]
+    found = [
+        Principal(hubd.username, hubd.client_id, hubd_acls(prefix), password_record(hubd.password)),
+        # hubd's clock checks of edge terminals: a connection of their own (hubd.clock.edges), the same password
+        Principal(
+            f"{hubd.username}-clock", f"{hubd.client_id}-clock", hubd_acls(prefix), password_record(hubd.password)
+        ),
+    ]
     if claim is not None:
         found.append(Principal(claim.username, claim.client_id, claim_acls(prefix), password_record(claim.password)))
     for der in registry.ders().values():
