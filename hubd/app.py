@@ -114,7 +114,15 @@ class Hub:
             self._formats_changed(self.catalog.scan())
             services: list[Service] = [
                 RegisterService(
-                    Registration(auth, config.auth, audit, register_pool, broker_acl(config, url), config.topic_prefix),
+                    Registration(
+                        auth,
+                        config.auth,
+                        audit,
+                        register_pool,
+                        broker_acl(config, url),
+                        config.topic_prefix,
+                        dynsec.reserved(config),
+                    ),
                     audit,
                 ),
                 QueryService(auth, config.query, reader, query_thread, audit),

@@ -432,3 +432,20 @@ def test_the_hubs_clock_checks_reach_a_der_under_access_control(site: Site) -> N
         return heard
 
     assert asyncio.run(run())[0] == "hub/v1/time/check/PV-1"
+
+
+def test_no_der_or_system_takes_the_broker_name_of_another_principal(site: Site) -> None:
+    """A DER registered as ``hubd`` (or ``claim``, ``hubd-admin``, a system's name) would replace that principal's
+    broker client: refused, and hubd keeps serving."""
+    password = _registered(site, "PV-1")
+    for name in ("hubd", "claim", "hubd-admin", "hubd-clock"):
+        assert site.hub.cli("der", "add", name).exit_code == 0
+        answer = site.register(name)
+        assert answer["error"]["code"] == "not_allowed", (name, answer)
+        assert site.hub.cli("der", "rotate", name).exit_code != 0
+    site.hub.consumer("market-1")
+    assert site.hub.cli("der", "add", "market-1").exit_code == 0
+    assert site.register("market-1")["error"]["code"] == "not_allowed"
+    refused = site.hub.cli("system", "add", "PV-1", "--role", "consumer")
+    assert refused.exit_code != 0 and "another principal" in refused.output
+    assert site.send("PV-1", password, [reading("PV-1", password)])["accepted"] == 1

@@ -32,15 +32,29 @@ def broker_url(config: Config) -> str:
     )
 
 
-def tell_broker(config: Config, registry: Registry, commands: list[dict[str, Any]]) -> None:
+def name_taken(config: Config, registry: Registry, name: str, kind: str) -> bool:
+    """Whether ``name`` (a DER's id, ``kind`` "der", or a system's name) is another principal's broker user name:
+    one of the hub's own accounts, or a principal of the other kind. Such a one gets no broker client."""
+    if config.broker.access_control != "dynsec":
+        return False
+    others = registry.systems() if kind == "der" else registry.ders()
+    return name in dynsec.reserved(config) or name in others
+
+
+def refuse_taken(config: Config, registry: Registry, name: str, kind: str) -> None:
+    if name_taken(config, registry, name, kind):
+        raise click.ClickException(f"{name} names another principal at the broker (broker.access_control dynsec)")
+
+
+def tell_broker(config: Config, registry: Registry, commands: list[dict[str, Any]], name: str, kind: str) -> None:
     """Apply one batch of commands to the running broker's plugin (nothing without access control).
 
     The embedded broker that is not running gets its file rebuilt instead (it is rebuilt at every start anyway);
     a broker of ``broker.url`` that cannot be told is an error: the registry changed, the broker did not."""
     url = broker_url(config)
     acl = dynsec.broker_acl(config, url)
-    if acl is None:
-        return
+    if acl is None or name_taken(config, registry, name, kind):
+        return  # the name is another principal's at the broker: this one has no broker client to change
     embedded = _connect_host(config.broker.embedded_bind), config.broker.embedded_port
     if config.broker.url is None and not _accepts(*embedded):
         dynsec.rebuild(config, registry)

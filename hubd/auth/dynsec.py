@@ -203,8 +203,9 @@ def principals(registry: Registry, prefix: str, hubd: Account, claim: Account | 
     ]
     if claim is not None:
         found.append(Principal(claim.username, claim.client_id, claim_acls(prefix), password_record(claim.password)))
+    taken = {p.username for p in found}
     for der in registry.ders().values():
-        if der.status == "allowed":
+        if der.status == "allowed" or der.der_id in taken:
             continue
         found.append(
             Principal(
@@ -215,7 +216,10 @@ def principals(registry: Registry, prefix: str, hubd: Account, claim: Account | 
                 disabled=der.status == "revoked",
             )
         )
+    taken = {p.username for p in found}
     for system in registry.systems().values():
+        if system.name in taken:  # one broker client per user name: the hub's own accounts and DERs come first
+            continue
         found.append(
             Principal(
                 system.name,
@@ -381,6 +385,14 @@ def accounts(config: Config) -> tuple[Account, Account | None, Account]:
     claim = Account(broker.claim_username, claim_password, broker.claim_username) if claim_password else None
     admin = Account(broker.admin_username, _secret(broker.admin_password_file) or "")
     return hubd, claim, admin
+
+
+def reserved(config: Config) -> frozenset[str]:
+    """The broker user names of the hub's own accounts: no DER or system may take one (a DER registered as
+    ``hubd`` would replace hubd's own broker client)."""
+    broker = config.broker
+    hubd = broker.username or "hubd"
+    return frozenset((hubd, f"{hubd}-clock", broker.claim_username, broker.admin_username))
 
 
 def build(config: Config, registry: Registry) -> dict[str, Any]:

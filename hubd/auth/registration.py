@@ -42,7 +42,9 @@ class Registration:
         pool: Executor,
         acl: BrokerAcl | None = None,
         prefix: str = "hub/v1",
+        reserved: frozenset[str] = frozenset(),
     ) -> None:
+        self._reserved = reserved  # the broker user names of the hub's own accounts
         self._auth = auth
         self._acl = acl  # access control at the broker: a registered DER becomes a broker client of its own
         self._prefix = prefix
@@ -138,6 +140,8 @@ class Registration:
             raise HubError(ErrorCode.UNKNOWN_DER, f"DER {der_id} is not on this hub's allowlist")
         if der is not None and der.status == "revoked":
             raise HubError(ErrorCode.NOT_ALLOWED, f"DER {der_id} has been revoked")
+        if self._acl is not None and (der_id in self._reserved or der_id in self._auth.systems):
+            raise HubError(ErrorCode.NOT_ALLOWED, f"{der_id} names another principal at the broker; use another id")
         if der is not None and der.status == "registered":
             raise HubError(
                 ErrorCode.ALREADY_REGISTERED,
