@@ -449,3 +449,31 @@ def test_no_der_or_system_takes_the_broker_name_of_another_principal(site: Site)
     refused = site.hub.cli("system", "add", "PV-1", "--role", "consumer")
     assert refused.exit_code != 0 and "another principal" in refused.output
     assert site.send("PV-1", password, [reading("PV-1", password)])["accepted"] == 1
+
+
+def test_hubd_edge_registers_and_sends_under_access_control(site: Site, tmp_path: Path, monkeypatch: Any) -> None:
+    """`hubd edge` as the docs tell: registration as the claim account (its answer on reply/claim/<random>),
+    then the DER's readings as its own broker client, with its client id."""
+    assert site.hub.cli("der", "add", "PV-4", "--type", "pv").exit_code == 0
+    broker = ["--broker", site.broker.url]
+    passwords = tmp_path / "pv-4.json"
+    monkeypatch.setenv("HUBD_INITIAL_PASSWORD", INITIAL_PASSWORD)
+    claim = ["--username", "claim", "--password-file", str(tmp_path / "claim.secret"), "--client-id", "claim"]
+    done = site.hub.cli("edge", "register", "PV-4", *broker, "--passwords", str(passwords), *claim)
+    assert done.exit_code == 0, done.output
+    issued = json.loads(passwords.read_text(encoding="utf-8"))["PV-4"]
+    (tmp_path / "pv-4.secret").write_text(issued, encoding="utf-8")
+    (tmp_path / "readings.jsonl").write_text('{"der_id": "PV-4", "power_kw": 1.5}\n', encoding="utf-8")
+    own = ["--username", "PV-4", "--password-file", str(tmp_path / "pv-4.secret"), "--client-id", "PV-4"]
+    sent = site.hub.cli(
+        "edge",
+        "send",
+        str(tmp_path / "readings.jsonl"),
+        "--source-id",
+        "PV-4",
+        "--passwords",
+        str(passwords),
+        *broker,
+        *own,
+    )
+    assert sent.exit_code == 0, sent.output
