@@ -18,7 +18,8 @@ from pathlib import Path
 from loguru import logger
 
 from hubd.audit import AuditLog
-from hubd.auth import Authenticator
+from hubd.auth import Authenticator, dynsec
+from hubd.auth.dynsec import broker_acl
 from hubd.auth.registration import Registration
 from hubd.auth.registry import Registry
 from hubd.broker import EmbeddedBroker, packet_limit
@@ -66,6 +67,7 @@ class Hub:
                     port=config.broker.embedded_port,
                     bind=config.broker.embedded_bind,
                     max_packet_size=packet_limit(config.limits.max_payload_bytes),
+                    dynsec=_embedded_dynsec(config),
                 )
                 await broker.start()
                 stack.push_async_callback(broker.stop)
@@ -112,7 +114,18 @@ class Hub:
             stack.callback(self.catalog.close)
             self._formats_changed(self.catalog.scan())
             services: list[Service] = [
-                RegisterService(Registration(auth, config.auth, audit, register_pool), audit),
+                RegisterService(
+                    Registration(
+                        auth,
+                        config.auth,
+                        audit,
+                        register_pool,
+                        broker_acl(config, url),
+                        config.topic_prefix,
+                        dynsec.reserved(config),
+                    ),
+                    audit,
+                ),
                 QueryService(auth, config.query, reader, query_thread, audit),
                 TimeService(audit, clocks),
             ]
@@ -127,6 +140,7 @@ class Hub:
                 writer.count,
                 password=_read_secret(config.broker.password_file),
                 debug=config.log.level == "DEBUG",
+                vouched=config.broker.access_control == "dynsec",
             )
             polled = modbus_sources(config, audit, registry.describe)  # devices the hub polls itself
             self.sources = Supervisor([self.mqtt, *polled], audit)
@@ -228,6 +242,20 @@ def _quiet_gc() -> None:
     gc.collect()
     gc.freeze()
     gc.set_threshold(50_000, 20, 100)
+
+
+def _embedded_dynsec(config: Config) -> tuple[str, Path] | None:
+    """Access control at the embedded broker: its plugin file rebuilt from the registry before it starts."""
+    if config.broker.access_control != "dynsec":
+        return None
+    registry = Registry(config.registry_path)
+    try:
+        changes = dynsec.rebuild(config, registry)
+    finally:
+        registry.close()
+    if changes:
+        logger.info("the broker's access control was rebuilt from the registry: {}", "; ".join(changes[:10]))
+    return dynsec.find_plugin(), config.plugin_path
 
 
 def _read_secret(path: str | None) -> str | None:

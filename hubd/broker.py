@@ -191,9 +191,11 @@ def render_config(
     data_dir: Path,
     user: str | None = None,
     max_packet_size: int | None = None,
+    dynsec: tuple[str, Path] | None = None,
 ) -> str:
     """Fill the template's placeholders; values are checked so they cannot inject options. ``max_packet_size``
-    defaults to ``packet_limit`` of the default ``limits.max_payload_bytes``."""
+    defaults to ``packet_limit`` of the default ``limits.max_payload_bytes``. ``dynsec``: the plugin's path and
+    its file, for access control at the broker (anonymous access off); without it anonymous access is on."""
     if not 0 < port < 65536:
         raise ValueError(f"port out of range: {port}")
     if max_packet_size is None:
@@ -212,9 +214,17 @@ def render_config(
             raise ValueError(f"invalid {key} for the Mosquitto config: {value!r}")
         if key in ("bind", "user") and any(c.isspace() for c in value):
             raise ValueError(f"invalid {key} for the Mosquitto config: {value!r}")
+    access = "allow_anonymous true"
+    if dynsec is not None:
+        plugin, plugin_file = dynsec
+        for value in (plugin, str(plugin_file)):
+            if any(c in value for c in "\r\n\0"):
+                raise ValueError(f"invalid plugin path for the Mosquitto config: {value!r}")
+        access = f"allow_anonymous false\nplugin {plugin}\nplugin_opt_config_file {plugin_file.resolve()}"
     text = template
     for key, value in values.items():
         text = text.replace("{" + key + "}", value)
+    text = "\n".join(access if line.strip() == "{access_control}" else line for line in text.splitlines()) + "\n"
     config_lines = [line for line in text.splitlines() if not line.lstrip().startswith("#")]
     leftover = _PLACEHOLDER.findall("\n".join(config_lines))
     if leftover:
@@ -283,8 +293,10 @@ class EmbeddedBroker:
         executable: str | None = None,
         template: Path | None = None,
         max_packet_size: int | None = None,
+        dynsec: tuple[str, Path] | None = None,
     ) -> None:
         self.executable = find_mosquitto(executable)
+        self.dynsec = dynsec  # (plugin, its file): access control at the broker
         self.max_packet_size = max_packet_size
         self.data_dir = Path(data_dir).resolve()
         self.port = port
@@ -334,6 +346,7 @@ class EmbeddedBroker:
             bind=self.bind,
             data_dir=self.data_dir,
             max_packet_size=self.max_packet_size,
+            dynsec=self.dynsec,
         )
         self.broker_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._claim()

@@ -23,6 +23,8 @@ from loguru import logger
 from hubd import audit as audit_trail
 from hubd import progress
 from hubd.audit import AuditError, AuditLog
+from hubd.auth import dynsec
+from hubd.auth.broker_commands import broker_group, refuse_taken, tell_broker
 from hubd.auth.credentials import hash_password, issue_password
 from hubd.auth.registry import Der, Registry, read_der_csv
 from hubd.clock.commands import time_group
@@ -297,9 +299,11 @@ def der_reset(ctx: Context, der_id: str, reinstate: bool) -> None:
         if record.status == "revoked" and not reinstate:  # a revocation is lifted on purpose, never by the way
             raise click.ClickException(f"{der_id} is revoked; to lift that too: hubd der reset {der_id} --reinstate")
         registry.set_der_password(der_id, None, "allowed")
+        registry.set_broker_record("der:" + der_id, None)
         if record.status == "revoked":
             audit.append("der.reinstated", der_id=der_id, by="operator")
         audit.append("password.reset", der_id=der_id, by="operator")
+        tell_broker(ctx.config, registry, dynsec.delete_commands(der_id), der_id, "der")
     click.echo(f"{der_id}: reset; it may register again with the initial password")
 
 
@@ -316,9 +320,13 @@ def der_rotate(ctx: Context, der_id: str) -> None:
             raise click.ClickException(
                 f"DER {der_id} is revoked; `hubd der reset {der_id} --reinstate` lifts that, then it registers again"
             )
+        refuse_taken(ctx.config, registry, der_id, "der")
         password = issue_password()
         registry.set_der_password(der_id, hash_password(password, _rounds(ctx)), "registered")
+        registry.set_broker_record("der:" + der_id, dynsec.password_record(password))
         audit.append("password.rotated", der_id=der_id, by="operator")
+        principal = dynsec.der_principal(ctx.config.topic_prefix, der_id)
+        tell_broker(ctx.config, registry, dynsec.create_commands(principal, password), der_id, "der")
     click.echo(password)
 
 
@@ -331,6 +339,7 @@ def der_revoke(ctx: Context, der_id: str) -> None:
         if not registry.set_der_password(der_id, None, "revoked"):
             raise click.ClickException(f"no DER {der_id}")
         audit.append("der.revoked", der_id=der_id, by="operator")
+        tell_broker(ctx.config, registry, [{"command": "disableClient", "username": der_id}], der_id, "der")
     click.echo(f"{der_id}: revoked")
 
 
@@ -350,9 +359,13 @@ def system_add(ctx: Context, name: str, role: str) -> None:
     """Create a system and print its password once."""
     password = issue_password()
     with ctx.registry() as (registry, audit), _errors():
+        refuse_taken(ctx.config, registry, name, "system")
         registry.add_system(name, role, hash_password(password, _rounds(ctx)), now_ms())  # type: ignore[arg-type]
+        registry.set_broker_record("system:" + name, dynsec.password_record(password))
         audit.append("system.added", client_id=name, role=role, by="operator")
         audit.append("password.issued", client_id=name, by="operator")
+        principal = dynsec.system_principal(ctx.config.topic_prefix, name, role)
+        tell_broker(ctx.config, registry, dynsec.create_commands(principal, password), name, "system")
     click.echo(password)
 
 
@@ -403,6 +416,7 @@ def system_revoke(ctx: Context, name: str) -> None:
         if not registry.revoke_system(name):
             raise click.ClickException(f"no system {name}")
         audit.append("system.revoked", client_id=name, by="operator")
+        tell_broker(ctx.config, registry, [{"command": "disableClient", "username": name}], name, "system")
     click.echo(f"{name}: revoked")
 
 
@@ -650,6 +664,7 @@ main.add_command(format_group)
 main.add_command(time_group)
 main.add_command(edge_group)
 main.add_command(source_group)
+main.add_command(broker_group)
 _config_everywhere(main)  # last: after every command is added
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
+import secrets
 import ssl
 import time
 import uuid
@@ -43,10 +44,17 @@ class HubClient:
         serve: dict[str, Serve] | None = None,
         username: str | None = None,
         password: str | None = None,
+        client_id: str | None = None,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self._url = urlsplit(url)
-        self._id = f"{name}-{uuid.uuid4().hex[:8]}"
-        self.inbox = inbox or f"clients/{self._id}/answers"
+        self._id = client_id or f"{name}-{uuid.uuid4().hex[:8]}"  # a fixed one where the broker pins it
+        self._tls = tls
+        # With a broker user name, answers come under reply/<user name>/, the only place access control at the
+        # broker lets it subscribe (docs/operations.md, Access at the broker); the last level is random, which
+        # for the shared claim account is what keeps its answer from other claimants.
+        default = f"reply/{username}/{secrets.token_urlsafe(16)}" if username else f"clients/{self._id}/answers"
+        self.inbox = inbox or default
         self._waiting: dict[bytes, asyncio.Future[dict[str, Any]]] = {}
         self._counter = itertools.count()
         self._last_sent_at = 0  # the last send time stamped on a data message (epoch ms)
@@ -63,7 +71,7 @@ class HubClient:
         )
 
     async def __aenter__(self) -> HubClient:
-        tls = ssl.create_default_context() if self._url.scheme == "mqtts" else None
+        tls = (self._tls or ssl.create_default_context()) if self._url.scheme == "mqtts" else None
         port = self._url.port or (8883 if tls else 1883)
         await self._session.connect(self._url.hostname or "127.0.0.1", port, tls)
         topics = [self.inbox, *self._serve]
@@ -275,6 +283,7 @@ class EdgeTerminal:
         answer_time: bool = True,
         username: str | None = None,
         password: str | None = None,
+        client_id: str | None = None,
     ) -> None:
         self.source_id = source_id
         self.prefix = prefix
@@ -283,7 +292,7 @@ class EdgeTerminal:
         serve: dict[str, Serve] = {}
         if answer_time:
             serve = {f"{prefix}/time/check/{source_id}": self._check, f"{prefix}/time/set/{source_id}": self._set}
-        self.client = HubClient(url, source_id, serve=serve, username=username, password=password)
+        self.client = HubClient(url, source_id, serve=serve, username=username, password=password, client_id=client_id)
 
     async def __aenter__(self) -> EdgeTerminal:
         await self.client.__aenter__()

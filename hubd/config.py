@@ -49,6 +49,14 @@ class Section(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=T
     """
 
 
+class BrokerTlsConfig(Section, frozen=True):
+    """TLS to the broker (``mqtts://``) beyond the system's CA store: a private CA, a client certificate."""
+
+    ca_file: str | None = None  # trust this CA (PEM) instead of the system's
+    cert_file: str | None = None  # present this client certificate (PEM) ...
+    key_file: str | None = None  # ... with this key (PEM; default: in cert_file)
+
+
 class BrokerConfig(Section, frozen=True):
     """Where hubd's MQTT traffic goes. Without ``url`` hubd starts its own local Mosquitto."""
 
@@ -66,6 +74,15 @@ class BrokerConfig(Section, frozen=True):
     # And bytes of them: a message of 10,000 readings takes ~10 times its 1.8 MB decoded (bench/README.md).
     max_bytes_in_hand: Positive = 8 * 1024 * 1024
     keepalive_s: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 30  # two bytes in CONNECT
+    # Access control at the broker (docs/operations.md, "Access at the broker"): "dynsec" keeps Mosquitto's
+    # dynamic-security plugin in step with the registry; it needs username, password_file, admin_password_file.
+    access_control: Literal["none", "dynsec"] = "none"
+    plugin_file: str | None = None  # the plugin's JSON file; default <data_dir>/mosquitto/dynamic-security.json
+    admin_username: str = "hubd-admin"
+    admin_password_file: str | None = None
+    claim_username: str = "claim"  # first contact; its password: the initial password, from claim_password_file
+    claim_password_file: str | None = None
+    tls: BrokerTlsConfig = BrokerTlsConfig()
 
 
 class SqliteConfig(Section, frozen=True):
@@ -249,6 +266,15 @@ class Config(Section, frozen=True):
         return Path(self.data_dir).expanduser()
 
     @property
+    def plugin_path(self) -> Path:
+        """The broker's dynamic-security file (broker.plugin_file, else beside the embedded broker's files)."""
+        return (
+            Path(self.broker.plugin_file)
+            if self.broker.plugin_file
+            else self.data_path / "mosquitto" / "dynamic-security.json"
+        )
+
+    @property
     def registry_path(self) -> Path:
         return self.data_path / "hub.sqlite3"
 
@@ -420,6 +446,10 @@ def _check(config: Config) -> None:
             raise ConfigError("broker.url: must start with mqtt:// or mqtts://")
         if not _valid_broker_url(url):
             raise ConfigError("broker.url: must be mqtt[s]://host[:port] with a port number 1 … 65535")
+    if config.broker.access_control == "dynsec":
+        missing = [k for k in ("username", "password_file", "admin_password_file") if not getattr(config.broker, k)]
+        if missing:
+            raise ConfigError(f"broker.access_control dynsec needs broker.{missing[0]}")
     for server in config.time.ntp.servers:
         if ntp_address(server) is None:
             raise ConfigError(f"time.ntp.servers: {server!r} must be host or host:port with a port 1 … 65535")

@@ -42,21 +42,30 @@ def _broker_options(command: Any) -> Any:
                 type=click.Path(dir_okay=False, exists=True),
                 help="A file holding the broker password (with --username).",
             ),
+            click.option(
+                "--client-id",
+                default=None,
+                help="A fixed MQTT client id (with access control at the broker: the user name itself).",
+            ),
         ]
     ):
         command = option(command)
     return command
 
 
-def _terminal(options: dict[str, Any], source_id: str, clock: TerminalClock | None = None) -> EdgeTerminal:
+def _terminal(
+    options: dict[str, Any], source_id: str, clock: TerminalClock | None = None, answer_time: bool = True
+) -> EdgeTerminal:
     password = Path(options["password_file"]).read_text().strip() if options.get("password_file") else None
     return EdgeTerminal(
         options["broker"],
         source_id,
         prefix=options["prefix"],
         clock=clock,
+        answer_time=answer_time,
         username=options.get("username"),
         password=password,
+        client_id=options.get("client_id"),
     )
 
 
@@ -83,7 +92,8 @@ def edge_register(der_id: str, passwords_path: str, der_type: str | None, name: 
     details = {k: v for k, v in (("type", der_type), ("name", name)) if v is not None}
 
     async def register() -> dict[str, Any]:
-        async with _terminal(options, f"register-{der_id}") as terminal:
+        # It sends no data, so the hub checks no clock of it: it listens for its answer alone.
+        async with _terminal(options, f"register-{der_id}", answer_time=False) as terminal:
             return await terminal.register(der_id, initial, **details)
 
     answer = _run(register())

@@ -297,7 +297,13 @@ class Ingest:
         decoder = decode.decoder_for(raw.format_code)
         # The message's own receive time: "too far in the future" is judged against it, and a vendor format's
         # ``default: received`` time is it.
-        limits = Limits(raw.received_at, self._max_future_ms, self._limits.max_readings_per_message, raw.properties)
+        limits = Limits(
+            raw.received_at,
+            self._max_future_ms,
+            self._limits.max_readings_per_message,
+            raw.properties,
+            raw.sender.ders is not None,
+        )
         try:
             decoded = decoder(raw.payload, limits)
         except HubError:

@@ -497,7 +497,7 @@ def test_password_login_and_refusal_log_no_password(tmp_path: Path, log_lines: l
     passwords = tmp_path / "passwords"
     subprocess.run(["mosquitto_passwd", "-b", "-c", str(passwords), "hub", secret], check=True, timeout=10)
     template = tmp_path / "closed.conf.in"
-    closed = load_template().replace("allow_anonymous true", f"allow_anonymous false\npassword_file {passwords}")
+    closed = load_template().replace("\n{access_control}\n", f"\nallow_anonymous false\npassword_file {passwords}\n")
     template.write_text(closed, encoding="utf-8")
 
     async def main() -> None:

@@ -141,3 +141,53 @@ def test_a_broker_certificate_hubd_cannot_trust_stops_it_with_one_line(
     error = out.stderr.strip().splitlines()[-1]
     assert error.startswith(f"Error: cannot connect to the broker at {url}: ")
     assert why in error
+
+
+def test_a_private_ca_and_a_client_certificate_from_the_config(tls: TlsBroker, tmp_path: Path) -> None:
+    """broker.tls.ca_file instead of the system's store, and a client certificate for a listener that requires
+    one (require_certificate true); without the certificate that listener refuses hubd."""
+    certs = tls.ca.parent
+    _openssl(
+        *("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"),
+        *("-subj", "/CN=hubd", "-keyout", "client.key", "-out", "client.csr"),
+        cwd=certs,
+    )
+    _openssl(
+        *("x509", "-req", "-in", "client.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial"),
+        *("-days", "2", "-out", "client.pem"),
+        cwd=certs,
+    )
+    strict_port = free_port()
+    template = tmp_path / "strict.conf.in"
+    template.write_text(
+        load_template()
+        + f"\nlistener {strict_port} 127.0.0.1\nrequire_certificate true\n"
+        + f"cafile {certs / 'ca.pem'}\ncertfile {certs / 'server.pem'}\nkeyfile {certs / 'server.key'}\n",
+        encoding="utf-8",
+    )
+    strict = EmbeddedBroker(tmp_path / "strict-data", port=free_port(), template=template)
+    strict.start_sync()
+    try:
+        config = _config_for(tmp_path, tls, f"mqtts://localhost:{strict_port}")
+        settings = yaml.safe_load(config.read_text(encoding="utf-8"))
+        settings["broker"]["tls"] = {"ca_file": str(certs / "ca.pem")}
+        config.write_text(yaml.safe_dump(settings), encoding="utf-8")
+        refused = subprocess.run(
+            [sys.executable, "-c", "from hubd.cli import main; main()", "--config", str(config), "run"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            env={k: v for k, v in os.environ.items() if k != "SSL_CERT_FILE"},
+        )
+        assert refused.returncode == 1, refused.stderr
+        assert "cannot connect to the broker" in refused.stderr
+        settings["broker"]["tls"].update(cert_file=str(certs / "client.pem"), key_file=str(certs / "client.key"))
+        config.write_text(yaml.safe_dump(settings), encoding="utf-8")
+        hub = RunningHub(config, strict)
+        hub.start()
+        try:
+            assert hub.rr("hub/v1/time", {})["ok"] is True  # asked on the strict broker's plain listener
+        finally:
+            hub.stop()
+    finally:
+        strict.stop_sync()

@@ -18,9 +18,12 @@ import time
 from concurrent.futures import Executor
 from typing import Any
 
+from loguru import logger
+
 from hubd.audit import AuditLog
 from hubd.auth import Authenticator
 from hubd.auth.credentials import RateLimiter, VerifiedCache, hash_password, issue_password
+from hubd.auth.dynsec import BrokerAcl, BrokerAclError, create_commands, delete_commands, der_principal, password_record
 from hubd.auth.registry import DER_METADATA, check_id, check_metadata
 from hubd.config import AuthConfig
 from hubd.model import ErrorCode, HubError, format_time, now_ms
@@ -31,8 +34,20 @@ _HUB = "hub"  # the one key of the hub-wide count
 class Registration:
     """Answers ``register`` requests per PROTOCOL.md (allowlist or open mode, one-time claim)."""
 
-    def __init__(self, auth: Authenticator, config: AuthConfig, audit: AuditLog, pool: Executor) -> None:
+    def __init__(
+        self,
+        auth: Authenticator,
+        config: AuthConfig,
+        audit: AuditLog,
+        pool: Executor,
+        acl: BrokerAcl | None = None,
+        prefix: str = "hub/v1",
+        reserved: frozenset[str] = frozenset(),
+    ) -> None:
+        self._reserved = reserved  # the broker user names of the hub's own accounts
         self._auth = auth
+        self._acl = acl  # access control at the broker: a registered DER becomes a broker client of its own
+        self._prefix = prefix
         self._config = config
         self._audit = audit
         self._pool = pool  # registration's own (one thread): never shared with the data path's checks
@@ -45,6 +60,9 @@ class Registration:
         # One initial-password check at a time, the limits read just before it: requests sent all at once
         # cannot all pass the limit before the first of them has failed. One bcrypt thread serves them anyway.
         self._turn = asyncio.Lock()
+        # Claims whose answer (with the new password) the broker has not yet taken: DER id → (hash, password,
+        # whether the claim created the DER). Undone if the broker refuses the answer (docs/protocol.md).
+        self._unsettled: dict[str, tuple[str, str, bool]] = {}
 
     async def handle(self, request: dict[str, Any], requester: str | None) -> dict[str, Any]:
         der_id = request.get("der_id")
@@ -122,6 +140,8 @@ class Registration:
             raise HubError(ErrorCode.UNKNOWN_DER, f"DER {der_id} is not on this hub's allowlist")
         if der is not None and der.status == "revoked":
             raise HubError(ErrorCode.NOT_ALLOWED, f"DER {der_id} has been revoked")
+        if self._acl is not None and (der_id in self._reserved or der_id in self._auth.systems):
+            raise HubError(ErrorCode.NOT_ALLOWED, f"{der_id} names another principal at the broker; use another id")
         if der is not None and der.status == "registered":
             raise HubError(
                 ErrorCode.ALREADY_REGISTERED,
@@ -134,8 +154,50 @@ class Registration:
         now = now_ms()
         if not self._auth.registry.claim(der_id, hashed, now, meta, create=der is None):
             raise HubError(ErrorCode.ALREADY_REGISTERED, f"DER {der_id} was registered by another request")
+        if self._acl is not None:
+            await self._admit(der_id, hashed, unique, created=der is None)
         self._auth.reload_der(der_id)
-        self._auth.der_cache.remember(der_id, hashed, unique, good=True)
+        self._unsettled[der_id] = (hashed, unique, der is None)
         self._audit.append("register.ok", der_id=der_id, mode=self._config.registration_mode)
         self._audit.append("password.issued", der_id=der_id)
         return {"ok": True, "der_id": der_id, "password": unique, "registered_at": format_time(now)}
+
+    async def _admit(self, der_id: str, hashed: str, unique: str, created: bool) -> None:
+        """The DER's broker client, with the new password and its own topics, before the answer goes out."""
+        assert self._acl is not None
+        try:
+            await self._acl.run(create_commands(der_principal(self._prefix, der_id), unique))
+        except BrokerAclError as exc:
+            logger.error("registration of {} undone: {}", der_id, exc)
+            self._auth.registry.unclaim(der_id, hashed, delete=created)
+            self._auth.reload_der(der_id)
+            raise HubError(
+                ErrorCode.UNAVAILABLE, "the broker's access control could not be updated; try later"
+            ) from None
+        self._auth.registry.set_broker_record("der:" + der_id, password_record(unique))
+
+    async def settle(self, der_id: str, topic: str | None, failure: str | None) -> None:
+        """The broker's verdict on a registration's answer: taken (``failure`` None), the new password counts;
+        otherwise the claim is undone (the DER may claim again) and the audit trail says where and why."""
+        unsettled = self._unsettled.pop(der_id, None)
+        if unsettled is None:
+            return
+        hashed, unique, created = unsettled
+        if failure is None:
+            self._auth.der_cache.remember(der_id, hashed, unique, good=True)
+            return
+        undone = self._auth.registry.unclaim(der_id, hashed, delete=created)
+        self._auth.reload_der(der_id)
+        if undone and self._acl is not None:
+            self._auth.registry.set_broker_record("der:" + der_id, None)
+            try:
+                await self._acl.run(delete_commands(der_id))
+            except BrokerAclError as exc:  # its password was never delivered: nobody can use the client
+                logger.error("the broker client of {} could not be removed: {}", der_id, exc)
+        self._audit.append(
+            "register.undone",
+            "undelivered" if undone else "kept",
+            der_id=der_id,
+            topic=topic,
+            reason=f"the answer with the new password was not delivered: {failure}",
+        )

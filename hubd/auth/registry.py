@@ -7,6 +7,7 @@ daemon share it; the daemon notices the CLI's changes through SQLite's ``data_ve
 from __future__ import annotations
 
 import csv
+import json
 import math
 import re
 import sqlite3
@@ -39,6 +40,10 @@ CREATE TABLE IF NOT EXISTS systems (
     status TEXT NOT NULL,
     password_hash TEXT NOT NULL,
     added_at INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS broker_credentials (
+    principal TEXT PRIMARY KEY,
+    record TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS gateway_ders (
     gateway TEXT NOT NULL,
@@ -226,6 +231,18 @@ class Registry:
         cursor = self._db.execute(sql, (password_hash, now, *meta.values(), der_id))
         return cursor.rowcount == 1
 
+    def unclaim(self, der_id: str, password_hash: str, delete: bool) -> bool:
+        """Undo ``claim`` of this very password (its answer never reached the DER): the DER is ``allowed`` again,
+        or gone when the claim created it. False when the DER has moved on since (rotated, revoked)."""
+        if delete:
+            sql = "DELETE FROM ders WHERE der_id = ? AND password_hash = ? AND status = 'registered'"
+        else:
+            sql = (
+                "UPDATE ders SET status = 'allowed', password_hash = NULL, registered_at = NULL "
+                "WHERE der_id = ? AND password_hash = ? AND status = 'registered'"
+            )
+        return self._db.execute(sql, (der_id, password_hash)).rowcount == 1
+
     def set_der_password(self, der_id: str, password_hash: str | None, status: DerStatus) -> bool:
         cursor = self._db.execute(
             "UPDATE ders SET password_hash = ?, status = ?, "
@@ -252,6 +269,24 @@ class Registry:
     def revoke_system(self, name: str) -> bool:
         cursor = self._db.execute("UPDATE systems SET status = 'revoked' WHERE name = ?", (name,))
         return cursor.rowcount == 1
+
+    # -- the broker's copy of passwords (hubd.auth.dynsec) -------------------------------------------------
+
+    def broker_records(self) -> dict[str, dict[str, Any]]:
+        """Each principal's broker password as the broker's plugin stores it (a salted PBKDF2 hash), by
+        ``der:<id>`` or ``system:<name>``: what rebuilds the plugin's file without any password in plain text."""
+        rows = self._db.execute("SELECT principal, record FROM broker_credentials")
+        return {principal: json.loads(record) for principal, record in rows}
+
+    def set_broker_record(self, principal: str, record: dict[str, Any] | None) -> None:
+        if record is None:
+            self._db.execute("DELETE FROM broker_credentials WHERE principal = ?", (principal,))
+        else:
+            self._db.execute(
+                "INSERT INTO broker_credentials (principal, record) VALUES (?, ?) "
+                "ON CONFLICT (principal) DO UPDATE SET record = excluded.record",
+                (principal, json.dumps(record)),
+            )
 
     # -- gateways' DERs ---------------------------------------------------------------------------------
 

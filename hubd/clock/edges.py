@@ -27,6 +27,7 @@ from hubd.client import HubClient
 from hubd.clock.state import Clocks, SourceClock, SourceState
 from hubd.config import BrokerConfig, EdgeClockConfig
 from hubd.model import HubError, format_time, now_ms, parse_time
+from hubd.mqtt.driver import tls_context
 
 _TICK_S = 1.0  # how often the schedule looks for sources due
 _AT_ONCE = 8  # sources checked at the same time
@@ -63,12 +64,16 @@ class EdgeChecks:
         delay = _RECONNECT_S[0]
         while True:
             try:
+                # Under access control at the broker, its own principal bound to this one client id (hubd.auth.dynsec)
+                pinned = self._broker.access_control == "dynsec"
                 async with HubClient(
                     self._url,
                     f"{self._broker.client_id}-clock",
                     inbox=self.inbox,
-                    username=self._broker.username,
+                    username=f"{self._broker.username}-clock" if pinned else self._broker.username,
                     password=self._password if self._broker.username else None,
+                    client_id=f"{self._broker.client_id}-clock" if pinned else None,
+                    tls=tls_context(self._broker) if self._url.startswith("mqtts") else None,
                 ) as client:
                     delay = _RECONNECT_S[0]
                     await self._schedule(client)

@@ -281,7 +281,7 @@ def decode_native_slow(payload: bytes, limits: Limits) -> Decoded:
     items: list[Reading | HubError] = []
     for item in readings:
         try:
-            items.append(check_reading(item, limits, gateway is None))
+            items.append(check_reading(item, limits, gateway is None and not limits.vouched))
         except HubError as exc:
             named = item.get("der_id") if isinstance(item, dict) else None
             exc.der_id = named if valid_id(named) else None
@@ -360,7 +360,9 @@ def _decode_fast(payload: bytes, limits: Limits) -> Decoded | None:
         if not valid_id(gateway.name) or not gateway.password:
             return None
         gateway = (gateway.name, gateway.password)
-    items = _fast_readings(message.readings, limits.now_ms + limits.max_future_ms, gateway is None)
+    items = _fast_readings(
+        message.readings, limits.now_ms + limits.max_future_ms, gateway is None and not limits.vouched
+    )
     if items is None:
         return None
     reply_to = message.reply_to

@@ -41,6 +41,9 @@ class Limits(msgspec.Struct, frozen=True, gc=False):
     max_future_ms: int
     max_readings: int
     properties: dict[str, str] = msgspec.field(default_factory=dict)
+    # The broker vouches for the sender (a DER's own topic under access control at the broker): its readings
+    # need no password (docs/protocol.md, "Proof of sender").
+    vouched: bool = False
 
 
 Decoder = Callable[[bytes, Limits], Decoded]

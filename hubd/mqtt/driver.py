@@ -24,6 +24,7 @@ import orjson
 from loguru import logger
 
 from hubd.config import BrokerConfig
+from hubd.model import format_time, now_ms
 from hubd.mqtt.packets import MalformedPacket, parse_publish, publish_properties, reason_text
 from hubd.mqtt.session import MqttError, MqttSession
 
@@ -85,14 +86,23 @@ class MqttDriver:
     """
 
     def __init__(
-        self, config: BrokerConfig, url: str, topics: list[str], handler: Handler, password: str | None = None
+        self,
+        config: BrokerConfig,
+        url: str,
+        topics: list[str],
+        handler: Handler,
+        password: str | None = None,
+        status_topic: str | None = None,
     ) -> None:
         self._config = config
         self._url = urlsplit(url)
         group = config.shared_group
         self._topics = [f"$share/{group}/{t}" if group else t for t in topics]
         self._handler = handler
-        self._tls = ssl.create_default_context() if self._url.scheme == "mqtts" else None
+        self._tls = tls_context(config) if self._url.scheme == "mqtts" else None
+        # A retained "online" on <prefix>/status once connected, "offline" when hubd stops, and as the will the
+        # broker publishes when the connection ends otherwise: edge terminals can tell whether the hub is up.
+        self._status_topic = status_topic
         self._host = self._url.hostname or "127.0.0.1"
         self._port = self._url.port or (8883 if self._tls else 1883)
         self._session = MqttSession(
@@ -106,6 +116,7 @@ class MqttDriver:
             keepalive_s=config.keepalive_s,
             username=config.username,
             password=password if config.username else None,
+            will=(status_topic, _status("offline")) if status_topic else None,
         )
         self._accepting = True
         self._limit = config.receive_maximum
@@ -156,6 +167,8 @@ class MqttDriver:
         ]
         if refused:
             raise MqttError("the broker refused the subscription to " + "; ".join(refused))
+        if self._status_topic:
+            self._session.publish_retained(self._status_topic, _status("online"))
         logger.info(
             "connected to {}://{}:{}; subscribed to {}",
             self._url.scheme,
@@ -263,12 +276,18 @@ class MqttDriver:
 
     # -- outbound ------------------------------------------------------------------------------------------
 
-    def publish(self, topic: str, body: dict[str, Any], correlation_data: bytes | None = None) -> int:
+    def publish(
+        self,
+        topic: str,
+        body: dict[str, Any],
+        correlation_data: bytes | None = None,
+        verdict: Callable[[int], None] | None = None,
+    ) -> int:
         """Publish an answer (QoS 1), in order, waiting in the session's queue for a packet id; return its size.
 
         Raises ``AnswerTooLarge``, sending nothing, for an answer larger than the broker takes (the Maximum
         Packet Size of its CONNACK): a broker disconnects a client that sends one, and the request it answers
-        would come again and again."""
+        would come again and again. ``verdict``: called with the reason code of the broker's PUBACK."""
         payload = orjson.dumps(body)
         properties = publish_properties("application/json", correlation_data=correlation_data)
         # At most: fixed header 5, topic 2 + 4 bytes a character, packet id 2, properties, payload.
@@ -276,7 +295,7 @@ class MqttDriver:
         limit = self._session.server_maximum_packet
         if largest > limit and 9 + len(topic.encode()) + len(properties) + len(payload) > limit:
             raise AnswerTooLarge(len(payload), limit)
-        self._session.publish(topic, payload, properties)
+        self._session.publish(topic, payload, properties, verdict)
         return len(payload)
 
     # -- stopping ------------------------------------------------------------------------------------------
@@ -295,4 +314,19 @@ class MqttDriver:
                 logger.warning(
                     "{} messages still in hand after {} s; the broker will deliver them again", self._in_hand, timeout_s
                 )
+        if self._status_topic and self._session.connected:
+            self._session.publish_retained(self._status_topic, _status("offline"))
         await self._session.disconnect()
+
+
+def _status(state: str) -> bytes:
+    return orjson.dumps({"status": state, "at": format_time(now_ms())})
+
+
+def tls_context(config: BrokerConfig) -> ssl.SSLContext:
+    """TLS to the broker: the system's CA store, or ``broker.tls.ca_file``; a client certificate if given."""
+    tls = config.tls
+    context = ssl.create_default_context(cafile=tls.ca_file)
+    if tls.cert_file:
+        context.load_cert_chain(tls.cert_file, tls.key_file)
+    return context

@@ -73,6 +73,9 @@ _PROPERTIES: dict[int, tuple[str, int]] = {
 REASONS: dict[int, str] = {
     0x00: "success",
     0x04: "disconnect with will message",
+    0x01: "granted QoS 1",
+    0x10: "no matching subscribers",
+    0x11: "no subscription existed",
     0x80: "unspecified error",
     0x81: "malformed packet",
     0x82: "protocol error",
@@ -90,9 +93,14 @@ REASONS: dict[int, str] = {
     0x8E: "session taken over",
     0x8F: "topic filter invalid",
     0x90: "topic name invalid",
+    0x91: "packet identifier in use",
+    0x92: "packet identifier not found",
     0x93: "receive maximum exceeded",
+    0x94: "topic alias invalid",
     0x95: "packet too large",
+    0x96: "message rate too high",
     0x97: "quota exceeded",
+    0x98: "administrative action",
     0x99: "payload format invalid",
     0x9A: "retain not supported",
     0x9B: "QoS not supported",
@@ -100,6 +108,8 @@ REASONS: dict[int, str] = {
     0x9D: "server moved",
     0x9E: "shared subscriptions not supported",
     0x9F: "connection rate exceeded",
+    0xA0: "maximum connect time",
+    0xA1: "subscription identifiers not supported",
     0xA2: "wildcard subscriptions not supported",
 }
 
@@ -275,9 +285,13 @@ def connect(
     receive_maximum: int,
     username: str | None = None,
     password: str | None = None,
+    will: tuple[str, bytes] | None = None,
 ) -> bytes:
-    """CONNECT, protocol level 5, without a will. Topic Alias Maximum is left at 0: the broker sends no aliases."""
+    """CONNECT, protocol level 5. Topic Alias Maximum is left at 0: the broker sends no aliases. ``will``: a topic
+    and payload the broker publishes (QoS 1, retained) when the connection ends without a normal DISCONNECT."""
     flags = (0x02 if clean_start else 0) | (0x80 if username is not None else 0) | (0x40 if password is not None else 0)
+    if will is not None:
+        flags |= 0x04 | (1 << 3) | 0x20  # will, will QoS 1, will retain
     pairs: list[tuple[int, Any]] = []
     if session_expiry_s:
         pairs.append((0x11, session_expiry_s))
@@ -285,6 +299,8 @@ def connect(
         pairs.append((0x21, receive_maximum))
     body = b"\x00\x04MQTT\x05" + bytes((flags,)) + keepalive_s.to_bytes(2, "big") + encode_properties(pairs)
     body += encode_string(client_id)
+    if will is not None:
+        body += b"\x00" + encode_string(will[0]) + encode_binary(will[1])  # no will properties
     if username is not None:
         body += encode_string(username)
     if password is not None:
@@ -321,7 +337,9 @@ def parse_connack(body: bytes) -> ConnAck:
 _ONE_BYTE = [bytes((i,)) for i in range(128)]
 
 
-def publish(topic: str, payload: bytes, qos: int, packet_id: int, properties: bytes = b"\x00") -> bytes:
+def publish(
+    topic: str, payload: bytes, qos: int, packet_id: int, properties: bytes = b"\x00", retain: bool = False
+) -> bytes:
     """A PUBLISH; ``properties`` as ``publish_properties`` returns them (length included), the default none."""
     name = topic.encode()
     head = len(name).to_bytes(2, "big") + name
@@ -329,7 +347,7 @@ def publish(topic: str, payload: bytes, qos: int, packet_id: int, properties: by
         head += packet_id.to_bytes(2, "big")
     size = len(head) + len(properties) + len(payload)
     length = _ONE_BYTE[size] if size < 128 else encode_varint(size)
-    return b"".join((_ONE_BYTE[0x30 | qos << 1], length, head, properties, payload))
+    return b"".join((_ONE_BYTE[0x30 | qos << 1 | retain], length, head, properties, payload))
 
 
 def with_dup(packet: bytes) -> bytes:

@@ -51,8 +51,10 @@ class MqttSession(asyncio.Protocol):
         keepalive_s: int = 60,
         username: str | None = None,
         password: str | None = None,
+        will: tuple[str, bytes] | None = None,
     ) -> None:
         self.client_id = client_id
+        self._will = will
         self._on_publish = on_publish
         self._on_lost = on_lost
         self._on_sent = on_sent
@@ -82,8 +84,10 @@ class MqttSession(asyncio.Protocol):
         self.generation = 0  # connections so far: a packet id is meaningful only on the one it came on
         self.server_receive_maximum = 65535
         self.server_maximum_packet = LARGEST_PACKET  # the broker's Maximum Packet Size, from its CONNACK
+        self.server_maximum_qos = 2  # the broker's Maximum QoS: 0 means it takes no QoS 1 publish
         self._inflight: dict[int, bytes] = {}  # packet id → QoS 1 PUBLISH not yet acknowledged, in send order
-        self._queue: deque[tuple[str, bytes, bytes]] = deque()  # publishes waiting for a slot
+        self._queue: deque[tuple[str, bytes, bytes, Callable[[int], None] | None]] = deque()  # waiting for a slot
+        self._verdicts: dict[int, Callable[[int], None]] = {}  # packet id → told the reason code of its PUBACK
         self.queued_total = 0  # publishes that ever waited in the queue
         self.sent_total = 0  # of those, handed to the connection
         self._last_id = 0
@@ -137,7 +141,12 @@ class MqttSession(asyncio.Protocol):
         self.generation += 1
         self.server_receive_maximum = connack.first("receive_maximum", 65535)
         self.server_maximum_packet = connack.first("maximum_packet_size", LARGEST_PACKET)
+        self.server_maximum_qos = connack.first("maximum_qos", 2)
         self._keepalive_s = connack.first("server_keep_alive", self._keepalive_s)
+        assigned = connack.first("assigned_client_identifier")
+        if assigned and assigned != self.client_id:  # the broker named the session: use that name from now on
+            logger.info("the broker assigned the client id {} (asked for {!r})", assigned, self.client_id)
+            self.client_id = assigned
         # Publishes the broker never acknowledged go again, marked as duplicates when it kept the session.
         mark = packets.with_dup if connack.session_present else bytes
         for packet in self._inflight.values():
@@ -233,6 +242,7 @@ class MqttSession(asyncio.Protocol):
                 receive_maximum=self._receive_maximum,
                 username=self._username,
                 password=self._password if self._username is not None else None,
+                will=self._will,
             )
         )
         if self._first_topics:  # MQTT lets a client send on before CONNACK: the subscription is not a turn late
@@ -299,11 +309,17 @@ class MqttSession(asyncio.Protocol):
                 elif kind == packets.PUBACK:  # the broker took one of our publishes
                     if length < 2:
                         raise packets.MalformedPacket("PUBACK shorter than two bytes")
-                    if inflight.pop((data[start] << 8) | data[start + 1], None) is not None:
+                    packet_id = (data[start] << 8) | data[start + 1]
+                    if inflight.pop(packet_id, None) is not None:
                         acked = True
-                        if length > 2 and data[start + 2] >= 0x80:
-                            reason = packets.reason_text(data[start + 2])
+                        code = data[start + 2] if length > 2 else 0
+                        if code >= 0x80:
+                            reason = packets.reason_text(code)
                             logger.warning("the broker refused a message published to it: {}", reason)
+                        if self._verdicts:
+                            told = self._verdicts.pop(packet_id, None)
+                            if told is not None:
+                                told(code)
                 else:
                     self._control(kind, data[start:stop])
                 pos = stop
@@ -349,16 +365,39 @@ class MqttSession(asyncio.Protocol):
 
     # -- outbound QoS 1 ------------------------------------------------------------------------------------
 
-    def publish(self, topic: str, payload: bytes, properties: bytes = b"\x00") -> None:
-        """Publish at QoS 1, now if the broker takes one more unacknowledged, else after those queued before."""
+    def publish(
+        self,
+        topic: str,
+        payload: bytes,
+        properties: bytes = b"\x00",
+        verdict: Callable[[int], None] | None = None,
+    ) -> None:
+        """Publish at QoS 1, now if the broker takes one more unacknowledged, else after those queued before.
+
+        ``verdict`` is called with the reason code of the broker's PUBACK (below 0x80: taken; 0x87: not
+        authorized, ...) when it comes: an answer that must reach its requester (a new password) waits for it.
+        A broker whose CONNACK says Maximum QoS 0 gets it at QoS 0, and ``verdict`` hears 0 at once: it takes
+        nothing better."""
+        if self._up and self.server_maximum_qos == 0:
+            self._write(packets.publish(topic, payload, 0, 0, properties))
+            if verdict is not None:
+                verdict(0)
+            return
         if self._queue or not self._up or len(self._inflight) >= self.server_receive_maximum:
-            self._queue.append((topic, payload, properties))
+            self._queue.append((topic, payload, properties, verdict))
             self.queued_total += 1
             return
         packet_id = self._next_id()
         packet = packets.publish(topic, payload, 1, packet_id, properties)
         self._inflight[packet_id] = packet
+        if verdict is not None:
+            self._verdicts[packet_id] = verdict
         self._write(packet)
+
+    def publish_retained(self, topic: str, payload: bytes) -> None:
+        """A retained message at QoS 0 (the hub's status): the latest one is what a new subscriber sees."""
+        if self._up:
+            self._write(packets.publish(topic, payload, 0, 0, retain=True))
 
     def _send_queued(self) -> None:
         queue = self._queue
@@ -367,10 +406,12 @@ class MqttSession(asyncio.Protocol):
         encode = packets.publish
         sent = 0
         while queue and self._up and len(inflight) < limit:
-            topic, payload, properties = queue.popleft()
+            topic, payload, properties, verdict = queue.popleft()
             packet_id = self._next_id()
             packet = encode(topic, payload, 1, packet_id, properties)
             inflight[packet_id] = packet
+            if verdict is not None:
+                self._verdicts[packet_id] = verdict
             self._write(packet)
             sent += 1
         if sent:

@@ -10,7 +10,7 @@ A new service is a module here with a class that satisfies ``Service``, added to
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from hubd.model import HubError
 
@@ -30,6 +30,17 @@ class Service(Protocol):
     name: str  # the topic under the hub's prefix: hub/v1/<name>
 
     async def handle(self, request: Request) -> dict[str, Any]: ...
+
+
+@runtime_checkable
+class Settled(Protocol):
+    """A service whose answer counts only once delivered (a registration: its answer carries the new password).
+
+    The MQTT source waits for the broker's PUBACK of the answer and calls ``settle`` with its verdict: None when
+    the broker took it (reason code below 0x80), else why not (refused with a reason code, no reply address,
+    no acknowledgement in time)."""
+
+    async def settle(self, answer: dict[str, Any], topic: str | None, failure: str | None) -> None: ...
 
 
 def refusal(error: HubError) -> dict[str, Any]:

@@ -23,3 +23,8 @@ class RegisterService:
             self._audit.append("register.failed", error.code.value, requester=request.requester, reason=error.message)
             return refusal(error)
         return await self._registration.handle(request.body, request.requester)
+
+    async def settle(self, answer: dict[str, Any], topic: str | None, failure: str | None) -> None:
+        """A registration counts once its answer, with the new password, reached the broker; else it is undone."""
+        if answer.get("ok"):
+            await self._registration.settle(str(answer["der_id"]), topic, failure)

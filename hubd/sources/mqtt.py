@@ -24,10 +24,13 @@ from hubd.config import BrokerConfig, LimitsConfig
 from hubd.decode import load_json_object
 from hubd.decode.native import ReplyRule, reply_fields, valid_id
 from hubd.ingest import Outcome
-from hubd.model import ErrorCode, HubError, RawMessage, now_ms
+from hubd.model import ErrorCode, HubError, RawMessage, Sender, now_ms
 from hubd.mqtt.driver import AnswerTooLarge, Done, MqttDriver, MqttError, per_message
-from hubd.services import Request, Service, refusal
+from hubd.mqtt.packets import reason_text
+from hubd.services import Request, Service, Settled, refusal
 from hubd.sources import Health, Pipeline
+
+ANSWER_ACK_TIMEOUT_S = 30.0  # a request's answer not acknowledged by the broker by then counts as not delivered
 
 
 class MqttSource:
@@ -47,6 +50,7 @@ class MqttSource:
         count: Callable[[str, str], None],
         password: str | None = None,
         debug: bool = False,
+        vouched: bool = False,
     ) -> None:
         self.name = config.client_id
         self._debug = debug  # log.level DEBUG: a line per data answer
@@ -58,6 +62,10 @@ class MqttSource:
         self._replies = replies  # never an answer inside the hub's own topics (docs/protocol.md)
         self.data_topic = f"{prefix}/data"
         self._data_prefix = self.data_topic + "/"  # hub/v1/data/<format code>
+        # hub/v1/der/<der id>/data[/<format code>]: only with access control at the broker, which lets that DER's
+        # client alone publish there; the topic is then the proof of sender (docs/protocol.md).
+        self._der_prefix = f"{prefix}/der/" if vouched else None
+        own = [f"{prefix}/der/+/data", f"{prefix}/der/+/data/+"] if vouched else []
         self._requests = per_message(self._on_request)
         self._pipeline: Pipeline | None = None
         self._stopped = asyncio.Event()
@@ -65,9 +73,10 @@ class MqttSource:
         self.driver = MqttDriver(
             config,
             url,
-            [*self._services, self.data_topic, self.data_topic + "/+"],
+            [*self._services, self.data_topic, self.data_topic + "/+", *own],
             self.on_message,
             password=password,
+            status_topic=f"{prefix}/status",
         )
 
     @property
@@ -194,11 +203,20 @@ class MqttSource:
         else:
             answer = await service.handle(Request(body, error, requester))
         self._audit.flush()  # audited before answered
-        size = self._answer(answer, response_topic, correlation, reply_to, request_id)
+        verdict: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        size = self._answer(answer, response_topic, correlation, reply_to, request_id, partial(_told, verdict))
         outcome = "ok" if answer.get("ok") else answer["error"]["code"]
+        settled = service if isinstance(service, Settled) else None
+        failure = await self._delivery(verdict, settled is not None) if size else "no reply address"
         if size:
-            self._audit.append("answer.sent", outcome, topic=topic, requester=requester, bytes=size)
-            self.answers[service.name] = self.answers.get(service.name, 0) + 1
+            if failure is None:
+                self._audit.append("answer.sent", outcome, topic=topic, requester=requester, bytes=size)
+                self.answers[service.name] = self.answers.get(service.name, 0) + 1
+            else:  # the broker's verdict, never ``ok``: the requester did not get its answer
+                self._audit.append("answer.sent", "refused", topic=topic, requester=requester, reason=failure)
+                logger.warning("the answer on {} to {} was not delivered: {}", topic, requester, failure)
+        if settled is not None:
+            await settled.settle(answer, requester, failure)
         self._audit.flush()
         # The outcome's code only: a registration's answer carries the DER's new password.
         logger.debug(
@@ -210,6 +228,19 @@ class MqttSource:
             (time.perf_counter() - started) * 1000,
             "" if size else " (no reply address)",
         )
+
+    async def _delivery(self, verdict: asyncio.Future[int], settled: bool) -> str | None:
+        """Why an answer was not delivered (the broker refused it, or did not acknowledge it in time); None
+        when the broker took it. A refused answer is not sent again: the broker would refuse it again. An answer
+        that must reach its requester (``settled``: a new password) also fails on 0x10, "no matching
+        subscribers": nobody was there to receive it."""
+        try:
+            code = await asyncio.wait_for(asyncio.shield(verdict), ANSWER_ACK_TIMEOUT_S)
+        except TimeoutError:
+            return f"the broker did not acknowledge it within {ANSWER_ACK_TIMEOUT_S:g} s"
+        if code >= 0x80 or (settled and code == 0x10):
+            return f"the broker refused it: {reason_text(code)}"
+        return None
 
     def _failed(
         self,
@@ -239,11 +270,17 @@ class MqttSource:
         self._answer(refusal(error), *_v5_reply(properties), reply_to, request_id)
 
     def _is_data(self, topic: str) -> bool:
-        return topic == self.data_topic or topic.startswith(self._data_prefix)
+        return (
+            topic == self.data_topic
+            or topic.startswith(self._data_prefix)
+            or (self._der_prefix is not None and topic.startswith(self._der_prefix))
+        )
 
     def _raw_message(self, topic: str, payload: bytes, properties: dict[str, Any]) -> RawMessage:
         """A data message as the pipeline takes it: the format code from the topic, the v5 user properties."""
         user = _user_properties(properties)
+        if self._der_prefix is not None and topic.startswith(self._der_prefix):
+            return self._own_topic(topic, payload, properties, user)
         return RawMessage(
             source_id=user.get("source_id", "unknown"),
             format_code=topic[len(self._data_prefix) :] or "hub.v1",
@@ -254,6 +291,22 @@ class MqttSource:
             properties=user,
         )
 
+    def _own_topic(self, topic: str, payload: bytes, properties: dict[str, Any], user: dict[str, str]) -> RawMessage:
+        """A message on a DER's own topic: the broker let that DER's client alone publish it, so the sender is
+        that DER, which may write its own readings without passwords and no other's."""
+        assert self._der_prefix is not None
+        der_id, _, rest = topic[len(self._der_prefix) :].partition("/data")
+        return RawMessage(
+            source_id=user.get("source_id", der_id),
+            format_code=rest[1:] or "hub.v1",
+            payload=payload,
+            received_at=now_ms(),
+            topic=topic,
+            requester=_first(properties.get("response_topic")),
+            properties=user,
+            sender=Sender("topic", self._der_prefix + der_id, frozenset((der_id,))),
+        )
+
     def _answer(
         self,
         body: dict[str, Any],
@@ -261,20 +314,24 @@ class MqttSource:
         correlation: bytes | None,
         reply_to: str | None,
         request_id: Any,
+        verdict: Callable[[int], None] | None = None,
     ) -> int:
         """Answer on the v5 response topic, else on the v3.1.1 ``reply_to``; nothing when neither is set, nor
         on an address the hub may not use (``ReplyRule``). An answer larger than the broker takes (a query page
         of many fields, a data answer naming thousands of refused readings) is replaced by a ``too_large``
         refusal that says so."""
         try:
-            return self._publish(body, response_topic, correlation, reply_to, request_id)
+            return self._publish(body, response_topic, correlation, reply_to, request_id, verdict)
         except AnswerTooLarge as exc:
             message = f"{exc}; ask for fewer rows or fields"
             if "accepted" in body:  # a data answer: what became of the readings all the same
                 message = f"{exc}; {body['accepted']} readings accepted, {len(body['rejected'])} refused"
             logger.warning("not sent: {}", message)
             refused = refusal(HubError(ErrorCode.TOO_LARGE, message))
-            return self._publish(refused, response_topic, correlation, reply_to, request_id)
+            size = self._publish(refused, response_topic, correlation, reply_to, request_id)
+            if verdict is not None and size:
+                verdict(0x95)  # the answer itself never went, only its refusal: "packet too large"
+            return size
 
     def _publish(
         self,
@@ -283,15 +340,24 @@ class MqttSource:
         correlation: bytes | None,
         reply_to: str | None,
         request_id: Any,
+        verdict: Callable[[int], None] | None = None,
     ) -> int:
         """A refused response topic is not replaced by ``reply_to``: the sender asked for its answer there."""
         if response_topic:
-            return self.driver.publish(response_topic, body, correlation) if self._replies.allows(response_topic) else 0
+            if not self._replies.allows(response_topic):
+                return 0
+            return self.driver.publish(response_topic, body, correlation, verdict)
         if reply_to and self._replies.allows(reply_to):
             if request_id is not None:
                 body = {**body, "request_id": request_id}
-            return self.driver.publish(reply_to, body)
+            return self.driver.publish(reply_to, body, verdict=verdict)
         return 0
+
+
+def _told(verdict: asyncio.Future[int], code: int) -> None:
+    """The broker's PUBACK reason code for an answer, to the request waiting for it (if it still waits)."""
+    if not verdict.done():
+        verdict.set_result(code)
 
 
 def _data_outcome(answer: dict[str, Any]) -> str:
