@@ -334,6 +334,10 @@ class SqliteStore:
     def count(self) -> int:
         return int(self._db.execute("SELECT count(*) FROM readings").fetchone()[0])
 
+    def clear(self) -> None:
+        """Delete every reading: for a scratch store (the InfluxDB query side's in-memory one)."""
+        self._db.execute("DELETE FROM readings")
+
     def close(self) -> None:
         self._db.close()
 
