@@ -334,6 +334,19 @@ class SqliteStore:
     def count(self) -> int:
         return int(self._db.execute("SELECT count(*) FROM readings").fetchone()[0])
 
+    def dump(self, after: tuple[str, int] | None, limit: int) -> list[tuple[Any, ...]]:
+        """Up to ``limit`` stored readings after the key ``after``, in key order (der_id, measured_at), each
+        as (der_id, measured_at, *FIELDS, clock_flag, clock_offset_s, received_at, source_id, format_code,
+        sent_at): a row of ``Rows`` for the quantities FIELDS + CLOCK_COLUMNS. For copying a store out."""
+        columns = ", ".join(
+            ("der_id", "measured_at", *FIELDS, *CLOCK_COLUMNS, "received_at", "source_id", "format_code", "sent_at")
+        )
+        start = after or ("", MIN_TIME_MS - 1)
+        return self._db.execute(
+            f"SELECT {columns} FROM readings WHERE (der_id, measured_at) > (?, ?) ORDER BY der_id, measured_at LIMIT ?",
+            (*start, limit),
+        ).fetchall()
+
     def clear(self) -> None:
         """Delete every reading: for a scratch store (the InfluxDB query side's in-memory one)."""
         self._db.execute("DELETE FROM readings")

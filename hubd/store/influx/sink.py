@@ -15,7 +15,10 @@ import asyncio
 import contextlib
 import json
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any, TypeVar
 
 from loguru import logger
 
@@ -30,6 +33,7 @@ from hubd.store.influx.query import der_condition, ns, quote_name
 from hubd.store.influx.spool import Spool
 
 QUARANTINE_TOPIC = "store/influxdb"  # the "topic" of a quarantined reading InfluxDB refused
+T = TypeVar("T")
 
 
 def spool_path(config: Config) -> Path:
@@ -53,6 +57,9 @@ class InfluxSink:
         self._lock = asyncio.Lock()  # batches are decided and written one at a time, in call order
         self._spooled = 0  # readings in the spool
         self._replay: asyncio.Task[None] | None = None
+        self._draining = False  # a replay runs: batches go to the spool, behind what it holds
+        # The spool's one thread: appends, replays and state changes are each one SQLite call, in order.
+        self._spool_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hubd-influx-spool")
         self._progress = asyncio.Event()  # set each time the replay empties a batch from the spool
         self.refused = 0  # readings quarantined because InfluxDB refused them
 
@@ -63,9 +70,9 @@ class InfluxSink:
     async def start(self) -> None:
         """Open the spool; check the database exists if InfluxDB answers (if not, batches spool until it
         does); replay what a previous run left in the spool."""
-        self._spool = spool = await asyncio.to_thread(Spool, self._spool_path)
+        self._spool = spool = await self._in_spool(Spool, self._spool_path)
         self._quarantine = Quarantine(self._registry_path, self._quarantine_bytes)
-        _, self._spooled, _ = await asyncio.to_thread(spool.depth)
+        _, self._spooled, _ = await self._in_spool(spool.depth)
         try:
             databases = await self._client.query("SHOW DATABASES")
         except InfluxUnavailable as exc:
@@ -85,7 +92,7 @@ class InfluxSink:
     async def write_rows(self, rows: Rows, stored_at: int) -> None:
         count = sum(len(run) for _, run in rows)
         async with self._lock:
-            if not self._spooled and not self._replaying():
+            if not self._spooled and not self._draining:
                 try:
                     await self.deliver(rows)
                     return
@@ -98,15 +105,21 @@ class InfluxSink:
                 self._ensure_replay()
                 await self._progress.wait()
             assert self._spool is not None
-            await asyncio.to_thread(self._spool.append, rows, count)
+            await self._in_spool(self._spool.append, rows, count)
             self._spooled += count
             self._ensure_replay()
 
-    def _replaying(self) -> bool:
-        return self._replay is not None and not self._replay.done()
+    @property
+    def spooled(self) -> int:
+        """Readings in the spool, waiting for InfluxDB."""
+        return self._spooled
+
+    async def _in_spool(self, call: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._spool_thread, call, *args)
 
     def _ensure_replay(self) -> None:
-        if not self._replaying():
+        if not self._draining:
+            self._draining = True
             self._replay = asyncio.create_task(self._replay_spool(), name="hubd-influx-replay")
 
     async def _replay_spool(self) -> None:
@@ -116,8 +129,11 @@ class InfluxSink:
         pause = self._config.retry_s
         replayed, started = 0, time.monotonic()
         while True:
-            head = await asyncio.to_thread(spool.head)
+            head = await self._in_spool(spool.head)
             if head is None:
+                if self._spooled:  # appended while the spool was read: go on
+                    continue
+                self._draining = False  # from here on batches go straight to InfluxDB
                 break
             batch_id, rows, count = head
             began = time.monotonic()
@@ -129,7 +145,7 @@ class InfluxSink:
                 pause = min(pause * 2, 30.0)
                 continue
             pause = self._config.retry_s
-            await asyncio.to_thread(spool.remove, batch_id, count, time.monotonic() - began)
+            await self._in_spool(spool.remove, batch_id, count, time.monotonic() - began)
             self._spooled -= count
             replayed += count
             self._progress.set()
@@ -141,7 +157,7 @@ class InfluxSink:
     async def _set_mode(self, mode: str, reason: str | None) -> None:
         assert self._spool is not None
         since = int(time.time() * 1000)
-        await asyncio.to_thread(self._spool.set_state, mode=mode, since=since, reason=reason)
+        await self._in_spool(lambda: self._spool.set_state(mode=mode, since=since, reason=reason))  # type: ignore[union-attr]
 
     async def deliver(self, rows: Rows) -> None:
         """Write one batch by the replace rule (hubd.store.influx.versions). Raises InfluxUnavailable when
@@ -239,6 +255,7 @@ class InfluxSink:
                     await self._replay
             await self._client.close()
             if self._spool is not None:
-                await asyncio.to_thread(self._spool.close)
+                await self._in_spool(self._spool.close)
+            self._spool_thread.shutdown()
             if self._quarantine is not None:
                 self._quarantine.close()
