@@ -5,11 +5,13 @@ system reads them back through the hub, and the spool's transitions are in the a
 from __future__ import annotations
 
 import time
+import urllib.request
 from typing import Any
 
 from conftest import RunningHub
 from helpers import T0_MS, at, reading, records
 from influx_server import InfluxServer, fresh_database, own_influxd  # noqa: F401 - the fixture
+from test_ops_page import post_login, url_of
 
 MESSAGES, PER_MESSAGE = 30, 20
 
@@ -57,3 +59,12 @@ def test_influxdb_killed_mid_stream_loses_and_repeats_nothing(hub_factory: Any, 
     assert answer["ok"], answer
     assert [row["power_kw_count"] for row in answer["rows"]] == [60] * 10
     assert answer["rows"][-1]["power_kw_max"] == 599.0
+
+    # The status page reads SQLite's readings itself: with InfluxDB it still serves, its DERs without a last
+    # reading or energy (docs/operations.md, InfluxDB).
+    base = url_of(hub)
+    viewer = hub.cli("system", "add", "viewer-1", "--role", "viewer").output.strip()
+    _, cookie = post_login(base, "viewer-1", viewer)
+    assert cookie is not None
+    with urllib.request.urlopen(urllib.request.Request(base, headers={"Cookie": cookie.split(";")[0]})) as response:
+        assert response.status == 200 and "PV-1" in response.read().decode()

@@ -37,6 +37,14 @@ CREATE INDEX IF NOT EXISTS readings_by_time ON readings (measured_at, der_id);
 _KNOWN = frozenset((*FIELDS, *CLOCK_COLUMNS))
 
 
+def empty_readings(db: sqlite3.Connection) -> None:
+    """An empty readings table (and its clock columns) in ``db``: for a reader of SQLite's readings when the
+    hub stores them elsewhere (the status page with InfluxDB)."""
+    db.executescript(_SCHEMA)
+    _add_clock_columns(db)
+    _add_sent_at(db)
+
+
 def _add_clock_columns(db: sqlite3.Connection) -> None:
     """Migration: the clock flag of a reading and its estimated offset (docs/protocol.md, Time). A database
     made before them gets them here; its readings are unflagged (NULL). Checked and added in one write
