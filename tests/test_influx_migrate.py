@@ -30,7 +30,7 @@ def hubd(config_path: Path, *args: str) -> Any:
 def test_a_migration_cut_short_resumes_and_copies_every_reading_once(
     tmp_path: Path,
     own_influxd: InfluxServer,
-    monkeypatch: pytest.MonkeyPatch,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     database = fresh_database(own_influxd)
     config_path = tmp_path / "hubd.yaml"
