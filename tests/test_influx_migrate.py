@@ -29,7 +29,7 @@ def hubd(config_path: Path, *args: str) -> Any:
 
 def test_a_migration_cut_short_resumes_and_copies_every_reading_once(
     tmp_path: Path,
-    own_influxd: InfluxServer,
+    own_influxd: InfluxServer,  # noqa: F811 - the fixture
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     database = fresh_database(own_influxd)
