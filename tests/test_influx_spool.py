@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import pytest
 from click.testing import CliRunner
 from influx_server import InfluxServer, fresh_database, own_influxd  # noqa: F401 - the fixture
 
@@ -194,3 +195,16 @@ def test_readings_influxdb_refuses_are_quarantined_alone_with_its_message(
         assert kept is not None and json.loads(kept[1])["der_id"] == "PV-2"
     finally:
         quarantine.close()
+
+
+def test_a_database_that_does_not_exist_stops_the_start_naming_the_key(
+    tmp_path: Path,
+    own_influxd: InfluxServer,  # noqa: F811 - the fixture
+) -> None:
+    config = config_for(tmp_path, own_influxd, database="not_made")
+
+    async def start() -> None:
+        await InfluxSink(config).start()
+
+    with pytest.raises(RuntimeError, match=r"^InfluxDB has no database 'not_made' \(store.influxdb.database\)"):
+        asyncio.run(start())

@@ -62,6 +62,7 @@ class InfluxSink:
         self._spool_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hubd-influx-spool")
         self._progress = asyncio.Event()  # set each time the replay empties a batch from the spool
         self.refused = 0  # readings quarantined because InfluxDB refused them
+        self._no_delete = False  # InfluxDB refused a DELETE once (warned once)
 
     @classmethod
     def from_config(cls, config: Config, audit: AuditLog | None = None) -> InfluxSink:
@@ -73,18 +74,18 @@ class InfluxSink:
         self._spool = spool = await self._in_spool(Spool, self._spool_path)
         self._quarantine = Quarantine(self._registry_path, self._quarantine_bytes)
         _, self._spooled, _ = await self._in_spool(spool.depth)
-        try:
-            databases = await self._client.query("SHOW DATABASES")
+        try:  # a statement a user with only READ on the database may run (SHOW DATABASES needs admin)
+            await self._client.query(f"SHOW RETENTION POLICIES ON {quote_name(self._config.database)}")
         except InfluxUnavailable as exc:
             logger.warning("InfluxDB does not answer ({}); readings are spooled until it does", exc)
-        else:
-            names = {v[0] for s in databases for v in s.get("values", [])}
-            if databases and self._config.database not in names:
-                await self._client.close()
+        except RuntimeError as exc:
+            await self._release()
+            if "database not found" in str(exc):
                 raise RuntimeError(
                     f"InfluxDB has no database {self._config.database!r} (store.influxdb.database): create it "
                     "(docs/operations.md, InfluxDB)"
-                )
+                ) from None
+            raise
         if self._spooled:
             self._audit_event("store.spooling", "error", reason="readings left in the spool at start")
             self._ensure_replay()
@@ -96,7 +97,7 @@ class InfluxSink:
                 try:
                     await self.deliver(rows)
                     return
-                except InfluxUnavailable as exc:
+                except (InfluxUnavailable, RuntimeError) as exc:  # whatever it was, the spool keeps the batch
                     logger.warning("InfluxDB write failed, spooling: {}", exc)
                     await self._set_mode("spooling", str(exc))
                     self._audit_event("store.spooling", "error", readings=count, reason=str(exc))
@@ -139,8 +140,9 @@ class InfluxSink:
             began = time.monotonic()
             try:
                 await self.deliver(rows)
-            except InfluxUnavailable as exc:
-                logger.debug("replay waits {} s: {}", pause, exc)
+            except (InfluxUnavailable, RuntimeError) as exc:  # never dropped: tried again, ever more slowly
+                log = logger.debug if isinstance(exc, InfluxUnavailable) else logger.error
+                log("replay waits {} s: {}", pause, exc)
                 await asyncio.sleep(pause)
                 pause = min(pause * 2, 30.0)
                 continue
@@ -172,7 +174,12 @@ class InfluxSink:
                 f"DELETE FROM {self._from} WHERE {der_condition((d,))} AND time >= {ns(t)} AND time < {ns(t + 1)}"
                 for d, t in deletes
             )
-            await self._client.query(statements)
+            try:
+                await self._client.query(statements)
+            except RuntimeError as exc:  # InfluxDB 2.x's v1 API has no DELETE: the relaxation docs/operations.md names
+                if not self._no_delete:
+                    logger.warning("InfluxDB does not delete points ({}): fields of replaced readings may stay", exc)
+                    self._no_delete = True
         lines: list[tuple[str, Point]] = []
         for p in keep:
             try:
@@ -253,9 +260,14 @@ class InfluxSink:
                 self._replay.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await self._replay
-            await self._client.close()
-            if self._spool is not None:
-                await self._in_spool(self._spool.close)
-            self._spool_thread.shutdown()
-            if self._quarantine is not None:
-                self._quarantine.close()
+            await self._release()
+
+    async def _release(self) -> None:
+        await self._client.close()
+        if self._spool is not None:
+            await self._in_spool(self._spool.close)
+            self._spool = None
+        self._spool_thread.shutdown()
+        if self._quarantine is not None:
+            self._quarantine.close()
+            self._quarantine = None
