@@ -44,6 +44,7 @@ bind-address = "127.0.0.1:{rpc}"
 [http]
   bind-address = "127.0.0.1:{http}"
   log-enabled = false
+  auth-enabled = {auth}
 
 [logging]
   level = "warn"
@@ -57,13 +58,15 @@ def available() -> bool:
 class InfluxServer:
     """``influxd run`` on free ports, with its meta, data and WAL under ``root``."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, auth: bool = False) -> None:
         self.root = root
         self.port = free_port()
         self.rpc_port = free_port()
         root.mkdir(parents=True, exist_ok=True)
         self.config_path = root / "influxdb.conf"
-        self.config_path.write_text(_CONFIG.format(root=root, rpc=self.rpc_port, http=self.port), encoding="utf-8")
+        self.config_path.write_text(
+            _CONFIG.format(root=root, rpc=self.rpc_port, http=self.port, auth=str(auth).lower()), encoding="utf-8"
+        )
         self.log_path = root / "influxd.log"
         self._process: subprocess.Popen[bytes] | None = None
 
@@ -117,11 +120,14 @@ class InfluxServer:
                 self._process.wait(5)
             self._process = None
 
-    def query(self, q: str, database: str | None = None) -> list[dict[str, Any]]:
+    def query(self, q: str, database: str | None = None, auth: tuple[str, str] | None = None) -> list[dict[str, Any]]:
         """The series of an InfluxQL statement (``epoch=ms``), for checking what the hub wrote."""
         params = {"q": q, "epoch": "ms", **({"db": database} if database else {})}
+        url = f"{self.url}/query"
+        if auth is not None:  # in the URL: 1.x reads the credentials from the URL or a header, not a form
+            url = f"{self.url}/query?" + urllib.parse.urlencode({"u": auth[0], "p": auth[1]})
         body = urllib.parse.urlencode(params).encode()
-        with urllib.request.urlopen(f"{self.url}/query", data=body, timeout=10) as answer:
+        with urllib.request.urlopen(url, data=body, timeout=10) as answer:
             result = json.loads(answer.read())["results"][0]
         if "error" in result:
             raise RuntimeError(result["error"])
