@@ -75,6 +75,14 @@ class InfluxServer:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> None:
+        """Start it and wait for /ping; if it does not answer, it is stopped before the error is raised."""
+        try:
+            self._start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self) -> None:
         with self.log_path.open("ab") as log:
             self._process = subprocess.Popen(
                 ["influxd", "run", "-config", str(self.config_path)],

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,15 +24,18 @@ T0 = 1748736000000
 
 
 @pytest.fixture
-def secured(tmp_path: Path) -> InfluxServer:
+def secured(tmp_path: Path) -> Iterator[InfluxServer]:
+    """A server with authentication on: an admin, the database, and the hub's user with rights on it."""
     server = InfluxServer(tmp_path / "influxd", auth=True)
     server.start()
-    server.query(f"CREATE USER {ADMIN[0]} WITH PASSWORD '{ADMIN[1]}' WITH ALL PRIVILEGES")
-    server.query('CREATE DATABASE "hub"', auth=ADMIN)
-    server.query(f"CREATE USER hubd WITH PASSWORD '{PASSWORD}'", auth=ADMIN)
-    server.query('GRANT ALL ON "hub" TO hubd', auth=ADMIN)
-    yield server  # type: ignore[misc]
-    server.stop()
+    try:
+        server.query(f"CREATE USER {ADMIN[0]} WITH PASSWORD '{ADMIN[1]}' WITH ALL PRIVILEGES")
+        server.query('CREATE DATABASE "hub"', auth=ADMIN)
+        server.query(f"CREATE USER hubd WITH PASSWORD '{PASSWORD}'", auth=ADMIN)
+        server.query('GRANT ALL ON "hub" TO hubd', auth=ADMIN)
+        yield server
+    finally:
+        server.stop()
 
 
 def test_the_password_file_reaches_influxdb_and_no_log_or_output(tmp_path: Path, secured: InfluxServer) -> None:
