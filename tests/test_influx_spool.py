@@ -15,8 +15,10 @@ from influx_server import InfluxServer, fresh_database, own_influxd  # noqa: F40
 
 from hubd.cli import main
 from hubd.config import Config, parse_config
+from hubd.model import ErrorCode, HubError
 from hubd.quarantine import Quarantine
 from hubd.store import Rows
+from hubd.store.influx.query import InfluxQuery
 from hubd.store.influx.sink import InfluxSink
 
 T0 = 1748736000000  # 2025-06-01T00:00:00Z
@@ -208,3 +210,15 @@ def test_a_database_that_does_not_exist_stops_the_start_naming_the_key(
 
     with pytest.raises(RuntimeError, match=r"^InfluxDB has no database 'not_made' \(store.influxdb.database\)"):
         asyncio.run(start())
+
+
+def test_a_query_while_influxdb_is_away_is_answered_unavailable(tmp_path: Path, own_influxd: InfluxServer) -> None:  # noqa: F811
+    config = config_for(tmp_path, own_influxd)
+    query = InfluxQuery(config.store.influxdb)
+    try:
+        own_influxd.kill()
+        with pytest.raises(HubError) as caught:
+            query.raw(T0, T0 + 1000, None, ("power_kw",), (), None, 10)
+        assert caught.value.code == ErrorCode.UNAVAILABLE and "InfluxDB" in caught.value.message
+    finally:
+        query.close()

@@ -18,10 +18,10 @@ from pathlib import Path
 from typing import Any
 
 from hubd.config import Config, InfluxConfig
-from hubd.model import FIELDS
+from hubd.model import FIELDS, ErrorCode, HubError
 from hubd.query.buckets import Bucket
 from hubd.store import CLOCK_COLUMNS, Rows, Where
-from hubd.store.influx.client import SyncInflux
+from hubd.store.influx.client import InfluxUnavailable, SyncInflux
 from hubd.store.sqlite import SqliteStore
 
 _TESTS: dict[str, Callable[[float, float], bool]] = {
@@ -73,12 +73,19 @@ class InfluxQuery:
     def from_config(cls, config: Config) -> InfluxQuery:
         return cls(config.store.influxdb)
 
+    def _ask(self, statement: str) -> list[dict[str, Any]]:
+        """One InfluxQL statement; InfluxDB away or failing is the protocol's ``unavailable`` for the asker."""
+        try:
+            return self._client.query(statement)
+        except (InfluxUnavailable, RuntimeError) as exc:
+            raise HubError(ErrorCode.UNAVAILABLE, f"the store (InfluxDB) cannot answer now: {exc}") from None
+
     def select(self, columns: tuple[str, ...], conditions: list[str], tail: str = "") -> list[dict[str, Any]]:
         """Points as {column: value} (``time`` in ms), merged by time."""
         listed = ", ".join(quote_name(c) for c in ("der_id", *columns))
         statement = f"SELECT {listed} FROM {self._from} WHERE {' AND '.join(conditions)}{tail}"
         out: list[dict[str, Any]] = []
-        for series in self._client.query(statement):
+        for series in self._ask(statement):
             names = series["columns"]
             out.extend(dict(zip(names, values, strict=True)) for values in series["values"])
         return out
@@ -137,7 +144,7 @@ class InfluxQuery:
             f'SELECT count("received_at") FROM {self._from} WHERE time >= {ns(start)} AND time < {ns(end)} '
             'GROUP BY "der_id"'
         )
-        found = {series["tags"]["der_id"] for series in self._client.query(statement) if series.get("tags")}
+        found = {series["tags"]["der_id"] for series in self._ask(statement) if series.get("tags")}
         return sorted(d for d in found if d >= first)
 
     def bucket_stats(
@@ -192,7 +199,7 @@ class InfluxQuery:
         ]
 
     def count(self) -> int:
-        found = self._client.query(f'SELECT count("received_at") FROM {self._from}')
+        found = self._ask(f'SELECT count("received_at") FROM {self._from}')
         return int(found[0]["values"][0][1]) if found else 0
 
     def close(self) -> None:
