@@ -202,3 +202,13 @@ def test_a_dst_day_has_46_settlement_slots_on_both(stores: dict[str, Any]) -> No
     for name in ("sqlite", "influxdb"):
         rows = pages(request, stores["ders"], stores[name])[0]["rows"]
         assert [row["slot"] for row in rows] == list(range(1, 47)), name
+
+
+def test_the_same_pages_when_influxdb_answers_in_small_chunks(
+    stores: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """InfluxDB is asked a chunk of points at a time; chunks of 5 cut through instants (three DERs read at
+    the same time) everywhere, and the answers must not change."""
+    monkeypatch.setattr("hubd.store.influx.query._CHUNK", 5)
+    for request in QUERIES:
+        assert pages(request, stores["ders"], stores["influxdb"]) == pages(request, stores["ders"], stores["sqlite"])

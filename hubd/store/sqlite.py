@@ -355,6 +355,18 @@ class SqliteStore:
             (*start, limit),
         ).fetchall()
 
+    def load(self, columns: tuple[str, ...], rows: list[tuple[Any, ...]]) -> None:
+        """Insert (der_id, measured_at, *columns) rows as they are, with no version and no source: for a
+        scratch store filled from another (the InfluxDB query side's in-memory one)."""
+        if not _KNOWN.issuperset(columns):
+            raise ValueError(f"not columns of the readings: {sorted(set(columns) - _KNOWN)}")
+        names = ", ".join(("der_id", "measured_at", *columns, "received_at", "stored_at", "source_id", "format_code"))
+        self._db.execute("BEGIN")
+        self._db.executemany(
+            f"INSERT OR REPLACE INTO readings ({names}) VALUES ({'?, ' * (len(columns) + 2)}0, 0, '', '')", rows
+        )
+        self._db.execute("COMMIT")
+
     def clear(self) -> None:
         """Delete every reading: for a scratch store (the InfluxDB query side's in-memory one)."""
         self._db.execute("DELETE FROM readings")

@@ -13,14 +13,15 @@ disagree on them. Correct first; the cost is fetching the points of a range (ben
 from __future__ import annotations
 
 import operator
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from hubd.config import Config, InfluxConfig
-from hubd.model import FIELDS, ErrorCode, HubError
+from hubd.model import ErrorCode, HubError
 from hubd.query.buckets import Bucket
-from hubd.store import CLOCK_COLUMNS, Rows, Where
+from hubd.store import CLOCK_COLUMNS, Where
 from hubd.store.influx.client import InfluxUnavailable, SyncInflux
 from hubd.store.sqlite import SqliteStore
 
@@ -36,7 +37,8 @@ _CHUNK = 10_000  # points per request: within a 1.x server's usual max-row-limit
 # InfluxDB's timestamps are int64 nanoseconds: 1677-09-21 … 2262-04-11. A query range is clamped to them.
 _LOWEST_MS = -9_223_372_036_854
 _HIGHEST_MS = 9_223_372_036_854
-_STORED = (*FIELDS, *CLOCK_COLUMNS, "received_at", "source", "format", "sent_at")
+_GROUP = 50  # DERs whose points are fetched together for bucket statistics
+_REUSE_S = 5.0  # a group's points answer the DERs after the first for this long
 
 
 def quote_name(name: str) -> str:
@@ -67,7 +69,13 @@ class InfluxQuery:
     def __init__(self, config: InfluxConfig) -> None:
         self._client = SyncInflux(config)
         self._from = quote_name(config.measurement)
-        self._memory: SqliteStore | None = None  # bucket statistics: one DER's points at a time
+        self._memory: SqliteStore | None = None  # bucket statistics: a group of DERs' points at a time
+        self._loaded_key: tuple[int, int, tuple[str, ...]] | None = None  # what the memory holds: span, fields
+        self._loaded: set[str] = set()  # and of which DERs
+        self._loaded_when = 0.0  # when (monotonic)
+        self._asked = ""  # the DER asked last from that load
+        self._listed: list[str] = []  # the last der_ids() answer, in order
+        self._listed_at: dict[str, int] = {}
 
     @classmethod
     def from_config(cls, config: Config) -> InfluxQuery:
@@ -82,34 +90,65 @@ class InfluxQuery:
 
     def select(self, columns: tuple[str, ...], conditions: list[str], tail: str = "") -> list[dict[str, Any]]:
         """Points as {column: value} (``time`` in ms), merged by time."""
+        names = ("time", "der_id", *columns)
+        return [dict(zip(names, row, strict=True)) for row in self.select_rows(columns, conditions, tail)]
+
+    def select_rows(self, columns: tuple[str, ...], conditions: list[str], tail: str = "") -> list[list[Any]]:
+        """Points as [time, der_id, *columns], as InfluxDB's JSON has them (no dict per point)."""
         listed = ", ".join(quote_name(c) for c in ("der_id", *columns))
         statement = f"SELECT {listed} FROM {self._from} WHERE {' AND '.join(conditions)}{tail}"
-        out: list[dict[str, Any]] = []
+        out: list[list[Any]] = []
         for series in self._ask(statement):
-            names = series["columns"]
-            out.extend(dict(zip(names, values, strict=True)) for values in series["values"])
+            out.extend(series["values"])
         return out
 
     def scan(self, start: int, end: int, conditions: list[str], columns: tuple[str, ...]) -> Iterator[dict[str, Any]]:
-        """Every point in [start, end) meeting ``conditions``, by (time, der_id), fetched a chunk at a time.
-
-        ``received_at`` is always selected: every point has it, and InfluxDB leaves out a point none of
-        whose selected fields it has. A chunk that is full may end inside an instant (points at one time come
-        in no order of DER), so its last instant is fetched whole on its own.
-        """
+        """``scan_rows`` as {column: value}; ``received_at`` is among the columns."""
         columns = tuple(dict.fromkeys(("received_at", *columns)))
+        names = ("time", "der_id", *columns)
+        for row in self.scan_rows(start, end, conditions, columns):
+            yield dict(zip(names, row, strict=True))
+
+    def scan_rows(self, start: int, end: int, conditions: list[str], columns: tuple[str, ...]) -> Iterator[list[Any]]:
+        """Every point in [start, end) meeting ``conditions``, by (time, der_id), fetched a chunk at a time, as
+        [time, der_id, *columns].
+
+        The first column should be one every point has (``received_at``): InfluxDB leaves out a point none
+        of whose selected fields it has. A chunk that is full may end inside an instant (points at one time
+        come in no order of DER), so its last instant is fetched whole on its own.
+        """
         lo = start
         while lo < end:
             span = [f"time >= {ns(lo)}", f"time < {ns(end)}", *conditions]
-            chunk = self.select(columns, span, f" LIMIT {_CHUNK}")
+            chunk = self.select_rows(columns, span, f" LIMIT {_CHUNK}")
             if len(chunk) < _CHUNK:
                 yield from sorted(chunk, key=_order)
                 return
-            last = chunk[-1]["time"]
-            yield from sorted((p for p in chunk if p["time"] < last), key=_order)
+            last = chunk[-1][0]
+            yield from sorted((p for p in chunk if p[0] < last), key=_order)
             instant = [f"time >= {ns(last)}", f"time < {ns(last + 1)}", *conditions]
-            yield from sorted(self.select(columns, instant), key=_order)
+            yield from sorted(self.select_rows(columns, instant), key=_order)
             lo = last + 1
+
+    def _chunks(
+        self, start: int, end: int, conditions: list[str], columns: tuple[str, ...]
+    ) -> Iterator[list[list[Any]]]:
+        """Every point in [start, end) meeting ``conditions``, in chunks in no particular order, where a point
+        may come twice (a full chunk's last instant is asked again from its start): for loading into a store
+        whose upsert makes the second copy harmless. Half the requests of ``scan_rows``."""
+        lo = start
+        while lo < end:
+            chunk = self.select_rows(
+                columns, [f"time >= {ns(lo)}", f"time < {ns(end)}", *conditions], f" LIMIT {_CHUNK}"
+            )
+            yield chunk
+            if len(chunk) < _CHUNK:
+                return
+            last = chunk[-1][0]
+            if chunk[0][0] == last:  # a whole chunk at one instant: that instant whole, then on after it
+                yield self.select_rows(columns, [f"time >= {ns(last)}", f"time < {ns(last + 1)}", *conditions])
+                last += 1
+            lo = last
 
     def raw(
         self,
@@ -145,7 +184,9 @@ class InfluxQuery:
             'GROUP BY "der_id"'
         )
         found = {series["tags"]["der_id"] for series in self._ask(statement) if series.get("tags")}
-        return sorted(d for d in found if d >= first)
+        listed = sorted(d for d in found if d >= first)
+        self._listed, self._listed_at = listed, {d: i for i, d in enumerate(listed)}  # for _load's groups
+        return listed
 
     def bucket_stats(
         self,
@@ -157,25 +198,38 @@ class InfluxQuery:
     ) -> dict[int, dict[str, Any]]:
         if not buckets:
             return {}
-        memory = self._load(der_id, buckets[0].lo, buckets[-1].hi)
+        fields = tuple(sorted({f for f, _ in specs} | {f for f, _, _ in where}))
+        memory = self._load(der_id, buckets[0].lo, buckets[-1].hi, fields)
         return memory.bucket_stats(der_id, buckets, specs, where, flagged)
 
-    def _load(self, der_id: str, start: int, end: int) -> SqliteStore:
-        """The DER's points in [start, end) in the in-memory database, replacing what it held."""
+    def _load(self, der_id: str, start: int, end: int, fields: tuple[str, ...]) -> SqliteStore:
+        """The in-memory database holding ``der_id``'s points in [start, end) with ``fields``.
+
+        A query over many DERs asks for them one at a time, in the order ``der_ids`` gave them: the points
+        of the next ``_GROUP`` DERs are fetched together, in one request, so that InfluxDB's cost per request
+        (and the database's per load) is paid once per group, not per DER. A group is used only by the DERs
+        after the one that loaded it, in order, within ``_REUSE_S``: the next query (or page) reads afresh.
+        """
         if self._memory is None:
             self._memory = SqliteStore(Path(":memory:"))
         memory = self._memory
+        key = (start, end, fields)
+        fresh = time.monotonic() - self._loaded_when < _REUSE_S
+        if key == self._loaded_key and der_id in self._loaded and der_id > self._asked and fresh:
+            self._asked = der_id
+            return memory
+        group = [der_id]
+        at = self._listed_at.get(der_id)
+        if at is not None:
+            group = self._listed[at : at + _GROUP]
         memory.clear()
-        names = (*FIELDS, *CLOCK_COLUMNS)
-        run: list[tuple[Any, ...]] = []
-        rows: Rows = [(names, run)]
-        for p in self.scan(start, end, [der_condition((der_id,))], _STORED):
-            values = (_value(p.get(f)) for f in FIELDS)
-            run.append((der_id, p["time"], *values, *_clock(p), p["received_at"], "", "", p.get("sent_at")))
-            if len(run) >= 50_000:
-                memory.write_rows(rows, 0)
-                run.clear()
-        memory.write_rows(rows, 0)
+        columns = ("received_at", *fields, "clock_flag")
+        for rows in self._chunks(start, end, [der_condition(tuple(group))], columns):
+            loaded = [(r[1], r[0], *r[3:]) for r in rows]
+            loaded.sort(key=_KEY)  # in primary-key order: about half the cost of inserting in time order
+            memory.load(columns[1:], loaded)
+        self._loaded_key, self._loaded = key, set(group)
+        self._loaded_when, self._asked = time.monotonic(), der_id
         return memory
 
     def nearest(self, der_id: str, field: str, at: int, before: bool) -> tuple[int, float] | None:
@@ -209,8 +263,11 @@ class InfluxQuery:
             self._memory = None
 
 
-def _order(p: dict[str, Any]) -> tuple[int, str]:
-    return p["time"], p["der_id"]
+_KEY = operator.itemgetter(0, 1)
+
+
+def _order(p: list[Any]) -> tuple[int, str]:
+    return p[0], p[1]
 
 
 def _value(value: Any) -> float | None:
