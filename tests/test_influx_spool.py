@@ -222,3 +222,29 @@ def test_a_query_while_influxdb_is_away_is_answered_unavailable(tmp_path: Path, 
         assert caught.value.code == ErrorCode.UNAVAILABLE and "InfluxDB" in caught.value.message
     finally:
         query.close()
+
+
+def test_an_older_version_sent_after_a_restart_does_not_replace_the_stored_one(
+    tmp_path: Path,
+    own_influxd: InfluxServer,  # noqa: F811 - the fixture
+) -> None:
+    """The sink skips the look at stored versions for readings later than their DER's latest stored time;
+    that time comes from InfluxDB when the sink starts, so a restarted hub still checks."""
+    config = config_for(tmp_path, own_influxd)
+    newer: Rows = [(("power_kw", "energy_kwh"), [("PV-1", T0, 2.0, 7.0, T0 + 900, "edge", "hub.v1", T0 + 800)])]
+    older: Rows = [(("power_kw",), [("PV-1", T0, 1.0, T0 + 950, "edge", "hub.v1", T0 + 100)])]
+    resent: Rows = [(("power_kw",), [("PV-1", T0, 3.0, T0 + 990, "edge", "hub.v1", T0 + 850)])]
+
+    async def once(rows: Rows) -> None:
+        sink = InfluxSink(config)
+        await sink.start()
+        await sink.write_rows(rows, 0)
+        await sink.close()
+
+    asyncio.run(once(newer))
+    asyncio.run(once(older))  # a new sink, as after a restart: the older version is left out
+    series = own_influxd.query('SELECT "power_kw", "energy_kwh" FROM "readings"', config.store.influxdb.database)
+    assert series[0]["values"] == [[T0, 2.0, 7.0]]
+    asyncio.run(once(resent))  # a newer one without energy replaces the whole reading
+    series = own_influxd.query('SELECT "power_kw", "energy_kwh" FROM "readings"', config.store.influxdb.database)
+    assert series[0]["values"] == [[T0, 3.0, None]]
