@@ -88,7 +88,7 @@ class Hub:
             stack.callback(registry.close)
             quarantine = Quarantine(config.registry_path, config.limits.quarantine_max_bytes)
             stack.callback(quarantine.close)
-            store = open_sink(config)
+            store = open_sink(config, audit)
             await store.start()
             stack.push_async_callback(store.close)
             # Queries read through their own connection and thread, beside the writer, so a long settlement

@@ -39,6 +39,7 @@ from hubd.query.execute import columns as query_columns
 from hubd.query.execute import run as run_query
 from hubd.sources.commands import source_group
 from hubd.store import ReadingQuery
+from hubd.store.commands import store_group
 from hubd.store.factory import open_query
 
 
@@ -662,6 +663,7 @@ def audit_tail(ctx: Context, count: int, der_id: str | None, event: str | None) 
 
 main.add_command(format_group)
 main.add_command(time_group)
+main.add_command(store_group)
 main.add_command(edge_group)
 main.add_command(source_group)
 main.add_command(broker_group)

@@ -92,11 +92,30 @@ class SqliteConfig(Section, frozen=True):
     synchronous: Literal["full", "normal"] = "full"
 
 
+class InfluxConfig(Section, frozen=True):
+    """The InfluxDB backend's own settings: the section ``store.influxdb`` (docs/operations.md, InfluxDB)."""
+
+    url: str = "http://127.0.0.1:8086"
+    database: str = "hubd"
+    retention_policy: str | None = None  # None: the database's default
+    username: str | None = None
+    password_file: str | None = None  # 1.x: the user's password; never in the config itself
+    token_file: str | None = None  # 2.x/3.x: an API token, sent as "Authorization: Token ..."
+    measurement: str = "readings"
+    write_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 10.0
+    query_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 60.0
+    batch_size: Positive = 5000  # points per /write request
+    spool_path: str | None = None  # default: <data_dir>/influx-spool.sqlite3
+    spool_max_readings: Positive = 5_000_000  # past this, intake waits for the replay (back-pressure)
+    retry_s: Annotated[float, msgspec.Meta(gt=0)] = 1.0  # first pause between replay attempts (doubles to 30 s)
+
+
 class StoreConfig(Section, frozen=True):
     """The readings store. A backend's own settings are a field named after it, as ``sqlite`` here."""
 
-    backend: Literal["sqlite"] = "sqlite"
+    backend: Literal["sqlite", "influxdb"] = "sqlite"
     sqlite: SqliteConfig = SqliteConfig()
+    influxdb: InfluxConfig = InfluxConfig()
     batch_max_readings: Positive = 20000
     queue_max_messages: Positive = 20000
 
@@ -450,6 +469,13 @@ def _check(config: Config) -> None:
         missing = [k for k in ("username", "password_file", "admin_password_file") if not getattr(config.broker, k)]
         if missing:
             raise ConfigError(f"broker.access_control dynsec needs broker.{missing[0]}")
+    influx = config.store.influxdb
+    if "@" in influx.url:
+        raise ConfigError("store.influxdb.url: no user or password in the URL; use username and password_file")
+    if not influx.url.startswith(("http://", "https://")):
+        raise ConfigError("store.influxdb.url: must start with http:// or https://")
+    if influx.password_file and influx.token_file:
+        raise ConfigError("store.influxdb: give password_file (1.x) or token_file (2.x, 3.x), not both")
     for server in config.time.ntp.servers:
         if ntp_address(server) is None:
             raise ConfigError(f"time.ntp.servers: {server!r} must be host or host:port with a port 1 … 65535")
@@ -549,7 +575,16 @@ def _anchored(config: Config, folder: Path) -> Config:
     return replace(
         config,
         data_dir=anchored(config.data_dir),
-        store=replace(config.store, sqlite=replace(config.store.sqlite, path=maybe(config.store.sqlite.path))),
+        store=replace(
+            config.store,
+            sqlite=replace(config.store.sqlite, path=maybe(config.store.sqlite.path)),
+            influxdb=replace(
+                config.store.influxdb,
+                password_file=maybe(config.store.influxdb.password_file),
+                token_file=maybe(config.store.influxdb.token_file),
+                spool_path=maybe(config.store.influxdb.spool_path),
+            ),
+        ),
         audit=replace(config.audit, path=maybe(config.audit.path)),
         formats=replace(
             config.formats, user_dir=maybe(config.formats.user_dir), shipped_dir=maybe(config.formats.shipped_dir)

@@ -56,7 +56,7 @@ def test_sqlite_sink_and_query_meet_in_the_same_readings(tmp_path: Path) -> None
 
 def test_a_backend_the_config_does_not_know_is_refused_naming_the_key() -> None:
     with pytest.raises(ConfigError) as caught:
-        parse_config({"store": {"backend": "influxdb"}}, "hubd.yaml")
+        parse_config({"store": {"backend": "cassandra"}}, "hubd.yaml")
     assert "store.backend" in str(caught.value)
     assert "\n" not in str(caught.value)
 
@@ -65,10 +65,22 @@ def test_a_backend_the_config_does_not_know_is_refused_naming_the_key() -> None:
 def test_a_backend_built_in_code_but_not_registered_is_refused(opener: Callable[[Config], object]) -> None:
     config = Config()
     config = msgspec.structs.replace(config, store=msgspec.structs.replace(config.store, backend="nosuch"))  # type: ignore[arg-type]
-    with pytest.raises(ConfigError, match=r"^store\.backend: no such backend 'nosuch' \(known: sqlite\)$"):
+    with pytest.raises(ConfigError, match=r"^store\.backend: no such backend 'nosuch' \(known: influxdb, sqlite\)$"):
         opener(config)
 
 
 def test_every_backend_the_config_accepts_has_a_factory_entry() -> None:
     """``store.backend``'s values and the factory's registry are one list kept in two places."""
     assert sorted(get_args(get_type_hints(StoreConfig)["backend"])) == sorted(BACKENDS)
+
+
+def test_store_status_names_the_backend_and_its_file(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from hubd.cli import main
+
+    path = tmp_path / "hubd.yaml"
+    path.write_text(f"data_dir: {tmp_path / 'data'}\n", encoding="utf-8")
+    result = CliRunner().invoke(main, ["--config", str(path), "store", "status"])
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines() == ["backend: sqlite", f"path: {tmp_path / 'data' / 'readings.sqlite3'}"]

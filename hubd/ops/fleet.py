@@ -20,6 +20,7 @@ from urllib.parse import quote
 from hubd import audit as audit_trail
 from hubd.config import Config
 from hubd.model import ErrorCode
+from hubd.store.sqlite import empty_readings
 
 SLOT_MS = 30 * 60 * 1000
 STATES = ("fresh", "late", "silent", "revoked")
@@ -65,6 +66,9 @@ class Fleet:
 
     def __init__(self, config: Config) -> None:
         self._readings = config.readings_path
+        # The page reads SQLite's readings file itself; with another backend it reads an empty one: DERs show
+        # no last reading (as never heard from) and no energy, the rest of the page is as always.
+        self._embedded = config.store.backend == "sqlite"
         self._state = config.registry_path
         self._audit = config.audit_path
         self._fresh_ms = config.http.fresh_s * 1000
@@ -75,7 +79,11 @@ class Fleet:
 
     def _open(self) -> sqlite3.Connection:
         if self._db is None:
-            db = sqlite3.connect(_read_only(self._readings), uri=True, check_same_thread=False)
+            if self._embedded:
+                db = sqlite3.connect(_read_only(self._readings), uri=True, check_same_thread=False)
+            else:
+                db = sqlite3.connect(":memory:", check_same_thread=False)
+                empty_readings(db)
             db.execute("PRAGMA busy_timeout=10000")
             db.execute("ATTACH DATABASE ? AS state", (_read_only(self._state),))
             self._db = db

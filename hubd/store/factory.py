@@ -11,8 +11,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from hubd.audit import AuditLog
 from hubd.config import Config, ConfigError
 from hubd.store import ReadingQuery, ReadingSink
+from hubd.store.influx.query import InfluxQuery
+from hubd.store.influx.sink import InfluxSink
 from hubd.store.process import WriterProcess
 from hubd.store.sqlite import SqliteStore
 
@@ -20,14 +23,16 @@ from hubd.store.sqlite import SqliteStore
 @dataclass(frozen=True, slots=True)
 class Backend:
     """How one backend opens its two sides. Opening does no I/O until ``ReadingSink.start``; a query side
-    may open its connection at once."""
+    may open its connection at once. A sink gets the hub's audit log (None outside the daemon) for what it
+    must audit itself, as the InfluxDB sink's spool transitions and refused readings."""
 
-    sink: Callable[[Config], ReadingSink]
+    sink: Callable[[Config, AuditLog | None], ReadingSink]
     query: Callable[[Config], ReadingQuery]
 
 
 BACKENDS: dict[str, Backend] = {
-    "sqlite": Backend(sink=WriterProcess.from_config, query=SqliteStore.from_config),
+    "sqlite": Backend(sink=lambda config, _audit: WriterProcess.from_config(config), query=SqliteStore.from_config),
+    "influxdb": Backend(sink=InfluxSink.from_config, query=InfluxQuery.from_config),
 }
 
 
@@ -39,9 +44,9 @@ def _backend(config: Config) -> Backend:
     return backend
 
 
-def open_sink(config: Config) -> ReadingSink:
+def open_sink(config: Config, audit: AuditLog | None = None) -> ReadingSink:
     """The write side of the configured store; await its ``start()`` before the first ``write_rows``."""
-    return _backend(config).sink(config)
+    return _backend(config).sink(config, audit)
 
 
 def open_query(config: Config) -> ReadingQuery:

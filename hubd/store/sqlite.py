@@ -37,6 +37,14 @@ CREATE INDEX IF NOT EXISTS readings_by_time ON readings (measured_at, der_id);
 _KNOWN = frozenset((*FIELDS, *CLOCK_COLUMNS))
 
 
+def empty_readings(db: sqlite3.Connection) -> None:
+    """An empty readings table (and its clock columns) in ``db``: for a reader of SQLite's readings when the
+    hub stores them elsewhere (the status page with InfluxDB)."""
+    db.executescript(_SCHEMA)
+    _add_clock_columns(db)
+    _add_sent_at(db)
+
+
 def _add_clock_columns(db: sqlite3.Connection) -> None:
     """Migration: the clock flag of a reading and its estimated offset (docs/protocol.md, Time). A database
     made before them gets them here; its readings are unflagged (NULL). Checked and added in one write
@@ -333,6 +341,35 @@ class SqliteStore:
 
     def count(self) -> int:
         return int(self._db.execute("SELECT count(*) FROM readings").fetchone()[0])
+
+    def dump(self, after: tuple[str, int] | None, limit: int) -> list[tuple[Any, ...]]:
+        """Up to ``limit`` stored readings after the key ``after``, in key order (der_id, measured_at), each
+        as (der_id, measured_at, *FIELDS, clock_flag, clock_offset_s, received_at, source_id, format_code,
+        sent_at): a row of ``Rows`` for the quantities FIELDS + CLOCK_COLUMNS. For copying a store out."""
+        columns = ", ".join(
+            ("der_id", "measured_at", *FIELDS, *CLOCK_COLUMNS, "received_at", "source_id", "format_code", "sent_at")
+        )
+        start = after or ("", MIN_TIME_MS - 1)
+        return self._db.execute(
+            f"SELECT {columns} FROM readings WHERE (der_id, measured_at) > (?, ?) ORDER BY der_id, measured_at LIMIT ?",
+            (*start, limit),
+        ).fetchall()
+
+    def load(self, columns: tuple[str, ...], rows: list[tuple[Any, ...]]) -> None:
+        """Insert (der_id, measured_at, *columns) rows as they are, with no version and no source: for a
+        scratch store filled from another (the InfluxDB query side's in-memory one)."""
+        if not _KNOWN.issuperset(columns):
+            raise ValueError(f"not columns of the readings: {sorted(set(columns) - _KNOWN)}")
+        names = ", ".join(("der_id", "measured_at", *columns, "received_at", "stored_at", "source_id", "format_code"))
+        self._db.execute("BEGIN")
+        self._db.executemany(
+            f"INSERT OR REPLACE INTO readings ({names}) VALUES ({'?, ' * (len(columns) + 2)}0, 0, '', '')", rows
+        )
+        self._db.execute("COMMIT")
+
+    def clear(self) -> None:
+        """Delete every reading: for a scratch store (the InfluxDB query side's in-memory one)."""
+        self._db.execute("DELETE FROM readings")
 
     def close(self) -> None:
         self._db.close()

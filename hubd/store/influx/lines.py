@@ -1,0 +1,63 @@
+"""Readings as InfluxDB line protocol (precision ms), and points read back as rows.
+
+The series key is the measurement and the one tag ``der_id``; the timestamp is ``measured_at`` in
+milliseconds. So (der_id, measured_at) is a point's identity: a reading written again lands on the same
+point. Everything else is a field: a tag that could change between two sendings of a reading (its source,
+its format) would make a second series, a duplicate, instead of replacing the first.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from hubd.model import FIELDS, MIN_TIME_MS
+from hubd.store import CLOCK_COLUMNS
+
+# The fields every point has besides its quantities; ``sent_at`` and the clock pair only when present.
+META_FIELDS = ("received_at", "source", "format", "sent_at")
+ALL_FIELDS = (*FIELDS, *CLOCK_COLUMNS, *META_FIELDS)
+
+_UNSENT = MIN_TIME_MS - 1  # the version of a reading without ``sent_at``, as in hubd.store.sqlite
+Point = tuple[str, int, dict[str, Any]]  # (der_id, measured_at, {column: value}) with only present values
+
+
+def _tag(value: str) -> str:
+    return value.replace("\\", "\\\\").replace(",", "\\,").replace("=", "\\=").replace(" ", "\\ ")
+
+
+def _string(value: str) -> str:
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _field(name: str, value: Any) -> str:
+    if isinstance(value, str):
+        return f"{name}={_string(value)}"
+    if name in ("received_at", "sent_at"):
+        return f"{name}={int(value)}i"
+    number = float(value)
+    if not math.isfinite(number):  # InfluxDB has no NaN or infinity: refused like a value it refuses itself
+        raise ValueError(f"{name}: {value} cannot be stored in InfluxDB")
+    return f"{name}={number!r}"
+
+
+def line(measurement: str, point: Point) -> str:
+    """One point as a line; raises ValueError for a value InfluxDB cannot hold."""
+    der_id, measured_at, values = point
+    fields = ",".join(_field(name, value) for name, value in values.items() if value is not None)
+    return f"{_tag(measurement)},der_id={_tag(der_id)} {fields} {int(measured_at)}"
+
+
+def point(names: tuple[str, ...], row: tuple[Any, ...]) -> Point:
+    """A row of ``hubd.store.Rows`` as a point: (der_id, measured_at, *values, received_at, source_id,
+    format_code, sent_at)."""
+    values = dict(zip(names, row[2:-4], strict=True))
+    received_at, source_id, format_code, sent_at = row[-4:]
+    values |= {"received_at": received_at, "source": source_id, "format": format_code, "sent_at": sent_at}
+    return row[0], row[1], {k: v for k, v in values.items() if v is not None}
+
+
+def version(values: dict[str, Any]) -> tuple[int, int]:
+    """A point's version as SQLite's upsert compares them: (sent_at, received_at), no sent_at before any."""
+    sent_at = values.get("sent_at")
+    return (_UNSENT if sent_at is None else int(sent_at), int(values.get("received_at", 0)))

@@ -1,0 +1,280 @@
+"""The query side of ``store.backend: influxdb``: InfluxQL to fetch points, the hub's own logic to answer.
+
+InfluxQL selects and filters by time and DER well, but not the rest of the store's contract: its rows come
+merged by time with no order among DERs at one instant, a field missing from a point is not NULL in a
+comparison the way SQL's is, and its ``GROUP BY time()`` knows nothing of buckets laid in a local day with
+a daylight-saving change. So this side fetches the points of a DER and time range (InfluxDB does the
+indexing) and decides everything else in Python, the same way for both backends: conditions and the clock
+flag are tested here, rows are sorted by (measured_at, der_id), and bucket statistics are computed by the
+SQLite side's own SQL over the DER's points loaded into an in-memory database, so the two backends cannot
+disagree on them. Correct first; the cost is fetching the points of a range (bench/README.md).
+"""
+
+from __future__ import annotations
+
+import operator
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from hubd.config import Config, InfluxConfig
+from hubd.model import ErrorCode, HubError
+from hubd.query.buckets import Bucket
+from hubd.store import CLOCK_COLUMNS, Where
+from hubd.store.influx.client import InfluxUnavailable, SyncInflux
+from hubd.store.sqlite import SqliteStore
+
+_TESTS: dict[str, Callable[[float, float], bool]] = {
+    "gt": operator.gt,
+    "gte": operator.ge,
+    "lt": operator.lt,
+    "lte": operator.le,
+    "eq": operator.eq,
+    "ne": operator.ne,
+}
+_CHUNK = 10_000  # points per request: within a 1.x server's usual max-row-limit
+# InfluxDB's timestamps are int64 nanoseconds: 1677-09-21 … 2262-04-11. A query range is clamped to them.
+_LOWEST_MS = -9_223_372_036_854
+_HIGHEST_MS = 9_223_372_036_854
+_GROUP = 50  # DERs whose points are fetched together for bucket statistics
+_REUSE_S = 5.0  # a group's points answer the DERs after the first for this long
+
+
+def quote_name(name: str) -> str:
+    return '"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def quote_value(value: str) -> str:
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def ns(ms: int) -> int:
+    return min(max(ms, _LOWEST_MS), _HIGHEST_MS) * 1_000_000
+
+
+def der_condition(der_ids: tuple[str, ...]) -> str:
+    return "(" + " OR ".join(f'"der_id" = {quote_value(d)}' for d in der_ids) + ")"
+
+
+def _matches(point: dict[str, Any], where: Where, flagged: bool | None) -> bool:
+    if flagged is not None and (point.get("clock_flag") is not None) != flagged:
+        return False
+    return all(point.get(f) is not None and _TESTS[op](point[f], operand) for f, op, operand in where)
+
+
+class InfluxQuery:
+    """Readings in InfluxDB, read from the hub's query thread (not thread-safe, like every query side)."""
+
+    def __init__(self, config: InfluxConfig) -> None:
+        self._client = SyncInflux(config)
+        self._from = quote_name(config.measurement)
+        self._memory: SqliteStore | None = None  # bucket statistics: a group of DERs' points at a time
+        self._loaded_key: tuple[int, int, tuple[str, ...]] | None = None  # what the memory holds: span, fields
+        self._loaded: set[str] = set()  # and of which DERs
+        self._loaded_when = 0.0  # when (monotonic)
+        self._asked = ""  # the DER asked last from that load
+        self._listed: list[str] = []  # the last der_ids() answer, in order
+        self._listed_at: dict[str, int] = {}
+
+    @classmethod
+    def from_config(cls, config: Config) -> InfluxQuery:
+        return cls(config.store.influxdb)
+
+    def _ask(self, statement: str) -> list[dict[str, Any]]:
+        """One InfluxQL statement; InfluxDB away or failing is the protocol's ``unavailable`` for the asker."""
+        try:
+            return self._client.query(statement)
+        except (InfluxUnavailable, RuntimeError) as exc:
+            raise HubError(ErrorCode.UNAVAILABLE, f"the store (InfluxDB) cannot answer now: {exc}") from None
+
+    def select(self, columns: tuple[str, ...], conditions: list[str], tail: str = "") -> list[dict[str, Any]]:
+        """Points as {column: value} (``time`` in ms), merged by time."""
+        names = ("time", "der_id", *columns)
+        return [dict(zip(names, row, strict=True)) for row in self.select_rows(columns, conditions, tail)]
+
+    def select_rows(self, columns: tuple[str, ...], conditions: list[str], tail: str = "") -> list[list[Any]]:
+        """Points as [time, der_id, *columns], as InfluxDB's JSON has them (no dict per point)."""
+        listed = ", ".join(quote_name(c) for c in ("der_id", *columns))
+        statement = f"SELECT {listed} FROM {self._from} WHERE {' AND '.join(conditions)}{tail}"
+        out: list[list[Any]] = []
+        for series in self._ask(statement):
+            out.extend(series["values"])
+        return out
+
+    def scan(self, start: int, end: int, conditions: list[str], columns: tuple[str, ...]) -> Iterator[dict[str, Any]]:
+        """``scan_rows`` as {column: value}; ``received_at`` is among the columns."""
+        columns = tuple(dict.fromkeys(("received_at", *columns)))
+        names = ("time", "der_id", *columns)
+        for row in self.scan_rows(start, end, conditions, columns):
+            yield dict(zip(names, row, strict=True))
+
+    def scan_rows(self, start: int, end: int, conditions: list[str], columns: tuple[str, ...]) -> Iterator[list[Any]]:
+        """Every point in [start, end) meeting ``conditions``, by (time, der_id), fetched a chunk at a time, as
+        [time, der_id, *columns].
+
+        The first column should be one every point has (``received_at``): InfluxDB leaves out a point none
+        of whose selected fields it has. A chunk that is full may end inside an instant (points at one time
+        come in no order of DER), so its last instant is fetched whole on its own.
+        """
+        lo = start
+        while lo < end:
+            span = [f"time >= {ns(lo)}", f"time < {ns(end)}", *conditions]
+            chunk = self.select_rows(columns, span, f" LIMIT {_CHUNK}")
+            if len(chunk) < _CHUNK:
+                yield from sorted(chunk, key=_order)
+                return
+            last = chunk[-1][0]
+            yield from sorted((p for p in chunk if p[0] < last), key=_order)
+            instant = [f"time >= {ns(last)}", f"time < {ns(last + 1)}", *conditions]
+            yield from sorted(self.select_rows(columns, instant), key=_order)
+            lo = last + 1
+
+    def _chunks(
+        self, start: int, end: int, conditions: list[str], columns: tuple[str, ...]
+    ) -> Iterator[list[list[Any]]]:
+        """Every point in [start, end) meeting ``conditions``, in chunks in no particular order, where a point
+        may come twice (a full chunk's last instant is asked again from its start): for loading into a store
+        whose upsert makes the second copy harmless. Half the requests of ``scan_rows``."""
+        lo = start
+        while lo < end:
+            chunk = self.select_rows(
+                columns, [f"time >= {ns(lo)}", f"time < {ns(end)}", *conditions], f" LIMIT {_CHUNK}"
+            )
+            yield chunk
+            if len(chunk) < _CHUNK:
+                return
+            last = chunk[-1][0]
+            if chunk[0][0] == last:  # a whole chunk at one instant: that instant whole, then on after it
+                yield self.select_rows(columns, [f"time >= {ns(last)}", f"time < {ns(last + 1)}", *conditions])
+                last += 1
+            lo = last
+
+    def raw(
+        self,
+        start: int,
+        end: int,
+        der_ids: tuple[str, ...] | None,
+        fields: tuple[str, ...],
+        where: Where,
+        after: tuple[int, str] | None,
+        limit: int,
+        flagged: bool | None = None,
+    ) -> list[tuple[Any, ...]]:
+        conditions = [der_condition(der_ids)] if der_ids else []
+        if der_ids is not None and not der_ids:
+            return []
+        lo = max(start, after[0]) if after else start
+        needed = (*fields, *(f for f, _, _ in where), *CLOCK_COLUMNS)
+        out: list[tuple[Any, ...]] = []
+        if limit <= 0:
+            return out
+        for p in self.scan(lo, end, conditions, needed):
+            if after is not None and (p["time"], p["der_id"]) <= after:
+                continue
+            if _matches(p, where, flagged):
+                out.append((p["der_id"], p["time"], *(_value(p.get(f)) for f in fields), *_clock(p)))
+                if len(out) >= limit:
+                    break
+        return out
+
+    def der_ids(self, start: int, end: int, first: str) -> list[str]:
+        statement = (
+            f'SELECT count("received_at") FROM {self._from} WHERE time >= {ns(start)} AND time < {ns(end)} '
+            'GROUP BY "der_id"'
+        )
+        found = {series["tags"]["der_id"] for series in self._ask(statement) if series.get("tags")}
+        listed = sorted(d for d in found if d >= first)
+        self._listed, self._listed_at = listed, {d: i for i, d in enumerate(listed)}  # for _load's groups
+        return listed
+
+    def bucket_stats(
+        self,
+        der_id: str,
+        buckets: list[Bucket],
+        specs: tuple[tuple[str, str], ...],
+        where: Where,
+        flagged: bool | None = None,
+    ) -> dict[int, dict[str, Any]]:
+        if not buckets:
+            return {}
+        fields = tuple(sorted({f for f, _ in specs} | {f for f, _, _ in where}))
+        memory = self._load(der_id, buckets[0].lo, buckets[-1].hi, fields)
+        return memory.bucket_stats(der_id, buckets, specs, where, flagged)
+
+    def _load(self, der_id: str, start: int, end: int, fields: tuple[str, ...]) -> SqliteStore:
+        """The in-memory database holding ``der_id``'s points in [start, end) with ``fields``.
+
+        A query over many DERs asks for them one at a time, in the order ``der_ids`` gave them: the points
+        of the next ``_GROUP`` DERs are fetched together, in one request, so that InfluxDB's cost per request
+        (and the database's per load) is paid once per group, not per DER. A group is used only by the DERs
+        after the one that loaded it, in order, within ``_REUSE_S``: the next query (or page) reads afresh.
+        """
+        if self._memory is None:
+            self._memory = SqliteStore(Path(":memory:"))
+        memory = self._memory
+        key = (start, end, fields)
+        fresh = time.monotonic() - self._loaded_when < _REUSE_S
+        if key == self._loaded_key and der_id in self._loaded and der_id > self._asked and fresh:
+            self._asked = der_id
+            return memory
+        group = [der_id]
+        at = self._listed_at.get(der_id)
+        if at is not None:
+            group = self._listed[at : at + _GROUP]
+        memory.clear()
+        columns = ("received_at", *fields, "clock_flag")
+        for rows in self._chunks(start, end, [der_condition(tuple(group))], columns):
+            loaded = [(r[1], r[0], *r[3:]) for r in rows]
+            loaded.sort(key=_KEY)  # in primary-key order: about half the cost of inserting in time order
+            memory.load(columns[1:], loaded)
+        self._loaded_key, self._loaded = key, set(group)
+        self._loaded_when, self._asked = time.monotonic(), der_id
+        return memory
+
+    def nearest(self, der_id: str, field: str, at: int, before: bool) -> tuple[int, float] | None:
+        side = f"time < {ns(at)}" if before else f"time >= {ns(at)}"
+        order = " ORDER BY time DESC LIMIT 1" if before else " LIMIT 1"
+        found = self.select((field,), [der_condition((der_id,)), side], order)
+        return (found[0]["time"], float(found[0][field])) if found else None
+
+    def series(self, der_id: str, start: int, end: int, fields: tuple[str, ...]) -> list[tuple[Any, ...]]:
+        return [
+            (p["time"], *(float(p[f]) for f in fields))
+            for p in self.scan(start, end, [der_condition((der_id,))], fields)
+            if all(p.get(f) is not None for f in fields)
+        ]
+
+    def flagged_series(self, der_id: str, start: int, end: int, fields: tuple[str, ...]) -> list[tuple[Any, ...]]:
+        return [
+            (p["time"], *(float(p[f]) for f in fields), int(p.get("clock_flag") is not None))
+            for p in self.scan(start, end, [der_condition((der_id,))], (*fields, "clock_flag"))
+            if all(p.get(f) is not None for f in fields)
+        ]
+
+    def count(self) -> int:
+        found = self._ask(f'SELECT count("received_at") FROM {self._from}')
+        return int(found[0]["values"][0][1]) if found else 0
+
+    def close(self) -> None:
+        self._client.close()
+        if self._memory is not None:
+            self._memory.close()
+            self._memory = None
+
+
+_KEY = operator.itemgetter(0, 1)
+
+
+def _order(p: list[Any]) -> tuple[int, str]:
+    return p[0], p[1]
+
+
+def _value(value: Any) -> float | None:
+    """A quantity as SQLite gives it: JSON brings 2.0 back as 2."""
+    return None if value is None else float(value)
+
+
+def _clock(p: dict[str, Any]) -> tuple[str | None, float | None]:
+    offset = p.get("clock_offset_s")
+    return p.get("clock_flag"), None if offset is None else float(offset)
