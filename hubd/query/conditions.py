@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import base64
 import binascii
-from collections.abc import Mapping
+import operator
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 from zoneinfo import ZoneInfo
@@ -21,7 +22,16 @@ from hubd.model import DER_TYPES, FIELDS, MAX_TIME_MS, MIN_TIME_MS, ErrorCode, H
 from hubd.query.buckets import INTERVALS_MS, zone
 
 AGGREGATIONS = ("mean", "min", "max", "sum", "first", "last", "count", "delta")
-OPERATORS = {"gt": ">", "gte": ">=", "lt": "<", "lte": "<=", "eq": "=", "ne": "!="}
+OPERATORS = {"gt": ">", "gte": ">=", "lt": "<", "lte": "<=", "eq": "=", "ne": "!="}  # as SQL says them
+# The same operators applied in Python, where the hub filters readings itself (energy's own rows, InfluxDB's points).
+COMPARE: dict[str, Callable[[float, float], bool]] = {
+    "gt": operator.gt,
+    "gte": operator.ge,
+    "lt": operator.lt,
+    "lte": operator.le,
+    "eq": operator.eq,
+    "ne": operator.ne,
+}
 KEYS = {
     "client_id",
     "password",

@@ -7,25 +7,14 @@ pages: nothing lost, nothing repeated.
 
 from __future__ import annotations
 
-import operator
-from collections.abc import Callable
 from itertools import pairwise
 from typing import Any
 
 from hubd.model import format_time
 from hubd.query import energy
 from hubd.query.buckets import Bucket, buckets
-from hubd.query.conditions import Query, encode_cursor
+from hubd.query.conditions import COMPARE, Query, encode_cursor
 from hubd.store import CLOCK_COLUMNS, ReadingQuery
-
-_TESTS: dict[str, Callable[[float, float], bool]] = {
-    "gt": operator.gt,
-    "gte": operator.ge,
-    "lt": operator.lt,
-    "lte": operator.le,
-    "eq": operator.eq,
-    "ne": operator.ne,
-}
 
 
 def run(query: Query, store: ReadingQuery) -> dict[str, Any]:
@@ -76,7 +65,7 @@ def _raw(query: Query, store: ReadingQuery) -> dict[str, Any]:
 
 def _matches(query: Query, values: dict[str, Any]) -> bool:
     return all(
-        values.get(field) is not None and _TESTS[op](values[field], operand) for field, op, operand in query.where
+        values.get(field) is not None and COMPARE[op](values[field], operand) for field, op, operand in query.where
     )
 
 

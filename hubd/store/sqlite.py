@@ -15,10 +15,10 @@ from typing import Any
 from hubd.config import Config
 from hubd.model import FIELDS, MIN_TIME_MS
 from hubd.query.buckets import Bucket
+from hubd.query.conditions import OPERATORS
 from hubd.store import CLOCK_COLUMNS, Rows, StoredReading, Where, add_rows
 
 _SQL_AGGREGATES = {"mean": "avg", "min": "min", "max": "max", "sum": "sum", "count": "count"}
-_OPERATORS = {"gt": ">", "gte": ">=", "lt": "<", "lte": "<=", "eq": "=", "ne": "!="}
 
 _COLUMNS = ", ".join(f"{name} REAL" for name in FIELDS)
 _SCHEMA = f"""
@@ -384,5 +384,5 @@ def _flagged(flagged: bool | None, table: str = "") -> str:
 
 def _where(where: Where, table: str = "") -> tuple[str, dict[str, float]]:
     """Value conditions as SQL with named parameters (AND-combined); a reading without the field never matches."""
-    sql = "".join(f" AND {table}{field} {_OPERATORS[op]} :w{i}" for i, (field, op, _) in enumerate(where))
+    sql = "".join(f" AND {table}{field} {OPERATORS[op]} :w{i}" for i, (field, op, _) in enumerate(where))
     return sql, {f"w{i}": operand for i, (_, _, operand) in enumerate(where)}

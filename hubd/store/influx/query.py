@@ -14,25 +14,18 @@ from __future__ import annotations
 
 import operator
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from hubd.config import Config, InfluxConfig
 from hubd.model import ErrorCode, HubError
 from hubd.query.buckets import Bucket
+from hubd.query.conditions import COMPARE
 from hubd.store import CLOCK_COLUMNS, Where
 from hubd.store.influx.client import InfluxUnavailable, SyncInflux
 from hubd.store.sqlite import SqliteStore
 
-_TESTS: dict[str, Callable[[float, float], bool]] = {
-    "gt": operator.gt,
-    "gte": operator.ge,
-    "lt": operator.lt,
-    "lte": operator.le,
-    "eq": operator.eq,
-    "ne": operator.ne,
-}
 _CHUNK = 10_000  # points per request: within a 1.x server's usual max-row-limit
 # InfluxDB's timestamps are int64 nanoseconds: 1677-09-21 … 2262-04-11. A query range is clamped to them.
 _LOWEST_MS = -9_223_372_036_854
@@ -60,7 +53,7 @@ def der_condition(der_ids: tuple[str, ...]) -> str:
 def _matches(point: dict[str, Any], where: Where, flagged: bool | None) -> bool:
     if flagged is not None and (point.get("clock_flag") is not None) != flagged:
         return False
-    return all(point.get(f) is not None and _TESTS[op](point[f], operand) for f, op, operand in where)
+    return all(point.get(f) is not None and COMPARE[op](point[f], operand) for f, op, operand in where)
 
 
 class InfluxQuery:
