@@ -18,19 +18,18 @@ import argparse
 import asyncio
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.parse
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # the test suite's influxd
 
 import ingest
+from influx_server import InfluxServer
 
 from hubd.auth.registry import Registry
 from hubd.broker import EmbeddedBroker, free_port
@@ -43,58 +42,6 @@ from hubd.store.factory import open_query, open_sink
 from hubd.store.influx.client import AsyncInflux
 from hubd.store.influx.lines import line, point
 
-_INFLUXD_CONF = """\
-reporting-enabled = false
-bind-address = "127.0.0.1:{rpc}"
-[meta]
-  dir = "{root}/meta"
-  logging-enabled = false
-[data]
-  dir = "{root}/data"
-  wal-dir = "{root}/wal"
-  query-log-enabled = false
-[monitor]
-  store-enabled = false
-[http]
-  bind-address = "127.0.0.1:{http}"
-  log-enabled = false
-[logging]
-  level = "warn"
-"""
-
-
-class Influxd:
-    def __init__(self, root: Path) -> None:
-        self.port, rpc = free_port(), free_port()
-        root.mkdir(parents=True)
-        self.conf = root / "influxdb.conf"
-        self.conf.write_text(_INFLUXD_CONF.format(root=root, rpc=rpc, http=self.port), encoding="utf-8")
-        self.log = root / "influxd.log"
-        self.child: subprocess.Popen[bytes] | None = None
-        self.url = f"http://127.0.0.1:{self.port}"
-
-    def start(self) -> None:
-        with self.log.open("ab") as log:
-            self.child = subprocess.Popen(["influxd", "run", "-config", str(self.conf)], stdout=log, stderr=log)
-        for _ in range(600):
-            try:
-                with urllib.request.urlopen(f"{self.url}/ping", timeout=1):
-                    return
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError("influxd did not answer /ping")
-
-    def query(self, statement: str) -> None:
-        body = urllib.parse.urlencode({"q": statement}).encode()
-        with urllib.request.urlopen(f"{self.url}/query", data=body, timeout=30):
-            pass
-
-    def stop(self) -> None:
-        if self.child is not None:
-            self.child.terminate()
-            self.child.wait(30)
-            self.child = None
-
 
 def influx_config(data_dir: Path, url: str, database: str) -> Config:
     influx = {"url": url, "database": database}
@@ -104,7 +51,7 @@ def influx_config(data_dir: Path, url: str, database: str) -> Config:
 # -- 1. ingest end to end, and the raw write rate of the same points ------------------------------------------
 
 
-def ingest_case(work: Path, influxd: Influxd, args: argparse.Namespace) -> tuple[float, int, list[str]]:
+def ingest_case(work: Path, influxd: InfluxServer, args: argparse.Namespace) -> tuple[float, int, list[str]]:
     """Readings/s of the hub into InfluxDB (case B), and the lines of the points it stored."""
     processes = ingest.Processes()
     broker = EmbeddedBroker(work / "broker", port=free_port(), bind="127.0.0.1")
@@ -170,7 +117,7 @@ def stored_lines(config: Config) -> list[str]:
     return out
 
 
-async def raw_rate(influxd: Influxd, lines: list[str], batch: int) -> float:
+async def raw_rate(influxd: InfluxServer, lines: list[str], batch: int) -> float:
     influxd.query('CREATE DATABASE "raw"')
     client = AsyncInflux(influx_config(Path("."), influxd.url, "raw").store.influxdb)
     began = time.perf_counter()
@@ -238,7 +185,7 @@ def settlement(store: ReadingQuery, ders: Any) -> tuple[float, int]:
             return time.perf_counter() - began, rows
 
 
-def settlement_case(work: Path, influxd: Influxd, ders_count: int) -> dict[str, float]:
+def settlement_case(work: Path, influxd: InfluxServer, ders_count: int) -> dict[str, float]:
     day_ms = 1748736000000  # 2025-06-01
     registry = Registry(work / "settle-registry.sqlite3")
     for d in range(ders_count):
@@ -277,7 +224,7 @@ def main() -> int:
     args.profile, args.keep = None, False  # what bench/ingest's run_case reads
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     work = Path(tempfile.mkdtemp(prefix="hubd-bench-influx-"))
-    influxd = Influxd(work / "influxd")
+    influxd = InfluxServer(work / "influxd")
     try:
         influxd.start()
         print(f"machine: {ingest.machine()}", flush=True)
