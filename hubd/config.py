@@ -21,13 +21,16 @@ import copy
 import os
 import re
 from pathlib import Path
-from typing import Annotated, Any, Final, Literal, get_args, get_origin
+from typing import TYPE_CHECKING, Annotated, Any, Final, Literal, get_args, get_origin
 from urllib.parse import urlsplit
 
 import msgspec
 import yaml
 from loguru import logger
 from msgspec.structs import replace
+
+if TYPE_CHECKING:
+    import click
 
 # Old dotted key → new dotted key, for keys renamed in a release (a whole section may be renamed too).
 RENAMED: dict[str, str] = {}
@@ -591,3 +594,10 @@ def _anchored(config: Config, folder: Path) -> Config:
         ),
         drivers=replace(config.drivers, user_dir=maybe(config.drivers.user_dir)),
     )
+
+
+def command_config(ctx: click.Context) -> Config:
+    """The config of the ``hubd`` command being run: loaded once, when first asked, by the root command's context
+    (``hubd --config``), for every subcommand group alike."""
+    config: Config = ctx.find_root().obj.config
+    return config

@@ -12,12 +12,7 @@ from msgspec.structs import replace
 from hubd.auth import dynsec
 from hubd.auth.registry import Registry
 from hubd.broker import _accepts, _connect_host
-from hubd.config import Config
-
-
-def _config(ctx: click.Context) -> Config:
-    config: Config = ctx.find_root().obj.config
-    return config
+from hubd.config import Config, command_config
 
 
 def broker_url(config: Config) -> str:
@@ -80,7 +75,7 @@ def broker_sync(ctx: click.Context, output: str | None) -> None:
 
     Run it with the broker stopped (a running broker reads the file only when it starts, and writes over it on
     its next change); the embedded broker's file is rebuilt at every start of hubd by itself."""
-    config = _config(ctx)
+    config = command_config(ctx)
     if output is not None:
         config = replace(config, broker=replace(config.broker, plugin_file=output))
     if config.broker.access_control != "dynsec":

@@ -12,16 +12,11 @@ import click
 import orjson
 
 from hubd.clock.state import load_snapshot
-from hubd.config import Config
-
-
-def _config(ctx: click.Context) -> Config:
-    config: Config = ctx.find_root().obj.config
-    return config
+from hubd.config import command_config
 
 
 def _snapshot(ctx: click.Context) -> dict[str, Any]:
-    config = _config(ctx)
+    config = command_config(ctx)
     snapshot = load_snapshot(config.data_path)
     if snapshot is None:
         raise click.ClickException(f"no clock state in {config.data_path} yet: the hub has not run there")

@@ -13,16 +13,11 @@ from typing import Any
 import click
 import orjson
 
-from hubd.config import Config, ConfigError, ModbusSourceConfig
+from hubd.config import ConfigError, ModbusSourceConfig, command_config
 from hubd.model import format_time
 from hubd.sources.modbus import profile_for
 from hubd.sources.modbus.client import Link, NoAnswer, Offline, ShortRead
 from hubd.sources.modbus.sunspec import NotSunSpec
-
-
-def _config(ctx: click.Context) -> Config:
-    config: Config = ctx.find_root().obj.config
-    return config
 
 
 def _show(value: Any) -> None:
@@ -38,7 +33,7 @@ def source_group() -> None:
 @click.pass_context
 def source_list(ctx: click.Context) -> None:
     """The configured sources: name, kind, address, profile or map, DERs."""
-    for source in _config(ctx).sources:
+    for source in command_config(ctx).sources:
         what = f"map {source.map}" if source.map else f"profile {source.profile}"
         ders = source.der or ", ".join(f"{der}={'+'.join(map(str, models))}" for der, models in source.ders.items())
         click.echo(f"{source.name}\t{source.kind}\t{source.host}:{source.port} unit {source.unit_id}\t{what}\t{ders}")
@@ -49,7 +44,7 @@ def source_list(ctx: click.Context) -> None:
 @click.pass_context
 def source_status(ctx: click.Context, name: str | None) -> None:
     """What the running hub last wrote of each source (or of NAME): online, last poll, problems."""
-    config = _config(ctx)
+    config = command_config(ctx)
     names = [source.name for source in config.sources]
     if name is not None and name not in names:
         raise click.ClickException(f"no source {name} in the config (sources: {', '.join(names) or 'none'})")
@@ -66,7 +61,7 @@ def source_status(ctx: click.Context, name: str | None) -> None:
 @click.pass_context
 def source_test(ctx: click.Context, name: str) -> None:
     """Poll NAME once now, from here (nothing is stored): what was discovered, and the readings."""
-    config = _config(ctx)
+    config = command_config(ctx)
     index = next((i for i, source in enumerate(config.sources) if source.name == name), None)
     if index is None:
         names = ", ".join(source.name for source in config.sources) or "none"

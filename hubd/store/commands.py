@@ -9,16 +9,11 @@ import click
 import orjson
 
 from hubd import progress
-from hubd.config import Config
+from hubd.config import command_config
 from hubd.store import migrate
 from hubd.store.influx.client import InfluxUnavailable
 from hubd.store.influx.sink import spool_path
 from hubd.store.influx.spool import Spool
-
-
-def _config(ctx: click.Context) -> Config:
-    config: Config = ctx.find_root().obj.config
-    return config
 
 
 @click.group("store")
@@ -32,7 +27,7 @@ def store_group() -> None:
 def store_status(ctx: click.Context, as_json: bool) -> None:
     """The backend in use; for InfluxDB, the spool: mode (direct or spooling), depth, age of the oldest
     batch and the replay's rate."""
-    config = _config(ctx)
+    config = command_config(ctx)
     status: dict[str, Any] = {"backend": config.store.backend}
     if config.store.backend == "sqlite":
         status["path"] = str(config.readings_path)
@@ -63,7 +58,7 @@ def store_status(ctx: click.Context, as_json: bool) -> None:
 @click.pass_context
 def store_migrate(ctx: click.Context, source: str, target: str, from_start: bool) -> None:
     """Copy the SQLite store (store.sqlite.path) into InfluxDB (store.influxdb); run it again to resume."""
-    config = _config(ctx)
+    config = command_config(ctx)
     if not config.readings_path.exists():
         raise click.ClickException(f"no SQLite store at {config.readings_path}")
     state = migrate.load_state(config)

@@ -13,7 +13,7 @@ import orjson
 
 from hubd import decode
 from hubd.audit import AuditLog
-from hubd.config import Config
+from hubd.config import Config, command_config
 from hubd.decode.registry import Decoder, Limits
 from hubd.decode.vendor.catalog import Catalog
 from hubd.decode.vendor.language import DefinitionError
@@ -21,11 +21,6 @@ from hubd.decode.vendor.load import SUFFIXES, load_definition
 from hubd.model import HubError, format_time, now_ms, parse_time
 
 NATIVE = "hub.v1"
-
-
-def _config(ctx: click.Context) -> Config:
-    config: Config = ctx.find_root().obj.config
-    return config
 
 
 def _catalog(config: Config) -> Catalog:
@@ -47,7 +42,7 @@ def format_group() -> None:
 @click.pass_context
 def format_list(ctx: click.Context) -> None:
     """The format codes (code, kind, shipped or user, description), then refused definitions."""
-    config = _config(ctx)
+    config = command_config(ctx)
     catalog = _catalog(config)
     click.echo(f"{NATIVE}\tjson\tbuilt-in\tthe hub's native format (docs/protocol.md)")
     for code in sorted(catalog.active):
@@ -66,7 +61,7 @@ def format_show(ctx: click.Context, code: str) -> None:
     if code == NATIVE:
         click.echo(f"# {NATIVE} is built into the hub: see docs/protocol.md")
         return
-    definition = _catalog(_config(ctx)).find(code)
+    definition = _catalog(command_config(ctx)).find(code)
     if definition is None:
         raise click.ClickException(f"no format {code!r} (see hubd format list)")
     click.echo(f"# {definition.path}")
@@ -81,7 +76,7 @@ def format_add(ctx: click.Context, file: Path) -> None:
 
     A running hub loads it within formats.poll_s seconds; a definition of the same code is replaced.
     """
-    config = _config(ctx)
+    config = command_config(ctx)
     try:
         definition = load_definition(file)
     except DefinitionError as exc:
@@ -106,7 +101,7 @@ def format_add(ctx: click.Context, file: Path) -> None:
 @click.pass_context
 def format_remove(ctx: click.Context, code: str) -> None:
     """Remove the user definition of CODE (its map files stay). A running hub drops it within poll_s."""
-    config = _config(ctx)
+    config = command_config(ctx)
     found = [config.formats_user_path / (code + suffix) for suffix in SUFFIXES]
     found = [path for path in found if path.exists()]
     if not found:
@@ -137,7 +132,7 @@ def format_test(
     Readings print as JSON lines (without passwords); a refused reading prints its index and why; a sample
     that cannot be decoded at all prints why. Exit status 1 when anything was refused.
     """
-    config = _config(ctx)
+    config = command_config(ctx)
     decoder = _decoder(config, definition)
     props: dict[str, str] = {}
     for pair in properties:
