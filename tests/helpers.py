@@ -167,9 +167,10 @@ class Site:
 
 
 @contextmanager
-def running_hub(base: Path, **overrides: Any) -> Iterator[RunningHub]:
-    """A broker and a hub for a whole module (the fixtures in conftest are per test)."""
-    broker = EmbeddedBroker(base / "broker-data", port=free_port())
+def running_hub(base: Path, template: Path | None = None, **overrides: Any) -> Iterator[RunningHub]:
+    """A broker (from ``template``, if given, instead of the embedded config) and a hub for a whole module (the
+    fixtures in conftest are per test)."""
+    broker = EmbeddedBroker(base / "broker-data", port=free_port(), template=template)
     broker.start_sync()
     try:
         hub = RunningHub(write_config(base / "hubd.yaml", broker, **overrides), broker)

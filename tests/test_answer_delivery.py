@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 from conftest import INITIAL_PASSWORD, RunningHub, write_config
-from helpers import records, rr_on
+from helpers import records, rr_on, running_hub
 
 from hubd.broker import EmbeddedBroker, free_port, load_template
 
@@ -27,17 +27,8 @@ def strict_hub(tmp_path: Path) -> Iterator[RunningHub]:
     acl.write_text(_RULES, encoding="utf-8")
     template = tmp_path / "acl.conf.in"
     template.write_text(load_template() + f"\nacl_file {acl}\n", encoding="utf-8")
-    broker = EmbeddedBroker(tmp_path / "broker-data", port=free_port(), template=template)
-    broker.start_sync()
-    try:
-        hub = RunningHub(write_config(tmp_path / "hubd.yaml", broker), broker)
-        hub.start()
-        try:
-            yield hub
-        finally:
-            hub.stop()
-    finally:
-        broker.stop_sync()
+    with running_hub(tmp_path, template=template) as hub:
+        yield hub
 
 
 def _register_on(hub: RunningHub, der_id: str, answer_topic: str) -> None:
