@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -13,8 +15,9 @@ import pytest
 from click.testing import CliRunner
 from influx_server import InfluxServer, fresh_database, own_influxd  # noqa: F401 - the fixture
 
+from hubd.broker import free_port
 from hubd.cli import main
-from hubd.config import Config, parse_config
+from hubd.config import Config, ConfigError, parse_config
 from hubd.model import ErrorCode, HubError
 from hubd.quarantine import Quarantine
 from hubd.store import Rows
@@ -208,8 +211,29 @@ def test_a_database_that_does_not_exist_stops_the_start_naming_the_key(
     async def start() -> None:
         await InfluxSink(config).start()
 
-    with pytest.raises(RuntimeError, match=r"^InfluxDB has no database 'not_made' \(store.influxdb.database\)"):
+    with pytest.raises(ConfigError, match=r"^InfluxDB has no database 'not_made' \(store.influxdb.database\)"):
         asyncio.run(start())
+    # hubd run: one line, the status of a value to change (docs/operations.md, Exit statuses), no traceback
+    path = tmp_path / "hubd.yaml"
+    path.write_text(
+        json.dumps(
+            {
+                "data_dir": str(tmp_path / "run"),
+                "broker": {"embedded_port": free_port()},
+                "http": {"bind": "127.0.0.1:0"},
+                "store": {"backend": "influxdb", "influxdb": {"url": own_influxd.url, "database": "not_made"}},
+            }
+        ),
+        encoding="utf-8",
+    )
+    hubd = Path(sys.executable).with_name("hubd")
+    done = subprocess.run([str(hubd), "--config", str(path), "run"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 78, done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.startswith("Error:")]
+    assert errors == [
+        "Error: InfluxDB has no database 'not_made' (store.influxdb.database): create it (docs/operations.md, InfluxDB)"
+    ], done.stderr
+    assert "Traceback" not in done.stderr
 
 
 def test_a_query_while_influxdb_is_away_is_answered_unavailable(tmp_path: Path, own_influxd: InfluxServer) -> None:  # noqa: F811

@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 from loguru import logger
 
 from hubd.audit import AuditLog
-from hubd.config import Config
+from hubd.config import Config, ConfigError
 from hubd.quarantine import Quarantine
 from hubd.store import Rows
 from hubd.store.influx import versions
@@ -83,7 +83,7 @@ class InfluxSink:
         except RuntimeError as exc:
             await self._release()
             if "database not found" in str(exc):
-                raise RuntimeError(
+                raise ConfigError(
                     f"InfluxDB has no database {self._config.database!r} (store.influxdb.database): create it "
                     "(docs/operations.md, InfluxDB)"
                 ) from None
