@@ -169,6 +169,9 @@ def _unusable(context: object, exc: Exception) -> str:
 @click.pass_context
 def main(ctx: click.Context, config_path: str | None) -> None:
     """hubd: an IoT hub for the power data of distributed energy resources."""
+    # An operator's command logs only warnings, in the hub's own format (not loguru's DEBUG default); run sets
+    # log.level for itself.
+    setup_logging("WARNING")
     ctx.obj = Context(config_path)
 
 
@@ -327,8 +330,8 @@ def der_rotate(ctx: Context, der_id: str) -> None:
         registry.set_broker_record("der:" + der_id, dynsec.password_record(password))
         audit.append("password.rotated", der_id=der_id, by="operator")
         principal = dynsec.der_principal(ctx.config.topic_prefix, der_id)
+        click.echo(password)  # before the broker is told: stored already, it must not be lost if the broker is away
         tell_broker(ctx.config, registry, dynsec.create_commands(principal, password), der_id, "der")
-    click.echo(password)
 
 
 @der.command("revoke")
@@ -366,8 +369,8 @@ def system_add(ctx: Context, name: str, role: str) -> None:
         audit.append("system.added", client_id=name, role=role, by="operator")
         audit.append("password.issued", client_id=name, by="operator")
         principal = dynsec.system_principal(ctx.config.topic_prefix, name, role)
+        click.echo(password)  # before the broker is told: stored already, it must not be lost if the broker is away
         tell_broker(ctx.config, registry, dynsec.create_commands(principal, password), name, "system")
-    click.echo(password)
 
 
 @system.command("list")

@@ -301,6 +301,24 @@ def test_a_revoked_system_is_dropped_and_refused(site: Site) -> None:
     assert not site.connects(user="market-1", password=password, client="market-1")
 
 
+def test_a_system_added_while_the_broker_is_away_keeps_its_password_and_sync_brings_it(site: Site) -> None:
+    """The registry changes at once; a broker that cannot be told is one line and status 1, and the password
+    issued is printed all the same, so `hubd broker sync` makes it work (docs/operations.md, Access at the broker)."""
+    site.hub.stop()
+    site.broker.stop_sync()
+    added = site.hub.cli("system", "add", "market-2", "--role", "consumer")
+    assert added.exit_code == 1
+    password = added.stdout.strip()
+    assert re.fullmatch(r"\S{16,}", password), added.stdout
+    assert "cannot change the broker's access control" in added.stderr and "hubd broker sync" in added.stderr
+    assert password not in added.stderr
+    synced = site.hub.cli("broker", "sync")
+    assert synced.exit_code == 0 and "added client market-2" in synced.output, synced.output
+    site.broker.start_sync()
+    site.hub.start()
+    assert site.connects(user="market-2", password=password, client="market-2")
+
+
 def test_broker_sync_against_a_blank_plugin_file_restores_access(site: Site, tmp_path: Path) -> None:
     pv1 = _registered(site, "PV-1")
     consumer = site.hub.consumer("market-1")
