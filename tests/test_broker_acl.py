@@ -319,6 +319,16 @@ def test_a_system_added_while_the_broker_is_away_keeps_its_password_and_sync_bri
     assert site.connects(user="market-2", password=password, client="market-2")
 
 
+def test_broker_sync_after_live_changes_finds_nothing_to_change(site: Site) -> None:
+    """Mosquitto saves a role's ACLs in an order of its own: the same rules in another order are no change."""
+    _registered(site, "PV-1")
+    site.hub.consumer("market-1")
+    site.hub.stop()
+    site.broker.stop_sync()
+    synced = site.hub.cli("broker", "sync")
+    assert synced.exit_code == 0 and synced.output.strip().endswith(": 0 changes"), synced.output
+
+
 def test_broker_sync_against_a_blank_plugin_file_restores_access(site: Site, tmp_path: Path) -> None:
     pv1 = _registered(site, "PV-1")
     consumer = site.hub.consumer("market-1")

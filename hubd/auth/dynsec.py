@@ -279,8 +279,13 @@ def compare(old: dict[str, Any] | None, new: dict[str, Any]) -> list[str]:
 
 
 def _comparable(item: dict[str, Any]) -> dict[str, Any]:
-    """A client or role without its salt and hash, which differ on every rebuild of the same password."""
-    return {k: v for k, v in item.items() if k not in ("password", "salt", "iterations")}
+    """A client or role without its salt and hash, which differ on every rebuild of the same password, and with
+    its lists (a role's ACLs, a client's roles) in one order: Mosquitto saves them in an order of its own."""
+    return {
+        k: sorted(v, key=lambda e: orjson.dumps(e, option=orjson.OPT_SORT_KEYS)) if isinstance(v, list) else v
+        for k, v in item.items()
+        if k not in ("password", "salt", "iterations")
+    }
 
 
 def write_plugin_file(path: Path, content: dict[str, Any]) -> None:
