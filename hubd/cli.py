@@ -169,9 +169,6 @@ def _unusable(context: object, exc: Exception) -> str:
 @click.pass_context
 def main(ctx: click.Context, config_path: str | None) -> None:
     """hubd: an IoT hub for the power data of distributed energy resources."""
-    # An operator's command logs only warnings, in the hub's own format (not loguru's DEBUG default); run sets
-    # log.level for itself.
-    setup_logging("WARNING")
     ctx.obj = Context(config_path)
 
 
