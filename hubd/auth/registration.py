@@ -175,6 +175,7 @@ class Registration:
                 ErrorCode.UNAVAILABLE, "the broker's access control could not be updated; try later"
             ) from None
         self._auth.registry.set_broker_record("der:" + der_id, password_record(unique))
+        logger.debug("broker client of {} created", der_id)  # the daemon's log (operator commands print none)
 
     async def settle(self, der_id: str, topic: str | None, failure: str | None) -> None:
         """The broker's verdict on a registration's answer: taken (``failure`` None), the new password counts;
