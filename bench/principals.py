@@ -29,7 +29,7 @@ from pathlib import Path
 from hubd.auth import dynsec
 from hubd.auth.broker_sync import reconcile
 from hubd.broker import EmbeddedBroker, free_port
-from hubd.mqtt.session import MqttSession
+from hubd.mqtt.session import MqttError, MqttSession
 
 ADMIN = dynsec.Account("admin", "bench-admin-password")
 
@@ -50,6 +50,28 @@ async def _connect_ms(port: int, der_id: str, password: str) -> float:
     took = (time.perf_counter() - started) * 1000
     await session.disconnect()
     return took
+
+
+async def _wrong_connects_per_s(port: int, username: str, seconds: float = 3.0, clients: int = 4) -> float:
+    """How fast a guesser learns "wrong password" from the broker's CONNECT (nothing limits it there)."""
+    done = 0
+    until = time.perf_counter() + seconds
+
+    async def guesser(n: int) -> None:
+        nonlocal done
+        while time.perf_counter() < until:
+            session = MqttSession(
+                username, on_publish=lambda first, body: None, clean_start=True, username=username, password=f"g{n}"
+            )
+            try:
+                await session.connect("127.0.0.1", port)
+            except MqttError:
+                done += 1
+            finally:
+                await session.disconnect()
+
+    await asyncio.gather(*(guesser(n) for n in range(clients)))
+    return done / seconds
 
 
 async def run(ders: int, batch: int, folder: Path) -> None:
@@ -117,9 +139,11 @@ async def run(ders: int, batch: int, folder: Path) -> None:
     started = time.perf_counter()
     await again.start()
     up = time.perf_counter() - started
+    rate = await _wrong_connects_per_s(again.port, "PV-000000")
     await again.stop()
     size = plugin_file.stat().st_size / 2**20
     print(f"rebuilt file for {ders} DERs: {size:.1f} MiB written in {written:.2f} s; broker up in {up:.2f} s")
+    print(f"wrong-password connects the broker answers (PBKDF2, {dynsec.ITERATIONS} rounds): {rate:.0f}/s")
 
 
 def main() -> None:

@@ -123,6 +123,7 @@ class Hub:
                         broker_acl(config, url),
                         config.topic_prefix,
                         dynsec.reserved(config),
+                        dynsec.claim_password(config),
                     ),
                     audit,
                 ),

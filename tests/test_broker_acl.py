@@ -9,6 +9,7 @@ import json
 import re
 import secrets
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -249,6 +250,40 @@ def test_a_second_claimant_cannot_read_the_password_issued_to_the_first(site: Si
         out, err = listener.communicate(timeout=10)
         assert out == ""
         assert "not authorised" in err.lower() or "not authorized" in err.lower(), err
+
+
+def test_wrong_initial_passwords_from_claimants_pause_nobodys_registration(site: Site) -> None:
+    """Only the claim account may publish a registration, and the broker checked its password, the initial
+    password, at CONNECT: a wrong one in a request is no guess. More of them than the hub-wide limit (20) from
+    claimants on reply topics of their own are each answered bad_credentials, and a DER registers right after."""
+    assert site.hub.cli("der", "add", "PV-9", "--type", "pv").exit_code == 0
+    claim = site.mqtt("-q", "1", user="claim", password=INITIAL_PASSWORD, client="claim")
+    for i in range(24):
+        body = json.dumps({"der_id": f"PV-{i}", "password": f"guess-{i}-guess-{i}"})
+        reply = ["-D", "publish", "response-topic", f"reply/claim/guess-{i}"]
+        subprocess.run(["mosquitto_pub", *claim, *reply, "-t", "hub/v1/register", "-m", body], check=True, timeout=10)
+    deadline = time.monotonic() + 10
+    while len(records(site.hub, "register.failed")) < 24 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert {r["outcome"] for r in records(site.hub, "register.failed")} == {"bad_credentials"}
+    assert len(records(site.hub, "register.failed")) == 24
+    answer = site.register("PV-9")
+    assert answer["ok"], answer
+
+
+def test_a_claim_password_other_than_the_initial_password_stops_hubd_run(site: Site, tmp_path: Path) -> None:
+    site.hub.stop()
+    (tmp_path / "claim.secret").write_text("not-the-initial-password\n", encoding="utf-8")
+    out = subprocess.run(
+        [sys.executable, "-c", "from hubd.cli import main; main()", "--config", str(site.config), "run"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert out.returncode == 78, out.stderr
+    assert "broker.claim_password_file: must hold the initial password" in out.stderr
+    assert "not-the-initial-password" not in out.stderr and "Traceback" not in out.stderr
 
 
 async def _connected_until_dropped(site: Site, der_id: str, password: str, action: Any) -> bool:

@@ -394,6 +394,11 @@ def accounts(config: Config) -> tuple[Account, Account | None, Account]:
     return hubd, claim, admin
 
 
+def claim_password(config: Config) -> str | None:
+    """The claim account's password (the initial password) when the broker checks it (access control dynsec)."""
+    return _secret(config.broker.claim_password_file) if config.broker.access_control == "dynsec" else None
+
+
 def reserved(config: Config) -> frozenset[str]:
     """The broker user names of the hub's own accounts: no DER or system may take one (a DER registered as
     ``hubd`` would replace hubd's own broker client)."""
