@@ -141,7 +141,7 @@ class Hub:
                 writer.count,
                 password=_read_secret(config.broker.password_file),
                 debug=config.log.level == "DEBUG",
-                vouched=config.broker.access_control == "dynsec",
+                vouched=config.broker.access_control != "none",
             )
             polled = modbus_sources(config, audit, registry.describe)  # devices the hub polls itself
             self.sources = Supervisor([self.mqtt, *polled], audit)

@@ -395,8 +395,9 @@ def accounts(config: Config) -> tuple[Account, Account | None, Account]:
 
 
 def claim_password(config: Config) -> str | None:
-    """The claim account's password (the initial password) when the broker checks it (access control dynsec)."""
-    return _secret(config.broker.claim_password_file) if config.broker.access_control == "dynsec" else None
+    """The claim account's password (the initial password) when the broker checks it (access control at the
+    broker: dynsec, or emqx asking hubd.auth.emqx)."""
+    return _secret(config.broker.claim_password_file) if config.broker.access_control != "none" else None
 
 
 def reserved(config: Config) -> frozenset[str]:
