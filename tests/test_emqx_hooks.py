@@ -165,3 +165,16 @@ def test_a_ders_own_topic_is_proof_of_sender_under_emqx(hub: RunningHub) -> None
     password = hub.register("PV-1")
     body = {"readings": [{k: v for k, v in reading("PV-1", password, T0).items() if k != "password"}]}
     assert hub.rr("hub/v1/der/PV-1/data", body)["accepted"] == 1
+
+
+def test_no_der_takes_the_broker_name_of_another_principal_under_emqx(hub: RunningHub) -> None:
+    """A DER registered as ``claim`` or as a system's name would take that principal's place in the answers."""
+    consumer = hub.consumer("market-1")
+    for name in ("hubd", "claim", "market-1"):
+        assert hub.cli("der", "add", name).exit_code == 0
+        answer = hub.rr("hub/v1/register", {"der_id": name, "password": INITIAL_PASSWORD})
+        assert answer["error"]["code"] == "not_allowed", (name, answer)
+    assert authn(hub, "market-1", consumer) == "allow"
+    hub.register("PV-1")
+    refused = hub.cli("system", "add", "PV-1", "--role", "consumer")
+    assert refused.exit_code != 0 and "another principal" in refused.output

@@ -32,7 +32,7 @@ def broker_url(config: Config) -> str:
 def name_taken(config: Config, registry: Registry, name: str, kind: str) -> bool:
     """Whether ``name`` (a DER's id, ``kind`` "der", or a system's name) is another principal's broker user name:
     one of the hub's own accounts, or a principal of the other kind. Such a one gets no broker client."""
-    if config.broker.access_control != "dynsec":
+    if config.broker.access_control == "none":
         return False
     others = registry.systems() if kind == "der" else registry.ders()
     return name in dynsec.reserved(config) or name in others

@@ -33,7 +33,8 @@ class Rules:
 
     client_id: str
     acls: tuple[Acl, ...]
-    password: str | None = None  # the hub's own accounts: from their files; DERs and systems: bcrypt, registry
+    kind: str  # "own" (hubd, its clock connection, claim: password from a file), "der" or "system" (bcrypt)
+    password: str | None = None
 
 
 def _matches(pattern: str, topic: str) -> bool:
@@ -78,11 +79,11 @@ class EmqxHooks:
         hubd, claim, _ = accounts(config)
         clock = f"{hubd.username}-clock"
         self._own = {
-            hubd.username: Rules(hubd.client_id or hubd.username, hubd_acls(self._prefix), hubd.password),
-            clock: Rules(f"{hubd.client_id}-clock", hubd_acls(self._prefix), hubd.password),
+            hubd.username: Rules(hubd.client_id or hubd.username, hubd_acls(self._prefix), "own", hubd.password),
+            clock: Rules(f"{hubd.client_id}-clock", hubd_acls(self._prefix), "own", hubd.password),
         }
         if claim is not None:
-            self._own[claim.username] = Rules(claim.username, claim_acls(self._prefix), claim.password)
+            self._own[claim.username] = Rules(claim.username, claim_acls(self._prefix), "own", claim.password)
         self.secret = (config.broker.emqx_secret_file and _read(config.broker.emqx_secret_file)) or ""
 
     def rules(self, username: str) -> Rules | None:
@@ -92,12 +93,12 @@ class EmqxHooks:
         self._auth.refresh()
         der = self._auth.ders.get(username)
         if der is not None and der.status == "registered":
-            return Rules(username, der_acls(self._prefix, username))
-        if der is not None:
-            return None  # allowed (not registered yet) or revoked: not a broker client
+            return Rules(username, der_acls(self._prefix, username), "der")
+        if der is not None and der.status == "revoked":
+            return None  # a disabled broker client (one only added, not registered, is none at all)
         system = self._auth.systems.get(username)
         if system is not None and system.status == "active":
-            return Rules(username, system_acls(self._prefix, username, system.role))
+            return Rules(username, system_acls(self._prefix, username, system.role), "system")
         return None
 
     async def authn(self, body: dict[str, Any]) -> dict[str, Any]:
@@ -109,7 +110,7 @@ class EmqxHooks:
             return {"result": "deny"}
         if rules.password is not None:
             good = hmac.compare_digest(password.encode(), rules.password.encode())
-        elif username in self._auth.ders:
+        elif rules.kind == "der":
             source = f"emqx:{body.get('peerhost') or 'unknown'}"
             good = await self._auth.check_der(username, password, source) is None
         else:

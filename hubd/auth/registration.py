@@ -161,7 +161,8 @@ class Registration:
             raise HubError(ErrorCode.UNKNOWN_DER, f"DER {der_id} is not on this hub's allowlist")
         if der is not None and der.status == "revoked":
             raise HubError(ErrorCode.NOT_ALLOWED, f"DER {der_id} has been revoked")
-        if self._acl is not None and (der_id in self._reserved or der_id in self._auth.systems):
+        at_broker = self._acl is not None or self._claim_password is not None  # dynsec, or emqx asking hubd
+        if at_broker and (der_id in self._reserved or der_id in self._auth.systems):
             raise HubError(ErrorCode.NOT_ALLOWED, f"{der_id} names another principal at the broker; use another id")
         if der is not None and der.status == "registered":
             raise HubError(
