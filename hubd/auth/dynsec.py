@@ -341,7 +341,7 @@ class BrokerAcl:
         (those in ``tolerate`` may fail: deleting what is not there). The plugin's answers, one per command.
 
         The wait grows with the batch: each command costs the plugin time in proportion to the principals it
-        holds (about 80 ms per command with 10,000 DERs; bench/principals.py)."""
+        holds (about 180 ms per command with 10,000 DERs; bench/principals.py)."""
         answers: asyncio.Queue[bytes] = asyncio.Queue()
 
         def on_publish(first: int, body: bytes) -> None:
@@ -362,7 +362,7 @@ class BrokerAcl:
             if codes and codes[0] >= 0x80:
                 raise BrokerAclError("the broker refused the admin's subscription to the plugin's answers")
             session.publish(CONTROL_TOPIC, orjson.dumps({"commands": commands}))
-            reply = orjson.loads(await asyncio.wait_for(answers.get(), 10.0 + 0.25 * len(commands)))
+            reply = orjson.loads(await asyncio.wait_for(answers.get(), 10.0 + 0.5 * len(commands)))
         except (OSError, TimeoutError, MqttError) as exc:
             raise BrokerAclError(f"cannot change the broker's access control: {exc or type(exc).__name__}") from exc
         finally:
