@@ -10,7 +10,8 @@ What one run does, all on 127.0.0.1:
    on every control message, so a batch costs more as the file grows;
 3. prints, at every tenth of N: principals so far, the last batch's time per DER, the file's size, and the
    time one new DER's connect takes (CONNACK, with its PBKDF2 check), and the broker's resident memory;
-4. times one more registration's batch (one DER) against the N;
+4. times one more registration's batch (one DER) against the N, and ``hubd broker sync`` against the running
+   broker (``hubd.auth.broker_sync``): once with nothing to change, once with one client to enable;
 5. then rebuilds the same N principals' file from scratch (as ``hubd broker sync`` does) and times a broker
    start with it.
 
@@ -26,8 +27,9 @@ import time
 from pathlib import Path
 
 from hubd.auth import dynsec
+from hubd.auth.broker_sync import reconcile
 from hubd.broker import EmbeddedBroker, free_port
-from hubd.mqtt.session import MqttSession
+from hubd.mqtt.session import MqttError, MqttSession
 
 ADMIN = dynsec.Account("admin", "bench-admin-password")
 
@@ -48,6 +50,28 @@ async def _connect_ms(port: int, der_id: str, password: str) -> float:
     took = (time.perf_counter() - started) * 1000
     await session.disconnect()
     return took
+
+
+async def _wrong_connects_per_s(port: int, username: str, seconds: float = 3.0, clients: int = 4) -> float:
+    """How fast a guesser learns "wrong password" from the broker's CONNECT (nothing limits it there)."""
+    done = 0
+    until = time.perf_counter() + seconds
+
+    async def guesser(n: int) -> None:
+        nonlocal done
+        while time.perf_counter() < until:
+            session = MqttSession(
+                username, on_publish=lambda first, body: None, clean_start=True, username=username, password=f"g{n}"
+            )
+            try:
+                await session.connect("127.0.0.1", port)
+            except MqttError:
+                done += 1
+            finally:
+                await session.disconnect()
+
+    await asyncio.gather(*(guesser(n) for n in range(clients)))
+    return done / seconds
 
 
 async def run(ders: int, batch: int, folder: Path) -> None:
@@ -81,6 +105,24 @@ async def run(ders: int, batch: int, folder: Path) -> None:
         started = time.perf_counter()
         await acl.run(dynsec.create_commands(one, "pw-one-more"))
         print(f"one registration's commands with {ders} principals: {(time.perf_counter() - started) * 1000:.0f} ms")
+        # hubd broker sync against the running broker: asking all it holds and comparing, then one repair.
+        want = dynsec.plugin_file(
+            [
+                dynsec.Principal(f"PV-{i:06d}", f"PV-{i:06d}", dynsec.der_acls("hub/v1", f"PV-{i:06d}"), {})
+                for i in range(ders)
+            ],
+            ADMIN,
+        )
+        await acl.run(dynsec.delete_commands("PV-one-more"))
+        started = time.perf_counter()
+        done = await reconcile(acl, want, {})
+        print(f"live sync with {ders} principals, nothing to change: {time.perf_counter() - started:.2f} s", done.lines)
+        await acl.run([{"command": "disableClient", "username": "PV-000000"}])
+        started = time.perf_counter()
+        done = await reconcile(acl, want, {})
+        print(
+            f"live sync with {ders} principals, one client to enable: {time.perf_counter() - started:.2f} s", done.lines
+        )
     finally:
         await broker.stop()
     # The same principals rebuilt from the registry's hashes (hubd broker sync), then a broker start with them.
@@ -97,9 +139,11 @@ async def run(ders: int, batch: int, folder: Path) -> None:
     started = time.perf_counter()
     await again.start()
     up = time.perf_counter() - started
+    rate = await _wrong_connects_per_s(again.port, "PV-000000")
     await again.stop()
     size = plugin_file.stat().st_size / 2**20
     print(f"rebuilt file for {ders} DERs: {size:.1f} MiB written in {written:.2f} s; broker up in {up:.2f} s")
+    print(f"wrong-password connects the broker answers (PBKDF2, {dynsec.ITERATIONS} rounds): {rate:.0f}/s")
 
 
 def main() -> None:

@@ -123,6 +123,7 @@ class Hub:
                         broker_acl(config, url),
                         config.topic_prefix,
                         dynsec.reserved(config),
+                        dynsec.claim_password(config),
                     ),
                     audit,
                 ),
@@ -140,7 +141,7 @@ class Hub:
                 writer.count,
                 password=_read_secret(config.broker.password_file),
                 debug=config.log.level == "DEBUG",
-                vouched=config.broker.access_control == "dynsec",
+                vouched=config.broker.access_control != "none",
             )
             polled = modbus_sources(config, audit, registry.describe)  # devices the hub polls itself
             self.sources = Supervisor([self.mqtt, *polled], audit)

@@ -79,7 +79,8 @@ class BrokerConfig(Section, frozen=True):
     keepalive_s: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 30  # two bytes in CONNECT
     # Access control at the broker (docs/operations.md, "Access at the broker"): "dynsec" keeps Mosquitto's
     # dynamic-security plugin in step with the registry; it needs username, password_file, admin_password_file.
-    access_control: Literal["none", "dynsec"] = "none"
+    access_control: Literal["none", "dynsec", "emqx"] = "none"
+    emqx_secret_file: str | None = None  # emqx: EMQX sends "Authorization: Bearer <this>" (hubd.auth.emqx)
     plugin_file: str | None = None  # the plugin's JSON file; default <data_dir>/mosquitto/dynamic-security.json
     admin_username: str = "hubd-admin"
     admin_password_file: str | None = None
@@ -472,6 +473,10 @@ def _check(config: Config) -> None:
         missing = [k for k in ("username", "password_file", "admin_password_file") if not getattr(config.broker, k)]
         if missing:
             raise ConfigError(f"broker.access_control dynsec needs broker.{missing[0]}")
+    if config.broker.access_control == "emqx":  # EMQX asks hubd's HTTP listener (hubd.auth.emqx)
+        missing = [k for k in ("url", "username", "password_file", "emqx_secret_file") if not getattr(config.broker, k)]
+        if missing or config.http.bind is None:
+            raise ConfigError(f"broker.access_control emqx needs {f'broker.{missing[0]}' if missing else 'http.bind'}")
     influx = config.store.influxdb
     if "@" in influx.url:
         raise ConfigError("store.influxdb.url: no user or password in the URL; use username and password_file")

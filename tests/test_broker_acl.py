@@ -9,6 +9,7 @@ import json
 import re
 import secrets
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ import yaml
 from conftest import INITIAL_PASSWORD, RunningHub, write_config
 from helpers import T0, reading, records
 
-from hubd.auth.dynsec import find_plugin
+from hubd.auth.dynsec import Account, BrokerAcl, find_plugin
 from hubd.broker import EmbeddedBroker, free_port
 from hubd.mqtt import packets
 from hubd.mqtt.session import MqttSession
@@ -251,6 +252,40 @@ def test_a_second_claimant_cannot_read_the_password_issued_to_the_first(site: Si
         assert "not authorised" in err.lower() or "not authorized" in err.lower(), err
 
 
+def test_wrong_initial_passwords_from_claimants_pause_nobodys_registration(site: Site) -> None:
+    """Only the claim account may publish a registration, and the broker checked its password, the initial
+    password, at CONNECT: a wrong one in a request is no guess. More of them than the hub-wide limit (20) from
+    claimants on reply topics of their own are each answered bad_credentials, and a DER registers right after."""
+    assert site.hub.cli("der", "add", "PV-9", "--type", "pv").exit_code == 0
+    claim = site.mqtt("-q", "1", user="claim", password=INITIAL_PASSWORD, client="claim")
+    for i in range(24):
+        body = json.dumps({"der_id": f"PV-{i}", "password": f"guess-{i}-guess-{i}"})
+        reply = ["-D", "publish", "response-topic", f"reply/claim/guess-{i}"]
+        subprocess.run(["mosquitto_pub", *claim, *reply, "-t", "hub/v1/register", "-m", body], check=True, timeout=10)
+    deadline = time.monotonic() + 10
+    while len(records(site.hub, "register.failed")) < 24 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert {r["outcome"] for r in records(site.hub, "register.failed")} == {"bad_credentials"}
+    assert len(records(site.hub, "register.failed")) == 24
+    answer = site.register("PV-9")
+    assert answer["ok"], answer
+
+
+def test_a_claim_password_other_than_the_initial_password_stops_hubd_run(site: Site, tmp_path: Path) -> None:
+    site.hub.stop()
+    (tmp_path / "claim.secret").write_text("not-the-initial-password\n", encoding="utf-8")
+    out = subprocess.run(
+        [sys.executable, "-c", "from hubd.cli import main; main()", "--config", str(site.config), "run"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert out.returncode == 78, out.stderr
+    assert "broker.claim_password_file: must hold the initial password" in out.stderr
+    assert "not-the-initial-password" not in out.stderr and "Traceback" not in out.stderr
+
+
 async def _connected_until_dropped(site: Site, der_id: str, password: str, action: Any) -> bool:
     """Connect as the DER, run ``action`` (sync, in a thread), and say whether the broker dropped the DER."""
     lost = asyncio.Event()
@@ -286,9 +321,25 @@ def test_a_revoked_ders_live_connection_is_dropped_and_its_reconnect_refused(sit
 
 def test_rotation_makes_the_old_password_fail_at_the_broker_and_the_hub(site: Site) -> None:
     old = _registered(site, "PV-1")
-    result = site.hub.cli("der", "rotate", "PV-1")
-    assert result.exit_code == 0, result.output
-    new = result.output.strip()
+    result = subprocess.run(  # as an operator runs it: the new password on stdout, and nothing else at all
+        [
+            sys.executable,
+            "-c",
+            "from hubd.cli import main; main()",
+            "--config",
+            str(site.config),
+            "der",
+            "rotate",
+            "PV-1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+    new = result.stdout.strip()
+    assert re.fullmatch(r"\S{16,}", new), result.stdout
     assert not site.connects(user="PV-1", password=old, client="PV-1")
     assert site.send("PV-1", new, [reading("PV-1", old, T0)])["rejected"][0]["error"]["code"] == "bad_credentials"
     assert site.send("PV-1", new, [reading("PV-1", new, T0)])["accepted"] == 1
@@ -349,6 +400,71 @@ def test_broker_sync_against_a_blank_plugin_file_restores_access(site: Site, tmp
     assert not site.connects()
     assert site.send("PV-1", pv1, [reading("PV-1", pv1, T0)])["accepted"] == 1
     assert site.register("PV-9")["error"]["code"] == "unknown_der"  # the claim account works again
+
+
+def _behind_hubds_back(site: Site, commands: list[dict[str, Any]]) -> None:
+    """Change the running broker's plugin directly, as its admin would with mosquitto_ctrl."""
+    admin = Account("hubd-admin", ADMIN_PASSWORD)
+    asyncio.run(BrokerAcl("127.0.0.1", site.broker.port, admin).run(commands, tolerate=()))
+
+
+def test_broker_sync_repairs_a_running_broker_live(site: Site) -> None:
+    """Changed behind hubd's back while it runs: a DER's client disabled, another's roles taken away, a third's
+    role emptied, hubd's clock client gone, a client the registry does not know given hubd's powers. A sync
+    against the running broker puts it all back without a restart, and says so; a second finds nothing."""
+    passwords = {der_id: _registered(site, der_id) for der_id in ("PV-1", "PV-2", "PV-3")}
+    _behind_hubds_back(
+        site,
+        [
+            {"command": "disableClient", "username": "PV-1"},
+            {"command": "modifyClient", "username": "PV-2", "roles": []},
+            {"command": "modifyRole", "rolename": "hubd-PV-3", "acls": []},
+            {"command": "deleteClient", "username": "hubd-clock"},
+            {
+                "command": "createClient",
+                "username": "intruder",
+                "password": "intruder-pw",
+                "roles": [{"rolename": "hubd-hubd"}],
+            },
+        ],
+    )
+    assert not site.connects(user="PV-1", password=passwords["PV-1"], client="PV-1")
+    assert site.publish("hub/v1/data", "{}", user="PV-2", password=passwords["PV-2"], client="PV-2") == 0x87
+    assert site.connects(user="intruder", password="intruder-pw", client="intruder")
+
+    synced = site.hub.cli("broker", "sync")
+    assert synced.exit_code == 0, synced.output
+    lines = synced.output.splitlines()
+    assert "enabled client PV-1" in lines and "changed client PV-2 (roles)" in lines, lines
+    assert "changed role hubd-PV-3 (its ACLs)" in lines and "added client hubd-clock" in lines, lines
+    assert "removed client intruder (not in the registry)" in lines, lines
+    assert lines[-1] == f"{site.broker.url}: 5 changes", lines
+
+    for der_id, password in passwords.items():
+        assert site.send(der_id, password, [reading(der_id, password, T0)])["accepted"] == 1, der_id
+    assert not site.connects(user="intruder", password="intruder-pw", client="intruder")
+    assert site.connects(user="hubd-clock", password=HUBD_PASSWORD, client="hubd-clock")
+    again = site.hub.cli("broker", "sync")
+    assert again.exit_code == 0 and again.output.strip() == f"{site.broker.url}: 0 changes", again.output
+
+
+def test_broker_sync_names_a_der_whose_client_a_running_broker_lost(site: Site) -> None:
+    """The plugin takes passwords only in plain text and the registry keeps them hashed: a DER's deleted client
+    cannot come back live. The sync says so and exits 1; with the broker stopped it rebuilds the file, and the
+    DER connects again with the password it has."""
+    password = _registered(site, "PV-1")
+    _behind_hubds_back(site, [{"command": "deleteClient", "username": "PV-1"}])
+    synced = site.hub.cli("broker", "sync")
+    assert synced.exit_code == 1
+    assert "no broker client for PV-1" in synced.stderr and "stop the broker" in synced.stderr, synced.stderr
+    assert password not in synced.output
+    site.hub.stop()
+    site.broker.stop_sync()
+    rebuilt = site.hub.cli("broker", "sync")
+    assert rebuilt.exit_code == 0 and "added client PV-1" in rebuilt.output, rebuilt.output
+    site.broker.start_sync()
+    site.hub.start()
+    assert site.send("PV-1", password, [reading("PV-1", password, T0)])["accepted"] == 1
 
 
 def test_a_der_whose_answer_found_nobody_is_not_registered(site: Site) -> None:

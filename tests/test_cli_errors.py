@@ -219,7 +219,9 @@ def taken_port() -> Iterator[int]:
 
 def test_run_on_a_busy_port_names_the_holder_and_the_ways_out(folder: Path, taken_port: int) -> None:
     config = folder / "busy.yaml"
-    config.write_text(f"data_dir: data\nbroker:\n  embedded_port: {taken_port}\n", encoding="utf-8")
+    config.write_text(
+        f"data_dir: data\nbroker:\n  embedded_port: {taken_port}\nhttp:\n  bind: 127.0.0.1:0\n", encoding="utf-8"
+    )
     out = _run(config)
     assert out.returncode == CONFIG, out.stderr
     assert out.stdout == ""

@@ -143,7 +143,8 @@ def _lines(path: Path) -> int:
 
 def test_embedded_default_starts_and_stops_its_own_broker(tmp_path: Path) -> None:
     port = free_port()
-    (tmp_path / "hubd.yaml").write_text(f"data_dir: data\nbroker:\n  embedded_port: {port}\n", encoding="utf-8")
+    config = f"data_dir: data\nbroker:\n  embedded_port: {port}\nhttp:\n  bind: 127.0.0.1:0\n"
+    (tmp_path / "hubd.yaml").write_text(config, encoding="utf-8")
     daemon = _start_daemon(tmp_path / "hubd.yaml")
     try:
         assert _wait_for(lambda: _serving(port), 20)

@@ -1,7 +1,8 @@
 """The README's walk-through "By hand, with the Mosquitto clients", run as written, step by step.
 
 The block is taken from README.md itself, so the test follows the README and not a copy of it. Only what a
-reader would fill in changes: the port (a free one instead of the README's), the ``.venv/bin/`` of the
+reader would fill in changes: the port (a free one instead of the README's; the status listener's too, as
+another hub on the host may hold the default 127.0.0.1:8780), the ``.venv/bin/`` of the
 environment running the tests, and the placeholders ``<unique password>`` and ``<its password>``, taken from
 the earlier commands' output as the README tells the reader to. It runs in a fresh folder of its own.
 """
@@ -82,6 +83,8 @@ def test_the_walk_through_runs_as_written(tmp_path: Path) -> None:
                 assert (tmp_path / "initial.hash").read_text().startswith("$2b$")
             elif kind == "config":
                 assert (tmp_path / "hubd.yaml").exists()
+                with (tmp_path / "hubd.yaml").open("a", encoding="utf-8") as config:  # not 8780: another hub's
+                    config.write("http:\n  bind: 127.0.0.1:0\n")
             elif kind == "der add":
                 assert json.loads(out)["status"] == "allowed"
             elif kind == "system add":

@@ -6,7 +6,12 @@ per requester, and wrong initial passwords also for the whole hub; past either l
 all registrations, twice as long as the one before (capped), so a patient guesser who waits for the window
 gets ever fewer tries, not the same number again. There is no count per DER id: the initial password is the same for
 every id, so guesses on one id are guesses on all (the hub's count holds them), and a count per id let anyone
-lock a DER out of its own registration.
+lock a DER out of its own registration. The count per requester is keyed on the reply topic, which a sender
+chooses: it holds back one client that keeps failing, and is no guard against guessing (the hub's count is).
+
+With access control at the broker (``broker.access_control: dynsec``) a request's sender has already proved the
+initial password to the broker, as the claim account's: a wrong one in the request counts for its requester only
+and pauses no one, and guessing is left to the broker's CONNECT, which no count limits (docs/operations.md).
 
 Registration has its own bcrypt thread, so a registration never waits behind the data path's checks.
 """
@@ -14,6 +19,7 @@ Registration has its own bcrypt thread, so a registration never waits behind the
 from __future__ import annotations
 
 import asyncio
+import hmac
 import time
 from concurrent.futures import Executor
 from typing import Any
@@ -22,10 +28,10 @@ from loguru import logger
 
 from hubd.audit import AuditLog
 from hubd.auth import Authenticator
-from hubd.auth.credentials import RateLimiter, VerifiedCache, hash_password, issue_password
+from hubd.auth.credentials import RateLimiter, VerifiedCache, _bcrypt_check, hash_password, issue_password
 from hubd.auth.dynsec import BrokerAcl, BrokerAclError, create_commands, delete_commands, der_principal, password_record
 from hubd.auth.registry import DER_METADATA, check_id, check_metadata
-from hubd.config import AuthConfig
+from hubd.config import AuthConfig, ConfigError
 from hubd.model import ErrorCode, HubError, format_time, now_ms
 
 _HUB = "hub"  # the one key of the hub-wide count
@@ -43,8 +49,18 @@ class Registration:
         acl: BrokerAcl | None = None,
         prefix: str = "hub/v1",
         reserved: frozenset[str] = frozenset(),
+        claim_password: str | None = None,
     ) -> None:
         self._reserved = reserved  # the broker user names of the hub's own accounts
+        # With access control at the broker only the claim account may publish a registration, and the broker
+        # checked its password, the initial password, at CONNECT: a request's sender knows it. A wrong one in
+        # the request is then no guess (compared without bcrypt, counted for its requester only), so nobody's
+        # mistakes pause everyone's registrations; guessing is the broker's CONNECT (docs/operations.md).
+        if claim_password is not None and not (
+            config.initial_password_hash and _bcrypt_check(claim_password, config.initial_password_hash)
+        ):
+            raise ConfigError("broker.claim_password_file: must hold the initial password (auth.initial_password_hash)")
+        self._claim_password = claim_password
         self._auth = auth
         self._acl = acl  # access control at the broker: a registered DER becomes a broker client of its own
         self._prefix = prefix
@@ -111,10 +127,15 @@ class Registration:
                 raise HubError(ErrorCode.RATE_LIMITED, "too many wrong initial passwords on this hub; try later")
             if initial is None:
                 raise HubError(ErrorCode.NOT_ALLOWED, "registration is closed: no initial password is configured")
-            if not await self._initial.check("initial", initial, password):
+            if self._claim_password is not None:
+                right = hmac.compare_digest(password.encode(), self._claim_password.encode())
+            else:
+                right = await self._initial.check("initial", initial, password)
+            if not right:
                 now = time.monotonic()
-                self._hub.count(_HUB, now)
-                self._strike(now)
+                if self._claim_password is None:  # from anyone: a guess, counted for the whole hub
+                    self._hub.count(_HUB, now)
+                    self._strike(now)
                 if requester:
                     self._requesters.count(requester, now)
                 raise HubError(ErrorCode.BAD_CREDENTIALS, "wrong initial password")
@@ -140,7 +161,8 @@ class Registration:
             raise HubError(ErrorCode.UNKNOWN_DER, f"DER {der_id} is not on this hub's allowlist")
         if der is not None and der.status == "revoked":
             raise HubError(ErrorCode.NOT_ALLOWED, f"DER {der_id} has been revoked")
-        if self._acl is not None and (der_id in self._reserved or der_id in self._auth.systems):
+        at_broker = self._acl is not None or self._claim_password is not None  # dynsec, or emqx asking hubd
+        if at_broker and (der_id in self._reserved or der_id in self._auth.systems):
             raise HubError(ErrorCode.NOT_ALLOWED, f"{der_id} names another principal at the broker; use another id")
         if der is not None and der.status == "registered":
             raise HubError(
@@ -175,6 +197,7 @@ class Registration:
                 ErrorCode.UNAVAILABLE, "the broker's access control could not be updated; try later"
             ) from None
         self._auth.registry.set_broker_record("der:" + der_id, password_record(unique))
+        logger.debug("broker client of {} created", der_id)  # the daemon's log (operator commands print none)
 
     async def settle(self, der_id: str, topic: str | None, failure: str | None) -> None:
         """The broker's verdict on a registration's answer: taken (``failure`` None), the new password counts;

@@ -65,7 +65,7 @@ class EdgeChecks:
         while True:
             try:
                 # Under access control at the broker, its own principal bound to this one client id (hubd.auth.dynsec)
-                pinned = self._broker.access_control == "dynsec"
+                pinned = self._broker.access_control != "none"
                 async with HubClient(
                     self._url,
                     f"{self._broker.client_id}-clock",

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import hmac
 import socket
 import time
 from collections.abc import Callable
@@ -24,6 +25,7 @@ from aiohttp import web
 from loguru import logger
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from hubd.auth.emqx import EmqxHooks
 from hubd.config import ConfigError
 from hubd.model import HubError, format_time, now_ms
 from hubd.ops import health
@@ -70,6 +72,7 @@ class Ops:
         self._logins = Logins(hub, self._config.session_hours)
         self._cache: dict[str, tuple[float, Any]] = {}
         self._filling: asyncio.Task[None] | None = None
+        self._emqx = EmqxHooks(hub.config, hub.auth) if hub.config.broker.access_control == "emqx" else None
 
     async def start(self) -> None:
         """Listen on ``http.bind`` (a port taken is a configuration error naming its holder)."""
@@ -89,6 +92,8 @@ class Ops:
                     web.get("/", self._page),
                 ]
             )
+            if self._emqx is not None:  # broker.access_control emqx: EMQX's HTTP authn and authz hooks
+                app.add_routes([web.post("/emqx/authn", self._emqx_authn), web.post("/emqx/authz", self._emqx_authz)])
             self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
             await self._runner.setup()
             await web.SockSite(self._runner, sock).start()
@@ -124,6 +129,34 @@ class Ops:
         await asyncio.get_running_loop().run_in_executor(self._thread, self._fleet.close)
         self._thread.shutdown()
         self.notifier.close()
+
+    # -- EMQX's HTTP authenticator and authorizer (hubd.auth.emqx) ------------------------------------------
+
+    async def _emqx_body(self, request: web.Request) -> dict[str, Any] | None:
+        """The request's JSON object, or None when it lacks the shared secret or is not one."""
+        assert self._emqx is not None
+        given = request.headers.get("Authorization", "").removeprefix("Bearer ")
+        if not self._emqx.secret or not hmac.compare_digest(given.encode(), self._emqx.secret.encode()):
+            return None
+        try:
+            body = await request.json()
+        except ValueError:
+            return None
+        return body if isinstance(body, dict) else None
+
+    async def _emqx_authn(self, request: web.Request) -> web.Response:
+        body = await self._emqx_body(request)
+        if body is None:
+            return web.json_response({"result": "deny"}, status=401)
+        assert self._emqx is not None
+        return web.json_response(await self._emqx.authn(body))
+
+    async def _emqx_authz(self, request: web.Request) -> web.Response:
+        body = await self._emqx_body(request)
+        if body is None:
+            return web.json_response({"result": "deny"}, status=401)
+        assert self._emqx is not None
+        return web.json_response(self._emqx.authz(body))
 
     # -- probes and metrics ---------------------------------------------------------------------------------
 
