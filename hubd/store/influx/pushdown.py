@@ -11,8 +11,8 @@ What InfluxDB computes, for a group of DERs at once:
 
 - ``n``, ``flagged``, ``count``, ``min``, ``max``: ``count("received_at")`` (every point has it),
   ``count("clock_flag")`` and the field's ``count``/``min``/``max``, in one statement per run.
-- ``sum`` and ``mean``: ``sum`` and ``count``, the mean as ``sum / count`` (SQLite's ``avg``). Both add a
-  bucket's values one at a time in time order; but InfluxDB adds each shard's part apart and then the parts,
+- ``sum`` and ``mean``: InfluxDB's ``sum`` and ``mean`` (a sum divided by the count, like SQLite's ``avg``).
+  Both add a bucket's values one at a time in time order; but InfluxDB adds each shard's part apart and then the parts,
   which can differ in the last bit, so when a bucket crosses a shard group boundary (the retention policy's
   ``shardGroupDuration``) these are not pushed down.
 - ``first``/``last`` and ``span`` (the times of a bucket's first and last reading, for ``delta``): one selector
@@ -70,6 +70,7 @@ class Run:
     """Consecutive buckets of one width: one ``GROUP BY time()`` statement."""
 
     first: int  # index of its first bucket
+    count: int
     width: int
     offset: int
     lo: int
@@ -82,9 +83,9 @@ def runs(buckets: list[Bucket]) -> list[Run]:
         width = b.end - b.start
         last = out[-1] if out else None
         if last is not None and last.width == width and buckets[index - 1].end == b.start:
-            out[-1] = Run(last.first, width, last.offset, last.lo, b.hi)
+            out[-1] = Run(last.first, last.count + 1, width, last.offset, last.lo, b.hi)
         else:
-            out.append(Run(index, width, b.start % width, b.lo, b.hi))
+            out.append(Run(index, 1, width, b.start % width, b.lo, b.hi))
     return out
 
 
@@ -109,11 +110,10 @@ class Plan:
         self._from = quote_name(measurement)
         self._where = where_sql(where)
         self._starts = [b.start for b in buckets]
-        counted = {f for f, how in specs if how in ("count", "mean", "sum", "span")}
+        counted = {f for f, how in specs if how in ("count", "span")}
         self._aggregates = [("count", "received_at"), ("count", "clock_flag")]
         self._aggregates += [("count", f) for f in sorted(counted)]
-        self._aggregates += [(how, f) for f, how in specs if how in ("min", "max")]
-        self._aggregates += [("sum", f) for f in sorted({f for f, how in specs if how in ("mean", "sum")})]
+        self._aggregates += [(how, f) for f, how in specs if how in ("min", "max", "mean", "sum")]
         self._aggregates = list(dict.fromkeys(self._aggregates))
         # per bucket: (selector, field) statements; span reads the first and last point of any field
         picks: list[tuple[str, str]] = []
@@ -125,25 +125,28 @@ class Plan:
         self._picks = list(dict.fromkeys(picks))
         self._edges = sorted({f for f, how in specs if how == "span"})  # nearest before and after, for delta
 
-    def statements(self, der_condition: str) -> list[str]:
+    def statements(self, der_condition: str | None, ders: int) -> list[tuple[str, int]]:
+        """Each statement with the rows it may answer (to keep a request within a server's row limit), for
+        ``ders`` DERs named by ``der_condition`` (None: every DER, when the group is all there are)."""
+        also = f" AND {der_condition}" if der_condition else ""
         listed = ", ".join(f"{how}({quote_name(f)})" for how, f in self._aggregates)
         out = []
         for run in runs(self.buckets):
-            out.append(
-                f"SELECT {listed} FROM {self._from} WHERE time >= {ns(run.lo)} AND time < {ns(run.hi)} "
-                f'AND {der_condition}{self._where} GROUP BY time({run.width}ms, {run.offset}ms), "der_id" fill(none)'
-            )
+            span = f"time >= {ns(run.lo)} AND time < {ns(run.hi)}"
+            by = f'GROUP BY time({run.width}ms, {run.offset}ms), "der_id" fill(none)'
+            out.append((f"SELECT {listed} FROM {self._from} WHERE {span}{also}{self._where} {by}", ders * run.count))
         for b in self.buckets:
             for how, f in self._picks:
+                span = f"time >= {ns(b.lo)} AND time < {ns(b.hi)}"
+                selected = f"{how}({quote_name(f)})"
                 out.append(
-                    f"SELECT {how}({quote_name(f)}) FROM {self._from} WHERE time >= {ns(b.lo)} AND time < {ns(b.hi)} "
-                    f'AND {der_condition}{self._where} GROUP BY "der_id"'
+                    (f'SELECT {selected} FROM {self._from} WHERE {span}{also}{self._where} GROUP BY "der_id"', ders)
                 )
         lo, hi = self.buckets[0].lo, self.buckets[-1].hi
         for f in self._edges:  # like nearest(): no condition but the DER's
             for pick, side in (("last", f"time < {ns(lo)}"), ("first", f"time >= {ns(hi)}")):
                 selected = f"{pick}({quote_name(f)})"
-                out.append(f'SELECT {selected} FROM {self._from} WHERE {side} AND {der_condition} GROUP BY "der_id"')
+                out.append((f'SELECT {selected} FROM {self._from} WHERE {side}{also} GROUP BY "der_id"', ders))
         return out
 
     def read(
@@ -190,13 +193,10 @@ class Plan:
                 got[key] = got[key] or 0
         out: dict[str, Any] = {"n": got[("count", "received_at")], "flagged": got[("count", "clock_flag")]}
         for field, how in self.specs:
-            if how in ("min", "max", "sum"):
+            if how in ("min", "max", "sum", "mean"):
                 out[f"{how}:{field}"] = _float(got[(how, field)])
             elif how == "count":
                 out[f"count:{field}"] = got[("count", field)]
-            elif how == "mean":
-                count = got[("count", field)]
-                out[f"mean:{field}"] = float(got[("sum", field)]) / count if count else None
             elif how == "span":  # the times come from the selectors (_selected)
                 out[f"span:{field}"] = (None, None, got[("count", field)])
         return out
