@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import shlex
 import shutil
 import signal
 import sys
@@ -60,7 +61,7 @@ def ingest_case(work: Path, influxd: InfluxServer, args: argparse.Namespace) -> 
         broker.start_sync()
         influxd.query('CREATE DATABASE "hub"')
         config = work / "hubd.yaml"
-        sets = ["store.backend=influxdb", f"store.influxdb.url={influxd.url}", "store.influxdb.database=hub"]
+        sets = ["store.backend=influxdb", f"store.influxdb.url={influxd.url}", "store.influxdb.database=hub", *args.set]
         ingest.write_config(config, work / "data", broker.url, "hubd-bench", args.bcrypt_rounds, sets)
         der_ids = [f"BENCH-{i:05d}" for i in range(args.ders)]
         ingest.write_allowlist(work / "allowlist.csv", der_ids)
@@ -211,8 +212,11 @@ def settlement_case(work: Path, influxd: InfluxServer, ders_count: int) -> dict[
     return out
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
+def main(argv: list[str] | None = None) -> int:
+    """Also ``bench/ingest.py --store influxdb`` (``argv``: the options after that)."""
+    parser = argparse.ArgumentParser(
+        prog="bench/ingest.py --store influxdb", description=__doc__.split("\n\n")[0], allow_abbrev=False
+    )
     parser.add_argument("--ders", type=int, default=1000, help="DERs registered for the ingest case (default 1000)")
     parser.add_argument("--messages", type=int, default=2000, help="messages in the ingest case (default 2000)")
     parser.add_argument("--per-message", type=int, default=100, help="readings per message (default 100)")
@@ -220,7 +224,12 @@ def main() -> int:
     parser.add_argument("--bcrypt-rounds", type=int, default=4, help="bcrypt cost of the hub (default 4)")
     parser.add_argument("--inflight", type=int, default=100, help="mosquitto_pub -M: QoS 1 messages in flight")
     parser.add_argument("--timeout", type=float, default=600.0, help="limit for each wait, in seconds")
-    args = parser.parse_args()
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="hubd.yaml override")
+    parser.add_argument("--hubd", metavar="CMD", help="the command that runs hubd (as in bench/ingest.py)")
+    parser.add_argument("--skip-settle", action="store_true", help="only the ingest figure")
+    args = parser.parse_args(argv)
+    if args.hubd:
+        ingest.HUBD_COMMAND.extend(shlex.split(args.hubd))
     args.profile, args.keep = None, False  # what bench/ingest's run_case reads
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     work = Path(tempfile.mkdtemp(prefix="hubd-bench-influx-"))
@@ -230,10 +239,13 @@ def main() -> int:
         print(f"machine: {ingest.machine()}", flush=True)
         print("1. ingest end to end into InfluxDB", flush=True)
         hub_rate, readings, lines = ingest_case(work, influxd, args)
-        raw = asyncio.run(raw_rate(influxd, lines, 5000))
+        batch = load_config(work / "hubd.yaml").store.influxdb.batch_size
+        raw = asyncio.run(raw_rate(influxd, lines, batch))
         print(f"  hub end to end: {hub_rate:,.0f} readings/s ({readings:,} readings, {args.per_message} per message)")
         print(f"  InfluxDB raw line protocol, same points: {raw:,.0f} readings/s")
         print(f"  ratio hub / raw: {hub_rate / raw:.2f}")
+        if args.skip_settle:
+            return 0
         print(f"2. settlement query, one day of 30-minute slots over {args.settle_ders * 1440:,} readings", flush=True)
         times = settlement_case(work, influxd, args.settle_ders)
         print(f"  InfluxDB / SQLite: {times['influxdb'] / times['sqlite']:.2f}×")
