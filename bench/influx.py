@@ -5,7 +5,7 @@
    ``--per-message`` readings, published with ``mosquitto_pub -q 1``, timed to the last answer, every answer
    and the stored count checked). Then InfluxDB's raw line-protocol write rate for the same points (the same
    lines the hub writes, in ``store.influxdb.batch_size`` requests, one at a time, as the hub's writer does)
-   into a fresh database.
+   into a fresh database, twice; the faster pass is the raw rate.
 2. The 30-minute settlement query (one day, ``energy_kwh`` delta and ``power_kw`` mean, every DER, every page)
    over ``--settle-ders`` x 1,440 one-minute readings, on SQLite and on InfluxDB holding the same readings.
 
@@ -118,9 +118,9 @@ def stored_lines(config: Config) -> list[str]:
     return out
 
 
-async def raw_rate(influxd: InfluxServer, lines: list[str], batch: int) -> float:
-    influxd.query('CREATE DATABASE "raw"')
-    client = AsyncInflux(influx_config(Path("."), influxd.url, "raw").store.influxdb)
+async def raw_rate(influxd: InfluxServer, lines: list[str], batch: int, database: str) -> float:
+    influxd.query(f'CREATE DATABASE "{database}"')
+    client = AsyncInflux(influx_config(Path("."), influxd.url, database).store.influxdb)
     began = time.perf_counter()
     try:
         for at in range(0, len(lines), batch):
@@ -240,9 +240,13 @@ def main(argv: list[str] | None = None) -> int:
         print("1. ingest end to end into InfluxDB", flush=True)
         hub_rate, readings, lines = ingest_case(work, influxd, args)
         batch = load_config(work / "hubd.yaml").store.influxdb.batch_size
-        raw = asyncio.run(raw_rate(influxd, lines, batch))
+        # twice, each into a fresh database, and the faster counts: one pass can meet a compaction of the hub's data
+        raws = [asyncio.run(raw_rate(influxd, lines, batch, f"raw{n}")) for n in (1, 2)]
+        raw = max(raws)
         print(f"  hub end to end: {hub_rate:,.0f} readings/s ({readings:,} readings, {args.per_message} per message)")
-        print(f"  InfluxDB raw line protocol, same points: {raw:,.0f} readings/s")
+        print(
+            f"  InfluxDB raw line protocol, same points: {raw:,.0f} readings/s (passes: {raws[0]:,.0f}, {raws[1]:,.0f})"
+        )
         print(f"  ratio hub / raw: {hub_rate / raw:.2f}")
         if args.skip_settle:
             return 0

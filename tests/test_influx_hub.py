@@ -67,11 +67,11 @@ def test_influxdb_killed_mid_stream_loses_and_repeats_nothing(hub_factory: Any, 
     assert [row["power_kw_count"] for row in answer["rows"]] == [60] * 10
     assert answer["rows"][-1]["power_kw_max"] == 599.0
 
-    # The status page reads SQLite's readings itself: with InfluxDB it still serves, its DERs without a last
-    # reading or energy (docs/operations.md, InfluxDB).
+    # The status page with InfluxDB: PV-1's last reading is read from it (tests/test_influx_fleet.py)
     base = url_of(hub)
     viewer = hub.cli("system", "add", "viewer-1", "--role", "viewer").output.strip()
     _, cookie = post_login(base, "viewer-1", viewer)
     assert cookie is not None
     with urllib.request.urlopen(urllib.request.Request(base, headers={"Cookie": cookie.split(";")[0]})) as response:
-        assert response.status == 200 and "PV-1" in response.read().decode()
+        page = response.read().decode()
+    assert response.status == 200 and "PV-1" in page and "never" not in page
