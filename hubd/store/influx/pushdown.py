@@ -39,6 +39,7 @@ _GO_ZERO_MS = 62_135_596_800_000  # Go's zero time (year 1) before 1970: InfluxD
 _OPS = {"gt": ">", "gte": ">=", "lt": "<", "lte": "<=", "eq": "="}
 _SELECTORS = ("first", "last", "span")
 ROWS = 10_000  # DER x bucket rows per statement at most (a server's usual max-row-limit)
+GROUP = 1_000  # DERs asked together at most (each named in every statement, unless they are all there are)
 # InfluxDB's timestamps are int64 nanoseconds: 1677-09-21 … 2262-04-11. A query range is clamped to them.
 _LOWEST_MS = -9_223_372_036_854
 _HIGHEST_MS = 9_223_372_036_854
@@ -93,6 +94,17 @@ def possible(specs: tuple[tuple[str, str], ...], where: Where, flagged: bool | N
     """Whether InfluxDB can compute these statistics exactly (the shard rule aside)."""
     known = {"mean", "min", "max", "sum", "count", *_SELECTORS}
     return flagged is None and all(op in _OPS for _, op, _ in where) and all(how in known for _, how in specs)
+
+
+_PLAIN_ID = re.compile(r"[A-Za-z0-9._:-]+\Z")  # the registry's DER ids (hubd.auth.registry.ID_PATTERN)
+
+
+def ders_regex(der_ids: tuple[str, ...]) -> str | None:
+    """The group's DERs as one regular expression, which InfluxDB matches about twice as fast as an OR of
+    equalities (bench/README.md, InfluxDB); None when an id has other characters than the registry allows."""
+    if not all(_PLAIN_ID.match(d) for d in der_ids):
+        return None
+    return '"der_id" =~ /^(?:' + "|".join(re.sub(r"([.:-])", r"\\\1", d) for d in der_ids) + ")$/"
 
 
 def where_sql(where: Where) -> str:

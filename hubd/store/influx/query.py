@@ -236,10 +236,11 @@ class InfluxQuery:
         group = [der_id]
         at = self._listed_at.get(der_id)
         if at is not None:
-            group = self._listed[at : at + max(1, pushdown.ROWS // len(buckets))]
+            group = self._listed[at : at + max(1, min(pushdown.GROUP, pushdown.ROWS // len(buckets)))]
         plan = pushdown.Plan(self._measurement, buckets, specs, where)
         everyone = at == 0 and len(group) == len(self._listed)  # no DER condition: cheaper for InfluxDB
-        statements = plan.statements(None if everyone else der_condition(tuple(group)), len(group))
+        condition = None if everyone else pushdown.ders_regex(tuple(group)) or der_condition(tuple(group))
+        statements = plan.statements(condition, len(group))
         answers: list[list[dict[str, Any]]] = []
         request: list[str] = []
         rows = 0
