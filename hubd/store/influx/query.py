@@ -230,7 +230,7 @@ class InfluxQuery:
         ``_load`` groups them), in a few requests of many statements."""
         key = (buckets[0].lo, buckets[-1].hi, len(buckets), specs, where)
         fresh = time.monotonic() - self._loaded_when < _REUSE_S
-        if key == self._pushed_key and der_id in self._loaded and der_id > self._asked and fresh:
+        if key == self._pushed_key and der_id in self._loaded and der_id >= self._asked and fresh:
             self._asked = der_id
             return self._pushed.get(der_id, {})
         group = [der_id]
@@ -283,7 +283,7 @@ class InfluxQuery:
         if at is not None:
             group = self._listed[at : at + _GROUP]
         memory.clear()
-        self._pushed_key = None
+        self._pushed_key, self._edges = None, {}
         columns = ("received_at", *fields, "clock_flag")
         for rows in self._chunks(start, end, [der_condition(tuple(group))], columns):
             loaded = [(r[1], r[0], *r[3:]) for r in rows]
