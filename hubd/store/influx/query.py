@@ -5,12 +5,12 @@ docstring is about everything else, and about the buckets it cannot compute the 
 
 InfluxQL selects and filters by time and DER well, but not the rest of the store's contract: its rows come
 merged by time with no order among DERs at one instant, a field missing from a point is not NULL in a
-comparison the way SQL's is, and its ``GROUP BY time()`` knows nothing of buckets laid in a local day with
-a daylight-saving change. So this side fetches the points of a DER and time range (InfluxDB does the
-indexing) and decides everything else in Python, the same way for both backends: conditions and the clock
-flag are tested here, rows are sorted by (measured_at, der_id), and bucket statistics are computed by the
-SQLite side's own SQL over the DER's points loaded into an in-memory database, so the two backends cannot
-disagree on them. Correct first; the cost is fetching the points of a range (bench/README.md).
+comparison the way SQL's is, and its ``GROUP BY time()`` lays buckets of one width only (the pushdown asks
+it run by run). So for raw rows and ``at`` this side fetches the points of a DER and time range (InfluxDB
+does the indexing) and decides everything else in Python, the same way for both backends: conditions and the
+clock flag are tested here and rows are sorted by (measured_at, der_id). Bucket statistics InfluxDB cannot
+compute exactly are computed by the SQLite side's own SQL over the DER's points loaded into an in-memory
+database, so the two backends cannot disagree on them. Correct first; the cost is in bench/README.md.
 """
 
 from __future__ import annotations
