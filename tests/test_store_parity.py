@@ -27,6 +27,7 @@ from hubd.query.conditions import parse_query
 from hubd.query.execute import run
 from hubd.store import CLOCK_COLUMNS, ReadingQuery, Rows
 from hubd.store.factory import open_query, open_sink
+from hubd.store.influx.pushdown import ders_regex
 
 DST_DAY = 1743292800000  # 2025-03-30T00:00:00Z: London goes from GMT to BST at 01:00 UTC
 MINUTE = 60_000
@@ -275,3 +276,14 @@ def test_bucket_queries_influxql_can_answer_are_answered_by_influxdb(
     for index in (9, 10, 12):  # Tokyo's days cross Monday 00:00 UTC, the week's shard boundary; flagged
         with pytest.raises(AssertionError, match="from the points"):
             pages(QUERIES[index], stores["ders"], stores["influxdb"])
+
+
+def test_a_group_of_ders_named_in_one_regular_expression_matches_exactly_them(influxd: InfluxServer) -> None:  # noqa: F811
+    """Every character the registry allows in a DER id besides letters and digits is taken literally."""
+    database = fresh_database(influxd)
+    ids = ("A.1", "A:1", "A-1", "Ax1", "A11", "A.10")
+    influxd.write(database, "\n".join(f"readings,der_id={d} received_at=1i {i + 1}000000" for i, d in enumerate(ids)))
+    condition = ders_regex(("A.1", "A:1", "A-1"))
+    assert condition is not None and ders_regex(("A 1",)) is None  # not an id the registry takes: the OR instead
+    found = influxd.query(f'SELECT count("received_at") FROM "readings" WHERE {condition} GROUP BY "der_id"', database)
+    assert sorted(s["tags"]["der_id"] for s in found) == ["A-1", "A.1", "A:1"]
