@@ -176,9 +176,9 @@ class InfluxQuery:
 
     def der_ids(self, start: int, end: int, first: str) -> list[str]:
         statement = (
-            f'SELECT count("received_at") FROM {self._from} WHERE time >= {ns(start)} AND time < {ns(end)} '
+            f'SELECT last("received_at") FROM {self._from} WHERE time >= {ns(start)} AND time < {ns(end)} '
             'GROUP BY "der_id"'
-        )
+        )  # last(): one point a DER, where count() would read them all
         found = {series["tags"]["der_id"] for series in self._ask(statement) if series.get("tags")}
         listed = sorted(d for d in found if d >= first)
         self._listed, self._listed_at = listed, {d: i for i, d in enumerate(listed)}  # for _load's groups
