@@ -665,7 +665,17 @@ def print_table(cases: list[CaseResult], registration: tuple[int, float], memory
 
 
 def main() -> int:
+    store = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    store.add_argument("--store", choices=("sqlite", "influxdb"), default="sqlite")
+    chosen, rest = store.parse_known_args()
+    if chosen.store == "influxdb":  # the InfluxDB figures: bench/influx.py, with its own options
+        import influx
+
+        return influx.main(rest)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    parser.add_argument(
+        "--store", choices=("sqlite", "influxdb"), default="sqlite", help="influxdb: bench/influx.py (its --help)"
+    )
     parser.add_argument("--ders", type=int, default=1000, help="DERs registered over MQTT (default 1000)")
     parser.add_argument("--messages-a", type=int, default=50_000, help="case A messages (default 50000)")
     parser.add_argument("--messages-b", type=int, default=5_000, help="case B messages (default 5000)")

@@ -1,6 +1,7 @@
 """A hub configured with ``store.backend: influxdb``, driven over MQTT while InfluxDB is killed mid-stream and
 started again: every message is acknowledged, every reading published is in InfluxDB exactly once, the market
-system reads them back through the hub, and the spool's transitions are in the audit trail."""
+system reads them back through the hub, the spool's transitions are in the audit trail and its figures in
+/metrics."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typing import Any
 from conftest import RunningHub
 from helpers import T0_MS, at, reading, records
 from influx_server import InfluxServer, fresh_database, own_influxd  # noqa: F401 - the fixture
+from test_ops_metrics import scrape
 from test_ops_page import post_login, url_of
 
 MESSAGES, PER_MESSAGE = 30, 20
@@ -26,6 +28,7 @@ def test_influxdb_killed_mid_stream_loses_and_repeats_nothing(hub_factory: Any, 
         if m == 10:
             own_influxd.kill()
         if m == 20:
+            away = scrape(hub)  # what /metrics shows while InfluxDB is away: ten messages spooled
             own_influxd.start()
         readings = [
             reading("PV-1", password, at(m * PER_MESSAGE + i), power_kw=float(m * PER_MESSAGE + i))
@@ -37,6 +40,10 @@ def test_influxdb_killed_mid_stream_loses_and_repeats_nothing(hub_factory: Any, 
     while hub.cli("store", "status", "--json").output.find('"spooled_readings":0') < 0:
         assert time.monotonic() < deadline, hub.cli("store", "status").output
         time.sleep(0.1)
+    assert away["hubd_spool_readings", ()] == 10 * PER_MESSAGE and away["hubd_spool_oldest_age_seconds", ()] > 0
+    back = scrape(hub)
+    assert back["hubd_spool_readings", ()] == 0 and back["hubd_spool_oldest_age_seconds", ()] == 0
+    assert back["hubd_spool_replayed_readings_total", ()] >= 10 * PER_MESSAGE
     points = own_influxd.query('SELECT "power_kw" FROM "readings"', database)[0]["values"]
     assert [t for t, _ in points] == [T0_MS + s * 1000 for s in range(MESSAGES * PER_MESSAGE)]  # once each
     assert [v for _, v in points] == [float(s) for s in range(MESSAGES * PER_MESSAGE)]
@@ -60,11 +67,11 @@ def test_influxdb_killed_mid_stream_loses_and_repeats_nothing(hub_factory: Any, 
     assert [row["power_kw_count"] for row in answer["rows"]] == [60] * 10
     assert answer["rows"][-1]["power_kw_max"] == 599.0
 
-    # The status page reads SQLite's readings itself: with InfluxDB it still serves, its DERs without a last
-    # reading or energy (docs/operations.md, InfluxDB).
+    # The status page with InfluxDB: PV-1's last reading is read from it (tests/test_influx_fleet.py)
     base = url_of(hub)
     viewer = hub.cli("system", "add", "viewer-1", "--role", "viewer").output.strip()
     _, cookie = post_login(base, "viewer-1", viewer)
     assert cookie is not None
     with urllib.request.urlopen(urllib.request.Request(base, headers={"Cookie": cookie.split(";")[0]})) as response:
-        assert response.status == 200 and "PV-1" in response.read().decode()
+        page = response.read().decode()
+    assert response.status == 200 and "PV-1" in page and "never" not in page

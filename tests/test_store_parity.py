@@ -3,8 +3,12 @@ answer must be the same, cursors included.
 
 The readings are chosen to find disagreements: three DERs with readings at the same instants (the order
 among DERs at one time), fields some readings lack (a condition on a missing field; ``ne``), readings from a
-clock known to be off, the day London's clocks go forward (46 half-hour slots), and readings sent again
-with an older and a newer send time (the newer one with fewer fields replaces the whole earlier reading).
+clock known to be off, the day London's clocks go forward (46 half-hour slots), readings sent again with an
+older and a newer send time (the newer one with fewer fields replaces the whole earlier reading), and a DER
+with hours of no readings and more fields (voltage, state of charge).
+
+Bucket queries InfluxDB can aggregate itself run there (hubd.store.influx.pushdown); the last tests check
+that they did, and that the rest fell back to the hub's own computation.
 """
 
 from __future__ import annotations
@@ -23,10 +27,11 @@ from hubd.query.conditions import parse_query
 from hubd.query.execute import run
 from hubd.store import CLOCK_COLUMNS, ReadingQuery, Rows
 from hubd.store.factory import open_query, open_sink
+from hubd.store.influx.pushdown import ders_regex
 
 DST_DAY = 1743292800000  # 2025-03-30T00:00:00Z: London goes from GMT to BST at 01:00 UTC
 MINUTE = 60_000
-DERS = ("BAT-1", "PV-1", "PV-2")
+DERS = ("BAT-1", "GAP-1", "PV-1", "PV-2")
 CONFIG = QueryConfig(max_limit=1000, default_limit=1000, max_der_ids=10)
 
 
@@ -37,7 +42,7 @@ def dataset() -> list[Rows]:
     flagged: list[tuple[Any, ...]] = []
     for i in range(0, 2 * 24 * 60, 7):  # every 7 minutes: buckets never hold the same number of readings
         t = DST_DAY - 3 * 60 * MINUTE + i * MINUTE
-        for n, der_id in enumerate(DERS):
+        for n, der_id in enumerate(("BAT-1", "PV-1", "PV-2")):
             power = round(((i * 13 + n * 29) % 50) / 10 - 1.0, 3)
             energy = 1000.0 * n + i * 0.125
             tail = (t + 500, "edge-1", "hub.v1", t + 400)
@@ -47,8 +52,16 @@ def dataset() -> list[Rows]:
                 flagged.append((der_id, t, power, energy, "check", 42.5, *tail))
             else:
                 plain.append((der_id, t, power, energy, *tail))
+    gappy: list[tuple[Any, ...]] = []
+    for i in range(0, 2 * 24 * 60, 3):  # GAP-1: every 3 minutes, but silent for hours at a time
+        t = DST_DAY - 3 * 60 * MINUTE + i * MINUTE
+        if 240 <= i < 480 or 1500 <= i < 1590:  # 01:00-05:00 UTC on the DST day, then 1.5 h the next
+            continue
+        values = (round((i % 17) * 0.3 - 2, 2), 500.0 + i * 0.02, 230.0 + (i % 9) * 0.7, float(20 + i % 60))
+        gappy.append(("GAP-1", t, *values, t + 300, "edge-2", "hub.v1", None))
     first: Rows = [
         (("power_kw", "energy_kwh"), plain),
+        (("power_kw", "energy_kwh", "voltage_v", "soc_pct"), gappy),
         (("power_kw",), partial),
         (("power_kw", "energy_kwh", *CLOCK_COLUMNS), flagged),
     ]
@@ -118,7 +131,38 @@ QUERIES: list[dict[str, Any]] = [
         "limit": 5,
     },
     {"start": "2025-03-30T00:00:00Z", "end": "2025-03-30T02:00:00Z", "interval": "5m", "clock_flagged": True},
+    {
+        "start": "2025-03-29T21:17:00Z",
+        "end": "2025-03-31T20:00:00Z",
+        "interval": "30m",
+        "tz": "Europe/London",
+        "agg": {
+            "energy_kwh": ["delta", "first", "last"],
+            "power_kw": ["mean", "sum", "count"],
+            "voltage_v": ["min", "max", "mean"],
+            "soc_pct": ["first", "last"],
+        },
+        "limit": 120,
+    },
+    {
+        "start": "2025-03-28T00:00:00Z",
+        "end": "2025-04-01T00:00:00Z",
+        "interval": "1d",
+        "tz": "Europe/London",
+        "agg": {"energy_kwh": "delta", "voltage_v": ["min", "max", "count"], "power_kw": ["first", "last"]},
+        "where": {"power_kw": {"gte": -1.0}},
+    },
+    {
+        "start": "2025-03-29T22:00:00Z",
+        "end": "2025-03-30T22:00:00Z",
+        "interval": "1h",
+        "tz": "Asia/Kathmandu",
+        "agg": {"power_kw": ["mean", "max"], "energy_kwh": "delta"},
+        "der_ids": ["GAP-1", "PV-2"],
+        "where": {"energy_kwh": {"lt": 1100.0}, "power_kw": {"gt": -1.5}},
+    },
 ]
+PUSHED = [8, 11, 13, 14, 15]  # the bucket queries InfluxDB aggregates itself (the others fall back)
 
 
 def configs(tmp_path: Path, server: InfluxServer) -> dict[str, Config]:
@@ -187,7 +231,8 @@ def test_the_stores_agree_on_counts_and_on_the_replace_rule(stores: dict[str, An
         assert store.raw(t, t + 1, ("PV-1",), ("power_kw", "energy_kwh"), (), None, 10) == [
             ("PV-1", t, 7.5, None, None, None)
         ], name
-    assert stores["influxdb"].count() == stores["sqlite"].count() == 3 * len(range(0, 2 * 24 * 60, 7))
+    gappy = len([i for i in range(0, 2 * 24 * 60, 3) if not (240 <= i < 480 or 1500 <= i < 1590)])
+    assert stores["influxdb"].count() == stores["sqlite"].count() == 3 * len(range(0, 2 * 24 * 60, 7)) + gappy
 
 
 def test_a_dst_day_has_46_settlement_slots_on_both(stores: dict[str, Any]) -> None:
@@ -212,3 +257,33 @@ def test_the_same_pages_when_influxdb_answers_in_small_chunks(
     monkeypatch.setattr("hubd.store.influx.query._CHUNK", 5)
     for request in QUERIES:
         assert pages(request, stores["ders"], stores["influxdb"]) == pages(request, stores["ders"], stores["sqlite"])
+
+
+def test_bucket_queries_influxql_can_answer_are_answered_by_influxdb(
+    stores: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the hub's own computation (loading points into memory) taken away, the pushed-down queries still
+    give SQLite's pages; the others (a clock_flagged filter, a mean over a bucket across a shard boundary)
+    need it."""
+
+    def no_points(*_: Any) -> None:
+        raise AssertionError("bucket statistics computed from the points")
+
+    monkeypatch.setattr("hubd.store.influx.query.InfluxQuery._load", no_points)
+    for index in PUSHED:
+        request = QUERIES[index]
+        assert pages(request, stores["ders"], stores["influxdb"]) == pages(request, stores["ders"], stores["sqlite"])
+    for index in (9, 10, 12):  # Tokyo's days cross Monday 00:00 UTC, the week's shard boundary; flagged
+        with pytest.raises(AssertionError, match="from the points"):
+            pages(QUERIES[index], stores["ders"], stores["influxdb"])
+
+
+def test_a_group_of_ders_named_in_one_regular_expression_matches_exactly_them(influxd: InfluxServer) -> None:  # noqa: F811
+    """Every character the registry allows in a DER id besides letters and digits is taken literally."""
+    database = fresh_database(influxd)
+    ids = ("A.1", "A:1", "A-1", "Ax1", "A11", "A.10")
+    influxd.write(database, "\n".join(f"readings,der_id={d} received_at=1i {i + 1}000000" for i, d in enumerate(ids)))
+    condition = ders_regex(("A.1", "A:1", "A-1"))
+    assert condition is not None and ders_regex(("A 1",)) is None  # not an id the registry takes: the OR instead
+    found = influxd.query(f'SELECT count("received_at") FROM "readings" WHERE {condition} GROUP BY "der_id"', database)
+    assert sorted(s["tags"]["der_id"] for s in found) == ["A-1", "A.1", "A:1"]

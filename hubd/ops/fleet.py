@@ -4,7 +4,8 @@ refusals of the last hour (from the audit trail).
 
 It reads the embedded store's file with the state file attached (read-only connections of its own, used from
 one thread), so each view is one statement however many DERs there are (the energy: one a slot); the last
-reading of a DER is one probe of the readings' primary key. Another readings backend would bring its own reader.
+reading of a DER is one probe of the readings' primary key. With InfluxDB (hubd.ops.fleet_influx) the DERs'
+last times are loaded into an in-memory readings table and a slot's figures into tables the same SQL reads.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from urllib.parse import quote
 from hubd import audit as audit_trail
 from hubd.config import Config
 from hubd.model import ErrorCode
+from hubd.ops.fleet_influx import InfluxFleetReadings
+from hubd.store.influx.client import InfluxUnavailable
 from hubd.store.sqlite import empty_readings
 
 SLOT_MS = 30 * 60 * 1000
@@ -37,10 +40,14 @@ WITH slot AS (
 before AS (
     SELECT der_id, max(energy_kwh) AS hi FROM main.readings INDEXED BY readings_by_time
     WHERE measured_at >= :before AND measured_at < :start AND energy_kwh IS NOT NULL GROUP BY der_id)
+"""
+# The total of one slot from ``slot`` and ``before`` (the CTEs above, or temp tables filled from InfluxDB).
+_SLOT_TOTAL = """
 SELECT coalesce(d.type, 'other'), sum(coalesce(slot.iv, 0) + coalesce(CASE WHEN before.hi IS NULL THEN slot.hi - slot.lo
        WHEN slot.hi >= before.hi THEN slot.hi - before.hi ELSE slot.hi END, 0))
 FROM slot LEFT JOIN before USING (der_id) LEFT JOIN state.ders d USING (der_id) GROUP BY 1
 """
+_INFLUX_LASTS_S = 10.0  # with InfluxDB: the DERs' last times are read again after this long
 _SETTLED_S = 900  # a slot that ended over an hour ago: read again every 15 minutes at most
 _RECENT_S = 60  # a later one: every minute
 
@@ -76,6 +83,8 @@ class Fleet:
         self._db: sqlite3.Connection | None = None
         self._slots: dict[int, tuple[int, dict[str, float]]] = {}  # slot start -> (when read, kWh by type)
         self._stopped = False
+        self._influx = None if self._embedded else InfluxFleetReadings(config.store.influxdb)
+        self._lasts_read = -_INFLUX_LASTS_S  # when the last times were read from InfluxDB (monotonic)
 
     def _open(self) -> sqlite3.Connection:
         if self._db is None:
@@ -84,13 +93,35 @@ class Fleet:
             else:
                 db = sqlite3.connect(":memory:", check_same_thread=False)
                 empty_readings(db)
+                db.execute("CREATE TEMP TABLE slot (der_id TEXT PRIMARY KEY, lo REAL, hi REAL, iv REAL)")
+                db.execute("CREATE TEMP TABLE before (der_id TEXT PRIMARY KEY, hi REAL)")
             db.execute("PRAGMA busy_timeout=10000")
             db.execute("ATTACH DATABASE ? AS state", (_read_only(self._state),))
             self._db = db
         return self._db
 
     def _bounds(self, now: int) -> dict[str, int]:
+        self._influx_lasts()
         return {"fresh": now - self._fresh_ms, "silent": now - self._silent_ms}
+
+    def _influx_lasts(self) -> None:
+        """With InfluxDB: each DER's last time as one row of the in-memory readings table, read at most every
+        ``_INFLUX_LASTS_S``; while InfluxDB does not answer, the page shows the times it read last."""
+        if self._influx is None or time.monotonic() - self._lasts_read < _INFLUX_LASTS_S:
+            return
+        try:
+            lasts = self._influx.last_times()
+        except (InfluxUnavailable, RuntimeError):
+            return
+        db = self._open()
+        with db:
+            db.execute("DELETE FROM main.readings")
+            db.executemany(
+                "INSERT INTO main.readings (der_id, measured_at, received_at, stored_at, source_id, format_code) "
+                "VALUES (?, ?, 0, 0, '', '')",
+                lasts.items(),
+            )
+        self._lasts_read = time.monotonic()
 
     def states(self, now: int) -> list[tuple[str, str, str, int]]:
         """(type, area or "", state, DERs) for every combination that has DERs."""
@@ -132,7 +163,10 @@ class Fleet:
                 continue
             if self._stopped or (budget_s is not None and time.monotonic() - began >= budget_s):
                 break
-            self._slots[begins] = (now, self._slot_energy(begins))
+            try:
+                self._slots[begins] = (now, self._slot_energy(begins))
+            except (InfluxUnavailable, RuntimeError):  # InfluxDB away: the slot stays to be read
+                break
         out: dict[str, list[float]] = {}
         pending = 0
         for index in range(slots):
@@ -146,9 +180,23 @@ class Fleet:
         return out, pending
 
     def _slot_energy(self, begins: int) -> dict[str, float]:
+        if self._influx is not None:
+            return self._influx_slot_energy(begins)
         rows = self._open().execute(
-            _SLOT_ENERGY, {"start": begins, "end": begins + SLOT_MS, "before": begins - SLOT_MS}
+            _SLOT_ENERGY + _SLOT_TOTAL, {"start": begins, "end": begins + SLOT_MS, "before": begins - SLOT_MS}
         )
+        return {der_type: float(kwh or 0.0) for der_type, kwh in rows}
+
+    def _influx_slot_energy(self, begins: int) -> dict[str, float]:
+        assert self._influx is not None
+        found = self._influx.slot(begins, begins + SLOT_MS, begins - SLOT_MS)
+        db = self._open()
+        with db:
+            db.execute("DELETE FROM temp.slot")
+            db.execute("DELETE FROM temp.before")
+            db.executemany("INSERT INTO temp.slot VALUES (?, ?, ?, ?)", [(d, *f[:3]) for d, f in found.items()])
+            db.executemany("INSERT INTO temp.before VALUES (?, ?)", [(d, f[3]) for d, f in found.items()])
+            rows = db.execute(_SLOT_TOTAL).fetchall()
         return {der_type: float(kwh or 0.0) for der_type, kwh in rows}
 
     def quarantine(self, limit: int) -> tuple[int, list[dict[str, Any]]]:
@@ -184,6 +232,8 @@ class Fleet:
         self._stopped = True
 
     def close(self) -> None:
+        if self._influx is not None:
+            self._influx.close()
         if self._db is not None:
             self._db.close()
             self._db = None

@@ -8,6 +8,7 @@ types and labels, is in docs/operations.md.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
@@ -16,6 +17,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from hubd.ops.clocks import clocks
+from hubd.store.influx.sink import InfluxSink
 
 if TYPE_CHECKING:
     from hubd.app import Hub
@@ -44,6 +46,14 @@ class HubCollector(Collector):
         messages, readings = writer.queued
         yield _gauge("hubd_store_queue_messages", "Messages waiting for a commit.", messages)
         yield _gauge("hubd_store_queue_readings", "Readings waiting for a commit.", readings)
+        if isinstance(writer.sink, InfluxSink):  # store.backend: influxdb: its durable spool
+            sink = writer.sink
+            age = 0.0 if sink.oldest_at is None else max(time.time() - sink.oldest_at / 1000, 0.0)
+            yield _gauge("hubd_spool_readings", "Readings in the InfluxDB spool, waiting for InfluxDB.", sink.spooled)
+            yield _gauge("hubd_spool_oldest_age_seconds", "Age of the spool's oldest batch (0: empty).", age)
+            yield _counter(
+                "hubd_spool_replayed_readings", "Readings replayed from the spool into InfluxDB.", sink.replayed
+            )
         in_hand, in_hand_bytes = hub.mqtt.driver.in_hand
         yield _gauge("hubd_mqtt_in_hand_messages", "MQTT messages taken and not yet acknowledged.", in_hand)
         yield _gauge("hubd_mqtt_in_hand_bytes", "Bytes of the MQTT messages in hand.", in_hand_bytes)

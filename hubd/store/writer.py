@@ -97,6 +97,11 @@ class BatchWriter:
         self.committed = 0
         self.on_commit: Callable[[int, float], None] | None = None
 
+    @property
+    def sink(self) -> ReadingSink:
+        """The store it writes to (the metrics read the InfluxDB spool's figures from it)."""
+        return self._store
+
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="hubd-store-writer")
 

@@ -65,6 +65,11 @@ def query_params(config: InfluxConfig, statement: str) -> dict[str, str]:
 
 def results(status: int, body: bytes, statement: str) -> list[dict[str, Any]]:
     """The series of a one-statement /query answer; raise what went wrong."""
+    return results_many(status, body, [statement])[0]
+
+
+def results_many(status: int, body: bytes, statements: list[str]) -> list[list[dict[str, Any]]]:
+    """The series of each statement of a /query answer, in order; raise what went wrong."""
     if status >= 500 or status in (401, 403):
         raise InfluxUnavailable(f"InfluxDB answered {status} to a query: {body[:300].decode(errors='replace')}")
     try:
@@ -73,12 +78,16 @@ def results(status: int, body: bytes, statement: str) -> list[dict[str, Any]]:
         raise InfluxUnavailable(f"InfluxDB answered {status} with no JSON to a query") from None
     if "error" in answer:
         raise RuntimeError(f"InfluxDB: {answer['error']}")
-    result = answer["results"][0]
-    if "error" in result:
-        raise RuntimeError(f"InfluxDB: {result['error']} (in {statement[:200]})")
-    if result.get("partial"):  # the server's max-row-limit cut the answer; the hub never reads a part as all
-        raise RuntimeError("InfluxDB cut the answer short (its [http] max-row-limit); raise the limit")
-    return list(result.get("series", []))
+    out: list[list[dict[str, Any]]] = []
+    for result, statement in zip(answer["results"], statements, strict=False):
+        if "error" in result:
+            raise RuntimeError(f"InfluxDB: {result['error']} (in {statement[:200]})")
+        if result.get("partial"):  # the server's max-row-limit cut the answer; the hub never reads a part as all
+            raise RuntimeError("InfluxDB cut the answer short (its [http] max-row-limit); raise the limit")
+        out.append(list(result.get("series", [])))
+    if len(out) != len(statements):
+        raise RuntimeError(f"InfluxDB answered {len(out)} of {len(statements)} statements")
+    return out
 
 
 class AsyncInflux:
@@ -144,7 +153,11 @@ class SyncInflux:
         self._conn: http.client.HTTPConnection | None = None
 
     def query(self, statement: str) -> list[dict[str, Any]]:
-        body = urlencode(query_params(self.config, statement))
+        return self.query_many([statement])[0]
+
+    def query_many(self, statements: list[str]) -> list[list[dict[str, Any]]]:
+        """Several statements in one request (``;`` between them): the series of each, in order."""
+        body = urlencode(query_params(self.config, ";\n".join(statements)))
         for attempt in (1, 2):  # a kept-alive connection the server closed meanwhile: once more on a new one
             conn = self._conn or self._connect()
             try:
@@ -156,7 +169,7 @@ class SyncInflux:
                 if attempt == 2 or isinstance(exc, socket.timeout):
                     raise InfluxUnavailable(f"InfluxDB query failed: {type(exc).__name__}: {exc}") from None
                 continue
-            return results(status, data, statement)
+            return results_many(status, data, statements)
         raise AssertionError("unreachable")
 
     def _connect(self) -> http.client.HTTPConnection:

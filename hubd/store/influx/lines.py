@@ -8,6 +8,7 @@ its format) would make a second series, a duplicate, instead of replacing the fi
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -22,39 +23,49 @@ _UNSENT = MIN_TIME_MS - 1  # the version of a reading without ``sent_at``, as in
 Point = tuple[str, int, dict[str, Any]]  # (der_id, measured_at, {column: value}) with only present values
 
 
+_INTEGERS = frozenset(("received_at", "sent_at"))
+
+
+@functools.lru_cache(maxsize=65_536)
 def _tag(value: str) -> str:
+    """An escaped tag (or measurement) value; kept per DER: every batch names the same DERs again."""
     return value.replace("\\", "\\\\").replace(",", "\\,").replace("=", "\\=").replace(" ", "\\ ")
 
 
+@functools.lru_cache(maxsize=4096)
 def _string(value: str) -> str:
+    """A quoted string field: a reading's source and format, the same in every line of a batch."""
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def _field(name: str, value: Any) -> str:
-    if isinstance(value, str):
-        return f"{name}={_string(value)}"
-    if name in ("received_at", "sent_at"):
-        return f"{name}={int(value)}i"
-    number = float(value)
-    if not math.isfinite(number):  # InfluxDB has no NaN or infinity: refused like a value it refuses itself
-        raise ValueError(f"{name}: {value} cannot be stored in InfluxDB")
-    return f"{name}={number!r}"
-
-
 def line(measurement: str, point: Point) -> str:
-    """One point as a line; raises ValueError for a value InfluxDB cannot hold."""
+    """One point as a line; raises ValueError for a value InfluxDB cannot hold. On the write path of every
+    reading, so the fields are formatted here in one loop rather than by a function each."""
     der_id, measured_at, values = point
-    fields = ",".join(_field(name, value) for name, value in values.items() if value is not None)
-    return f"{_tag(measurement)},der_id={_tag(der_id)} {fields} {int(measured_at)}"
+    fields = []
+    for name, value in values.items():
+        if value is None:
+            continue
+        if name in _INTEGERS:
+            fields.append(f"{name}={int(value)}i")
+        elif isinstance(value, str):
+            fields.append(f"{name}={_string(value)}")
+        else:
+            number = float(value)
+            if not math.isfinite(number):  # InfluxDB has no NaN or infinity: refused like a value it refuses
+                raise ValueError(f"{name}: {value} cannot be stored in InfluxDB")
+            fields.append(f"{name}={number!r}")
+    return f"{_tag(measurement)},der_id={_tag(der_id)} {','.join(fields)} {int(measured_at)}"
 
 
 def point(names: tuple[str, ...], row: tuple[Any, ...]) -> Point:
     """A row of ``hubd.store.Rows`` as a point: (der_id, measured_at, *values, received_at, source_id,
     format_code, sent_at)."""
-    values = dict(zip(names, row[2:-4], strict=True))
-    received_at, source_id, format_code, sent_at = row[-4:]
-    values |= {"received_at": received_at, "source": source_id, "format": format_code, "sent_at": sent_at}
-    return row[0], row[1], {k: v for k, v in values.items() if v is not None}
+    values = {name: value for name, value in zip(names, row[2:-4], strict=True) if value is not None}
+    for name, value in zip(META_FIELDS, row[-4:], strict=True):  # received_at, source, format, sent_at
+        if value is not None:
+            values[name] = value
+    return row[0], row[1], values
 
 
 def version(values: dict[str, Any]) -> tuple[int, int]:

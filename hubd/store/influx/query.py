@@ -1,13 +1,16 @@
 """The query side of ``store.backend: influxdb``: InfluxQL to fetch points, the hub's own logic to answer.
 
+Bucket statistics InfluxDB can compute exactly are asked of it (hubd.store.influx.pushdown); the rest of this
+docstring is about everything else, and about the buckets it cannot compute the same way.
+
 InfluxQL selects and filters by time and DER well, but not the rest of the store's contract: its rows come
 merged by time with no order among DERs at one instant, a field missing from a point is not NULL in a
-comparison the way SQL's is, and its ``GROUP BY time()`` knows nothing of buckets laid in a local day with
-a daylight-saving change. So this side fetches the points of a DER and time range (InfluxDB does the
-indexing) and decides everything else in Python, the same way for both backends: conditions and the clock
-flag are tested here, rows are sorted by (measured_at, der_id), and bucket statistics are computed by the
-SQLite side's own SQL over the DER's points loaded into an in-memory database, so the two backends cannot
-disagree on them. Correct first; the cost is fetching the points of a range (bench/README.md).
+comparison the way SQL's is, and its ``GROUP BY time()`` lays buckets of one width only (the pushdown asks
+it run by run). So for raw rows and ``at`` this side fetches the points of a DER and time range (InfluxDB
+does the indexing) and decides everything else in Python, the same way for both backends: conditions and the
+clock flag are tested here and rows are sorted by (measured_at, der_id). Bucket statistics InfluxDB cannot
+compute exactly are computed by the SQLite side's own SQL over the DER's points loaded into an in-memory
+database, so the two backends cannot disagree on them. Correct first; the cost is in bench/README.md.
 """
 
 from __future__ import annotations
@@ -23,27 +26,19 @@ from hubd.model import ErrorCode, HubError
 from hubd.query.buckets import Bucket
 from hubd.query.conditions import COMPARE
 from hubd.store import CLOCK_COLUMNS, Where
+from hubd.store.influx import pushdown
 from hubd.store.influx.client import InfluxUnavailable, SyncInflux
+from hubd.store.influx.pushdown import ns, quote_name
 from hubd.store.sqlite import SqliteStore
 
 _CHUNK = 10_000  # points per request: within a 1.x server's usual max-row-limit
-# InfluxDB's timestamps are int64 nanoseconds: 1677-09-21 … 2262-04-11. A query range is clamped to them.
-_LOWEST_MS = -9_223_372_036_854
-_HIGHEST_MS = 9_223_372_036_854
+_STATEMENTS = 50  # InfluxQL statements sent in one request
 _GROUP = 50  # DERs whose points are fetched together for bucket statistics
 _REUSE_S = 5.0  # a group's points answer the DERs after the first for this long
 
 
-def quote_name(name: str) -> str:
-    return '"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
 def quote_value(value: str) -> str:
     return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
-
-
-def ns(ms: int) -> int:
-    return min(max(ms, _LOWEST_MS), _HIGHEST_MS) * 1_000_000
 
 
 def der_condition(der_ids: tuple[str, ...]) -> str:
@@ -69,6 +64,14 @@ class InfluxQuery:
         self._asked = ""  # the DER asked last from that load
         self._listed: list[str] = []  # the last der_ids() answer, in order
         self._listed_at: dict[str, int] = {}
+        self._measurement = config.measurement
+        self._retention_policy = config.retention_policy
+        self._database = config.database
+        self._shard_ms: int | None = None  # the shard group duration (None: unknown)
+        self._shard_asked = False
+        self._pushed_key: tuple[Any, ...] | None = None  # what the pushed-down statistics are for
+        self._pushed: dict[str, dict[int, dict[str, Any]]] = {}  # and them, by DER
+        self._edges: dict[tuple[str, str, int, bool], tuple[int, float] | None] = {}  # nearest, asked with them
 
     @classmethod
     def from_config(cls, config: Config) -> InfluxQuery:
@@ -173,9 +176,9 @@ class InfluxQuery:
 
     def der_ids(self, start: int, end: int, first: str) -> list[str]:
         statement = (
-            f'SELECT count("received_at") FROM {self._from} WHERE time >= {ns(start)} AND time < {ns(end)} '
+            f'SELECT last("received_at") FROM {self._from} WHERE time >= {ns(start)} AND time < {ns(end)} '
             'GROUP BY "der_id"'
-        )
+        )  # last(): one point a DER, where count() would read them all
         found = {series["tags"]["der_id"] for series in self._ask(statement) if series.get("tags")}
         listed = sorted(d for d in found if d >= first)
         self._listed, self._listed_at = listed, {d: i for i, d in enumerate(listed)}  # for _load's groups
@@ -191,9 +194,73 @@ class InfluxQuery:
     ) -> dict[int, dict[str, Any]]:
         if not buckets:
             return {}
+        if pushdown.possible(specs, where, flagged) and self._shards_allow(buckets, specs):
+            return self._pushed_stats(der_id, buckets, specs, where)
         fields = tuple(sorted({f for f, _ in specs} | {f for f, _, _ in where}))
         memory = self._load(der_id, buckets[0].lo, buckets[-1].hi, fields)
         return memory.bucket_stats(der_id, buckets, specs, where, flagged)
+
+    def _shards_allow(self, buckets: list[Bucket], specs: tuple[tuple[str, str], ...]) -> bool:
+        """Sums (and means) only for buckets each inside one shard group: across one, InfluxDB adds the
+        shards' partial sums, which may differ from SQLite's in the last bit (hubd.store.influx.pushdown)."""
+        if not any(how in ("mean", "sum") for _, how in specs):
+            return True
+        if not self._shard_asked:
+            self._shard_ms, self._shard_asked = self._shard_group_ms(), True
+        shard_ms = self._shard_ms
+        return shard_ms is not None and not any(pushdown.crosses_shard(b, shard_ms) for b in buckets)
+
+    def _shard_group_ms(self) -> int | None:
+        try:
+            found = self._ask(f"SHOW RETENTION POLICIES ON {quote_name(self._database)}")
+        except HubError:
+            return None
+        for series in found:
+            names = series["columns"]
+            for row in series["values"]:
+                policy = dict(zip(names, row, strict=False))
+                if policy["name"] == self._retention_policy or (not self._retention_policy and policy["default"]):
+                    return pushdown.go_duration_ms(str(policy["shardGroupDuration"]))
+        return None
+
+    def _pushed_stats(
+        self, der_id: str, buckets: list[Bucket], specs: tuple[tuple[str, str], ...], where: Where
+    ) -> dict[int, dict[str, Any]]:
+        """InfluxDB's statistics for ``der_id``, asked for a group of the DERs ``der_ids`` listed (as
+        ``_load`` groups them), in a few requests of many statements."""
+        key = (buckets[0].lo, buckets[-1].hi, len(buckets), specs, where)
+        fresh = time.monotonic() - self._loaded_when < _REUSE_S
+        if key == self._pushed_key and der_id in self._loaded and der_id >= self._asked and fresh:
+            self._asked = der_id
+            return self._pushed.get(der_id, {})
+        group = [der_id]
+        at = self._listed_at.get(der_id)
+        if at is not None:
+            group = self._listed[at : at + max(1, min(pushdown.GROUP, pushdown.ROWS // len(buckets)))]
+        plan = pushdown.Plan(self._measurement, buckets, specs, where)
+        everyone = at == 0 and len(group) == len(self._listed)  # no DER condition: cheaper for InfluxDB
+        condition = None if everyone else pushdown.ders_regex(tuple(group)) or der_condition(tuple(group))
+        statements = plan.statements(condition, len(group))
+        answers: list[list[dict[str, Any]]] = []
+        request: list[str] = []
+        rows = 0
+        for statement, more in statements:  # requests within the server's row limit (it counts them all)
+            if request and (rows + more > pushdown.ROWS or len(request) >= _STATEMENTS):
+                answers += self._ask_many(request)
+                request, rows = [], 0
+            request.append(statement)
+            rows += more
+        answers += self._ask_many(request)
+        self._pushed, self._edges = plan.read(answers)
+        self._pushed_key, self._loaded_key, self._loaded = key, None, set(group)
+        self._loaded_when, self._asked = time.monotonic(), der_id
+        return self._pushed.get(der_id, {})
+
+    def _ask_many(self, statements: list[str]) -> list[list[dict[str, Any]]]:
+        try:
+            return self._client.query_many(statements)
+        except (InfluxUnavailable, RuntimeError) as exc:
+            raise HubError(ErrorCode.UNAVAILABLE, f"the store (InfluxDB) cannot answer now: {exc}") from None
 
     def _load(self, der_id: str, start: int, end: int, fields: tuple[str, ...]) -> SqliteStore:
         """The in-memory database holding ``der_id``'s points in [start, end) with ``fields``.
@@ -216,6 +283,7 @@ class InfluxQuery:
         if at is not None:
             group = self._listed[at : at + _GROUP]
         memory.clear()
+        self._pushed_key, self._edges = None, {}
         columns = ("received_at", *fields, "clock_flag")
         for rows in self._chunks(start, end, [der_condition(tuple(group))], columns):
             loaded = [(r[1], r[0], *r[3:]) for r in rows]
@@ -226,6 +294,8 @@ class InfluxQuery:
         return memory
 
     def nearest(self, der_id: str, field: str, at: int, before: bool) -> tuple[int, float] | None:
+        if (der_id, field, at, before) in self._edges and time.monotonic() - self._loaded_when < _REUSE_S:
+            return self._edges.pop((der_id, field, at, before))  # asked with the bucket statistics
         side = f"time < {ns(at)}" if before else f"time >= {ns(at)}"
         order = " ORDER BY time DESC LIMIT 1" if before else " LIMIT 1"
         found = self.select((field,), [der_condition((der_id,)), side], order)

@@ -29,7 +29,8 @@ from hubd.store import Rows
 from hubd.store.influx import versions
 from hubd.store.influx.client import AsyncInflux, InfluxRefused, InfluxUnavailable
 from hubd.store.influx.lines import Point, line
-from hubd.store.influx.query import der_condition, ns, quote_name
+from hubd.store.influx.pushdown import ns, quote_name
+from hubd.store.influx.query import der_condition
 from hubd.store.influx.spool import Spool
 
 QUARANTINE_TOPIC = "store/influxdb"  # the "topic" of a quarantined reading InfluxDB refused
@@ -65,6 +66,8 @@ class InfluxSink:
         self.refused = 0  # readings quarantined because InfluxDB refused them
         self._no_delete = False  # InfluxDB refused a DELETE once (warned once)
         self._newest: dict[str, int] | None = None  # each DER's latest stored time (_latest)
+        self.oldest_at: int | None = None  # when the spool's oldest batch was spooled (ms), for /metrics
+        self.replayed = 0  # readings replayed from the spool since start, for /metrics
 
     @classmethod
     def from_config(cls, config: Config, audit: AuditLog | None = None) -> InfluxSink:
@@ -75,7 +78,7 @@ class InfluxSink:
         does); replay what a previous run left in the spool."""
         self._spool = spool = await self._in_spool(Spool, self._spool_path)
         self._quarantine = Quarantine(self._registry_path, self._quarantine_bytes)
-        _, self._spooled, _ = await self._in_spool(spool.depth)
+        _, self._spooled, self.oldest_at = await self._in_spool(spool.depth)
         try:  # a statement a user with only READ on the database may run (SHOW DATABASES needs admin)
             await self._client.query(f"SHOW RETENTION POLICIES ON {quote_name(self._config.database)}")
         except InfluxUnavailable as exc:
@@ -108,7 +111,9 @@ class InfluxSink:
                 self._ensure_replay()
                 await self._progress.wait()
             assert self._spool is not None
-            await self._in_spool(self._spool.append, rows, count)
+            spooled_at = await self._in_spool(self._spool.append, rows, count)
+            if self.oldest_at is None:
+                self.oldest_at = spooled_at
             self._spooled += count
             self._ensure_replay()
 
@@ -150,8 +155,10 @@ class InfluxSink:
                 continue
             pause = self._config.retry_s
             await self._in_spool(spool.remove, batch_id, count, time.monotonic() - began)
+            self.oldest_at = await self._in_spool(spool.oldest)
             self._spooled -= count
             replayed += count
+            self.replayed += count
             self._progress.set()
         await self._set_mode("direct", None)
         seconds = round(time.monotonic() - started, 3)
@@ -186,18 +193,36 @@ class InfluxSink:
                 if not self._no_delete:
                     logger.warning("InfluxDB does not delete points ({}): fields of replaced readings may stay", exc)
                     self._no_delete = True
-        lines: list[tuple[str, Point]] = []
-        for p in keep:
-            try:
-                lines.append((line(self._config.measurement, p), p))
-            except ValueError as exc:
-                self._refuse([p], str(exc))
+        # Each request's lines are made while InfluxDB takes the one before (requests still go one at a time).
         size = self._config.batch_size
-        for at in range(0, len(lines), size):
-            await self._write(lines[at : at + size])
+        writing: asyncio.Task[None] | None = None
+        try:
+            for at in range(0, len(keep), size):
+                lines = self._lines(keep[at : at + size])
+                if not lines:
+                    continue
+                if writing is not None:
+                    await writing
+                writing = asyncio.ensure_future(self._write(lines))
+                await asyncio.sleep(0)  # let the request go out before the next lines are made
+            if writing is not None:
+                await writing
+        finally:
+            if writing is not None and not writing.done():
+                writing.cancel()
         for der_id, measured_at in points:
             if measured_at > latest.get(der_id, _NEVER):
                 latest[der_id] = measured_at
+
+    def _lines(self, points: list[Point]) -> list[tuple[str, Point]]:
+        """The points as lines; a point InfluxDB could not hold (NaN) is quarantined here."""
+        out: list[tuple[str, Point]] = []
+        for p in points:
+            try:
+                out.append((line(self._config.measurement, p), p))
+            except ValueError as exc:
+                self._refuse([p], str(exc))
+        return out
 
     async def _latest(self) -> dict[str, int]:
         """Each DER's latest stored time: read once (one query), then kept by this sink's own writes. So it

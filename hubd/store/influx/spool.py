@@ -37,13 +37,19 @@ class Spool:
         self._db.execute("PRAGMA busy_timeout=10000")
         self._db.executescript(_SCHEMA)
 
-    def append(self, rows: Rows, readings: int) -> None:
-        """Commit one batch at the end of the queue (durable when this returns)."""
+    def append(self, rows: Rows, readings: int) -> int:
+        """Commit one batch at the end of the queue (durable when this returns); when, in ms."""
         body = marshal.dumps(rows)  # rows are tuples of str, int, float and None (hubd.store.process)
+        spooled_at = int(time.time() * 1000)
         self._db.execute(
-            "INSERT INTO batches (spooled_at, readings, body) VALUES (?, ?, ?)",
-            (int(time.time() * 1000), readings, body),
+            "INSERT INTO batches (spooled_at, readings, body) VALUES (?, ?, ?)", (spooled_at, readings, body)
         )
+        return spooled_at
+
+    def oldest(self) -> int | None:
+        """When the oldest batch was spooled, in ms."""
+        row = self._db.execute("SELECT spooled_at FROM batches ORDER BY id LIMIT 1").fetchone()
+        return None if row is None else int(row[0])
 
     def head(self) -> tuple[int, Rows, int] | None:
         """The oldest batch: (id, rows, readings)."""
