@@ -13,7 +13,7 @@ from typing import Any
 import click
 import orjson
 
-from hubd.config import ConfigError, ModbusSourceConfig, command_config
+from hubd.config import CloudSourceConfig, ConfigError, ModbusSourceConfig, command_config
 from hubd.model import format_time
 from hubd.sources.modbus import profile_for
 from hubd.sources.modbus.client import Link, NoAnswer, Offline, ShortRead
@@ -34,6 +34,10 @@ def source_group() -> None:
 def source_list(ctx: click.Context) -> None:
     """The configured sources: name, kind, address, profile or map, DERs."""
     for source in command_config(ctx).sources:
+        if isinstance(source, CloudSourceConfig):
+            sites = ", ".join(f"{site}={ders}" for site, ders in source.sites.items())
+            click.echo(f"{source.name}\t{source.kind}\t{source.base_url or '-'}\tprofile {source.profile}\t{sites}")
+            continue
         what = f"map {source.map}" if source.map else f"profile {source.profile}"
         ders = source.der or ", ".join(f"{der}={'+'.join(map(str, models))}" for der, models in source.ders.items())
         click.echo(f"{source.name}\t{source.kind}\t{source.host}:{source.port} unit {source.unit_id}\t{what}\t{ders}")
