@@ -118,7 +118,9 @@ def no_secret_in(hub: RunningHub) -> None:
             assert API_KEY.encode() not in file.read_bytes(), file
 
 
-def test_a_site_is_collected_from_its_start_each_interval_once(site: Any, cloud: SimulatedCloud, key_file: Path) -> None:
+def test_a_site_is_collected_from_its_start_each_interval_once(
+    site: Any, cloud: SimulatedCloud, key_file: Path
+) -> None:
     start = quarters_back(200)  # two days back: windows of a day are stepped through
     hub = site([cloud_source(cloud, key_file, start=format_time(start))])
     last_complete = quarters_back(1)  # the current quarter hour is not over: not asked for yet
@@ -138,3 +140,99 @@ def test_list_names_cloud_sources(site: Any, cloud: SimulatedCloud, key_file: Pa
     listed = hub.cli("source", "list")
     assert listed.exit_code == 0, listed.output
     assert "se\tcloud\t" in listed.output and "1001=PV-C1" in listed.output
+
+
+def test_an_exhausted_daily_budget_stops_asking_until_the_next_day(
+    site: Any, cloud: SimulatedCloud, key_file: Path
+) -> None:
+    start = quarters_back(4 * 96)  # four windows of a day to collect, two requests allowed
+    source = cloud_source(cloud, key_file, start=format_time(start), daily_requests=2)
+    hub = site([source])
+    wait_for(lambda: records(hub, "cloud.quota"))
+    time.sleep(0.6)  # three more polls' time: none of them asks
+    assert len(cloud.requests) == 2
+    quota = records(hub, "cloud.quota")
+    assert len(quota) == 1 and "daily budget of 2 requests" in quota[0]["reason"]
+    assert_exactly(hub, "1001", start, start + 2 * 96 * QUARTER_MS - QUARTER_MS)  # the two windows asked for
+    assert len(stored(hub)) == 2 * 96
+    hub.restart()  # the budget is kept in the state file: a restart does not spend it again
+    time.sleep(0.6)
+    assert len(cloud.requests) == 2
+
+
+def test_429_with_retry_after_is_waited_for(site: Any, cloud: SimulatedCloud, key_file: Path) -> None:
+    start = quarters_back(8)
+    cloud.script = [(429, 1)]
+    hub = site([cloud_source(cloud, key_file, start=format_time(start))])
+    wait_for(lambda: len(stored(hub)) >= 8)
+    (refused_at, _), (next_at, _) = cloud.requests[:2]
+    assert next_at - refused_at >= 0.95  # Retry-After: 1, not poll_s (0.2) nor retry_min_s (0.05)
+    assert len(records(hub, "cloud.rate_limited")) == 1
+    assert not records(hub, "cloud.offline")  # a 429 is the vendor's limit, not an outage
+    assert_exactly(hub, "1001", start, quarters_back(1))
+
+
+def test_a_burst_of_5xx_is_one_outage_and_one_recovery(site: Any, cloud: SimulatedCloud, key_file: Path) -> None:
+    start = quarters_back(8)
+    cloud.script = [500, 502, 503, 500]
+    hub = site([cloud_source(cloud, key_file, start=format_time(start))])
+    wait_for(lambda: len(stored(hub)) >= 8)
+    offline, online = records(hub, "cloud.offline"), records(hub, "cloud.online")
+    assert len(offline) == 1 and "HTTP 500" in offline[0]["reason"]
+    assert len(online) == 1 and online[0]["seq"] > offline[0]["seq"]
+    assert_exactly(hub, "1001", start, quarters_back(1))
+    # the waits grew: retry_min_s 0.05 doubled up to retry_max_s 0.2, with jitter
+    gaps = [b - a for (a, _), (b, _) in zip(cloud.requests, cloud.requests[1:5], strict=False)]
+    assert gaps[0] < gaps[2] + 0.05 and all(gap >= 0.03 for gap in gaps)
+
+
+def test_an_answer_slower_than_the_timeout_is_an_outage_then_collected(
+    site: Any, cloud: SimulatedCloud, key_file: Path
+) -> None:
+    start = quarters_back(8)
+    cloud.script = ["slow"]
+    cloud.slow_s = 1.5
+    hub = site([cloud_source(cloud, key_file, start=format_time(start), timeout_s=0.3)])
+    wait_for(lambda: len(stored(hub)) >= 8)
+    offline = records(hub, "cloud.offline")
+    assert len(offline) == 1 and "no answer within 0.3 s" in offline[0]["reason"]
+    assert len(records(hub, "cloud.online")) == 1
+    assert_exactly(hub, "1001", start, quarters_back(1))
+
+
+def test_a_body_that_is_no_json_is_quarantined_with_its_request_and_asked_again(
+    site: Any, cloud: SimulatedCloud, key_file: Path
+) -> None:
+    start = quarters_back(8)
+    cloud.script = ["garbage"]
+    hub = site([cloud_source(cloud, key_file, start=format_time(start))])
+    wait_for(lambda: len(stored(hub)) >= 8)
+    kept = records(hub, "data.quarantined")
+    assert len(kept) == 1 and kept[0]["source_id"] == "se"
+    assert kept[0]["topic"].startswith(f"GET {cloud.url}/site/1001/power?startTime=")
+    listed = hub.cli("quarantine", "list")
+    assert "/site/1001/power" in listed.output
+    assert_exactly(hub, "1001", start, quarters_back(1))
+    no_secret_in(hub)
+
+
+def test_a_cloud_whose_date_runs_two_minutes_slow_is_flagged(site: Any, key_file: Path, tmp_path: Path) -> None:
+    with CloudThread(SimulatedCloud(["1001"], api_key=API_KEY, clock_offset_s=-120)) as slow:
+        hub = site([cloud_source(slow, key_file, start=format_time(quarters_back(8)))])
+        wait_for(lambda: len(stored(hub)) >= 8)
+        flagged = records(hub, "time.flagged")
+        assert len(flagged) == 1 and flagged[0]["source_id"] == "se"
+        assert -121.0 < flagged[0]["offset_s"] < -119.0
+        assert {row[3] for row in stored(hub)} == {"check"}  # every reading from it carries the flag
+        shown = wait_for(lambda: (out := hub.cli("time", "sources")).exit_code == 0 and " off " in out.output and out)
+        line = next(line for line in shown.output.splitlines() if line.startswith("se "))
+        assert line.split()[1:3] == ["off", "check"] and -121.0 < float(line.split()[3]) < -119.0
+
+
+def test_a_cloud_on_time_is_not_flagged(site: Any, cloud: SimulatedCloud, key_file: Path) -> None:
+    hub = site([cloud_source(cloud, key_file, start=format_time(quarters_back(8)))])
+    wait_for(lambda: len(stored(hub)) >= 8)
+    time.sleep(0.3)
+    assert not records(hub, "time.flagged")
+    assert {row[3] for row in stored(hub)} == {None}
+    wait_for(lambda: '"source_id":"se","state":"ok"' in hub.cli("time", "sources", "--json").output)

@@ -110,6 +110,7 @@ class CloudSource:
         self._limits = hub.limits
         self._status_file = hub.data_path / "sources" / f"{config.name}.json"
         self.client = CloudClient(config, profile, read_secrets(config, profile), state)
+        self.client.on_clock = self._judge_clock
         self._pipeline: Pipeline | None = None
         self._stopped = asyncio.Event()
         self._health: Health = "stopped"
@@ -132,6 +133,10 @@ class CloudSource:
     @property
     def last_error(self) -> str | None:
         return self._reason if self._online is False else self._waiting
+
+    def attach(self, pipeline: Pipeline) -> None:
+        """Hand readings to ``pipeline`` without starting the source (``hubd source backfill``)."""
+        self._pipeline = pipeline
 
     async def start(self, pipeline: Pipeline) -> None:
         """Nothing asked of the cloud yet (an outage must not stop the hub); the push listener, when configured,
@@ -177,7 +182,6 @@ class CloudSource:
                 wait = delay * random.uniform(0.75, 1.25)
                 delay = min(delay * 2, self.config.retry_max_s)
             finally:
-                self._judge_clock()
                 self._write_status()
             await self._sleep(wait)
 
@@ -209,16 +213,20 @@ class CloudSource:
         self.last_poll = now_ms()
         return stored
 
-    async def collect_site(self, site: str, begin: int, until: int, progress: Progress | None = None) -> int:
-        """The windows of one site from ``begin`` to ``until`` (aligned to the interval), the cursor moved past
-        each once committed. Also ``hubd source backfill``."""
+    async def collect_site(
+        self, site: str, begin: int, until: int, progress: Progress | None = None, advance: bool = True
+    ) -> int:
+        """The windows of one site from ``begin`` to ``until`` (aligned to the interval, never past what the
+        vendor can have yet), the cursor moved past each once committed (``advance``; a backfill does not)."""
         step = self.profile.interval_s * 1000
         begin = begin // step * step
+        until = min(until, (now_ms() - self.profile.delay_s * 1000) // step * step)
         stored = 0
         while begin < until and not self._stopped.is_set():
             end = min(begin + self.profile.window_s * 1000, until)
             taken = await self.collect_window(site, begin, end)
-            self.state.advance(self.name, site, end)
+            if advance:
+                self.state.advance(self.name, site, end)
             stored += taken
             if progress is not None:
                 progress(site, begin, end, taken)
@@ -324,11 +332,10 @@ class CloudSource:
             self._audit.flush()
         self._waiting = what
 
-    def _judge_clock(self) -> None:
-        """The best Date-header estimate of this poll, to the hub's clocks (flags, hubd time sources)."""
-        measured, self.client.clock = self.client.clock, None
-        if measured is not None and self._clocks is not None:
-            self._clocks.measured(self.name, *measured)
+    def _judge_clock(self, offset_s: float, rtt_s: float) -> None:
+        """An answer's Date-header estimate, to the hub's clocks (flags, ``hubd time sources``)."""
+        if self._clocks is not None:
+            self._clocks.measured(self.name, offset_s, rtt_s)
 
     # -- status for `hubd source status` ------------------------------------------------------------------
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from email.utils import parsedate_to_datetime
@@ -112,7 +112,8 @@ class CloudClient:
         self._session: aiohttp.ClientSession | None = None
         self._token: tuple[str, float] | None = None  # OAuth2 access token, and when it expires (monotonic)
         self.requests = 0
-        self.clock: tuple[float, float] | None = None  # the best (offset_s, rtt_s) from a Date header since reset
+        self.clock: tuple[float, float] | None = None  # the last (offset_s, rtt_s) from a Date header
+        self.on_clock: Callable[[float, float], None] | None = None
 
     async def close(self) -> None:
         if self._session is not None:
@@ -272,9 +273,10 @@ class CloudClient:
             stated = parsedate_to_datetime(date).timestamp()
         except (TypeError, ValueError):
             return
-        offset, rtt = stated + 0.5 - (sent + arrived) / 2, arrived - sent
-        if self.clock is None or rtt < self.clock[1]:
-            self.clock = (round(offset, 3), round(rtt, 3))
+        offset, rtt = round(stated + 0.5 - (sent + arrived) / 2, 3), round(arrived - sent, 3)
+        self.clock = (offset, rtt)
+        if self.on_clock is not None:  # judged before this answer's readings are handed on, so they are flagged
+            self.on_clock(offset, rtt)
 
 
 @dataclass(slots=True)
