@@ -176,7 +176,7 @@ def test_a_burst_of_5xx_is_one_outage_and_one_recovery(site: Any, cloud: Simulat
     start = quarters_back(8)
     cloud.script = [500, 502, 503, 500]
     hub = site([cloud_source(cloud, key_file, start=format_time(start))])
-    wait_for(lambda: len(stored(hub)) >= 8)
+    wait_for(lambda: len(stored(hub)) >= 8 and records(hub, "cloud.online"))
     offline, online = records(hub, "cloud.offline"), records(hub, "cloud.online")
     assert len(offline) == 1 and "HTTP 500" in offline[0]["reason"]
     assert len(online) == 1 and online[0]["seq"] > offline[0]["seq"]
@@ -193,7 +193,7 @@ def test_an_answer_slower_than_the_timeout_is_an_outage_then_collected(
     cloud.script = ["slow"]
     cloud.slow_s = 1.5
     hub = site([cloud_source(cloud, key_file, start=format_time(start), timeout_s=0.3)])
-    wait_for(lambda: len(stored(hub)) >= 8)
+    wait_for(lambda: len(stored(hub)) >= 8 and records(hub, "cloud.online"))
     offline = records(hub, "cloud.offline")
     assert len(offline) == 1 and "no answer within 0.3 s" in offline[0]["reason"]
     assert len(records(hub, "cloud.online")) == 1

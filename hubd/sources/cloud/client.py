@@ -16,6 +16,7 @@ quarantine) has them replaced by ``***``.
 from __future__ import annotations
 
 import asyncio
+import base64
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from typing import Any
 
 import aiohttp
 import orjson
+from yarl import URL
 
 from hubd.config import CloudSourceConfig, ConfigError
 from hubd.sources.cloud.profile import AuthSpec, Profile, RequestSpec, dig, fill, window_values, zone_of
@@ -229,14 +231,15 @@ class CloudClient:
         if self._token is not None and time.monotonic() < self._token[1]:
             return self._token[0]
         assert auth.token_url and auth.client_id and auth.client_secret
-        url = auth.token_url if "://" in auth.token_url else self.base_url + auth.token_url
+        url = auth.token_url if "://" in auth.token_url else str(URL(self.base_url).origin()) + auth.token_url
         form = {"grant_type": "client_credentials"}
         if auth.scope:
             form["scope"] = auth.scope
-        basic = aiohttp.BasicAuth(self._secrets[auth.client_id], self._secrets[auth.client_secret])
+        pair = f"{self._secrets[auth.client_id]}:{self._secrets[auth.client_secret]}".encode()
+        basic = {"Authorization": "Basic " + base64.b64encode(pair).decode()}  # RFC 6749 2.3.1
         self._spend()
         try:
-            async with self._http().post(url, data=form, auth=basic) as response:
+            async with self._http().post(url, data=form, headers=basic) as response:
                 body = await response.read()
                 status = response.status
         except (TimeoutError, aiohttp.ClientError) as exc:

@@ -32,7 +32,7 @@ class AuthSpec(_Spec, frozen=True, kw_only=True):
     name: str | None = None  # the header or query parameter (header, query)
     secret: str | None = None  # header, query, bearer: the secret's name
     prefix: str = ""  # header: put before the secret ("Token ")
-    token_url: str | None = None  # oauth2: absolute, or a path under base_url
+    token_url: str | None = None  # oauth2: absolute, or a path on base_url's host (/oauth/token)
     client_id: str | None = None  # oauth2: the secret holding the client id
     client_secret: str | None = None  # oauth2: the secret holding the client secret
     scope: str | None = None
