@@ -46,15 +46,24 @@ def cloud_source(cloud: SimulatedCloud, key_file: Path, **settings: Any) -> dict
     }
 
 
-@pytest.fixture
-def key_file(tmp_path: Path) -> Path:
+def write_key(tmp_path: Path) -> Path:
     path = tmp_path / "se.key"
     path.write_text(API_KEY + "\n")
     return path
 
 
 @pytest.fixture
+def key_file(tmp_path: Path) -> Path:
+    return write_key(tmp_path)
+
+
+@pytest.fixture
 def site(tmp_path: Path, broker: EmbeddedBroker) -> Iterator[Callable[..., RunningHub]]:
+    yield from hubs_with(tmp_path, broker)
+
+
+def hubs_with(tmp_path: Path, broker: EmbeddedBroker) -> Iterator[Callable[..., RunningHub]]:
+    """``make(sources, ders)``: hubs with these sources and these DERs added (before they start collecting)."""
     hubs: list[RunningHub] = []
 
     def make(sources: list[dict[str, Any]], ders: tuple[str, ...] = ("PV-C1",), **overrides: Any) -> RunningHub:
