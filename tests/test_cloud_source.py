@@ -6,11 +6,16 @@ saying each outage, quota and clock problem once, and no secret anywhere.
 
 from __future__ import annotations
 
+import signal
 import sqlite3
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import pytest
 from conftest import RunningHub, write_config
@@ -18,7 +23,7 @@ from helpers import records
 
 from hubd.broker import EmbeddedBroker
 from hubd.model import format_time, now_ms
-from hubd.sources.cloud.simulate import CloudThread, SimulatedCloud, power_w
+from hubd.sources.cloud.simulate import LOCAL, CloudThread, SimulatedCloud, power_w
 
 API_KEY = "se-key-7f3a9c"  # must never appear in a log, audit record, status or quarantine entry
 QUARTER_MS = 900_000
@@ -245,3 +250,50 @@ def test_a_cloud_on_time_is_not_flagged(site: Any, cloud: SimulatedCloud, key_fi
     assert not records(hub, "time.flagged")
     assert {row[3] for row in stored(hub)} == {None}
     wait_for(lambda: '"source_id":"se","state":"ok"' in hub.cli("time", "sources", "--json").output)
+
+
+def test_hubd_killed_mid_collection_resumes_at_its_cursor_and_stores_each_interval_once(
+    tmp_path: Path, broker: EmbeddedBroker, key_file: Path
+) -> None:
+    """A real ``hubd run`` process, SIGKILLed while it collects ten days window by window, then started again."""
+    with CloudThread(SimulatedCloud(["1001"], api_key=API_KEY)) as cloud:
+        cloud.delay_s = 0.25  # each answer takes a while: the kill lands mid-collection
+        start = (now_ms() // 86_400_000 - 10) * 86_400_000
+        source = cloud_source(cloud, key_file, start=format_time(start), lookback_s=1800)
+        config = write_config(tmp_path / "hubd.yaml", broker, sources=[source], http={"bind": None})
+        hub = RunningHub(config, broker)
+        assert hub.cli("der", "add", "PV-C1").exit_code == 0
+        command = [str(Path(sys.executable).parent / "hubd"), "--config", str(config), "run"]
+
+        def cursor() -> int | None:
+            db = sqlite3.connect(hub.config.registry_path)
+            try:
+                row = db.execute("SELECT committed_until FROM cloud_cursor WHERE source = 'se'").fetchone()
+            except sqlite3.OperationalError:
+                return None
+            finally:
+                db.close()
+            return None if row is None else int(row[0])
+
+        first = subprocess.Popen(command, stderr=subprocess.DEVNULL)
+        try:
+            wait_for(lambda: (cursor() or 0) >= start + 3 * 86_400_000, timeout=20)
+        finally:
+            first.send_signal(signal.SIGKILL)
+            first.wait(10)
+        killed_at = cursor()
+        assert killed_at is not None and killed_at < start + 10 * 86_400_000  # killed before the end
+        assert all(row[0] < killed_at + 86_400_000 for row in stored(hub))  # at most the window in hand
+        asked_before = len(cloud.requests)
+        cloud.delay_s = 0.0
+        second = subprocess.Popen(command, stderr=subprocess.DEVNULL)
+        try:
+            last = quarters_back(1)
+            wait_for(lambda: len(stored(hub)) >= (last - start) // QUARTER_MS + 1, timeout=30)
+        finally:
+            second.send_signal(signal.SIGTERM)
+            assert second.wait(20) == 0
+        assert_exactly(hub, "1001", start, last)
+        resumed = cloud.requests[asked_before][1]  # the first window asked after the restart
+        local = datetime.fromtimestamp((killed_at - 1_800_000) / 1000, ZoneInfo("Asia/Tokyo")).strftime(LOCAL)
+        assert f"startTime={local}" in resumed  # its cursor less the look-back: nothing skipped or redone
