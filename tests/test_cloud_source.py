@@ -149,11 +149,20 @@ def test_a_site_is_collected_from_its_start_each_interval_once(
     assert status.exit_code == 0 and '"online": true' in status.output
 
 
-def test_list_names_cloud_sources(site: Any, cloud: SimulatedCloud, key_file: Path) -> None:
-    hub = site([cloud_source(cloud, key_file)])
+def test_list_and_test_show_a_cloud_source(site: Any, cloud: SimulatedCloud, key_file: Path) -> None:
+    hub = site([cloud_source(cloud, key_file, poll_s=60)])
     listed = hub.cli("source", "list")
     assert listed.exit_code == 0, listed.output
     assert "se\tcloud\t" in listed.output and "1001=PV-C1" in listed.output
+    asked = len(cloud.requests)
+    tried = hub.cli("source", "test", "se")  # the last window asked and decoded from here, nothing stored
+    assert tried.exit_code == 0, tried.output
+    assert '"readings": 4' in tried.output and '"der_id": "PV-C1"' in tried.output
+    assert API_KEY not in tried.output and "api_key" not in tried.output
+    assert len(cloud.requests) == asked + 1
+    cloud.script = [503]
+    failed = hub.cli("source", "test", "se")
+    assert failed.exit_code == 1 and "HTTP 503" in failed.output
 
 
 def test_an_exhausted_daily_budget_stops_asking_until_the_next_day(

@@ -27,7 +27,7 @@ def _show(value: Any) -> None:
 
 @click.group("source")
 def source_group() -> None:
-    """Devices the hub polls itself (Modbus TCP)."""
+    """Devices and vendor clouds the hub collects itself (Modbus TCP, cloud Web APIs)."""
 
 
 @source_group.command("list")
@@ -71,11 +71,23 @@ def source_test(ctx: click.Context, name: str) -> None:
     if index is None:
         names = ", ".join(source.name for source in config.sources) or "none"
         raise click.ClickException(f"no source {name} in the config (sources: {names})")
+    source = config.sources[index]
+    if isinstance(source, CloudSourceConfig):  # the last window of each site, asked and decoded from here
+        from hubd.sources.cloud.backfill import probe
+        from hubd.sources.cloud.client import Malformed, QuotaExhausted, RateLimited, Unreachable
+
+        try:
+            _show(asyncio.run(probe(config, source)))
+        except ConfigError as exc:
+            raise click.ClickException(str(exc)) from None
+        except (Unreachable, Malformed, RateLimited, QuotaExhausted) as exc:
+            click.echo(f"{name}: {exc}", err=True)
+            sys.exit(1)
+        return
     try:
         profile = profile_for(config, index)
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from None
-    source = config.sources[index]
     assert isinstance(source, ModbusSourceConfig)
 
     async def once() -> dict[str, Any]:
