@@ -74,7 +74,8 @@ def run_backfill(config: Config, source_config: CloudSourceConfig, start_ms: int
 
 
 async def probe(config: Config, source_config: CloudSourceConfig) -> list[dict[str, Any]]:
-    """``hubd source test`` for a cloud source: the last hour of each site (one interval, if that is longer) asked for and decoded from here, nothing stored, no budget spent: how an operator tries a profile."""
+    """``hubd source test`` for a cloud source: the last hour of each site (one interval, if longer) asked for
+    and decoded from here, nothing stored, no budget spent: how an operator tries a profile."""
     profile = load_profile(config, source_config.profile)
     catalog = Catalog([config.formats_shipped_path, config.formats_user_path])
     catalog.scan()
