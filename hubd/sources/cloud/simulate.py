@@ -13,7 +13,9 @@ status (``500``, ``429`` with ``Retry-After``), ``"slow"`` (an answer later than
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
+import sys
 import threading
 import time
 from datetime import UTC, datetime, timedelta
@@ -136,3 +138,22 @@ class CloudThread:
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(10)
         self._loop.close()
+
+
+def main(argv: list[str]) -> None:
+    """``python -m hubd.sources.cloud.simulate PORT [API_KEY]``: sites 1001 and 1002 in Asia/Tokyo until Ctrl-C."""
+    port = int(argv[1]) if len(argv) > 1 else 8480
+    key = argv[2] if len(argv) > 2 else "demo-api-key"
+    cloud = SimulatedCloud(["1001", "1002"], api_key=key)
+
+    async def serve() -> None:
+        await cloud.start(port)
+        print(f"a SolarEdge-style cloud on {cloud.url}: sites 1001 and 1002, api_key {key}", flush=True)
+        await asyncio.Event().wait()
+
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(serve())
+
+
+if __name__ == "__main__":
+    main(sys.argv)
