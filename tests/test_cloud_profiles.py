@@ -387,3 +387,35 @@ def test_the_documented_try_out_config_is_valid_and_tests_against_the_simulator(
         assert runner.invoke(hubd_main, ["--config", path, "der", "add", "PV-1001", "--type", "pv"]).exit_code == 0
         tested = runner.invoke(hubd_main, ["--config", path, "source", "test", "se-account"])
         assert tested.exit_code == 0 and '"readings": 4' in tested.output, tested.output
+
+
+def test_config_and_profile_mistakes_are_named_by_their_key(tmp_path: Path, broker: EmbeddedBroker) -> None:
+    from hubd.config import ConfigError, parse_config
+
+    base = {"kind": "cloud", "name": "c", "profile": "solaredge.site_power", "sites": {"1": "PV-1"}}
+    cases = [
+        ({"sites": {}}, "sources[0].sites: give at least one site"),
+        ({"sitez": 1}, "sources[0].sitez: unknown key"),
+        ({"base_url": "ftp://x"}, "sources[0].base_url: must be http(s)://"),
+        ({"base_url": "https://user:pw@x"}, "sources[0].base_url: must be http(s)://host[:port][/path] without"),
+        ({"start": "2026-11-01 00:00"}, "sources[0].start"),
+        ({"retry_min_s": 10, "retry_max_s": 1}, "sources[0].retry_max_s: must be at least retry_min_s"),
+        ({"push": {"bind": "nowhere", "token_file": "t"}}, "sources[0].push.bind: must be host:port"),
+    ]
+    for source, message in cases:
+        with pytest.raises(ConfigError) as refused:
+            parse_config({"sources": [base | source]})
+        assert message in str(refused.value), str(refused.value)
+    data = tmp_path / "data"
+    bad = yaml.safe_load((SHIPPED / "solaredge.site_power.yaml").read_text())
+    bad["requests"][0]["paging"] = {"kind": "page", "param": "page"}
+    user_profile(data, "broken", bad)
+    config = write_config(
+        tmp_path / "hubd.yaml", broker, sources=[base | {"profile": "broken", "secrets": {"api_key": "k"}}]
+    )
+    started = CliRunner().invoke(hubd_main, ["--config", str(config), "run"])
+    assert started.exit_code == 78
+    assert "broken.yaml: requests[0].paging: page paging needs items" in started.output
+    missing = write_config(tmp_path / "hubd.yaml", broker, sources=[base])
+    started = CliRunner().invoke(hubd_main, ["--config", str(missing), "run"])
+    assert started.exit_code == 78 and "secrets.api_key: the profile solaredge.site_power needs it" in started.output
