@@ -436,8 +436,8 @@ def _explain(error: msgspec.ValidationError, document: Any) -> str:
         if index:  # an item of a list (``sources[0]``): of the list's item type
             annotation, value = get_args(annotation)[0], value[int(index)]
             if isinstance(annotation, UnionType) and isinstance(value, dict):  # the source section `kind` names
-                kinds = {member.__struct_config__.tag: member for member in get_args(annotation)}
-                annotation = kinds.get(value.get(_KIND), get_args(annotation)[0])
+                sections = {member.__struct_config__.tag: member for member in get_args(annotation)}
+                annotation = sections.get(value.get(_KIND), get_args(annotation)[0])
         elif name == _KIND:  # the tag of a source's section
             kinds = " or ".join(repr(kind) for kind in SOURCE_KINDS)
             return f"{_dotted(names)}: must be {kinds}, got {value.get(name)!r}"
