@@ -306,3 +306,17 @@ def test_hubd_killed_mid_collection_resumes_at_its_cursor_and_stores_each_interv
         resumed = cloud.requests[asked_before][1]  # the first window asked after the restart
         local = datetime.fromtimestamp((killed_at - 1_800_000) / 1000, ZoneInfo("Asia/Tokyo")).strftime(LOCAL)
         assert f"startTime={local}" in resumed  # its cursor less the look-back: nothing skipped or redone
+
+
+def test_sites_are_collected_side_by_side_within_the_concurrency_limit(site: Any, key_file: Path) -> None:
+    sites = ["1001", "1002", "1003", "1004"]
+    with CloudThread(SimulatedCloud(sites, api_key=API_KEY)) as cloud:
+        cloud.delay_s = 0.2
+        start = quarters_back(2 * 96)  # three windows per site
+        source = cloud_source(cloud, key_file, start=format_time(start), concurrency=2)
+        source["sites"] = {s: f"PV-{s}" for s in sites}
+        hub = site([source], ders=tuple(f"PV-{s}" for s in sites))
+        wait_for(lambda: all(len(stored(hub, f"PV-{s}")) >= 2 * 96 for s in sites), timeout=15)
+        assert cloud.most_at_once == 2  # never more than the limit, and the limit used
+        for s in sites:
+            assert_exactly(hub, s, start, quarters_back(1), f"PV-{s}")

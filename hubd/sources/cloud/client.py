@@ -24,6 +24,7 @@ from datetime import UTC, datetime, timedelta
 from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any
+from weakref import WeakKeyDictionary
 
 import aiohttp
 import orjson
@@ -68,15 +69,16 @@ class Page:
     received_at: int
 
 
-_LIMITS: dict[tuple[str, int], asyncio.Semaphore] = {}
+_LIMITS: WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, asyncio.Semaphore]] = WeakKeyDictionary()
 
 
 def _limit(profile: str, concurrency: int) -> asyncio.Semaphore:
-    """The requests at once a profile allows, shared by its sources in this event loop."""
-    key = (profile, id(asyncio.get_running_loop()))
-    if key not in _LIMITS:
-        _LIMITS[key] = asyncio.Semaphore(concurrency)
-    return _LIMITS[key]
+    """The requests at once a profile allows, shared by its sources in this event loop (a semaphore belongs
+    to one loop; the tests run hubs in several)."""
+    limits = _LIMITS.setdefault(asyncio.get_running_loop(), {})
+    if profile not in limits:
+        limits[profile] = asyncio.Semaphore(concurrency)
+    return limits[profile]
 
 
 def read_secrets(config: CloudSourceConfig, profile: Profile) -> dict[str, str]:

@@ -55,6 +55,8 @@ class SimulatedCloud:
         self.script: list[Any] = []  # answers to give first: 500, (429, retry_after_s), "slow", "garbage"
         self.requests: list[tuple[float, str]] = []  # (time.monotonic(), path and query without the key)
         self.delay_s = 0.0  # every answer waits this long (a test's "mid-collection")
+        self.at_once = 0  # requests in hand now, and the most there ever were
+        self.most_at_once = 0
         self.port = 0
         self._runner: web.AppRunner | None = None
 
@@ -89,9 +91,17 @@ class SimulatedCloud:
     async def _power(self, request: web.Request) -> web.Response:
         query = {k: v for k, v in request.query.items() if k != "api_key"}
         self.requests.append((time.monotonic(), f"{request.path}?" + "&".join(f"{k}={v}" for k, v in query.items())))
-        headers = {"Date": formatdate(time.time() + self.clock_offset_s, usegmt=True)}
+        self.at_once += 1
+        self.most_at_once = max(self.most_at_once, self.at_once)
+        try:
+            return await self._answer(request)
+        finally:
+            self.at_once -= 1
+
+    async def _answer(self, request: web.Request) -> web.Response:
         if self.delay_s:
             await asyncio.sleep(self.delay_s)
+        headers = {"Date": formatdate(time.time() + self.clock_offset_s, usegmt=True)}
         if self.script:
             step = self.script.pop(0)
             if step == "slow":
