@@ -419,3 +419,29 @@ def test_config_and_profile_mistakes_are_named_by_their_key(tmp_path: Path, brok
     missing = write_config(tmp_path / "hubd.yaml", broker, sources=[base])
     started = CliRunner().invoke(hubd_main, ["--config", str(missing), "run"])
     assert started.exit_code == 78 and "secrets.api_key: the profile solaredge.site_power needs it" in started.output
+
+
+def test_a_time_endpoint_finds_the_clock_off_and_the_correction_request_sets_it_right(
+    site: Any, key_file: Path, tmp_path: Path
+) -> None:
+    profile = yaml.safe_load((SHIPPED / "solaredge.site_power.yaml").read_text())
+    profile["clock"] = {"path": "/time", "field": "serverTime", "correction": {"path": "/site/{site}/time/sync"}}
+    user_profile(tmp_path / "data", "se.clocked", profile)
+    with CloudThread(SimulatedCloud(["1001"], api_key=API_KEY, clock_offset_s=-120)) as cloud:
+        source = {
+            "kind": "cloud",
+            "name": "clocked",
+            "profile": "se.clocked",
+            "base_url": cloud.url,
+            "sites": {"1001": "PV-1001"},
+            "secrets": {"api_key": str(key_file)},
+            "poll_s": 0.3,
+            "lookback_s": 1800,
+        }
+        hub = site([source], ders=("PV-1001",))
+        wait_for(lambda: records(hub, "time.unflagged"))
+        flagged, corrected = records(hub, "time.flagged"), records(hub, "cloud.clock_corrected")
+        assert len(flagged) == 1 and -120.1 < flagged[0]["offset_s"] < -119.9  # ms from the endpoint, not Date
+        assert len(corrected) == 1 and corrected[0]["status"] == 200 and corrected[0]["site"] == "1001"
+        assert cloud.corrections == ["1001"]
+        wait_for(lambda: '"source_id":"clocked","state":"ok"' in hub.cli("time", "sources", "--json").output)

@@ -118,6 +118,7 @@ class CloudSource:
         self._reason = ""
         self._waiting: str | None = None  # rate_limited or quota, while the source waits for it
         self._push: Any = None
+        self._corrected = False  # a correction was sent since the clock was last found off
         self.polls = 0
         self.stored = 0
         self.last_poll: int | None = None
@@ -201,6 +202,8 @@ class CloudSource:
     async def collect(self) -> int:
         """Every site up to now (less the profile's delay), from its cursor less the look-back."""
         self.polls += 1
+        if self.profile.clock is not None:
+            await self._check_clock()
         step = self.profile.interval_s * 1000
         until = (now_ms() - self.profile.delay_s * 1000) // step * step
 
@@ -339,6 +342,28 @@ class CloudSource:
             self._audit.append(f"cloud.{what}", "error", source=self.name, reason=reason, **fields)
             self._audit.flush()
         self._waiting = what
+
+    async def _check_clock(self) -> None:
+        """The vendor's time endpoint; beyond the tolerance, the profile's correction request (once per time
+        the clock is found off), audited with the answer's status; the next poll's check says if it worked."""
+        measured = await self.client.check_clock()
+        spec = self.profile.clock
+        if measured is None or spec is None or spec.correction is None or self._clocks is None:
+            return
+        off = abs(measured[0]) > self._clocks.config.edges.tolerance_s
+        if off and not self._corrected:
+            for site in self.config.sites:
+                status = await self.client.correct_clock(site)
+                self._audit.append(
+                    "cloud.clock_corrected",
+                    "ok" if status < 300 else "error",
+                    source=self.name,
+                    site=site,
+                    offset_s=measured[0],
+                    status=status,
+                )
+            self._audit.flush()
+        self._corrected = off
 
     def _judge_clock(self, offset_s: float, rtt_s: float) -> None:
         """An answer's Date-header estimate, to the hub's clocks (flags, ``hubd time sources``)."""

@@ -172,7 +172,7 @@ class CloudClient:
                     return
                 query[paging.param] = str(cursor)
 
-    async def _get(self, url: str, params: dict[str, str], headers: dict[str, str]) -> _Answer:
+    async def _get(self, url: str, params: dict[str, str], headers: dict[str, str], measure: bool = False) -> _Answer:
         for attempt in (1, 2):  # a second time only after an OAuth2 token was refused and renewed
             request_params, request_headers = dict(params), dict(headers)
             await self._authorise(request_params, request_headers)
@@ -183,7 +183,8 @@ class CloudClient:
                 try:
                     async with self._http().get(url, params=request_params, headers=request_headers) as response:
                         arrived = time.time()
-                        self._note_date(response.headers.get("Date"), sent, arrived)
+                        if self.profile.clock is None:  # a time endpoint is more precise than Date
+                            self._note_date(response.headers.get("Date"), sent, arrived)
                         body = await response.read()
                         status = response.status
                         retry_after = response.headers.get("Retry-After")
@@ -209,8 +210,57 @@ class CloudClient:
                 parsed = orjson.loads(body)
             except orjson.JSONDecodeError as exc:
                 raise Malformed(f"the answer is not JSON ({exc})", shown, body) from None
-            return _Answer(Page(body, shown, int(arrived * 1000)), parsed, str(next_link) if next_link else None)
+            found = _Answer(Page(body, shown, int(arrived * 1000)), parsed, str(next_link) if next_link else None)
+            if measure:
+                found.sent, found.arrived = sent, arrived
+            return found
         raise Unreachable(f"{_shown(url, params)}: HTTP 401 after a new token")
+
+    # -- the vendor's time endpoint ----------------------------------------------------------------------
+
+    async def check_clock(self) -> tuple[float, float] | None:
+        """The profile's time endpoint against the round trip's midpoint: (offset_s, rtt_s), or None when its
+        answer holds no time. Raises like any request."""
+        spec = self.profile.clock
+        assert spec is not None
+        params: dict[str, str] = {}
+        headers: dict[str, str] = {}
+        answer = await self._get(self.base_url + spec.path, params, headers, measure=True)
+        stated = dig(answer.json, spec.field)
+        try:
+            if spec.time_format == "iso":
+                at = datetime.fromisoformat(str(stated)).timestamp()
+            else:
+                at = float(stated) / (1000 if spec.time_format == "epoch_ms" else 1)
+        except (TypeError, ValueError):
+            return None
+        assert answer.sent is not None and answer.arrived is not None
+        offset = round(at - (answer.sent + answer.arrived) / 2, 3)
+        rtt = round(answer.arrived - answer.sent, 3)
+        self.clock = (offset, rtt)
+        if self.on_clock is not None:
+            self.on_clock(offset, rtt)
+        return offset, rtt
+
+    async def correct_clock(self, site: str) -> int:
+        """Send the profile's correction request for a site; the HTTP status it got."""
+        spec = self.profile.clock
+        assert spec is not None and spec.correction is not None
+        correction = spec.correction
+        params: dict[str, str] = {}
+        headers: dict[str, str] = {}
+        await self._authorise(params, headers)
+        self._spend()
+        url = self.base_url + fill(correction.path, {"site": site})
+        try:
+            async with self._http().request(
+                correction.method, url, params=params, headers=headers, json=correction.body
+            ) as response:
+                await response.read()
+                self.requests += 1
+                return response.status
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            raise Unreachable(f"{correction.method} {url}: {type(exc).__name__}") from None
 
     # -- credentials --------------------------------------------------------------------------------------
 
@@ -289,6 +339,8 @@ class _Answer:
     page: Page
     json: Any
     next_link: str | None
+    sent: float | None = None
+    arrived: float | None = None
 
 
 def _shown(url: str, params: dict[str, str]) -> str:

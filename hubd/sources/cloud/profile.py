@@ -62,6 +62,23 @@ class RequestSpec(_Spec, frozen=True, kw_only=True):
     paging: PagingSpec = PagingSpec()
 
 
+class CorrectionSpec(_Spec, frozen=True, kw_only=True):
+    """A request the vendor offers to set its (or its devices') clock right, sent when the clock is off."""
+
+    method: Literal["POST", "PUT", "GET"] = "POST"
+    path: str  # under base_url, with {site}
+    body: dict[str, Any] | None = None  # sent as JSON
+
+
+class ClockSpec(_Spec, frozen=True, kw_only=True):
+    """The vendor's time endpoint: asked once per poll, its answer against the round trip's midpoint."""
+
+    path: str  # under base_url
+    field: str  # dotted path to the time in its JSON answer
+    time_format: Literal["epoch_s", "epoch_ms", "iso"] = "epoch_ms"
+    correction: CorrectionSpec | None = None
+
+
 class Profile(_Spec, frozen=True, kw_only=True):
     """A vendor cloud's Web API (docs/operations.md, Cloud sources)."""
 
@@ -77,6 +94,7 @@ class Profile(_Spec, frozen=True, kw_only=True):
     daily_requests: Annotated[int, msgspec.Meta(ge=1)] | None = None  # null: no budget
     concurrency: Annotated[int, msgspec.Meta(ge=1, le=64)] = 2
     requests: list[RequestSpec]
+    clock: ClockSpec | None = None  # null: the clock from each answer's Date header
 
     @property
     def formats(self) -> list[str]:

@@ -57,6 +57,7 @@ class SimulatedCloud:
         self.delay_s = 0.0  # every answer waits this long (a test's "mid-collection")
         self.at_once = 0  # requests in hand now, and the most there ever were
         self.most_at_once = 0
+        self.corrections: list[str] = []  # the sites a correction request named
         self.port = 0
         self._runner: web.AppRunner | None = None
 
@@ -67,6 +68,8 @@ class SimulatedCloud:
     async def start(self, port: int = 0) -> None:
         app = web.Application()
         app.router.add_get("/site/{site}/power", self._power)
+        app.router.add_get("/time", self._time)  # not SolarEdge's: for profiles with a time endpoint
+        app.router.add_post("/site/{site}/time/sync", self._sync)
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", port)
@@ -87,6 +90,20 @@ class SimulatedCloud:
             {"date": datetime.fromtimestamp(at, UTC).astimezone(self.zone).strftime(LOCAL), "value": power_w(site, at)}
             for at in range(first, last + 1, QUARTER_S)
         ]
+
+    async def _time(self, request: web.Request) -> web.Response:
+        """``{"serverTime": <epoch ms>}`` on the cloud's clock."""
+        if request.query.get("api_key") != self.api_key:
+            return web.json_response({"String": "Invalid token"}, status=403)
+        return web.json_response({"serverTime": int((time.time() + self.clock_offset_s) * 1000)})
+
+    async def _sync(self, request: web.Request) -> web.Response:
+        """A correction request: the cloud's clock is set right."""
+        if request.query.get("api_key") != self.api_key:
+            return web.json_response({"String": "Invalid token"}, status=403)
+        self.corrections.append(request.match_info["site"])
+        self.clock_offset_s = 0.0
+        return web.json_response({"ok": True})
 
     async def _power(self, request: web.Request) -> web.Response:
         query = {k: v for k, v in request.query.items() if k != "api_key"}
