@@ -223,18 +223,21 @@ def test_an_answer_slower_than_the_timeout_is_an_outage_then_collected(
     assert_exactly(hub, "1001", start, quarters_back(1))
 
 
-def test_a_body_that_is_no_json_is_quarantined_with_its_request_and_asked_again(
-    site: Any, cloud: SimulatedCloud, key_file: Path
+@pytest.mark.parametrize(
+    ("answer", "reason"), [("garbage", "is not JSON"), ("wrong shape", "no list at $.power.values")]
+)
+def test_a_body_its_format_cannot_read_is_quarantined_with_its_request_and_asked_again(
+    site: Any, cloud: SimulatedCloud, key_file: Path, answer: str, reason: str
 ) -> None:
     start = quarters_back(8)
-    cloud.script = ["garbage"]
+    cloud.script = [answer]
     hub = site([cloud_source(cloud, key_file, start=format_time(start))])
     wait_for(lambda: len(stored(hub)) >= 8)
     kept = records(hub, "data.quarantined")
     assert len(kept) == 1 and kept[0]["source_id"] == "se"
     assert kept[0]["topic"].startswith(f"GET {cloud.url}/site/1001/power?startTime=")
     listed = hub.cli("quarantine", "list")
-    assert "/site/1001/power" in listed.output
+    assert "/site/1001/power" in listed.output and reason in listed.output
     assert_exactly(hub, "1001", start, quarters_back(1))
     no_secret_in(hub)
 

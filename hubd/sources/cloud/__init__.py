@@ -284,9 +284,9 @@ class CloudSource:
         try:
             return list(decoder_for(format_code)(page.body, limits).items)
         except HubError as exc:
-            raise Malformed(exc.message, page.request, page.body) from None
+            raise Malformed(exc.message, page.request, page.body, format_code) from None
         except Exception as exc:  # a decoder must never stop collection
-            raise Malformed(f"the {format_code} decoder failed: {exc}", page.request, page.body) from None
+            raise Malformed(f"the {format_code} decoder failed: {exc}", page.request, page.body, format_code) from None
 
     async def hand_on(
         self, readings: list[Reading | HubError], format_code: str, request: str, received_at: int
@@ -313,7 +313,7 @@ class CloudSource:
         """An answer that could not be decoded: kept in quarantine with the request (secrets masked)."""
         if self._pipeline is None:
             return
-        raw = RawMessage(self.name, self.profile.formats[0], exc.body, now_ms(), topic=exc.request)
+        raw = RawMessage(self.name, exc.format_code or self.profile.formats[0], exc.body, now_ms(), topic=exc.request)
         self._pipeline.keep(raw, HubError(ErrorCode.DECODE_ERROR, exc.reason))
 
     # -- what the operator hears of, once each ------------------------------------------------------------

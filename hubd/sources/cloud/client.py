@@ -53,11 +53,12 @@ class QuotaExhausted(Exception):
 
 
 class Malformed(Exception):
-    def __init__(self, reason: str, request: str, body: bytes) -> None:
+    def __init__(self, reason: str, request: str, body: bytes, format_code: str = "") -> None:
         super().__init__(f"{request}: {reason}")
         self.reason = reason
         self.request = request
         self.body = body
+        self.format_code = format_code  # the format it failed ("": the body was no JSON)
 
 
 @dataclass(slots=True)

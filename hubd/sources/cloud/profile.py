@@ -8,7 +8,7 @@ requests at once). docs/operations.md, Cloud sources, documents every key with a
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -205,6 +205,3 @@ def dig(body: Any, path: str) -> Any:
         else:
             return None
     return body
-
-
-ONE_DAY = timedelta(days=1)

@@ -7,7 +7,7 @@ fixed function of the site and the time (``power_w``), so a test can say which v
 
 What a test needs of a real cloud's misbehaviour is a script of answers to give first (``script``): an HTTP
 status (``500``, ``429`` with ``Retry-After``), ``"slow"`` (an answer later than the client waits), ``"garbage"``
-(a body that is no JSON); and ``clock_offset_s`` sets the ``Date`` header off the true time.
+(a body that is no JSON), ``"wrong shape"`` (JSON its format cannot read); and ``clock_offset_s`` sets the ``Date`` header off the true time.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ class SimulatedCloud:
         self.api_key = api_key
         self.clock_offset_s = clock_offset_s
         self.slow_s = slow_s
-        self.script: list[Any] = []  # answers to give first: 500, (429, retry_after_s), "slow", "garbage"
+        self.script: list[Any] = []  # answers to give first: 500, (429, retry_after_s), "slow", "garbage", ...
         self.requests: list[tuple[float, str]] = []  # (time.monotonic(), path and query without the key)
         self.delay_s = 0.0  # every answer waits this long (a test's "mid-collection")
         self.at_once = 0  # requests in hand now, and the most there ever were
@@ -125,6 +125,8 @@ class SimulatedCloud:
                 await asyncio.sleep(self.slow_s)
             elif step == "garbage":
                 return web.Response(body=b"<html>Service maintenance</html>", headers=headers)
+            elif step == "wrong shape":  # JSON, but not what the format reads
+                return web.json_response({"siteEnergy": {"values": []}}, headers=headers)
             elif isinstance(step, tuple):
                 headers["Retry-After"] = str(step[1])
                 return web.json_response({"String": "Too many requests"}, status=step[0], headers=headers)
