@@ -7,7 +7,8 @@ fixed function of the site and the time (``power_w``), so a test can say which v
 
 What a test needs of a real cloud's misbehaviour is a script of answers to give first (``script``): an HTTP
 status (``500``, ``429`` with ``Retry-After``), ``"slow"`` (an answer later than the client waits), ``"garbage"``
-(a body that is no JSON), ``"wrong shape"`` (JSON its format cannot read); and ``clock_offset_s`` sets the ``Date`` header off the true time.
+(a body that is no JSON), ``"wrong shape"`` (JSON its format cannot read); and ``clock_offset_s`` sets its
+clock (the ``Date`` header, ``/time``) off the true time, until a correction request (``/site/<id>/time/sync``).
 """
 
 from __future__ import annotations
