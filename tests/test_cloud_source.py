@@ -323,3 +323,18 @@ def test_sites_are_collected_side_by_side_within_the_concurrency_limit(site: Any
         assert cloud.most_at_once == 2  # never more than the limit, and the limit used
         for s in sites:
             assert_exactly(hub, s, start, quarters_back(1), f"PV-{s}")
+
+
+def test_late_corrections_inside_the_look_back_replace_and_older_ones_are_not_asked(
+    site: Any, cloud: SimulatedCloud, key_file: Path
+) -> None:
+    start = quarters_back(12)
+    hub = site([cloud_source(cloud, key_file, start=format_time(start), lookback_s=3600, poll_s=0.3)])
+    wait_for(lambda: len(stored(hub)) >= 12)
+    recent, old = quarters_back(2), quarters_back(10)  # inside the hour of look-back, and well before it
+    cloud.late[("1001", recent // 1000)] = 4321.0
+    cloud.late[("1001", old // 1000)] = 1234.0
+    wait_for(lambda: dict((row[0], row[1]) for row in stored(hub))[recent] == 4.321)
+    rows = dict((row[0], row[1]) for row in stored(hub))
+    assert rows[old] == power_w("1001", old // 1000) / 1000  # outside the look-back: not asked again
+    assert len(stored(hub)) == len(rows) == (quarters_back(1) - start) // QUARTER_MS + 1  # replaced, not added

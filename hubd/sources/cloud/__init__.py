@@ -23,7 +23,6 @@ import asyncio
 import contextlib
 import random
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import orjson
@@ -398,7 +397,3 @@ class CloudSource:
             temporary.replace(self._status_file)
         except OSError as exc:
             logger.warning("cloud {}: cannot write its status: {}", self.name, exc)
-
-
-def status_path(data_path: Path, name: str) -> Path:
-    return data_path / "sources" / f"{name}.json"

@@ -59,6 +59,7 @@ class SimulatedCloud:
         self.at_once = 0  # requests in hand now, and the most there ever were
         self.most_at_once = 0
         self.corrections: list[str] = []  # the sites a correction request named
+        self.late: dict[tuple[str, int], float] = {}  # (site, epoch s) → a value corrected after the fact
         self.port = 0
         self._runner: web.AppRunner | None = None
 
@@ -88,7 +89,10 @@ class SimulatedCloud:
         first = math.ceil(start.timestamp() / QUARTER_S) * QUARTER_S
         last = min(int(end.timestamp()), int(time.time()))
         return [
-            {"date": datetime.fromtimestamp(at, UTC).astimezone(self.zone).strftime(LOCAL), "value": power_w(site, at)}
+            {
+                "date": datetime.fromtimestamp(at, UTC).astimezone(self.zone).strftime(LOCAL),
+                "value": self.late.get((site, at), power_w(site, at)),
+            }
             for at in range(first, last + 1, QUARTER_S)
         ]
 
