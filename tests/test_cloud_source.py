@@ -6,6 +6,7 @@ saying each outage, quota and clock problem once, and no secret anywhere.
 
 from __future__ import annotations
 
+import json
 import signal
 import sqlite3
 import subprocess
@@ -147,6 +148,16 @@ def test_a_site_is_collected_from_its_start_each_interval_once(
     no_secret_in(hub)
     status = hub.cli("source", "status", "se")
     assert status.exit_code == 0 and '"online": true' in status.output
+    # a backfill beside the running hub: the day asked again, replaced in the store, the cursor left alone
+    cursor_before = json.loads(status.output)["cursors"]["1001"]
+    day = ["--start", format_time(start), "--end", format_time(start + 86_400_000)]
+    backfilled = hub.cli("source", "backfill", "se", *day)
+    assert backfilled.exit_code == 0, backfilled.output
+    assert "backfilled 96 readings in 1 windows" in backfilled.output
+    assert len([row for row in stored(hub) if row[0] <= last_complete]) == 200
+    assert records(hub, "cloud.backfill")[0]["source"] == "se"
+    after = json.loads(hub.cli("source", "status", "se").output)["cursors"]["1001"]
+    assert after >= cursor_before
 
 
 def test_list_and_test_show_a_cloud_source(site: Any, cloud: SimulatedCloud, key_file: Path) -> None:
