@@ -37,6 +37,7 @@ from hubd.services.query import QueryService
 from hubd.services.register import RegisterService
 from hubd.services.time import TimeService
 from hubd.sources import Supervisor
+from hubd.sources.cloud import build_sources as cloud_sources
 from hubd.sources.modbus import build_sources as modbus_sources
 from hubd.sources.mqtt import MqttSource
 from hubd.store.factory import open_query, open_sink
@@ -144,7 +145,10 @@ class Hub:
                 vouched=config.broker.access_control != "none",
             )
             polled = modbus_sources(config, audit, registry.describe)  # devices the hub polls itself
-            self.sources = Supervisor([self.mqtt, *polled], audit)
+            clouds = cloud_sources(config, audit, clocks)  # vendor-cloud accounts the hub collects
+            for cloud in clouds:
+                stack.callback(cloud.state.close)
+            self.sources = Supervisor([self.mqtt, *polled, *clouds], audit)
             audit.append("hub.start", broker=url, store=config.store.backend)
             audit.flush()
             _quiet_gc()  # before the first message: what is frozen is never collected

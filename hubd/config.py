@@ -21,6 +21,7 @@ import copy
 import os
 import re
 from pathlib import Path
+from types import UnionType
 from typing import TYPE_CHECKING, Annotated, Any, Final, Literal, get_args, get_origin
 from urllib.parse import urlsplit
 
@@ -28,6 +29,8 @@ import msgspec
 import yaml
 from loguru import logger
 from msgspec.structs import replace
+
+from hubd.model import HubError, parse_time
 
 if TYPE_CHECKING:
     import click
@@ -233,7 +236,40 @@ class ModbusSourceConfig(Section, frozen=True, tag_field="kind", tag="modbus"):
         return "modbus"
 
 
-SourceConfig = ModbusSourceConfig  # a union of the source kinds' sections, told apart by `kind`
+class CloudPushConfig(Section, frozen=True):
+    """Where a vendor cloud POSTs data to the hub (docs/operations.md, Cloud sources)."""
+
+    bind: str  # host:port of this source's own HTTP listener
+    token_file: str  # the bearer token the cloud must send
+    format: str | None = None  # null: the format of the profile's first request
+    max_body_bytes: Annotated[int, msgspec.Meta(ge=1, le=64 * 1024 * 1024)] = 1024 * 1024
+
+
+class CloudSourceConfig(Section, frozen=True, tag_field="kind", tag="cloud"):
+    """A vendor-cloud account the hub polls (and may take pushes from) (docs/operations.md, Cloud sources)."""
+
+    name: str
+    profile: str  # a cloud profile's name: drivers/cloud/<profile>.yaml
+    sites: dict[str, str | dict[str, str]]  # vendor site id → its DER, or its DERs by the profile's roles
+    secrets: dict[str, str] = {}  # a secret's name (as the profile names it) → the file that holds it
+    base_url: str | None = None  # null: the profile's
+    zone: str | None = None  # the vendor's time zone for {start}/{end}; null: the profile's
+    start: str | None = None  # RFC 3339: where a site without a cursor begins; null: lookback_s before now
+    poll_s: Annotated[float, msgspec.Meta(ge=0.05, le=86400)] = 900.0
+    lookback_s: Annotated[float, msgspec.Meta(ge=0, le=31 * 86400)] = 3600.0
+    timeout_s: Annotated[float, msgspec.Meta(ge=0.05, le=600)] = 30.0
+    retry_min_s: Annotated[float, msgspec.Meta(ge=0.01, le=3600)] = 5.0
+    retry_max_s: Annotated[float, msgspec.Meta(ge=0.01, le=86400)] = 900.0
+    daily_requests: Annotated[int, msgspec.Meta(ge=1)] | None = None  # null: the profile's
+    concurrency: Annotated[int, msgspec.Meta(ge=1, le=64)] | None = None  # null: the profile's
+    push: CloudPushConfig | None = None
+
+    @property
+    def kind(self) -> str:
+        return "cloud"
+
+
+SourceConfig = ModbusSourceConfig | CloudSourceConfig  # the source kinds' sections, told apart by `kind`
 
 
 class LogConfig(Section, frozen=True):
@@ -382,7 +418,7 @@ _EXPECTED = re.compile(r"Expected `(?P<type>[^`]*)`, got `[^`]*`")
 
 
 _KIND = "kind"
-SOURCE_KINDS = [s.__struct_config__.tag for s in get_args(SourceConfig) or [SourceConfig]]
+SOURCE_KINDS = [s.__struct_config__.tag for s in get_args(SourceConfig)]
 
 
 def _dotted(names: list[tuple[str, str]]) -> str:
@@ -400,6 +436,9 @@ def _explain(error: msgspec.ValidationError, document: Any) -> str:
     for name, index in names:
         if index:  # an item of a list (``sources[0]``): of the list's item type
             annotation, value = get_args(annotation)[0], value[int(index)]
+            if isinstance(annotation, UnionType) and isinstance(value, dict):  # the source section `kind` names
+                sections = {member.__struct_config__.tag: member for member in get_args(annotation)}
+                annotation = sections.get(value.get(_KIND), get_args(annotation)[0])
         elif name == _KIND:  # the tag of a source's section
             kinds = " or ".join(repr(kind) for kind in SOURCE_KINDS)
             return f"{_dotted(names)}: must be {kinds}, got {value.get(name)!r}"
@@ -511,6 +550,9 @@ def _check_sources(config: Config) -> None:
         if source.name in names:
             raise ConfigError(f"{key}.name: {source.name!r} names another source too; each needs its own name")
         names.add(source.name)
+        if isinstance(source, CloudSourceConfig):
+            _check_cloud(source, key)
+            continue
         if (source.profile is None) == (source.map is None):
             raise ConfigError(f"{key}: give either profile: sunspec or map: <register map name>")
         if (source.der is None) == (not source.ders):
@@ -523,6 +565,29 @@ def _check_sources(config: Config) -> None:
                     )
         if source.ders and source.profile != "sunspec":
             raise ConfigError(f"{key}.ders: DERs by SunSpec model need profile: sunspec; a map's device is one der")
+
+
+def _check_cloud(source: CloudSourceConfig, key: str) -> None:
+    """A cloud source's rules no type says (its profile is checked when the hub loads it)."""
+    if not source.sites:
+        raise ConfigError(f"{key}.sites: give at least one site: {{<vendor site id>: <DER id>}}")
+    for site, ders in source.sites.items():
+        if not ders or (isinstance(ders, dict) and not all(ders.values())):
+            raise ConfigError(f"{key}.sites.{site}: give a DER id, or {{<role>: <DER id>, ...}}")
+    if source.retry_max_s < source.retry_min_s:
+        raise ConfigError(f"{key}.retry_max_s: must be at least retry_min_s")
+    if source.base_url is not None and (
+        not source.base_url.startswith(("http://", "https://")) or "@" in source.base_url
+    ):
+        raise ConfigError(f"{key}.base_url: must be http(s)://host[:port][/path] without a user or password")
+    if source.start is not None:
+        try:
+            parse_time(source.start, f"{key}.start")
+        except HubError as exc:
+            raise ConfigError(exc.message) from None
+    push = source.push
+    if push is not None and not re.fullmatch(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):[0-9]{1,5}", push.bind):
+        raise ConfigError(f"{key}.push.bind: must be host:port, got {push.bind!r}")
 
 
 def parse_config(data: Any, source: str = "config") -> Config:
@@ -598,7 +663,16 @@ def _anchored(config: Config, folder: Path) -> Config:
             config.formats, user_dir=maybe(config.formats.user_dir), shipped_dir=maybe(config.formats.shipped_dir)
         ),
         drivers=replace(config.drivers, user_dir=maybe(config.drivers.user_dir)),
+        sources=[_anchored_cloud(source, anchored) for source in config.sources],
     )
+
+
+def _anchored_cloud(source: SourceConfig, anchored: Any) -> SourceConfig:
+    """A cloud source's secret and token files, relative to the config file too."""
+    if not isinstance(source, CloudSourceConfig):
+        return source
+    push = source.push and replace(source.push, token_file=anchored(source.push.token_file))
+    return replace(source, secrets={k: anchored(v) for k, v in source.secrets.items()}, push=push)
 
 
 def command_config(ctx: click.Context) -> Config:

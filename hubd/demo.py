@@ -24,11 +24,14 @@ from hubd.broker import PortInUse, free_port
 from hubd.client import EdgeTerminal, HubClient, TerminalClock
 from hubd.config import parse_config
 from hubd.model import now_ms
+from hubd.sources.cloud.simulate import SimulatedCloud
 from hubd.sources.modbus.simulate import Device, demo_battery, demo_inverter
 
 VENDOR_SITE = ("PV-0100", "pv", "Vendor cloud site 100", {"lat": 35.70, "lon": 139.80, "area": "feeder-7"})
 # Polled by the hub itself over Modbus TCP: a simulated SunSpec inverter and battery (pymodbus servers).
 POLLED = (("INV-0001", "pv", "Inverter 1", demo_inverter), ("BAT-0001", "ess", "Battery 1", demo_battery))
+# Collected by the hub itself from a simulated vendor cloud (a SolarEdge-style Web API, a cloud source).
+CLOUD_SITE = ("PV-0200", "pv", "Vendor cloud site 200", {"lat": 35.66, "lon": 139.70, "area": "feeder-9"})
 FLEET = (
     ("PV-0001", "pv", "Rooftop PV 1", {"lat": 35.681, "lon": 139.767, "area": "feeder-12"}),
     ("ESS-0001", "ess", "Home battery 1", {"lat": 35.690, "lon": 139.700, "area": "feeder-12"}),
@@ -69,6 +72,16 @@ async def _demo(minutes: int, port: int, data_dir: Path, keep: bool = False) -> 
     devices = [Device({1: (image(), {})}, free_port()) for *_, image in POLLED]
     for device in devices:
         await device.start()
+    vendor = SimulatedCloud(["200"], api_key=issue_password())
+    await vendor.start()
+    (data_dir / "vendor.key").touch(mode=0o600)
+    (data_dir / "vendor.key").write_text(vendor.api_key + "\n", encoding="utf-8")
+    cloud_source = {"kind": "cloud", "name": "vendor-cloud", "profile": "solaredge.site_power"} | {
+        "base_url": vendor.url,
+        "sites": {"200": CLOUD_SITE[0]},
+        "secrets": {"api_key": str(data_dir / "vendor.key")},
+        "lookback_s": 7200,
+    }
     sources = [
         {"kind": "modbus", "name": der_id.lower(), "host": "127.0.0.1", "port": device.port}
         | {"profile": "sunspec", "der": der_id, "poll_s": 1.0}
@@ -81,17 +94,18 @@ async def _demo(minutes: int, port: int, data_dir: Path, keep: bool = False) -> 
             "auth": {"initial_password_hash": hash_password(initial, 10)},
             "log": {"level": "WARNING"},
             "http": {"bind": "127.0.0.1:0"},
-            "sources": sources,
+            "sources": [*sources, cloud_source],
         },
         "demo",
     )
     say(f"hubd demo — data in {data_dir}")
     say("1. The operator puts three DERs on the allowlist and creates the market system's account.")
     say(f"   Two more the hub polls itself over Modbus TCP: {', '.join(d for d, *_ in POLLED)} (simulated SunSpec).")
+    say(f"   And {CLOUD_SITE[0]}, which the hub collects from a simulated vendor cloud (SolarEdge-style Web API).")
     registry = Registry(config.registry_path)
     market_password = issue_password()
     with AuditLog(config.audit_path) as audit:
-        for der_id, der_type, name, location in (*FLEET, VENDOR_SITE):
+        for der_id, der_type, name, location in (*FLEET, VENDOR_SITE, CLOUD_SITE):
             registry.add_der(der_id, now_ms(), {"type": der_type, "name": name, **location})
             audit.append("der.added", der_id=der_id, by="operator")
         for der_id, der_type, name, _ in POLLED:
@@ -277,6 +291,17 @@ async def _demo(minutes: int, port: int, data_dir: Path, keep: bool = False) -> 
             say("   and the latest readings the hub polled itself (SunSpec over Modbus TCP, no password involved):")
             for row in polled["rows"]:
                 say(f"   {row}")
+            collected = await market.request(
+                f"{prefix}/query",
+                {"client_id": "market-1", "password": market_password, "der_ids": [CLOUD_SITE[0]]}
+                | {"start": (datetime.now(UTC) - timedelta(hours=2)).isoformat(), "fields": ["power_kw"]}
+                | {"end": datetime.now(UTC).isoformat()},
+            )
+            cloud_rows = collected["rows"]
+            say(
+                f"   and what the hub collected from the vendor cloud itself: {len(cloud_rows)} quarter hours of "
+                f"{CLOUD_SITE[0]}" + (f", the last {cloud_rows[-1]}" if cloud_rows else "")
+            )
         if keep:
             say(f"The hub keeps running (--keep): open {hub.ops.url} in a browser; Ctrl-C stops it.")
             await hub_task  # until SIGINT or SIGTERM, which the hub takes as its stop
@@ -285,6 +310,7 @@ async def _demo(minutes: int, port: int, data_dir: Path, keep: bool = False) -> 
         await hub_task
         for device in devices:
             await device.stop()
+        await vendor.stop()
     report = audit_trail.verify(config.audit_path)
     say(
         f"8. The hub stopped cleanly. Audit log: {report.records} records, "

@@ -81,6 +81,8 @@ def test_demo_tells_each_step_and_leaves_data_that_verifies(tmp_path: Path) -> N
     # ... and the simulated SunSpec inverter and battery the hub polled itself over Modbus TCP.
     assert "{'der_id': 'BAT-0001', 'measured_at'" in out and "'power_kw': 1.5, 'soc_pct': 62.5}" in out
     assert "{'der_id': 'INV-0001', 'measured_at'" in out and "'power_kw': 3.21}" in out
+    # collected by the hub from the simulated vendor cloud: the last two hours' quarter hours, up to the last whole one
+    assert 7 <= int(line(out, r"collected from the vendor cloud itself: (\d+) quarter hours of PV-0200")[1]) <= 8
 
     # ... and the vendor site's 30-minute settlement slots: numbered 1..48 in the Tokyo day, starting on the
     # half hour, one row per slot, together holding the seven readings sent.
@@ -108,7 +110,7 @@ def test_demo_tells_each_step_and_leaves_data_that_verifies(tmp_path: Path) -> N
     ders = run_hubd("--config", str(config), "der", "list", cwd=tmp_path)
     assert ders.returncode == 0, ders.stderr
     listed = sorted(text.split("\t")[0] for text in ders.stdout.splitlines())
-    assert listed == ["BAT-0001", "ESS-0001", "INV-0001", "PV-0001", "PV-0100"]
+    assert listed == ["BAT-0001", "ESS-0001", "INV-0001", "PV-0001", "PV-0100", "PV-0200"]
     quarantine = run_hubd("--config", str(config), "quarantine", "list", cwd=tmp_path)
     assert quarantine.returncode == 0, quarantine.stderr
     (kept,) = quarantine.stdout.splitlines()

@@ -303,7 +303,7 @@ def test_config_errors_name_the_source_key(tmp_path: Path) -> None:
     base = {"kind": "modbus", "name": "a", "host": "h"}
     cases = [
         ({"profile": "sunspec", "der": "X", "hots": 1}, "sources[0].hots: unknown key"),
-        ({"kind": "cloud"}, "sources[0].kind: must be 'modbus', got 'cloud'"),
+        ({"kind": "ftp"}, "sources[0].kind: must be 'modbus' or 'cloud', got 'ftp'"),
         ({"der": "X"}, "sources[0]: give either profile: sunspec or map"),
         ({"map": "m", "ders": {"X": [103]}}, "sources[0].ders: DERs by SunSpec model need profile: sunspec"),
         ({"profile": "sunspec", "der": "X", "unit_id": 300}, "sources[0].unit_id: must be 0 … 255, got 300"),

@@ -186,6 +186,19 @@ class Clocks:
                     self._audit.append("time.unflagged", "passive", source_id=source.source_id, offset_s=None)
         self._update_flag(source)
 
+    def measured(self, source_id: str, offset_s: float, rtt_s: float) -> None:
+        """A polled source measured its peer's clock itself (a vendor cloud's ``Date`` header): judged like a
+        check, so its readings are flagged when it is beyond the tolerance, and shown by ``hubd time sources``."""
+        source = self.sources.get(source_id)
+        if source is None:
+            now = now_ms()
+            source = self.sources[source_id] = SourceClock(
+                source_id, PassiveSkew(self._window_ms), now, now, checkable=False
+            )
+        off = abs(offset_s) > self.config.edges.tolerance_s
+        self.checked(source, offset_s, rtt_s, "off" if off else "ok")
+        self.save()
+
     def corrected(self, source: SourceClock) -> None:
         source.corrections += 1
         source.corrected_at = now_ms()

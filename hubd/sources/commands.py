@@ -13,7 +13,8 @@ from typing import Any
 import click
 import orjson
 
-from hubd.config import ConfigError, ModbusSourceConfig, command_config
+from hubd import progress
+from hubd.config import CloudSourceConfig, ConfigError, ModbusSourceConfig, command_config
 from hubd.model import format_time
 from hubd.sources.modbus import profile_for
 from hubd.sources.modbus.client import Link, NoAnswer, Offline, ShortRead
@@ -26,7 +27,7 @@ def _show(value: Any) -> None:
 
 @click.group("source")
 def source_group() -> None:
-    """Devices the hub polls itself (Modbus TCP)."""
+    """Devices and vendor clouds the hub collects itself (Modbus TCP, cloud Web APIs)."""
 
 
 @source_group.command("list")
@@ -34,6 +35,10 @@ def source_group() -> None:
 def source_list(ctx: click.Context) -> None:
     """The configured sources: name, kind, address, profile or map, DERs."""
     for source in command_config(ctx).sources:
+        if isinstance(source, CloudSourceConfig):
+            sites = ", ".join(f"{site}={ders}" for site, ders in source.sites.items())
+            click.echo(f"{source.name}\t{source.kind}\t{source.base_url or '-'}\tprofile {source.profile}\t{sites}")
+            continue
         what = f"map {source.map}" if source.map else f"profile {source.profile}"
         ders = source.der or ", ".join(f"{der}={'+'.join(map(str, models))}" for der, models in source.ders.items())
         click.echo(f"{source.name}\t{source.kind}\t{source.host}:{source.port} unit {source.unit_id}\t{what}\t{ders}")
@@ -66,11 +71,23 @@ def source_test(ctx: click.Context, name: str) -> None:
     if index is None:
         names = ", ".join(source.name for source in config.sources) or "none"
         raise click.ClickException(f"no source {name} in the config (sources: {names})")
+    source = config.sources[index]
+    if isinstance(source, CloudSourceConfig):  # the last window of each site, asked and decoded from here
+        from hubd.sources.cloud.backfill import probe
+        from hubd.sources.cloud.client import Malformed, QuotaExhausted, RateLimited, Unreachable
+
+        try:
+            _show(asyncio.run(probe(config, source)))
+        except ConfigError as exc:
+            raise click.ClickException(str(exc)) from None
+        except (Unreachable, Malformed, RateLimited, QuotaExhausted) as exc:
+            click.echo(f"{name}: {exc}", err=True)
+            sys.exit(1)
+        return
     try:
         profile = profile_for(config, index)
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from None
-    source = config.sources[index]
     assert isinstance(source, ModbusSourceConfig)
 
     async def once() -> dict[str, Any]:
@@ -96,3 +113,43 @@ def source_test(ctx: click.Context, name: str) -> None:
     except (Offline, NoAnswer, ShortRead, NotSunSpec) as exc:
         click.echo(f"{name}: {exc}", err=True)
         sys.exit(1)
+
+
+@source_group.command("backfill")
+@click.argument("name")
+@click.option("--start", "start", required=True, help="RFC 3339 with an offset, e.g. 2026-11-27T00:00:00+09:00.")
+@click.option("--end", "end", required=True, help="RFC 3339 with an offset; the window ends before it.")
+@click.pass_context
+def source_backfill(ctx: click.Context, name: str, start: str, end: str) -> None:
+    """Collect cloud source NAME again from START to END (after a vendor's outage), storing what it gets."""
+    from hubd.model import HubError, parse_time
+    from hubd.sources.cloud.backfill import run_backfill
+
+    config = command_config(ctx)
+    source = next((s for s in config.sources if s.name == name), None)
+    if not isinstance(source, CloudSourceConfig):
+        clouds = ", ".join(s.name for s in config.sources if isinstance(s, CloudSourceConfig)) or "none"
+        raise click.ClickException(f"no cloud source {name} in the config (cloud sources: {clouds})")
+    try:
+        start_ms, end_ms = parse_time(start, "--start"), parse_time(end, "--end")
+    except HubError as exc:
+        raise click.ClickException(exc.message) from None
+    if end_ms <= start_ms:
+        raise click.ClickException("--end must be later than --start")
+    total = [0, 0]
+    with progress.bar(end_ms - start_ms, f"backfilling {name}") as reached:
+
+        def report(site: str, begin: int, until: int, stored: int) -> None:
+            total[0] += 1
+            total[1] += stored
+            reached(min(until, end_ms) - start_ms)
+            click.echo(f"{site}\t{format_time(begin)} … {format_time(until)}\t{stored} readings")
+
+        try:
+            run_backfill(config, source, start_ms, end_ms, report)
+        except ConfigError as exc:
+            raise click.ClickException(str(exc)) from None
+        except Exception as exc:  # the cloud's failures: one line, what was stored so far stays stored
+            click.echo(f"backfill stopped after {total[0]} windows ({total[1]} readings): {exc}", err=True)
+            sys.exit(1)
+    click.echo(f"backfilled {total[1]} readings in {total[0]} windows")

@@ -57,6 +57,7 @@ def map_folders(config: Config) -> list[Path]:
 def profile_for(config: Config, index: int, maps: Maps | None = None) -> Profile:
     """The profile of ``config.sources[index]``; a map that is missing or refused stops the hub, named."""
     source = config.sources[index]
+    assert isinstance(source, ModbusSourceConfig)
     if source.profile == "sunspec":
         return SunSpecProfile(source)
     folders = map_folders(config)
