@@ -30,9 +30,12 @@ from hubd.config import Config
 from hubd.decode.native import ReplyRule
 from hubd.decode.vendor import Catalog, Change
 from hubd.ingest import Ingest
+from hubd.market.data import MarketData
+from hubd.market.fetch import WeatherFetch
 from hubd.ops.http import Ops
 from hubd.quarantine import Quarantine
 from hubd.services import Service
+from hubd.services.plan import PlanService
 from hubd.services.query import QueryService
 from hubd.services.register import RegisterService
 from hubd.services.time import TimeService
@@ -98,6 +101,10 @@ class Hub:
             query_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hubd-query")
             stack.callback(query_thread.shutdown)
             self.auth = auth = Authenticator(registry, pool, config.auth.rate_limit)
+            # Groups, plans and series (hubd.market): one connection for the event loop, one for the query thread.
+            market, query_market = MarketData(config.registry_path), MarketData(config.registry_path)
+            stack.callback(market.close)
+            stack.callback(query_market.close)
             self.writer = writer = BatchWriter(
                 store, audit, config.store.batch_max_readings, config.store.queue_max_messages
             )
@@ -126,7 +133,8 @@ class Hub:
                     ),
                     audit,
                 ),
-                QueryService(auth, config.query, reader, query_thread, audit),
+                QueryService(auth, config.query, reader, query_thread, audit, (query_market, config.market)),
+                PlanService(auth, market, audit),
                 TimeService(audit, clocks),
             ]
             self.mqtt = MqttSource(
@@ -172,6 +180,10 @@ class Hub:
                     password=_read_secret(config.broker.password_file),
                 )
                 clock_tasks.append(asyncio.create_task(checks.run(), name="hubd-clock-checks"))
+            clock_tasks += [
+                asyncio.create_task(WeatherFetch(f, market, audit).run(), name=f"hubd-weather-{f.place}")
+                for f in config.market.weather
+            ]
             for task in clock_tasks:
                 stack.push_async_callback(_cancel, task)
             self.ready.set()
