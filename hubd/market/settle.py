@@ -275,12 +275,11 @@ def _der_slots(
         row = actual.get(bucket.start, {})
         energy = row.get("energy_kwh", row.get("energy_interval_kwh"))
         flagged = energy * row["clock_flagged_share"] if energy is not None and "clock_flagged_share" in row else 0.0
-        values = _priced(energy, plans.get(bucket.start), prices.get(bucket.start))
+        values = _priced(energy, plans.get(bucket.start), area, prices.get(bucket.start))
         slot: dict[str, Any] = {
             "bucket_start": format_time(bucket.start),
             "slot": bucket.slot,
             **values,
-            "price_area": area,
             "completeness": round(_share(bucket, covered), 4),
             "clock_flagged_kwh": round(flagged, 6),
         }
@@ -290,13 +289,14 @@ def _der_slots(
     return out
 
 
-def _priced(actual: float | None, plan: float | None, price: float | None) -> dict[str, Any]:
+def _priced(actual: float | None, plan: float | None, area: str | None, price: float | None) -> dict[str, Any]:
     imbalance = actual - plan if actual is not None and plan is not None else None
     value = imbalance * price if imbalance is not None and price is not None else None
     return {
         "actual_kwh": None if actual is None else round(actual, 6),
         "plan_kwh": plan,
         "imbalance_kwh": None if imbalance is None else round(imbalance, 6),
+        "price_area": area,
         "price_yen_kwh": price,
         "imbalance_yen": None if value is None else round(value, 4),
     }
@@ -327,8 +327,7 @@ def _group_slots(
         slot: dict[str, Any] = {
             "bucket_start": format_time(bucket.start),
             "slot": bucket.slot,
-            **_priced(actual, plans.get(bucket.start), price),
-            "price_area": ",".join(areas) or None,
+            **_priced(actual, plans.get(bucket.start), ",".join(areas) or None, price),
             "completeness": round(math.fsum(r["completeness"] for r in rows) / len(rows), 4) if rows else 0.0,
             "clock_flagged_kwh": round(math.fsum(r["clock_flagged_kwh"] for r in rows), 6),
             "members": len(rows),
