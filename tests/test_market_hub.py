@@ -6,12 +6,16 @@ from __future__ import annotations
 import csv
 import io
 import json
+import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 from conftest import RunningHub
+from test_market import weather_server  # noqa: F401 - the fixture
 
 from hubd.audit import tail as audit_tail
+from hubd.config import ConfigError, parse_config
 from hubd.model import format_time, parse_time
 
 DATA = Path(__file__).parent / "data"
@@ -165,3 +169,24 @@ def test_operator_imports_refuse_bad_files_whole_and_audit_them(hub: RunningHub,
     assert hub.rr(f"{hub.prefix}/query", {"client_id": "x", "password": "y", **DAY_CONDITIONS})["error"]["code"] == (
         "bad_credentials"
     )
+
+
+def test_the_running_hub_fetches_weather_on_its_schedule(
+    hub_factory: Any,
+    weather_server: tuple[str, list[int]],  # noqa: F811 - the fixture
+) -> None:
+    url, _ = weather_server
+    hub: RunningHub = hub_factory(market={"weather": [{"place": "tokyo", "url": url, "every_s": 1}]})
+    deadline = time.monotonic() + 10
+    while "weather\ttokyo\ttemperature_c\t24\t" not in hub.cli("series", "list").output:
+        assert time.monotonic() < deadline, hub.cli("series", "list").output
+        time.sleep(0.1)
+    fetched = events(hub, "series.fetched")
+    assert fetched and fetched[0]["place"] == "tokyo" and fetched[0]["values"] == 72
+
+
+def test_a_price_area_that_is_not_jepx_s_stops_the_config(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"market.price_areas.feeder-1: 'okinawa' is no JEPX area"):
+        parse_config({"market": {"price_areas": {"feeder-1": "okinawa"}}})
+    with pytest.raises(ConfigError, match=r"market.weather\[0\].url: must start with http"):
+        parse_config({"market": {"weather": [{"place": "tokyo", "url": "ftp://x"}]}})

@@ -51,4 +51,5 @@ class WeatherFetch:
                     logger.info("fetching the weather for {} works again", place)
                 self._audit.append("series.fetched", kind="weather", place=place, values=stored)
                 self._failing = False
+            self._audit.flush()
             await asyncio.sleep(self._config.every_s)
