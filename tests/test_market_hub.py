@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 from conftest import RunningHub
+from test_broker_acl import Site, site  # noqa: F401 - the fixture
 from test_market import weather_server  # noqa: F401 - the fixture
 
 from hubd.audit import tail as audit_tail
@@ -190,3 +191,14 @@ def test_a_price_area_that_is_not_jepx_s_stops_the_config(tmp_path: Path) -> Non
         parse_config({"market": {"price_areas": {"feeder-1": "okinawa"}}})
     with pytest.raises(ConfigError, match=r"market.weather\[0\].url: must start with http"):
         parse_config({"market": {"weather": [{"place": "tokyo", "url": "ftp://x"}]}})
+
+
+def test_at_a_dynsec_broker_a_planner_may_send_plans_but_not_queries(site: Site) -> None:  # noqa: F811
+    planner = site.hub.cli("system", "add", "planner-1", "--role", "planner").output.strip()
+    consumer = site.hub.consumer("market-1")
+    as_planner = {"user": "planner-1", "password": planner, "client": "planner-1"}
+    as_consumer = {"user": "market-1", "password": consumer, "client": "market-1"}
+    assert site.publish("hub/v1/plan", "{}", **as_planner) in (0x00, 0x10)
+    assert site.publish("hub/v1/query", "{}", **as_planner) == 0x87  # not authorized
+    assert site.publish("hub/v1/plan", "{}", **as_consumer) in (0x00, 0x10)
+    assert site.publish("hub/v1/query", "{}", **as_consumer) in (0x00, 0x10)
