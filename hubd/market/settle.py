@@ -93,7 +93,7 @@ def parse(
     names only DERs the registry does not know."""
     unknown = set(request) - KEYS
     if unknown:
-        raise bad(f"unknown condition for the settlement view {sorted(unknown)[0]!r}")
+        raise bad(f"{names(sorted(unknown)[0])} does not go with the settlement view")
     for key in ("start", "end"):
         if key not in request:
             raise bad(f"{names(key)} is required")
