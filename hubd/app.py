@@ -180,12 +180,13 @@ class Hub:
                     password=_read_secret(config.broker.password_file),
                 )
                 clock_tasks.append(asyncio.create_task(checks.run(), name="hubd-clock-checks"))
-            clock_tasks += [
-                asyncio.create_task(WeatherFetch(f, market, audit).run(), name=f"hubd-weather-{f.place}")
-                for f in config.market.weather
-            ]
             for task in clock_tasks:
                 stack.push_async_callback(_cancel, task)
+            for fetch in config.market.weather:  # weather fetched on a schedule (hubd.market.fetch)
+                fetching = asyncio.create_task(
+                    WeatherFetch(fetch, market, audit).run(), name=f"hubd-weather-{fetch.place}"
+                )
+                stack.push_async_callback(_cancel, fetching)
             self.ready.set()
             ops.ready()  # READY=1: the broker session, the store and the sources are up
             watcher = asyncio.create_task(self._watch_formats(), name="hubd-formats")

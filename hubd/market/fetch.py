@@ -40,7 +40,7 @@ class WeatherFetch:
         while True:
             try:
                 stored = await self.once()
-            except (aiohttp.ClientError, TimeoutError, HubError) as exc:
+            except Exception as exc:  # a refused answer, the network, or the state file: said once, tried again
                 reason = exc.message if isinstance(exc, HubError) else type(exc).__name__
                 if not self._failing:
                     logger.warning("fetching the weather for {} failed: {}", place, reason)
