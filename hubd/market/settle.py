@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from itertools import pairwise
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -169,10 +168,15 @@ def settle(
     targets = [("der", d) for d in s.der_ids] + [("group", g) for g, _ in s.groups]
     members = dict(s.groups)
     computed: dict[str, list[dict[str, Any]]] = {}
+    prices: dict[str, dict[int, float]] = {}  # by price area: read once per page, not once per DER
 
     def der_slots(der_id: str) -> list[dict[str, Any]]:
         if der_id not in computed:
-            computed[der_id] = _der_slots(s, laid, der_id, store, market, ders.get(der_id), config)
+            der = ders.get(der_id)
+            area = price_area(der, config.price_areas)
+            if area is not None and area not in prices:
+                prices[area] = {start: value for start, _, value in market.series("jepx", area, PRICE, s.start, s.end)}
+            computed[der_id] = _der_slots(s, laid, der_id, store, market, der, area, prices.get(area or "", {}))
         return computed[der_id]
 
     rows: list[dict[str, Any]] = []
@@ -227,13 +231,20 @@ def _covered(s: Settlement, der_id: str, store: ReadingQuery) -> list[tuple[int,
     """The spans the DER's readings cover, merged: between register readings no more than the gap apart, or
     each interval reading's own interval."""
     registers = store.series(der_id, s.start - s.max_gap_ms, s.end + s.max_gap_ms + 1, ("energy_kwh",))
-    if registers:
-        spans = [(a[0], b[0]) for a, b in pairwise(registers) if b[0] - a[0] <= s.max_gap_ms]
-    else:
-        intervals = store.series(der_id, s.start, s.end + DAY_MS, ("energy_interval_kwh", "interval_s"))
-        spans = [(t - int(seconds * 1000), t) for t, _, seconds in intervals if seconds > 0]
+    if registers:  # in time order: one pass, a span grows while the readings stay close enough
+        runs: list[list[int]] = []
+        previous = None
+        for at, _ in registers:
+            if previous is not None and at - previous <= s.max_gap_ms:
+                if runs and runs[-1][1] == previous:
+                    runs[-1][1] = at
+                else:
+                    runs.append([previous, at])
+            previous = at
+        return [(lo, hi) for lo, hi in runs]
+    intervals = store.series(der_id, s.start, s.end + DAY_MS, ("energy_interval_kwh", "interval_s"))
     merged: list[tuple[int, int]] = []
-    for lo, hi in sorted(spans):
+    for lo, hi in sorted((t - int(seconds * 1000), t) for t, _, seconds in intervals if seconds > 0):
         if merged and lo <= merged[-1][1]:
             merged[-1] = (merged[-1][0], max(merged[-1][1], hi))
         else:
@@ -260,13 +271,12 @@ def _der_slots(
     store: ReadingQuery,
     market: MarketData,
     der: Der | None,
-    config: MarketConfig,
+    area: str | None,
+    prices: dict[int, float],
 ) -> list[dict[str, Any]]:
     actual = _actual(s, laid, der_id, store)
     covered = _covered(s, der_id, store)
     plans = market.plans(f"der:{der_id}", s.start, s.end)
-    area = price_area(der, config.price_areas)
-    prices = {start: value for start, _, value in market.series("jepx", area, PRICE, s.start, s.end)} if area else {}
     weather = {}
     if s.weather and der is not None and der.area:
         weather = {q: market.series("weather", der.area, q, s.start, s.end) for q in WEATHER}
