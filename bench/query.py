@@ -11,6 +11,7 @@ touches the same rows (the floor on this machine, in this run):
   and in pages of 10,000 rows;
 - a raw page of 10,000 rows (the first, and one deep in the day);
 - ``at`` one instant across all DERs;
+- the settlement view (``"view": "settlement"``: actual, plan, price, completeness) for all DERs, one page;
 - paging through the whole day raw, sampling resident memory each page (it must stay flat).
 
 Run: ``.venv/bin/python bench/query.py [--ders 1000] [--repeat 3]``.
@@ -22,6 +23,7 @@ import argparse
 import sqlite3
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -30,7 +32,10 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from hubd.config import Config, QueryConfig, SqliteConfig, StoreConfig
+from hubd.auth.registry import Der
+from hubd.config import Config, MarketConfig, QueryConfig, SqliteConfig, StoreConfig
+from hubd.market import jepx, settle
+from hubd.market.data import MarketData
 from hubd.model import parse_time
 from hubd.query.conditions import decode_cursor, parse_query
 from hubd.query.execute import run
@@ -166,6 +171,22 @@ def main() -> None:
             0.1,
         ),
     ]
+    # The settlement view: every DER in Tokyo, the sample JEPX prices, a state file of its own.
+    market = MarketData(Path(tempfile.mkdtemp(prefix="bench-market-")) / "hub.sqlite3")
+    sample = Path(__file__).resolve().parent.parent / "tests" / "data" / "jepx_spot_sample.csv"
+    market.replace_series("jepx", jepx.parse(sample.read_bytes()), "bench", 0)
+    known = {d: Der(d, "pv", None, None, None, None, None, None, "tokyo", "registered", None, 0, None) for d in ders}
+    view = {"start": DAY, "end": NEXT_DAY, "der_ids": ders, "limit": 50_000}
+    cases.append(
+        (
+            "settlement view, one page",
+            lambda: settle.settle(
+                settle.parse(view, CONFIG, MarketConfig(), known, {}), store, market, known, MarketConfig()
+            ),
+            floor_scan,
+            4.0,
+        )
+    )
     rows = db.execute("SELECT count(*) FROM readings").fetchone()[0]
     print(f"\nstore: {rows:,} readings, {len(ders)} DERs, one day; median of {args.repeat} runs\n")
     print(f"{'case':34} {'hubd s':>8} {'floor s':>8} {'ratio':>6} {'target':>8}  result")

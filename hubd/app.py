@@ -30,9 +30,12 @@ from hubd.config import Config
 from hubd.decode.native import ReplyRule
 from hubd.decode.vendor import Catalog, Change
 from hubd.ingest import Ingest
+from hubd.market.data import MarketData
+from hubd.market.fetch import WeatherFetch
 from hubd.ops.http import Ops
 from hubd.quarantine import Quarantine
 from hubd.services import Service
+from hubd.services.plan import PlanService
 from hubd.services.query import QueryService
 from hubd.services.register import RegisterService
 from hubd.services.time import TimeService
@@ -99,6 +102,10 @@ class Hub:
             query_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hubd-query")
             stack.callback(query_thread.shutdown)
             self.auth = auth = Authenticator(registry, pool, config.auth.rate_limit)
+            # Groups, plans and series (hubd.market): one connection for the event loop, one for the query thread.
+            market, query_market = MarketData(config.registry_path), MarketData(config.registry_path)
+            stack.callback(market.close)
+            stack.callback(query_market.close)
             self.writer = writer = BatchWriter(
                 store, audit, config.store.batch_max_readings, config.store.queue_max_messages
             )
@@ -128,7 +135,8 @@ class Hub:
                     ),
                     audit,
                 ),
-                QueryService(auth, config.query, reader, query_thread, audit),
+                QueryService(auth, config.query, reader, query_thread, audit, (query_market, config.market)),
+                PlanService(auth, market, audit),
                 TimeService(audit, clocks),
             ]
             self.mqtt = MqttSource(
@@ -179,6 +187,11 @@ class Hub:
                 clock_tasks.append(asyncio.create_task(checks.run(), name="hubd-clock-checks"))
             for task in clock_tasks:
                 stack.push_async_callback(_cancel, task)
+            for fetch in config.market.weather:  # weather fetched on a schedule (hubd.market.fetch)
+                fetching = asyncio.create_task(
+                    WeatherFetch(fetch, market, audit).run(), name=f"hubd-weather-{fetch.place}"
+                )
+                stack.push_async_callback(_cancel, fetching)
             self.ready.set()
             ops.ready()  # READY=1: the broker session, the store and the sources are up
             watcher = asyncio.create_task(self._watch_formats(), name="hubd-formats")

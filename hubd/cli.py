@@ -31,6 +31,11 @@ from hubd.clock.commands import time_group
 from hubd.config import Config, ConfigError, load_config
 from hubd.decode.vendor.commands import format_group
 from hubd.edge import edge_group
+from hubd.market import settle
+from hubd.market.commands import group_group, plan_group, series_group
+from hubd.market.data import MarketData
+from hubd.market.data import groups_of as market_groups
+from hubd.market.groups import expand as expand_groups
 from hubd.model import DER_TYPES, FIELDS, HubError, format_time, now_ms, visible
 from hubd.quarantine import Quarantine, masked
 from hubd.query.buckets import INTERVALS_MS
@@ -354,7 +359,7 @@ def system() -> None:
 
 @system.command("add")
 @click.argument("name")
-@click.option("--role", type=click.Choice(["gateway", "consumer", "viewer"]), required=True)
+@click.option("--role", type=click.Choice(["gateway", "consumer", "viewer", "planner"]), required=True)
 @pass_context
 def system_add(ctx: Context, name: str, role: str) -> None:
     """Create a system and print its password once."""
@@ -491,6 +496,9 @@ _OPTION_NAMES = Names(
         "interval": "--interval",
         "agg": "--agg",
         "tz": "--tz",
+        "groups": "--group",
+        "max_gap_s": "--max-gap",
+        "weather": "--weather",
     }
 )
 
@@ -557,6 +565,10 @@ def _query_request(options: dict[str, Any]) -> dict[str, Any]:
 @click.option("--limit", default=0, type=click.IntRange(min=0), help="stop after this many rows (default: all)")
 @click.option("--format", "fmt", type=click.Choice(["json", "csv"]), default="json", show_default=True)
 @click.option("--table", is_flag=True, help="with --interval: a DER × bucket table of the first aggregated column")
+@click.option("--group", "groups", multiple=True, help="the DERs of a group (repeatable)")
+@click.option("--view", type=click.Choice(["settlement"]), help="per DER or group per slot: actual, plan, price")
+@click.option("--max-gap", type=float, help="--view settlement: seconds between register readings still complete")
+@click.option("--weather", is_flag=True, help="--view settlement: the weather of the DER's area per slot")
 @pass_context
 def query(ctx: Context, /, **options: Any) -> None:
     """Extract readings from the store with the conditions of the market system's queries.
@@ -566,6 +578,11 @@ def query(ctx: Context, /, **options: Any) -> None:
     options it could not read.
     """
     request = _query_request(options)
+    if options["groups"]:
+        request["groups"] = list(options["groups"])
+    if options["view"]:
+        _settlement(ctx, request, options)
+        return
     if options["table"] and not request.get("interval"):
         raise click.UsageError("--table needs --interval")
     registry = Registry(ctx.config.registry_path)
@@ -573,7 +590,9 @@ def query(ctx: Context, /, **options: Any) -> None:
     try:
         with _errors():
             limit = ctx.config.query.max_limit
-            parsed = parse_query({**request, "limit": limit}, ctx.config.query, registry.ders(), _OPTION_NAMES)
+            known = market_groups(ctx.config)
+            conditions = expand_groups({**request, "limit": limit}, known, "--group")
+            parsed = parse_query(conditions, ctx.config.query, registry.ders(), _OPTION_NAMES)
             rows = _all_pages(parsed, store, options["limit"])
     finally:
         store.close()
@@ -591,6 +610,43 @@ def query(ctx: Context, /, **options: Any) -> None:
             click.echo(orjson.dumps(row).decode())
     with AuditLog(ctx.config.audit_path) as audit:
         audit.append("query.extracted", by="operator", rows=len(rows), conditions=request)
+
+
+def _settlement(ctx: Context, request: dict[str, Any], options: dict[str, Any]) -> None:
+    """``hubd query --view settlement``: hubd.market.settle, every page, as JSON lines or CSV."""
+    request = {**request, "view": "settlement", "limit": ctx.config.query.max_limit}
+    if options["max_gap"] is not None:
+        request["max_gap_s"] = options["max_gap"]
+    if options["weather"]:
+        request["weather"] = True
+    registry, market = Registry(ctx.config.registry_path), MarketData(ctx.config.registry_path)
+    store = open_query(ctx.config)
+    rows: list[dict[str, Any]] = []
+    try:
+        with _errors():
+            ders = registry.ders()
+            parsed = settle.parse(request, ctx.config.query, ctx.config.market, ders, market.groups(), _OPTION_NAMES)
+            while True:
+                answer = settle.settle(parsed, store, market, ders, ctx.config.market)
+                rows += answer["rows"]
+                if answer["next_cursor"] is None:
+                    break
+                parsed = replace(parsed, cursor=settle.parse_cursor(answer["next_cursor"]))
+    finally:
+        market.close()
+        store.close()
+        registry.close()
+    if parsed.unknown_der_ids:
+        click.echo(f"unknown DER, left out: {', '.join(parsed.unknown_der_ids)}", err=True)
+    if options["fmt"] == "csv":
+        writer = csv.DictWriter(sys.stdout, [*parsed.columns, "members"])
+        writer.writeheader()
+        writer.writerows(rows)
+    else:
+        for row in rows:
+            click.echo(orjson.dumps(row).decode())
+    with AuditLog(ctx.config.audit_path) as audit:
+        audit.append("query.extracted", by="operator", view="settlement", rows=len(rows), conditions=request)
 
 
 def _all_pages(parsed: Query, store: ReadingQuery, limit: int) -> list[dict[str, Any]]:
@@ -667,6 +723,9 @@ main.add_command(store_group)
 main.add_command(edge_group)
 main.add_command(source_group)
 main.add_command(broker_group)
+main.add_command(group_group)
+main.add_command(plan_group)
+main.add_command(series_group)
 _config_everywhere(main)  # last: after every command is added
 
 

@@ -165,6 +165,24 @@ class QueryConfig(Section, frozen=True):
     max_der_ids: Positive = 1000
 
 
+class WeatherFetchConfig(Section, frozen=True):
+    """A weather forecast fetched on a schedule from an Open-Meteo-shaped API, stored for one place."""
+
+    place: str  # the DER area (location.area) the weather is for
+    url: str  # the whole request URL, with latitude, longitude and hourly=temperature_2m,shortwave_radiation,...
+    every_s: Annotated[float, msgspec.Meta(ge=1, le=86400)] = 3600.0
+    timeout_s: Annotated[float, msgspec.Meta(gt=0, le=300)] = 30.0
+
+
+class MarketConfig(Section, frozen=True):
+    """Market data beside the readings: price areas, completeness, fetched weather (docs/protocol.md, Settlement)."""
+
+    # A DER's location.area -> its JEPX price area (hokkaido ... kyushu); an area named like a JEPX area needs none.
+    price_areas: dict[str, str] = {}
+    register_max_gap_s: Annotated[float, msgspec.Meta(gt=0, le=86400)] = 900.0  # readings further apart: a gap
+    weather: list[WeatherFetchConfig] = []
+
+
 class AuditConfig(Section, frozen=True):
     path: str | None = None
     fsync: bool = False
@@ -319,6 +337,7 @@ class Config(Section, frozen=True):
     http: HttpConfig = HttpConfig()
     drivers: DriversConfig = DriversConfig()
     sources: list[SourceConfig] = []
+    market: MarketConfig = MarketConfig()
 
     @property
     def data_path(self) -> Path:
@@ -534,6 +553,7 @@ def _check(config: Config) -> None:
     if config.http.silent_s < config.http.fresh_s:
         raise ConfigError("http.silent_s: must be at least http.fresh_s")
     _check_sources(config)
+    _check_market(config)
     if config.topic_prefix.endswith("/") or "#" in config.topic_prefix or "+" in config.topic_prefix:
         raise ConfigError(
             f"topic_prefix: must be a plain topic without wildcards or a trailing /, got {config.topic_prefix!r}"
@@ -588,6 +608,17 @@ def _check_cloud(source: CloudSourceConfig, key: str) -> None:
     push = source.push
     if push is not None and not re.fullmatch(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):[0-9]{1,5}", push.bind):
         raise ConfigError(f"{key}.push.bind: must be host:port, got {push.bind!r}")
+
+
+def _check_market(config: Config) -> None:
+    from hubd.market.jepx import AREAS  # here: hubd.market imports the config
+
+    for area, price_area in config.market.price_areas.items():
+        if price_area not in AREAS:
+            raise ConfigError(f"market.price_areas.{area}: {price_area!r} is no JEPX area ({', '.join(AREAS)})")
+    for index, fetch in enumerate(config.market.weather):
+        if not fetch.url.startswith(("http://", "https://")):
+            raise ConfigError(f"market.weather[{index}].url: must start with http:// or https://")
 
 
 def parse_config(data: Any, source: str = "config") -> Config:

@@ -217,13 +217,15 @@ def raw_rows(hub: RunningHub, der_id: str, **conditions: Any) -> list[dict[str, 
     return list(answer["rows"])
 
 
-_MARKETS: dict[int, tuple[str, str]] = {}
+_MARKETS: dict[Path, tuple[str, str]] = {}
 
 
 def _market(hub: RunningHub) -> tuple[str, str]:
-    if id(hub) not in _MARKETS:
-        _MARKETS[id(hub)] = ("market-1", hub.consumer("market-1"))
-    return _MARKETS[id(hub)]
+    # By the hub's config file, not id(hub): a later test's hub may get the id of a finished one, and then
+    # asked as a consumer its state file never had.
+    if hub.config_path not in _MARKETS:
+        _MARKETS[hub.config_path] = ("market-1", hub.consumer("market-1"))
+    return _MARKETS[hub.config_path]
 
 
 def test_a_terminal_90_s_fast_is_caught_told_to_correct_and_flagged_until_it_does(hub_factory: Any) -> None:

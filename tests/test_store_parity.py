@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,10 @@ import pytest
 from influx_server import InfluxServer, fresh_database, influxd  # noqa: F401 - the fixture
 
 from hubd.auth.registry import Registry
-from hubd.config import Config, QueryConfig, parse_config
+from hubd.config import Config, MarketConfig, QueryConfig, parse_config
+from hubd.market import plans, settle
+from hubd.market.data import MarketData
+from hubd.query.buckets import zone
 from hubd.query.conditions import parse_query
 from hubd.query.execute import run
 from hubd.store import CLOCK_COLUMNS, ReadingQuery, Rows
@@ -287,3 +291,37 @@ def test_a_group_of_ders_named_in_one_regular_expression_matches_exactly_them(in
     assert condition is not None and ders_regex(("A 1",)) is None  # not an id the registry takes: the OR instead
     found = influxd.query(f'SELECT count("received_at") FROM "readings" WHERE {condition} GROUP BY "der_id"', database)
     assert sorted(s["tags"]["der_id"] for s in found) == ["A-1", "A.1", "A:1"]
+
+
+def test_the_settlement_view_is_the_same_on_both(stores: dict[str, Any], tmp_path: Path) -> None:
+    """Actual energy, completeness (some of PV-2's readings lack the register) and the clock-flagged energy
+    (BAT-1) per slot of London's short day, for each DER and a group of all three, with a plan."""
+    market = MarketData(tmp_path / "hub.sqlite3")
+    try:
+        market.add_group("ALL", DERS, DERS, 0)
+        slots = plans.entries(
+            [{"group": "ALL", "date": "2025-03-30", "slot": k, "kwh": 0.2} for k in range(1, 47)],
+            zone("Europe/London"),
+            DERS,
+            market.groups(),
+        )
+        market.store_plans(slots, "test", 0)
+        request = {"start": "2025-03-30T00:00:00Z", "end": "2025-03-30T23:00:00Z", "tz": "Europe/London"}
+        request |= {"der_ids": list(DERS), "groups": ["ALL"], "limit": 50, "max_gap_s": 600}
+        answers = {}
+        for name in ("sqlite", "influxdb"):
+            parsed = settle.parse(request, CONFIG, MarketConfig(), stores["ders"], market.groups())
+            rows = []
+            while True:
+                answer = settle.settle(parsed, stores[name], market, stores["ders"], MarketConfig())
+                rows += answer["rows"]
+                if answer["next_cursor"] is None:
+                    break
+                parsed = replace(parsed, cursor=settle.parse_cursor(answer["next_cursor"]))
+            answers[name] = rows
+    finally:
+        market.close()
+    assert len(answers["sqlite"]) == 4 * 46
+    assert any(r["clock_flagged_kwh"] > 0 for r in answers["sqlite"])
+    assert any(0 < r["completeness"] < 1 for r in answers["sqlite"])  # PV-2: register readings 14 min apart
+    assert answers["influxdb"] == answers["sqlite"]

@@ -174,7 +174,9 @@ def system_acls(prefix: str, name: str, role: str) -> tuple[tuple[str, str, bool
     if role == "gateway":
         sends = (_pub(f"{prefix}/data"), _pub(f"{prefix}/data/+"), _pub(f"{prefix}/time"), *_clock(prefix, name))
     elif role == "consumer":
-        sends = (_pub(f"{prefix}/query"), _pub(f"{prefix}/time"))
+        sends = (_pub(f"{prefix}/query"), _pub(f"{prefix}/plan"), _pub(f"{prefix}/time"))
+    elif role == "planner":  # uploads plans only (hub/v1/plan)
+        sends = (_pub(f"{prefix}/plan"), _pub(f"{prefix}/time"))
     else:  # a viewer uses the status page only
         sends = ()
     return (*sends, _status(prefix), *_replies(name))

@@ -20,7 +20,7 @@ from hubd.model import CONTROL_CHARACTERS, DER_TYPES, ErrorCode, HubError
 from hubd.state import open_state
 
 DerStatus = Literal["allowed", "registered", "revoked"]
-SystemRole = Literal["gateway", "consumer", "viewer"]  # viewer: the status page only
+SystemRole = Literal["gateway", "consumer", "viewer", "planner"]  # viewer: the status page only; planner: plans
 ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}\Z")  # \Z: "$" would let a trailing newline in
 
 _SCHEMA = """

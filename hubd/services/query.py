@@ -12,7 +12,11 @@ from typing import Any
 
 from hubd.audit import AuditLog
 from hubd.auth import Authenticator
-from hubd.config import QueryConfig
+from hubd.auth.registry import Der
+from hubd.config import MarketConfig, QueryConfig
+from hubd.market import groups as der_groups
+from hubd.market import settle
+from hubd.market.data import MarketData
 from hubd.model import ErrorCode, HubError
 from hubd.query.conditions import parse_query
 from hubd.query.execute import run as run_query
@@ -24,8 +28,15 @@ class QueryService:
     name = "query"
 
     def __init__(
-        self, auth: Authenticator, config: QueryConfig, reader: ReadingQuery, thread: Executor, audit: AuditLog
+        self,
+        auth: Authenticator,
+        config: QueryConfig,
+        reader: ReadingQuery,
+        thread: Executor,
+        audit: AuditLog,
+        market: tuple[MarketData, MarketConfig] | None = None,  # groups and the settlement view; used in ``thread``
     ) -> None:
+        self._market = market
         self._auth = auth
         self._config = config
         self._reader = reader
@@ -57,8 +68,8 @@ class QueryService:
                 audit.append("query.auth", denied.code.value, client_id=client, reason=denied.message)
                 raise denied
             audit.append("query.auth", client_id=client)
-            query = parse_query(body, self._config, self._auth.ders)
-            answer = await asyncio.get_running_loop().run_in_executor(self._thread, run_query, query, self._reader)
+            ders = self._auth.ders
+            answer = await asyncio.get_running_loop().run_in_executor(self._thread, self._extract, body, ders)
         except HubError as exc:
             audit.append("query.failed", exc.code.value, client_id=client, reason=exc.message)
             return refusal(exc)
@@ -69,7 +80,19 @@ class QueryService:
             "query.extracted",
             client_id=client,
             rows=answer["count"],
-            der_count=len({r["der_id"] for r in rows}),
+            der_count=len({r["der_id"] for r in rows if "der_id" in r}),
             **warned,
         )
         return answer
+
+    def _extract(self, body: dict[str, Any], ders: dict[str, Der]) -> dict[str, Any]:
+        """Run in the query thread: groups stand for their DERs; ``"view": "settlement"`` is hubd.market.settle."""
+        market, config = self._market if self._market else (None, MarketConfig())
+        groups = market.groups() if market else {}
+        view = body.get("view")
+        if view is not None:
+            if view != "settlement" or market is None:
+                raise HubError(ErrorCode.BAD_REQUEST, 'view must be "settlement" (or left out)')
+            request = settle.parse(body, self._config, config, ders, groups)
+            return settle.settle(request, self._reader, market, ders, config)
+        return run_query(parse_query(der_groups.expand(body, groups), self._config, ders), self._reader)
