@@ -629,9 +629,10 @@ def _settlement(ctx: Context, request: dict[str, Any], options: dict[str, Any]) 
             while True:
                 answer = settle.settle(parsed, store, market, ders, ctx.config.market)
                 rows += answer["rows"]
-                if answer["next_cursor"] is None:
+                if answer["next_cursor"] is None or (options["limit"] and len(rows) >= options["limit"]):
                     break
                 parsed = replace(parsed, cursor=settle.parse_cursor(answer["next_cursor"]))
+            rows = rows[: options["limit"] or None]
     finally:
         market.close()
         store.close()

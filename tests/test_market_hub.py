@@ -130,6 +130,8 @@ def test_plans_groups_and_settlement_through_the_hub(hub_factory: Any) -> None:
     table = list(csv.DictReader(io.StringIO(result.output)))
     assert len(table) == 96
     assert [float(r["imbalance_yen"]) for r in table] == [r["imbalance_yen"] for r in answer["rows"]]
+    first = hub.cli("query", "--view", "settlement", "--group", "VPP-1", "--der", "PV-T", "--limit", "3", *day)
+    assert [json.loads(line)["slot"] for line in first.output.split()] == [1, 2, 3]  # --limit: the first rows only
 
 
 def test_operator_imports_refuse_bad_files_whole_and_audit_them(hub: RunningHub, tmp_path: Path) -> None:

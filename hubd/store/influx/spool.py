@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from hubd.model import format_time
 from hubd.store import Rows
 
 _SCHEMA = """
@@ -95,7 +96,7 @@ class Spool:
         seconds = float(state.get("replay_seconds", 0.0))
         return {
             "mode": state.get("mode", "direct"),
-            "since": state.get("since"),
+            "since": None if state.get("since") is None else format_time(int(state["since"])),
             "reason": state.get("reason"),
             "spooled_batches": batches,
             "spooled_readings": readings,
