@@ -359,6 +359,9 @@ def test_the_documented_worked_example_collects_an_unseen_api(site: Any, key_fil
     (data / "formats" / "acme.history.yaml").write_text(documented_block("The format, `<data_dir>/formats/"))
     (data / "drivers" / "cloud" / "acme.yaml").write_text(documented_block("The profile, `<data_dir>/drivers/"))
     source = yaml.safe_load(documented_block("And the source in `hubd.yaml`:"))["sources"][0]
+    documented = tmp_path / "documented.yaml"  # as written: its unquoted `start` is a YAML timestamp
+    documented.write_text(documented_block("And the source in `hubd.yaml`:"))
+    assert load_config(documented).sources[0].start == "2026-11-01T00:00:00+00:00"
     sample = tmp_path / "answer.json"
     sample.write_text('{"plant": 12, "records": [{"t": "2026-11-27T00:05:00Z", "pac": 1830, "yield": 152}], "page": 1}')
     app, asked = acme_api()
@@ -399,6 +402,8 @@ def test_config_and_profile_mistakes_are_named_by_their_key(tmp_path: Path, brok
         ({"base_url": "ftp://x"}, "sources[0].base_url: must be http(s)://"),
         ({"base_url": "https://user:pw@x"}, "sources[0].base_url: must be http(s)://host[:port][/path] without"),
         ({"start": "2026-11-01 00:00"}, "sources[0].start"),
+        ({"start": yaml.safe_load("2026-11-01 00:00:00")}, "sources[0].start: 2026-11-01T00:00:00 has no time zone"),
+        ({"start": yaml.safe_load("2026-11-01")}, "sources[0].start: 2026-11-01 has no time zone"),
         ({"retry_min_s": 10, "retry_max_s": 1}, "sources[0].retry_max_s: must be at least retry_min_s"),
         ({"push": {"bind": "nowhere", "token_file": "t"}}, "sources[0].push.bind: must be host:port"),
     ]
