@@ -190,10 +190,9 @@ def wait_now() -> int:
     return now_ms()
 
 
-def test_a_daylight_saving_day_in_the_vendor_zone_is_backfilled_whole(
-    tmp_path: Path, broker: EmbeddedBroker, key_file: Path
-) -> None:
-    """Europe/Berlin springs forward on 2026-03-29: its local day has 92 quarter hours, none at 02:xx."""
+def berlin_backfill(tmp_path: Path, broker: EmbeddedBroker, key_file: Path, start: str, end: str) -> Any:
+    """``hubd source backfill`` of one site of a SolarEdge-style cloud in Europe/Berlin from ``start`` to ``end``:
+    (the command's result, the requests the cloud saw, the config file)."""
     data = tmp_path / "data"
     shipped_format = yaml.safe_load((SHIPPED.parent.parent / "formats" / "solaredge.site_power.yaml").read_text())
     shipped_format["reading"]["measured_at"]["zone"] = "Europe/Berlin"
@@ -214,15 +213,22 @@ def test_a_daylight_saving_day_in_the_vendor_zone_is_backfilled_whole(
         config = write_config(tmp_path / "hubd.yaml", broker, sources=[source])
         runner = CliRunner()
         assert runner.invoke(hubd_main, ["--config", str(config), "der", "add", "PV-B42"]).exit_code == 0
-        start, end = "2026-03-29T00:00:00+01:00", "2026-03-30T00:00:00+02:00"
         result = runner.invoke(
             hubd_main, ["--config", str(config), "source", "backfill", "berlin", "--start", start, "--end", end]
         )
         assert result.exit_code == 0, result.output
-        assert "backfilled 92 readings in 1 windows" in result.output
-        asked = [path for _, path in cloud.requests]
-        assert len(asked) == 1 and asked[0].startswith("/site/42/power?")  # local times, the end included
-        assert {"startTime=2026-03-29 00:00:00", "endTime=2026-03-29 23:59:59"} == set(asked[0][15:].split("&"))
+        return result, [path for _, path in cloud.requests], config
+
+
+def test_a_daylight_saving_day_in_the_vendor_zone_is_backfilled_whole(
+    tmp_path: Path, broker: EmbeddedBroker, key_file: Path
+) -> None:
+    """Europe/Berlin springs forward on 2026-03-29: its local day has 92 quarter hours, none at 02:xx."""
+    start, end = "2026-03-29T00:00:00+01:00", "2026-03-30T00:00:00+02:00"
+    result, asked, config = berlin_backfill(tmp_path, broker, key_file, start, end)
+    assert "backfilled 92 readings in 1 windows" in result.output
+    assert len(asked) == 1 and asked[0].startswith("/site/42/power?")  # local times, the end included
+    assert {"startTime=2026-03-29 00:00:00", "endTime=2026-03-29 23:59:59"} == set(asked[0][15:].split("&"))
 
     rows = stored(SimpleNamespace(config=load_config(config)), "PV-B42")  # type: ignore[arg-type]
     first = parse_time(start)
@@ -234,6 +240,21 @@ def test_a_daylight_saving_day_in_the_vendor_zone_is_backfilled_whole(
         hubd_main, ["--config", str(config), "source", "backfill", "nothing", "--start", start, "--end", end]
     )
     assert again.exit_code == 1 and "no cloud source nothing" in again.output
+
+
+def test_the_hour_repeated_when_clocks_go_back_is_stored_twice_in_its_order(
+    tmp_path: Path, broker: EmbeddedBroker, key_file: Path
+) -> None:
+    """Europe/Berlin falls back on 2026-10-25: 02:00 … 02:45 local come twice, without an offset, in order. The
+    first are 00:00 … 00:45Z, the repeats 01:00 … 01:45Z: all 100 quarter hours, each with its own value."""
+    start, end = "2026-10-25T00:00:00+02:00", "2026-10-26T00:00:00+01:00"
+    result, _, config = berlin_backfill(tmp_path, broker, key_file, start, end)
+    assert "backfilled 100 readings in 2 windows" in result.output, result.output
+    rows = stored(SimpleNamespace(config=load_config(config)), "PV-B42")  # type: ignore[arg-type]
+    expected = list(range(parse_time(start), parse_time(end), QUARTER_MS))
+    assert len(expected) == 100
+    assert [row[0] for row in rows] == expected
+    assert [row[1] for row in rows] == [power_w("42", at // 1000) / 1000 for at in expected]
 
 
 def enphase_api(expires_in: int) -> tuple[web.Application, dict[str, Any]]:

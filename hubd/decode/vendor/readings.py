@@ -21,7 +21,7 @@ from hubd.decode.registry import Limits
 from hubd.decode.vendor.access import Access, Message
 from hubd.decode.vendor.language import IdSpec, Number, ReadingSpec, Source, TimeSpec
 from hubd.decode.vendor.numbers import factors_of, message_factor, quantity, quantity_column
-from hubd.decode.vendor.times import _epoch, _local, _rfc3339, _slow_time, hour_table, hourly, show
+from hubd.decode.vendor.times import _epoch, _local, _rfc3339, _slow_time, hour_table, hourly, in_order, show
 from hubd.model import MAX_TIME_MS, MIN_TIME_MS, ErrorCode, HubError, Reading
 
 BAD = ErrorCode.BAD_REQUEST
@@ -370,6 +370,7 @@ def _time(spec: TimeSpec, access: Access) -> tuple[Judge, PartColumn]:
     get = access.getter(spec.source)
     at_message = access.message_level(spec.source)
     label, shift, default_now = spec.source.label, spec.shift_ms, spec.default_now
+    zone = spec.zone if spec.kind == "local" else None
     quick: Callable[[str], int] | None = None  # an epoch number: times its unit, inline
     many: Callable[[list[Any]], list[int]]  # quick for a column
     slow: Callable[[Any], int]
@@ -412,6 +413,8 @@ def _time(spec: TimeSpec, access: Access) -> tuple[Judge, PartColumn]:
         found = [get(message)] * len(records) if at_message else list(map(get, records))
         if set(map(type, found)) <= {common}:
             times = many(found)
+            if zone is not None:  # local times through the hour repeated when daylight saving ends
+                times = in_order(times, found, zone, spec.format)
             if shift:
                 times = list(map(add, times, repeat(shift)))
             if not times or (min(times) >= MIN_TIME_MS and max(times) <= message.horizon):
