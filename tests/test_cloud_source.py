@@ -253,6 +253,57 @@ def test_a_body_its_format_cannot_read_is_quarantined_with_its_request_and_asked
     no_secret_in(hub)
 
 
+def test_sites_failing_at_once_each_have_their_own_outage_quarantine_and_retry_after(site: Any, key_file: Path) -> None:
+    """One poll, one account: site 1001 answers 500, 1002 429 with Retry-After: 3, 1003 HTML; 1004 is fine."""
+    sites = ["1001", "1002", "1003", "1004"]
+    with CloudThread(SimulatedCloud(sites, api_key=API_KEY)) as cloud:
+        cloud.site_script = {"1001": [500], "1002": [(429, 3)], "1003": ["garbage"]}
+        start = quarters_back(8)
+        source = cloud_source(cloud, key_file, start=format_time(start), retry_min_s=2.0, retry_max_s=2.0)
+        source["sites"] = {s: f"PV-{s}" for s in sites}
+        hub = site([source], ders=tuple(f"PV-{s}" for s in sites))
+
+        def waiting() -> Any:
+            """source status names each failing site and what it waits for"""
+            shown = json.loads(hub.cli("source", "status", "se").output)
+            return len(records(hub, "cloud.offline")) == 2 and shown
+
+        shown = wait_for(waiting)
+        assert shown["online"] is False
+        assert "site 1001: GET" in shown["reason"] and "HTTP 500" in shown["reason"]
+        assert "site 1003: " in shown["reason"] and "is not JSON" in shown["reason"]
+        assert shown["sites"]["1002"]["waiting"].startswith("rate_limited until 20")
+        assert shown["sites"]["1001"]["waiting"].startswith("backoff until 20")
+        assert shown["sites"]["1004"] == {"online": True, "reason": None, "waiting": None}
+        assert "site 1002: rate_limited until" in shown["waiting"] and "site 1003: backoff until" in shown["waiting"]
+        wait_for(lambda: all(len(stored(hub, f"PV-{s}")) >= 8 for s in sites), timeout=15)
+        offline = {r["site"]: r["reason"] for r in records(hub, "cloud.offline")}
+        assert offline.keys() == {"1001", "1003"} and "HTTP 500" in offline["1001"]
+        assert {r["site"] for r in records(hub, "cloud.online")} == {"1001", "1003"}
+        limited = records(hub, "cloud.rate_limited")
+        assert [(r["site"], r["wait_s"]) for r in limited] == [("1002", 3.0)]
+        kept = records(hub, "data.quarantined")
+        assert len(kept) == 1 and "/site/1003/power" in kept[0]["topic"]
+        asked_1002 = [at for at, path in cloud.requests if path.startswith("/site/1002/")]
+        assert asked_1002[1] - asked_1002[0] >= 2.95  # Retry-After: 3, not the backoff (2 ± 25 %)
+        for s in sites:
+            assert_exactly(hub, s, start, quarters_back(1), f"PV-{s}")
+        assert json.loads(hub.cli("source", "status", "se").output)["waiting"] is None
+
+
+def test_the_same_bad_answer_at_every_retry_is_quarantined_once_per_outage(
+    site: Any, cloud: SimulatedCloud, key_file: Path
+) -> None:
+    start = quarters_back(8)
+    cloud.script = ["garbage", "garbage", "garbage"]
+    hub = site([cloud_source(cloud, key_file, start=format_time(start))])
+    wait_for(lambda: len(stored(hub)) >= 8 and records(hub, "cloud.online"))
+    assert len(cloud.requests) >= 4  # three bad answers, then the good one
+    assert len(records(hub, "data.quarantined")) == 1
+    assert len(records(hub, "cloud.offline")) == 1
+    assert_exactly(hub, "1001", start, quarters_back(1))
+
+
 def test_a_cloud_whose_date_runs_two_minutes_slow_is_flagged(site: Any, key_file: Path, tmp_path: Path) -> None:
     with CloudThread(SimulatedCloud(["1001"], api_key=API_KEY, clock_offset_s=-120)) as slow:
         hub = site([cloud_source(slow, key_file, start=format_time(quarters_back(8)))])
