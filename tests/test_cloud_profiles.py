@@ -442,6 +442,15 @@ def test_config_and_profile_mistakes_are_named_by_their_key(tmp_path: Path, brok
     started = CliRunner().invoke(hubd_main, ["--config", str(config), "run"])
     assert started.exit_code == 78
     assert "broken.yaml: requests[0].paging: page paging needs items" in started.output
+    utc = yaml.safe_load((SHIPPED / "solaredge.site_power.yaml").read_text()) | {"zone": "UTC"}
+    user_profile(data, "se.utc", utc)  # its format reads Asia/Tokyo local times: every reading 9 h off
+    config = write_config(
+        tmp_path / "hubd.yaml", broker, sources=[base | {"profile": "se.utc", "secrets": {"api_key": "k"}}]
+    )
+    started = CliRunner().invoke(hubd_main, ["--config", str(config), "run"])
+    assert started.exit_code == 78, started.output
+    assert "se.utc.yaml: zone is UTC, but requests[0]'s format solaredge.site_power (" in started.output
+    assert "solaredge.site_power.yaml) reads reading.measured_at in zone Asia/Tokyo" in started.output
     missing = write_config(tmp_path / "hubd.yaml", broker, sources=[base])
     started = CliRunner().invoke(hubd_main, ["--config", str(missing), "run"])
     assert started.exit_code == 78 and "secrets.api_key: the profile solaredge.site_power needs it" in started.output

@@ -48,7 +48,7 @@ from hubd.sources.cloud.client import (
     read_secrets,
 )
 from hubd.sources.cloud.cursor import CloudState
-from hubd.sources.cloud.profile import Profile, load_profile
+from hubd.sources.cloud.profile import Profile, check_zones, load_profile
 
 Progress = Callable[[str, int, int, int], None]  # site, window start, window end, readings stored
 
@@ -96,6 +96,8 @@ def build_sources(config: Config, audit: AuditLog, clocks: Clocks | None = None)
     """The configured cloud sources; a missing profile or secret stops the hub, named (never shown)."""
     clouds = [s for s in config.sources if isinstance(s, CloudSourceConfig)]
     profiles = [load_profile(config, source.profile) for source in clouds]
+    for source, profile in zip(clouds, profiles, strict=True):
+        check_zones(config, source, profile)
     return [
         CloudSource(source, profile, audit, CloudState(config.registry_path), config, clocks)
         for source, profile in zip(clouds, profiles, strict=True)
