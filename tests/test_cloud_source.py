@@ -400,3 +400,40 @@ def test_late_corrections_inside_the_look_back_replace_and_older_ones_are_not_as
     rows = dict((row[0], row[1]) for row in stored(hub))
     assert rows[old] == power_w("1001", old // 1000) / 1000  # outside the look-back: not asked again
     assert len(stored(hub)) == len(rows) == (quarters_back(1) - start) // QUARTER_MS + 1  # replaced, not added
+
+
+def test_a_short_secret_is_masked_by_its_parameter_not_by_its_letters(tmp_path: Path) -> None:
+    """A one-letter key must not turn "Cannot connect" into "Cann*** c***nnect"; a long one is masked anywhere."""
+    import asyncio
+    import socket
+
+    from hubd.config import parse_config
+    from hubd.sources.cloud.client import CloudClient, Unreachable, _no_secrets
+    from hubd.sources.cloud.profile import SHIPPED, parse_profile
+
+    with socket.socket() as closed:  # a port nothing listens on: the connection is refused
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    source = {"kind": "cloud", "name": "se", "profile": "solaredge.site_power", "sites": {"1001": "PV-C1"}}
+    config = parse_config({"sources": [source | {"base_url": f"http://127.0.0.1:{port}", "timeout_s": 2}]})
+    profile = parse_profile(SHIPPED / "solaredge.site_power.yaml")
+    client = CloudClient(config.sources[0], profile, {"api_key": "o"})  # type: ignore[arg-type]
+
+    async def ask() -> str:
+        try:
+            async for _ in client.window(profile.requests[0], "1001", quarters_back(4), quarters_back(0)):
+                pass
+        except Unreachable as exc:
+            return str(exc)
+        finally:
+            await client.close()
+        raise AssertionError("a refused connection must be an outage")
+
+    said = asyncio.run(ask())
+    assert "Cannot connect to host" in said and "***" not in said and "api_key" not in said, said
+    assert _no_secrets("GET http://h/p?api_key=o&x=1: Name or service not known", {"api_key": "o"}, ("api_key",)) == (
+        "GET http://h/p?api_key=***&x=1: Name or service not known"
+    )
+    assert (
+        _no_secrets(f"refused {API_KEY} at {API_KEY[::-1]}", {"api_key": API_KEY}) == f"refused *** at {API_KEY[::-1]}"
+    )
