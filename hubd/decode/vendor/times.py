@@ -89,6 +89,21 @@ def _local(value: Any, label: str, zone: ZoneInfo | None, fmt: str | None) -> in
         raise HubError(BAD, "measured_at is out of range: the hub takes the years 1000 to 9998") from None
 
 
+def second_occurrence(text: Any, at: int, before: int, zone: ZoneInfo, fmt: str | None) -> int | None:
+    """``text``'s second occurrence when it repeats a wall time (``at``: its first) and that comes after
+    ``before``; None when it does not (no repeated hour, an offset in the text, or still not after ``before``)."""
+    try:
+        moment = datetime.fromisoformat(text) if fmt is None else datetime.strptime(text, fmt)
+    except (TypeError, ValueError):
+        return None
+    if moment.tzinfo is not None:
+        return None
+    first, second = zone.utcoffset(moment), zone.utcoffset(moment.replace(fold=1))
+    assert first is not None and second is not None
+    later = at + (first - second) // _MS
+    return later if later > before else None
+
+
 def in_order(times: list[int], texts: list[Any], zone: ZoneInfo, fmt: str | None) -> list[int]:
     """A series of local times in order through the hour repeated when daylight saving ends (02:00 … 02:45,
     02:00 … 02:45 in Europe/Berlin): each wall time that, taken as its first occurrence, would not come after the
@@ -102,17 +117,8 @@ def in_order(times: list[int], texts: list[Any], zone: ZoneInfo, fmt: str | None
         before, at = times[index - 1], times[index]
         if at > before:
             continue
-        text = texts[index]
-        try:
-            moment = datetime.fromisoformat(text) if fmt is None else datetime.strptime(text, fmt)
-        except (TypeError, ValueError):
-            break
-        if moment.tzinfo is not None:
-            break
-        first, second = zone.utcoffset(moment), zone.utcoffset(moment.replace(fold=1))
-        assert first is not None and second is not None
-        later = at + (first - second) // _MS
-        if later <= before:
+        later = second_occurrence(texts[index], at, before, zone, fmt)
+        if later is None:
             break
         times[index] = later
     return times
