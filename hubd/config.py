@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import os
 import re
+from datetime import date, datetime
 from pathlib import Path
 from types import UnionType
 from typing import TYPE_CHECKING, Annotated, Any, Final, Literal, get_args, get_origin
@@ -621,6 +622,20 @@ def _check_market(config: Config) -> None:
             raise ConfigError(f"market.weather[{index}].url: must start with http:// or https://")
 
 
+def _yaml_times(document: dict[str, Any]) -> None:
+    """A cloud source's ``start`` written unquoted (``start: 2026-11-01T00:00:00Z``) is a YAML timestamp: taken
+    as the same RFC 3339 text when it has a zone; without one (or a bare date) it is refused, named."""
+    sources = document.get("sources")
+    for index, entry in enumerate(sources if isinstance(sources, list) else []):
+        value = entry.get("start") if isinstance(entry, dict) else None
+        if isinstance(value, datetime) and value.tzinfo is not None:
+            entry["start"] = value.isoformat()
+        elif isinstance(value, date):
+            raise ConfigError(
+                f"sources[{index}].start: {value.isoformat()} has no time zone; write one (2026-11-01T00:00:00Z)"
+            )
+
+
 def parse_config(data: Any, source: str = "config") -> Config:
     """Validate a parsed YAML document into a Config; ``source`` begins every message (the file, usually)."""
     document = {} if data is None else copy.deepcopy(data)  # an empty file is the embedded default
@@ -628,6 +643,7 @@ def parse_config(data: Any, source: str = "config") -> Config:
         if isinstance(document, dict):
             _rename(document, source)
             _fill_empty_sections(document, Config)
+            _yaml_times(document)
         try:
             config = msgspec.convert(document, Config)
         except msgspec.ValidationError as exc:

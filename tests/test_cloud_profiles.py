@@ -178,7 +178,7 @@ def test_pages_are_followed_and_a_page_breaking_mid_series_loses_nothing(
         rows = stored(hub, "PV-P7")
         expected = list(range(begin, begin + 12 * QUARTER_MS, QUARTER_MS))
         assert [row[0] for row in rows] == expected  # every quarter hour once: none lost, none doubled
-        assert [row[1] for row in rows] == [power_w("7", at // 1000) / 1000 for at in expected]
+        assert [row[1] for row in rows] == [round(power_w("7", at // 1000) / 1000, 4) for at in expected]
         assert len(records(hub, "cloud.offline")) == 1 and len(records(hub, "cloud.online")) == 1
         assert any("page=2" in path or "cursor=2" in path for path in asked)
         assert all(API_KEY not in path for path in asked)  # the key went in a header, as the profile says
@@ -190,10 +190,9 @@ def wait_now() -> int:
     return now_ms()
 
 
-def test_a_daylight_saving_day_in_the_vendor_zone_is_backfilled_whole(
-    tmp_path: Path, broker: EmbeddedBroker, key_file: Path
-) -> None:
-    """Europe/Berlin springs forward on 2026-03-29: its local day has 92 quarter hours, none at 02:xx."""
+def berlin_backfill(tmp_path: Path, broker: EmbeddedBroker, key_file: Path, start: str, end: str) -> Any:
+    """``hubd source backfill`` of one site of a SolarEdge-style cloud in Europe/Berlin from ``start`` to ``end``:
+    (the command's result, the requests the cloud saw, the config file)."""
     data = tmp_path / "data"
     shipped_format = yaml.safe_load((SHIPPED.parent.parent / "formats" / "solaredge.site_power.yaml").read_text())
     shipped_format["reading"]["measured_at"]["zone"] = "Europe/Berlin"
@@ -214,26 +213,48 @@ def test_a_daylight_saving_day_in_the_vendor_zone_is_backfilled_whole(
         config = write_config(tmp_path / "hubd.yaml", broker, sources=[source])
         runner = CliRunner()
         assert runner.invoke(hubd_main, ["--config", str(config), "der", "add", "PV-B42"]).exit_code == 0
-        start, end = "2026-03-29T00:00:00+01:00", "2026-03-30T00:00:00+02:00"
         result = runner.invoke(
             hubd_main, ["--config", str(config), "source", "backfill", "berlin", "--start", start, "--end", end]
         )
         assert result.exit_code == 0, result.output
-        assert "backfilled 92 readings in 1 windows" in result.output
-        asked = [path for _, path in cloud.requests]
-        assert len(asked) == 1 and asked[0].startswith("/site/42/power?")  # local times, the end included
-        assert {"startTime=2026-03-29 00:00:00", "endTime=2026-03-29 23:59:59"} == set(asked[0][15:].split("&"))
+        return result, [path for _, path in cloud.requests], config
+
+
+def test_a_daylight_saving_day_in_the_vendor_zone_is_backfilled_whole(
+    tmp_path: Path, broker: EmbeddedBroker, key_file: Path
+) -> None:
+    """Europe/Berlin springs forward on 2026-03-29: its local day has 92 quarter hours, none at 02:xx."""
+    start, end = "2026-03-29T00:00:00+01:00", "2026-03-30T00:00:00+02:00"
+    result, asked, config = berlin_backfill(tmp_path, broker, key_file, start, end)
+    assert "backfilled 92 readings in 1 windows" in result.output
+    assert len(asked) == 1 and asked[0].startswith("/site/42/power?")  # local times, the end included
+    assert {"startTime=2026-03-29 00:00:00", "endTime=2026-03-29 23:59:59"} == set(asked[0][15:].split("&"))
 
     rows = stored(SimpleNamespace(config=load_config(config)), "PV-B42")  # type: ignore[arg-type]
     first = parse_time(start)
     expected = list(range(first, parse_time(end), QUARTER_MS))
     assert len(expected) == 92
     assert [row[0] for row in rows] == expected  # contiguous in UTC across the missing local hour
-    assert [row[1] for row in rows] == [power_w("42", at // 1000) / 1000 for at in expected]
+    assert [row[1] for row in rows] == [round(power_w("42", at // 1000) / 1000, 4) for at in expected]
     again = CliRunner().invoke(
         hubd_main, ["--config", str(config), "source", "backfill", "nothing", "--start", start, "--end", end]
     )
     assert again.exit_code == 1 and "no cloud source nothing" in again.output
+
+
+def test_the_hour_repeated_when_clocks_go_back_is_stored_twice_in_its_order(
+    tmp_path: Path, broker: EmbeddedBroker, key_file: Path
+) -> None:
+    """Europe/Berlin falls back on 2026-10-25: 02:00 … 02:45 local come twice, without an offset, in order. The
+    first are 00:00 … 00:45Z, the repeats 01:00 … 01:45Z: all 100 quarter hours, each with its own value."""
+    start, end = "2026-10-25T00:00:00+02:00", "2026-10-26T00:00:00+01:00"
+    result, _, config = berlin_backfill(tmp_path, broker, key_file, start, end)
+    assert "backfilled 100 readings in 2 windows" in result.output, result.output
+    rows = stored(SimpleNamespace(config=load_config(config)), "PV-B42")  # type: ignore[arg-type]
+    expected = list(range(parse_time(start), parse_time(end), QUARTER_MS))
+    assert len(expected) == 100
+    assert [row[0] for row in rows] == expected
+    assert [row[1] for row in rows] == [round(power_w("42", at // 1000) / 1000, 4) for at in expected]
 
 
 def enphase_api(expires_in: int) -> tuple[web.Application, dict[str, Any]]:
@@ -359,6 +380,9 @@ def test_the_documented_worked_example_collects_an_unseen_api(site: Any, key_fil
     (data / "formats" / "acme.history.yaml").write_text(documented_block("The format, `<data_dir>/formats/"))
     (data / "drivers" / "cloud" / "acme.yaml").write_text(documented_block("The profile, `<data_dir>/drivers/"))
     source = yaml.safe_load(documented_block("And the source in `hubd.yaml`:"))["sources"][0]
+    documented = tmp_path / "documented.yaml"  # as written: its unquoted `start` is a YAML timestamp
+    documented.write_text(documented_block("And the source in `hubd.yaml`:"))
+    assert load_config(documented).sources[0].start == "2026-11-01T00:00:00+00:00"
     sample = tmp_path / "answer.json"
     sample.write_text('{"plant": 12, "records": [{"t": "2026-11-27T00:05:00Z", "pac": 1830, "yield": 152}], "page": 1}')
     app, asked = acme_api()
@@ -399,6 +423,8 @@ def test_config_and_profile_mistakes_are_named_by_their_key(tmp_path: Path, brok
         ({"base_url": "ftp://x"}, "sources[0].base_url: must be http(s)://"),
         ({"base_url": "https://user:pw@x"}, "sources[0].base_url: must be http(s)://host[:port][/path] without"),
         ({"start": "2026-11-01 00:00"}, "sources[0].start"),
+        ({"start": yaml.safe_load("2026-11-01 00:00:00")}, "sources[0].start: 2026-11-01T00:00:00 has no time zone"),
+        ({"start": yaml.safe_load("2026-11-01")}, "sources[0].start: 2026-11-01 has no time zone"),
         ({"retry_min_s": 10, "retry_max_s": 1}, "sources[0].retry_max_s: must be at least retry_min_s"),
         ({"push": {"bind": "nowhere", "token_file": "t"}}, "sources[0].push.bind: must be host:port"),
     ]
@@ -416,6 +442,15 @@ def test_config_and_profile_mistakes_are_named_by_their_key(tmp_path: Path, brok
     started = CliRunner().invoke(hubd_main, ["--config", str(config), "run"])
     assert started.exit_code == 78
     assert "broken.yaml: requests[0].paging: page paging needs items" in started.output
+    utc = yaml.safe_load((SHIPPED / "solaredge.site_power.yaml").read_text()) | {"zone": "UTC"}
+    user_profile(data, "se.utc", utc)  # its format reads Asia/Tokyo local times: every reading 9 h off
+    config = write_config(
+        tmp_path / "hubd.yaml", broker, sources=[base | {"profile": "se.utc", "secrets": {"api_key": "k"}}]
+    )
+    started = CliRunner().invoke(hubd_main, ["--config", str(config), "run"])
+    assert started.exit_code == 78, started.output
+    assert "se.utc.yaml: zone is UTC, but requests[0]'s format solaredge.site_power (" in started.output
+    assert "solaredge.site_power.yaml) reads reading.measured_at in zone Asia/Tokyo" in started.output
     missing = write_config(tmp_path / "hubd.yaml", broker, sources=[base])
     started = CliRunner().invoke(hubd_main, ["--config", str(missing), "run"])
     assert started.exit_code == 78 and "secrets.api_key: the profile solaredge.site_power needs it" in started.output

@@ -123,7 +123,9 @@ def assert_exactly(hub: RunningHub, site: str, start_ms: int, end_ms: int, der_i
     """The store holds each quarter hour from start to end once, with the cloud's value for it."""
     rows = [row for row in stored(hub, der_id) if start_ms <= row[0] <= end_ms]
     assert [row[0] for row in rows] == every_quarter(start_ms, end_ms)
-    assert [row[1] for row in rows] == [power_w(site, at // 1000) / 1000 for at in every_quarter(start_ms, end_ms)]
+    assert [row[1] for row in rows] == [
+        round(power_w(site, at // 1000) / 1000, 4) for at in every_quarter(start_ms, end_ms)
+    ]
 
 
 def no_secret_in(hub: RunningHub) -> None:
@@ -253,6 +255,57 @@ def test_a_body_its_format_cannot_read_is_quarantined_with_its_request_and_asked
     no_secret_in(hub)
 
 
+def test_sites_failing_at_once_each_have_their_own_outage_quarantine_and_retry_after(site: Any, key_file: Path) -> None:
+    """One poll, one account: site 1001 answers 500, 1002 429 with Retry-After: 3, 1003 HTML; 1004 is fine."""
+    sites = ["1001", "1002", "1003", "1004"]
+    with CloudThread(SimulatedCloud(sites, api_key=API_KEY)) as cloud:
+        cloud.site_script = {"1001": [500], "1002": [(429, 3)], "1003": ["garbage"]}
+        start = quarters_back(8)
+        source = cloud_source(cloud, key_file, start=format_time(start), retry_min_s=2.0, retry_max_s=2.0)
+        source["sites"] = {s: f"PV-{s}" for s in sites}
+        hub = site([source], ders=tuple(f"PV-{s}" for s in sites))
+
+        def waiting() -> Any:
+            """source status names each failing site and what it waits for"""
+            shown = json.loads(hub.cli("source", "status", "se").output)
+            return len(records(hub, "cloud.offline")) == 2 and shown
+
+        shown = wait_for(waiting)
+        assert shown["online"] is False
+        assert "site 1001: GET" in shown["reason"] and "HTTP 500" in shown["reason"]
+        assert "site 1003: " in shown["reason"] and "is not JSON" in shown["reason"]
+        assert shown["sites"]["1002"]["waiting"].startswith("rate_limited until 20")
+        assert shown["sites"]["1001"]["waiting"].startswith("backoff until 20")
+        assert shown["sites"]["1004"] == {"online": True, "reason": None, "waiting": None}
+        assert "site 1002: rate_limited until" in shown["waiting"] and "site 1003: backoff until" in shown["waiting"]
+        wait_for(lambda: all(len(stored(hub, f"PV-{s}")) >= 8 for s in sites), timeout=15)
+        offline = {r["site"]: r["reason"] for r in records(hub, "cloud.offline")}
+        assert offline.keys() == {"1001", "1003"} and "HTTP 500" in offline["1001"]
+        assert {r["site"] for r in records(hub, "cloud.online")} == {"1001", "1003"}
+        limited = records(hub, "cloud.rate_limited")
+        assert [(r["site"], r["wait_s"]) for r in limited] == [("1002", 3.0)]
+        kept = records(hub, "data.quarantined")
+        assert len(kept) == 1 and "/site/1003/power" in kept[0]["topic"]
+        asked_1002 = [at for at, path in cloud.requests if path.startswith("/site/1002/")]
+        assert asked_1002[1] - asked_1002[0] >= 2.95  # Retry-After: 3, not the backoff (2 ± 25 %)
+        for s in sites:
+            assert_exactly(hub, s, start, quarters_back(1), f"PV-{s}")
+        assert json.loads(hub.cli("source", "status", "se").output)["waiting"] is None
+
+
+def test_the_same_bad_answer_at_every_retry_is_quarantined_once_per_outage(
+    site: Any, cloud: SimulatedCloud, key_file: Path
+) -> None:
+    start = quarters_back(8)
+    cloud.script = ["garbage", "garbage", "garbage"]
+    hub = site([cloud_source(cloud, key_file, start=format_time(start))])
+    wait_for(lambda: len(stored(hub)) >= 8 and records(hub, "cloud.online"))
+    assert len(cloud.requests) >= 4  # three bad answers, then the good one
+    assert len(records(hub, "data.quarantined")) == 1
+    assert len(records(hub, "cloud.offline")) == 1
+    assert_exactly(hub, "1001", start, quarters_back(1))
+
+
 def test_a_cloud_whose_date_runs_two_minutes_slow_is_flagged(site: Any, key_file: Path, tmp_path: Path) -> None:
     with CloudThread(SimulatedCloud(["1001"], api_key=API_KEY, clock_offset_s=-120)) as slow:
         hub = site([cloud_source(slow, key_file, start=format_time(quarters_back(8)))])
@@ -347,5 +400,42 @@ def test_late_corrections_inside_the_look_back_replace_and_older_ones_are_not_as
     cloud.late[("1001", old // 1000)] = 1234.0
     wait_for(lambda: dict((row[0], row[1]) for row in stored(hub))[recent] == 4.321)
     rows = dict((row[0], row[1]) for row in stored(hub))
-    assert rows[old] == power_w("1001", old // 1000) / 1000  # outside the look-back: not asked again
+    assert rows[old] == round(power_w("1001", old // 1000) / 1000, 4)  # outside the look-back: not asked again
     assert len(stored(hub)) == len(rows) == (quarters_back(1) - start) // QUARTER_MS + 1  # replaced, not added
+
+
+def test_a_short_secret_is_masked_by_its_parameter_not_by_its_letters(tmp_path: Path) -> None:
+    """A one-letter key must not turn "Cannot connect" into "Cann*** c***nnect"; a long one is masked anywhere."""
+    import asyncio
+    import socket
+
+    from hubd.config import parse_config
+    from hubd.sources.cloud.client import CloudClient, Unreachable, _no_secrets
+    from hubd.sources.cloud.profile import SHIPPED, parse_profile
+
+    with socket.socket() as closed:  # a port nothing listens on: the connection is refused
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    source = {"kind": "cloud", "name": "se", "profile": "solaredge.site_power", "sites": {"1001": "PV-C1"}}
+    config = parse_config({"sources": [source | {"base_url": f"http://127.0.0.1:{port}", "timeout_s": 2}]})
+    profile = parse_profile(SHIPPED / "solaredge.site_power.yaml")
+    client = CloudClient(config.sources[0], profile, {"api_key": "o"})  # type: ignore[arg-type]
+
+    async def ask() -> str:
+        try:
+            async for _ in client.window(profile.requests[0], "1001", quarters_back(4), quarters_back(0)):
+                pass
+        except Unreachable as exc:
+            return str(exc)
+        finally:
+            await client.close()
+        raise AssertionError("a refused connection must be an outage")
+
+    said = asyncio.run(ask())
+    assert "Cannot connect to host" in said and "***" not in said and "api_key" not in said, said
+    assert _no_secrets("GET http://h/p?api_key=o&x=1: Name or service not known", {"api_key": "o"}, ("api_key",)) == (
+        "GET http://h/p?api_key=***&x=1: Name or service not known"
+    )
+    assert (
+        _no_secrets(f"refused {API_KEY} at {API_KEY[::-1]}", {"api_key": API_KEY}) == f"refused *** at {API_KEY[::-1]}"
+    )

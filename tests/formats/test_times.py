@@ -151,3 +151,51 @@ def test_a_day_without_a_change_of_offset_enters_its_hours_at_once() -> None:
     fast = table(slow_in(berlin), None, berlin)  # summer time begins at 02:00: hour by hour
     assert fast("2026-03-29 09:15:00") == _local("2026-03-29 09:15:00", "t", berlin, None)
     assert list(fast.hours) == ["2026-03-29 09"]
+
+
+@pytest.mark.parametrize(
+    ("values", "expected"),
+    [
+        pytest.param(  # a column at a time
+            ["01:45", "02:00", "02:15", "02:30", "02:45", "02:00", "02:15", "02:30", "02:45", "03:00"],
+            ["23:45", "00:00", "00:15", "00:30", "00:45", "01:00", "01:15", "01:30", "01:45", "02:00"],
+            id="series",
+        ),
+        pytest.param(["02:45", "02:00", "02:15"], ["00:45", "01:00", "01:15"], id="three-records"),
+        pytest.param(  # record by record: one value refused
+            ["02:30", "02:45", "02:00", "bad", "02:30"], ["00:30", "00:45", "01:00", None, "01:30"], id="one-refused"
+        ),
+        pytest.param(["03:00", "02:45", "02:30", "02:15"], ["02:00", "00:45", "00:30", "00:15"], id="newest-first"),
+    ],
+)
+def test_the_hour_repeated_when_clocks_go_back_is_told_apart_in_a_series_in_order(
+    tmp_path: Path, values: list[str], expected: list[str | None]
+) -> None:
+    """Europe/Berlin, 2026-10-25: 02:00 … 02:45 come twice; in order, the repeats are the later UTC instants."""
+    definition = tmp_path / "site.berlin.yaml"
+    definition.write_text(
+        yaml.safe_dump(
+            {
+                "kind": "json",
+                "records": "$.values[*]",
+                "reading": {
+                    "der_id": {"property": "der_id"},
+                    "password": {"property": "password"},
+                    "measured_at": {"path": "date", "time": "local", "zone": "Europe/Berlin"},
+                    "power_kw": {"path": "value", "unit": "W"},
+                },
+            }
+        )
+    )
+    decode = load_definition(definition).decoder
+    records = [
+        {"date": f"2026-10-25 {value if value != 'bad' else '02:15'}:00", "value": "x" if value == "bad" else 1000}
+        for value in values
+    ]
+    limits = Limits(parse_time("2026-12-01T00:00:00Z"), 300_000, 1000, {"der_id": "PV-1", "password": "pw"})
+    items = decode(orjson.dumps({"values": records}), limits).items
+    found = [item.measured_at if isinstance(item, Reading) else None for item in items]
+    day = {"23:45": "2026-10-24T23:45:00Z"}
+    assert found == [None if at is None else parse_time(day.get(at, f"2026-10-25T{at}:00Z")) for at in expected], [
+        None if at is None else datetime.fromtimestamp(at / 1000).isoformat() for at in found
+    ]

@@ -36,6 +36,7 @@ class Message(msgspec.Struct, gc=False):
     limits: Limits
     horizon: int  # the latest measured_at the hub takes for this message
     factors: list[Resolved] = []
+    last_local: int | None = None  # the last local time judged record by record (times.second_occurrence)
 
 
 # The records of a message: their places (for messages: see Access.location) and the records, in order.

@@ -21,7 +21,17 @@ from hubd.decode.registry import Limits
 from hubd.decode.vendor.access import Access, Message
 from hubd.decode.vendor.language import IdSpec, Number, ReadingSpec, Source, TimeSpec
 from hubd.decode.vendor.numbers import factors_of, message_factor, quantity, quantity_column
-from hubd.decode.vendor.times import _epoch, _local, _rfc3339, _slow_time, hour_table, hourly, show
+from hubd.decode.vendor.times import (
+    _epoch,
+    _local,
+    _rfc3339,
+    _slow_time,
+    hour_table,
+    hourly,
+    in_order,
+    second_occurrence,
+    show,
+)
 from hubd.model import MAX_TIME_MS, MIN_TIME_MS, ErrorCode, HubError, Reading
 
 BAD = ErrorCode.BAD_REQUEST
@@ -180,6 +190,7 @@ class _Reader:
     ) -> list[Reading | HubError]:
         """The readings and refusals of a message, record by record, each record's parts in the native order."""
         steps = self.each if refusal is None else self.before_once
+        message.last_local = None  # a series judged again from its start
         check_record = self.check_record
         items: list[Reading | HubError] = []
         for place, record in zip(places, records):  # noqa: B905 - as many places as records
@@ -218,6 +229,8 @@ class _Reader:
             derive_reactive_power(quantities)
         return Reading(values[DER_ID], values[MEASURED_AT], quantities, values[PASSWORD])
 
+
+_DISORDER = MAX_TIME_MS  # Message.last_local once a series of local times went back: no time comes after it
 
 # Fewer records than this are read record by record: columns cost a few list passes per part and message.
 _FEW = 4
@@ -370,6 +383,7 @@ def _time(spec: TimeSpec, access: Access) -> tuple[Judge, PartColumn]:
     get = access.getter(spec.source)
     at_message = access.message_level(spec.source)
     label, shift, default_now = spec.source.label, spec.shift_ms, spec.default_now
+    zone = spec.zone if spec.kind == "local" else None
     quick: Callable[[str], int] | None = None  # an epoch number: times its unit, inline
     many: Callable[[list[Any]], list[int]]  # quick for a column
     slow: Callable[[Any], int]
@@ -393,10 +407,25 @@ def _time(spec: TimeSpec, access: Access) -> tuple[Judge, PartColumn]:
         def slow(value: Any) -> int:
             return long_way(value, label, None, None)
 
+    def in_series(message: Message, text: str, at: int) -> int:
+        """``in_order`` record by record: ``message.last_local`` is the time before (None: none yet;
+        ``_DISORDER``: the series went back where no hour repeats, and is left as it is from there)."""
+        before = message.last_local
+        if before is None or at > before:
+            message.last_local = at
+            return at
+        assert zone is not None
+        later = None if before == _DISORDER else second_occurrence(text, at, before, zone, spec.format)
+        message.last_local = _DISORDER if later is None else later
+        return at if later is None else later
+
     def judge(message: Message, record: Any, der_id: str | None) -> int:
         found = get(message if at_message else record)
         if found.__class__ is common:
-            at = (found * per_unit if quick is None else quick(found)) + shift
+            at = found * per_unit if quick is None else quick(found)
+            if zone is not None:
+                at = in_series(message, found, at)
+            at += shift
         elif found is None:
             if not default_now:
                 raise HubError(BAD, f"measured_at is missing ({label})")
@@ -412,10 +441,13 @@ def _time(spec: TimeSpec, access: Access) -> tuple[Judge, PartColumn]:
         found = [get(message)] * len(records) if at_message else list(map(get, records))
         if set(map(type, found)) <= {common}:
             times = many(found)
+            if zone is not None:  # local times through the hour repeated when daylight saving ends
+                times = in_order(times, found, zone, spec.format)
             if shift:
                 times = list(map(add, times, repeat(shift)))
             if not times or (min(times) >= MIN_TIME_MS and max(times) <= message.horizon):
                 return times
+        message.last_local = None
         return [judge(message, record, None) for record in records]
 
     return judge, column

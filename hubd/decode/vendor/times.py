@@ -11,7 +11,8 @@ import math
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from functools import cache
-from operator import add, itemgetter
+from itertools import islice
+from operator import add, itemgetter, lt
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -67,7 +68,8 @@ def _rfc3339(value: Any, label: str, _zone: None, _fmt: None) -> int:
 def _local(value: Any, label: str, zone: ZoneInfo | None, fmt: str | None) -> int:
     """A vendor's local time in the zone the definition states; an offset in the text wins over the zone.
 
-    An ambiguous time (the hour repeated when daylight saving ends) is taken as its first occurrence.
+    An ambiguous time (the hour repeated when daylight saving ends) is taken as its first occurrence; in a
+    series, ``in_order`` takes the repeat of it as the second.
     """
     if value.__class__ is not str:
         raise HubError(BAD, f"measured_at: {label} is {show(value)}, not a local time")
@@ -85,6 +87,41 @@ def _local(value: Any, label: str, zone: ZoneInfo | None, fmt: str | None) -> in
         return (moment - _EPOCH) // _MS
     except OverflowError:
         raise HubError(BAD, "measured_at is out of range: the hub takes the years 1000 to 9998") from None
+
+
+def second_occurrence(text: Any, at: int, before: int, zone: ZoneInfo, fmt: str | None) -> int | None:
+    """``text``'s second occurrence when it repeats a wall time (``at``: its first) and that comes after
+    ``before``; None when it does not (no repeated hour, an offset in the text, or still not after ``before``)."""
+    try:
+        moment = datetime.fromisoformat(text) if fmt is None else datetime.strptime(text, fmt)
+    except (TypeError, ValueError):
+        return None
+    if moment.tzinfo is not None:
+        return None
+    first, second = zone.utcoffset(moment), zone.utcoffset(moment.replace(fold=1))
+    assert first is not None and second is not None
+    later = at + (first - second) // _MS
+    return later if later > before else None
+
+
+def in_order(times: list[int], texts: list[Any], zone: ZoneInfo, fmt: str | None) -> list[int]:
+    """A series of local times in order through the hour repeated when daylight saving ends (02:00 … 02:45,
+    02:00 … 02:45 in Europe/Berlin): each wall time that, taken as its first occurrence, would not come after the
+    time before it is taken as its second occurrence (``fold=1``), the later instant, when that does. The times
+    are changed only while the series is in order: a series that goes back anywhere else is left as it is.
+    ``times``: the texts taken as first occurrences; the common case (strictly increasing) costs one pass."""
+    if all(map(lt, times, islice(times, 1, None))):
+        return times
+    times = list(times)
+    for index in range(1, len(times)):
+        before, at = times[index - 1], times[index]
+        if at > before:
+            continue
+        later = second_occurrence(texts[index], at, before, zone, fmt)
+        if later is None:
+            break
+        times[index] = later
+    return times
 
 
 def _slow_time(spec: TimeSpec) -> Callable[[str], int]:

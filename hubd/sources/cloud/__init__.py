@@ -11,9 +11,10 @@ The answer's bytes are decoded here, by the format the profile names, so that th
 their source (its clock flag, its provenance) and the DER its site maps to; the pipeline then authorises them
 by sender (the configured DERs only) and stores them.
 
-What the operator hears of, audited once each: ``cloud.offline`` / ``cloud.online`` (an outage and its end),
-``cloud.rate_limited`` (a 429; the wait its Retry-After asked), ``cloud.quota`` (the day's budget spent),
-``data.quarantined`` (an answer that could not be decoded, kept with the request that produced it). The cloud's
+What the operator hears of, audited once each: ``cloud.offline`` / ``cloud.online`` (a site's outage and its
+end), ``cloud.rate_limited`` (a 429 for a site; the wait its Retry-After asked), ``cloud.quota`` (the account's
+day's budget spent), ``data.quarantined`` (an answer that could not be decoded, kept with the request that
+produced it, once per outage of its site). Each site is judged and timed on its own (``SiteState``). The cloud's
 clock, from each answer's ``Date`` header, goes to ``hubd.clock`` (``time.flagged`` beyond the tolerance).
 """
 
@@ -21,8 +22,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import random
+import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
@@ -44,12 +48,25 @@ from hubd.sources.cloud.client import (
     read_secrets,
 )
 from hubd.sources.cloud.cursor import CloudState
-from hubd.sources.cloud.profile import Profile, load_profile
+from hubd.sources.cloud.profile import Profile, check_zones, load_profile
 
 Progress = Callable[[str, int, int, int], None]  # site, window start, window end, readings stored
 
 
 _HELD_BACK = {"unknown_der", "not_allowed", "bad_credentials"}  # refusals that keep a window from counting
+
+
+@dataclass(slots=True)
+class SiteState:
+    """One site's own health: its outage, its wait (backoff or Retry-After), the answers it kept meanwhile. Sites
+    of one account fail alone (one site's 500 while another's 429), so each is judged, audited and timed apart."""
+
+    delay: float  # the next backoff (retry_min_s, doubled at each failure up to retry_max_s)
+    online: bool | None = None  # None: not asked yet
+    reason: str = ""
+    waiting: str | None = None  # "backoff" or "rate_limited" while the site waits
+    due: float = 0.0  # when the site is asked next (time.time())
+    kept: set[str] = field(default_factory=set)  # what this outage has kept in quarantine (request + body hashes)
 
 
 class NotCommitted(Exception):
@@ -79,6 +96,8 @@ def build_sources(config: Config, audit: AuditLog, clocks: Clocks | None = None)
     """The configured cloud sources; a missing profile or secret stops the hub, named (never shown)."""
     clouds = [s for s in config.sources if isinstance(s, CloudSourceConfig)]
     profiles = [load_profile(config, source.profile) for source in clouds]
+    for source, profile in zip(clouds, profiles, strict=True):
+        check_zones(config, source, profile)
     return [
         CloudSource(source, profile, audit, CloudState(config.registry_path), config, clocks)
         for source, profile in zip(clouds, profiles, strict=True)
@@ -113,9 +132,8 @@ class CloudSource:
         self._pipeline: Pipeline | None = None
         self._stopped = asyncio.Event()
         self._health: Health = "stopped"
-        self._online: bool | None = None
-        self._reason = ""
-        self._waiting: str | None = None  # rate_limited or quota, while the source waits for it
+        self._sites = {site: SiteState(config.retry_min_s) for site in config.sites}
+        self._quota_until: int | None = None  # the day's budget is spent (for every site) until then, epoch ms
         self._push: Any = None
         self._corrected = False  # a correction was sent since the clock was last found off
         self.polls = 0
@@ -129,6 +147,26 @@ class CloudSource:
     @property
     def last_success(self) -> int | None:
         return self.last_poll
+
+    @property
+    def _online(self) -> bool | None:
+        """False while any site is in an outage; True once every site asked has answered; None before."""
+        states = [state.online for state in self._sites.values()]
+        if False in states:
+            return False
+        return True if True in states else None
+
+    @property
+    def _reason(self) -> str:
+        return "; ".join(f"site {site}: {s.reason}" for site, s in self._sites.items() if s.online is False)
+
+    @property
+    def _waiting(self) -> str | None:
+        """What the source waits for: the day's budget, or each waiting site's backoff or Retry-After."""
+        if self._quota_until is not None:
+            return f"quota until {format_time(self._quota_until)}"
+        waits = [f"site {site}: {s.waiting} until {_at(s.due)}" for site, s in self._sites.items() if s.waiting]
+        return "; ".join(waits) or None
 
     @property
     def last_error(self) -> str | None:
@@ -160,30 +198,30 @@ class CloudSource:
         self._write_status()
 
     async def run(self) -> None:
-        """Collect, then wait ``poll_s``; an outage is retried after a growing, jittered wait."""
-        delay = self.config.retry_min_s
+        """Collect the sites that are due, then sleep until the next is: ``poll_s`` after a good collection,
+        a growing, jittered backoff after an outage, Retry-After after a 429 (each site its own), the next UTC
+        day when the day's budget is spent (the whole source)."""
         while not self._stopped.is_set():
-            wait = self.config.poll_s
+            now = time.time()
+            due = [site for site, state in self._sites.items() if state.due <= now]
             try:
-                await self.collect()
-                self._came_online()
-                self._waiting = None
-                delay = self.config.retry_min_s
-            except RateLimited as exc:
-                self._wait_for("rate_limited", str(exc), wait_s=exc.wait_s)
-                wait = exc.wait_s
+                if due:
+                    await self.collect(due)
+                self._quota_until = None
             except QuotaExhausted as exc:
-                self._wait_for("quota", str(exc), until=format_time(exc.until_ms))
-                wait = max(1.0, (exc.until_ms - now_ms()) / 1000)
-            except (Unreachable, Malformed, NotCommitted) as exc:
-                if isinstance(exc, Malformed):
-                    self._keep(exc)
-                self._went_offline(str(exc))
-                wait = delay * random.uniform(0.75, 1.25)
-                delay = min(delay * 2, self.config.retry_max_s)
+                if self._quota_until is None:
+                    logger.warning("cloud {}: {}", self.name, exc)
+                    until = format_time(exc.until_ms)
+                    self._audit.append("cloud.quota", "error", source=self.name, reason=str(exc), until=until)
+                    self._audit.flush()
+                self._quota_until = exc.until_ms
             finally:
+                self._health = "down" if self._online is False else "up"
                 self._write_status()
-            await self._sleep(wait)
+            wake = min(state.due for state in self._sites.values())
+            if self._quota_until is not None:
+                wake = max(wake, self._quota_until / 1000)
+            await self._sleep(max(0.01, wake - time.time()))
 
     async def _sleep(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
@@ -198,11 +236,19 @@ class CloudSource:
             return parse_time(self.config.start)
         return now_ms() - int(self.config.lookback_s * 1000)
 
-    async def collect(self) -> int:
-        """Every site up to now (less the profile's delay), from its cursor less the look-back."""
+    async def collect(self, sites: list[str] | None = None) -> int:
+        """Each site (all, or ``sites``) up to now (less the profile's delay), from its cursor less the
+        look-back; a site that fails is judged alone (its outage, its wait) and the others go on. Raises only
+        QuotaExhausted (the budget is the account's) once every site in hand has been judged."""
+        sites = list(self.config.sites) if sites is None else sites
         self.polls += 1
         if self.profile.clock is not None:
-            await self._check_clock()
+            try:
+                await self._check_clock()
+            except (Unreachable, Malformed, RateLimited) as exc:  # the account's answer: every site waits
+                for site in sites:
+                    self._failed(site, exc)
+                return 0
         step = self.profile.interval_s * 1000
         until = (now_ms() - self.profile.delay_s * 1000) // step * step
 
@@ -214,13 +260,21 @@ class CloudSource:
             return await self.collect_site(site, begin, until)
 
         # The sites side by side, as many requests at once as the profile allows (client.py); each site's
-        # windows in order. A site that fails does not stop the others' windows in hand; the first failure
-        # is then said.
-        results = await asyncio.gather(*(one(site) for site in self.config.sites), return_exceptions=True)
-        for result in results:
-            if isinstance(result, BaseException):
+        # windows in order. A site that fails does not stop the others: each failure is the failing site's.
+        results = await asyncio.gather(*(one(site) for site in sites), return_exceptions=True)
+        quota: QuotaExhausted | None = None
+        for site, result in zip(sites, results, strict=True):
+            if isinstance(result, QuotaExhausted):
+                quota = result  # the site is asked again when the budget allows; its health is unchanged
+            elif isinstance(result, RateLimited | Unreachable | Malformed | NotCommitted):
+                self._failed(site, result)
+            elif isinstance(result, BaseException):
                 raise result
+            else:
+                self._answered(site)
         self.last_poll = now_ms()
+        if quota is not None:
+            raise quota
         return sum(r for r in results if isinstance(r, int))
 
     async def collect_site(
@@ -308,39 +362,56 @@ class CloudSource:
             raise NotCommitted(f"the pipeline failed on {request}: {result!r}")
         return dict(result[0])
 
-    def _keep(self, exc: Malformed) -> None:
-        """An answer that could not be decoded: kept in quarantine with the request (secrets masked)."""
+    def _keep(self, exc: Malformed, site: str | None = None) -> None:
+        """An answer that could not be decoded: kept in quarantine with the request (secrets masked), once per
+        outage of its site: the same answer to the same request, at every retry, is kept the first time only
+        (a push, without a site here, is kept each time)."""
         if self._pipeline is None:
             return
+        if site is not None:
+            seen = self._sites[site].kept
+            digest = hashlib.sha256(exc.request.encode() + b"\0" + exc.body).hexdigest()
+            if digest in seen:
+                return
+            seen.add(digest)
         raw = RawMessage(self.name, exc.format_code or self.profile.formats[0], exc.body, now_ms(), topic=exc.request)
         self._pipeline.keep(raw, HubError(ErrorCode.DECODE_ERROR, exc.reason))
 
     # -- what the operator hears of, once each ------------------------------------------------------------
 
-    def _came_online(self) -> None:
-        self._health = "up"
-        if self._online is not True:
-            if self._online is False:
-                logger.info("cloud {}: answers again", self.name)
-                self._audit.append("cloud.online", source=self.name)
+    def _answered(self, site: str) -> None:
+        """A good collection of the site: the end of its outage or wait (audited once), next after poll_s."""
+        state = self._sites[site]
+        if state.online is False:
+            logger.info("cloud {} site {}: answers again", self.name, site)
+            self._audit.append("cloud.online", source=self.name, site=site)
+            self._audit.flush()
+        state.online, state.reason, state.waiting = True, "", None
+        state.delay, state.kept = self.config.retry_min_s, set()
+        state.due = time.time() + self.config.poll_s
+
+    def _failed(self, site: str, exc: Exception) -> None:
+        """The site's failure: a 429 waits its Retry-After (``cloud.rate_limited`` once per episode); anything
+        else is an outage (``cloud.offline`` once, the answer kept once) retried after a growing backoff."""
+        state = self._sites[site]
+        if isinstance(exc, RateLimited):
+            if state.waiting != "rate_limited":
+                logger.warning("cloud {} site {}: {}", self.name, site, exc)
+                self._audit.append(
+                    "cloud.rate_limited", "error", source=self.name, site=site, reason=str(exc), wait_s=exc.wait_s
+                )
                 self._audit.flush()
-            self._online = True
-
-    def _went_offline(self, reason: str) -> None:
-        self._health = "down"
-        self._reason = reason
-        if self._online is not False:
-            self._online = False
-            logger.warning("cloud {}: {}", self.name, reason)
-            self._audit.append("cloud.offline", "error", source=self.name, reason=reason)
+            state.waiting, state.due = "rate_limited", time.time() + exc.wait_s
+            return
+        if isinstance(exc, Malformed):
+            self._keep(exc, site)
+        if state.online is not False:
+            logger.warning("cloud {} site {}: {}", self.name, site, exc)
+            self._audit.append("cloud.offline", "error", source=self.name, site=site, reason=str(exc))
             self._audit.flush()
-
-    def _wait_for(self, what: str, reason: str, **fields: Any) -> None:
-        if self._waiting != what:
-            logger.warning("cloud {}: {}", self.name, reason)
-            self._audit.append(f"cloud.{what}", "error", source=self.name, reason=reason, **fields)
-            self._audit.flush()
-        self._waiting = what
+        state.online, state.reason, state.waiting = False, str(exc), "backoff"
+        state.due = time.time() + state.delay * random.uniform(0.75, 1.25)
+        state.delay = min(state.delay * 2, self.config.retry_max_s)
 
     async def _check_clock(self) -> None:
         """The vendor's time endpoint; beyond the tolerance, the profile's correction request (once per time
@@ -381,6 +452,14 @@ class CloudSource:
             "online": self._online,
             "reason": self._reason if self._online is False else None,
             "waiting": self._waiting,
+            "sites": {
+                site: {
+                    "online": state.online,
+                    "reason": state.reason if state.online is False else None,
+                    "waiting": f"{state.waiting} until {_at(state.due)}" if state.waiting else None,
+                }
+                for site, state in self._sites.items()
+            },
             "polls": self.polls,
             "requests": self.client.requests,
             "readings_stored": self.stored,
@@ -397,3 +476,7 @@ class CloudSource:
             temporary.replace(self._status_file)
         except OSError as exc:
             logger.warning("cloud {}: cannot write its status: {}", self.name, exc)
+
+
+def _at(epoch_s: float) -> str:
+    return format_time(int(epoch_s * 1000))

@@ -25,7 +25,7 @@ from hubd.model import HubError, Reading, format_time, now_ms
 from hubd.quarantine import Quarantine
 from hubd.sources.cloud import CloudSource, der_for
 from hubd.sources.cloud.cursor import CloudState
-from hubd.sources.cloud.profile import load_profile
+from hubd.sources.cloud.profile import check_zones, load_profile
 from hubd.store.factory import open_sink
 from hubd.store.writer import BatchWriter
 
@@ -35,6 +35,7 @@ Report = Callable[[str, int, int, int], None]  # site, window start, window end,
 async def backfill(config: Config, source_config: CloudSourceConfig, start_ms: int, end_ms: int, report: Report) -> int:
     """Every site of the source from ``start_ms`` to ``end_ms``, window by window; the readings stored."""
     profile = load_profile(config, source_config.profile)
+    check_zones(config, source_config, profile)
     catalog = Catalog([config.formats_shipped_path, config.formats_user_path])
     catalog.scan()
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hubd-backfill")
@@ -77,6 +78,7 @@ async def probe(config: Config, source_config: CloudSourceConfig) -> list[dict[s
     """``hubd source test`` for a cloud source: the last hour of each site (one interval, if longer) asked for
     and decoded from here, nothing stored, no budget spent: how an operator tries a profile."""
     profile = load_profile(config, source_config.profile)
+    check_zones(config, source_config, profile)
     catalog = Catalog([config.formats_shipped_path, config.formats_user_path])
     catalog.scan()
     audit = AuditLog(config.audit_path, fsync=config.audit.fsync)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import re
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ from hubd.config import CloudSourceConfig, ConfigError
 from hubd.sources.cloud.profile import AuthSpec, Profile, RequestSpec, dig, fill, window_values, zone_of
 
 MASK = "***"
+MIN_MASKED = 8  # the shortest secret masked by its text (shorter ones: by the parameter that carries them)
 
 
 class Unreachable(Exception):
@@ -111,6 +113,7 @@ class CloudClient:
         self.base_url = (config.base_url or profile.base_url).rstrip("/")
         self.zone = zone_of(config.zone or profile.zone, f"sources {config.name}: zone")
         self._secrets = secrets
+        self._secret_params = tuple(a.name for a in profile.auth if a.kind == "query" and a.name)
         self._budget = budget  # CloudState, or None: no budget kept (hubd source test)
         self.daily_requests = config.daily_requests or profile.daily_requests
         self._concurrency = config.concurrency or profile.concurrency
@@ -177,7 +180,7 @@ class CloudClient:
         for attempt in (1, 2):  # a second time only after an OAuth2 token was refused and renewed
             request_params, request_headers = dict(params), dict(headers)
             await self._authorise(request_params, request_headers)
-            shown = _no_secrets(_shown(url, params), self._secrets)
+            shown = _no_secrets(_shown(url, params), self._secrets, self._secret_params)
             self._spend()
             async with _limit(self.config.profile, self._concurrency):
                 sent = time.time()
@@ -195,7 +198,7 @@ class CloudClient:
                     raise Unreachable(f"{shown}: no answer within {self.config.timeout_s} s") from None
                 except aiohttp.ClientError as exc:
                     raise Unreachable(
-                        f"{shown}: {type(exc).__name__}: {_no_secrets(str(exc), self._secrets)}"
+                        f"{shown}: {type(exc).__name__}: {_no_secrets(str(exc), self._secrets, self._secret_params)}"
                     ) from None
             self.requests += 1
             if status == 401 and attempt == 1 and self._token is not None:
@@ -351,9 +354,14 @@ def _shown(url: str, params: dict[str, str]) -> str:
     return f"GET {url}?" + "&".join(f"{k}={v}" for k, v in params.items())
 
 
-def _no_secrets(text: str, secrets: dict[str, str]) -> str:
+def _no_secrets(text: str, secrets: dict[str, str], params: tuple[str, ...] = ()) -> str:
+    """``text`` with no secret in it: the query parameters that carry one masked by name (whatever the secret's
+    length or encoding), and each secret of ``MIN_MASKED`` characters or more masked wherever it is. A shorter
+    one is not looked for in the text: replacing every "k" would mangle the message and mask nothing."""
+    for name in params:
+        text = re.sub(rf"([?&]{re.escape(name)}=)[^&\s'\"<>]*", rf"\g<1>{MASK}", text)
     for secret in secrets.values():
-        if secret:
+        if len(secret) >= MIN_MASKED:
             text = text.replace(secret, MASK)
     return text
 

@@ -16,7 +16,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import msgspec
 import yaml
 
-from hubd.config import Config, ConfigError
+from hubd.config import CloudSourceConfig, Config, ConfigError
 
 SHIPPED = Path(__file__).resolve().parent.parent.parent / "drivers" / "cloud"
 
@@ -114,6 +114,39 @@ def load_profile(config: Config, name: str) -> Profile:
             return parse_profile(file)
     where = " or ".join(str(folder) for folder in folders(config))
     raise ConfigError(f"cloud profile {name}: no {name}.yaml in {where}")
+
+
+def check_zones(config: Config, source: CloudSourceConfig, profile: Profile) -> None:
+    """A format that reads the answer's local times in a zone other than the one the windows are asked in
+    (the source's ``zone``, else the profile's) would move every reading by the difference: refused, naming
+    both files and keys. A format with no local times, or not found here (named elsewhere), is not judged."""
+    asked_in = source.zone or profile.zone
+    asked_key = (
+        f"source {source.name}: zone" if source.zone else f"cloud profile {_file_of(config, source.profile)}: zone"
+    )
+    for index, request in enumerate(profile.requests):
+        for folder in (config.formats_user_path, config.formats_shipped_path):
+            found = [folder / f"{request.format}{suffix}" for suffix in (".yaml", ".yml")]
+            file = next((f for f in found if f.is_file()), None)
+            if file is None:
+                continue
+            try:
+                measured = yaml.safe_load(file.read_text(encoding="utf-8"))["reading"]["measured_at"]
+            except (OSError, UnicodeDecodeError, yaml.YAMLError, TypeError, KeyError):
+                break  # the format's own mistakes are named when it is loaded
+            if isinstance(measured, dict) and measured.get("time") == "local" and measured.get("zone") != asked_in:
+                raise ConfigError(
+                    f"{asked_key} is {asked_in}, but requests[{index}]'s format {request.format} ({file}) reads "
+                    f"reading.measured_at in zone {measured.get('zone')}: they must be the same zone"
+                )
+            break
+
+
+def _file_of(config: Config, name: str) -> Path:
+    for folder in reversed(folders(config)):
+        if (folder / f"{name}.yaml").exists():
+            return folder / f"{name}.yaml"
+    return Path(f"{name}.yaml")
 
 
 def parse_profile(file: Path) -> Profile:

@@ -5,10 +5,11 @@
 "values": [{"date": "YYYY-MM-DD hh:mm:ss", "value": W}, ...]}}``, nothing later than its own now. The power is a
 fixed function of the site and the time (``power_w``), so a test can say which value each interval must hold.
 
-What a test needs of a real cloud's misbehaviour is a script of answers to give first (``script``): an HTTP
-status (``500``, ``429`` with ``Retry-After``), ``"slow"`` (an answer later than the client waits), ``"garbage"``
-(a body that is no JSON), ``"wrong shape"`` (JSON its format cannot read); and ``clock_offset_s`` sets its
-clock (the ``Date`` header, ``/time``) off the true time, until a correction request (``/site/<id>/time/sync``).
+What a test needs of a real cloud's misbehaviour is a script of answers to give first (``script``, or
+``site_script`` for one site's requests): an HTTP status (``500``, ``429`` with ``Retry-After``), ``"slow"`` (an
+answer later than the client waits), ``"garbage"`` (a body that is no JSON), ``"wrong shape"`` (JSON its format
+cannot read); and ``clock_offset_s`` sets its clock (the ``Date`` header, ``/time``) off the true time, until a
+correction request (``/site/<id>/time/sync``).
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ class SimulatedCloud:
         self.clock_offset_s = clock_offset_s
         self.slow_s = slow_s
         self.script: list[Any] = []  # answers to give first: 500, (429, retry_after_s), "slow", "garbage", ...
+        self.site_script: dict[str, list[Any]] = {}  # the same, for one site's requests (before ``script``)
         self.requests: list[tuple[float, str]] = []  # (time.monotonic(), path and query without the key)
         self.delay_s = 0.0  # every answer waits this long (a test's "mid-collection")
         self.at_once = 0  # requests in hand now, and the most there ever were
@@ -124,8 +126,9 @@ class SimulatedCloud:
         if self.delay_s:
             await asyncio.sleep(self.delay_s)
         headers = {"Date": formatdate(time.time() + self.clock_offset_s, usegmt=True)}
-        if self.script:
-            step = self.script.pop(0)
+        own = self.site_script.get(request.match_info["site"])
+        if own or self.script:
+            step = own.pop(0) if own else self.script.pop(0)
             if step == "slow":
                 await asyncio.sleep(self.slow_s)
             elif step == "garbage":
