@@ -105,20 +105,12 @@ def _column(number: Number, name: str, access: Access, slots: dict[int, int], bo
 
 def _scaled(values: list[Any], multiplier: float, divisor: float) -> list[float]:
     """``value * multiplier / divisor`` for each value, as one pass when either is 1 (``_ratio`` makes one so):
-    x * 1.0 is float(x) and x / 1.0 is x, exactly. A division is rounded to ``DECIMALS`` places, as in
-    ``_value``."""
-    if divisor != 1.0:
-        if multiplier == 1.0:
-            return [round(value / divisor, DECIMALS) for value in values]
-        return [round(value * multiplier / divisor, DECIMALS) for value in values]
+    x * 1.0 is float(x) and x / 1.0 is x, exactly."""
     if multiplier == 1.0:
         return list(map(truediv, values, repeat(divisor)))
-    return list(map(mul, values, repeat(multiplier)))
-
-
-# A division by a unit or scale leaves binary noise on a value with decimals (1479.6 W / 1000 is
-# 1.4795999999999998 kW): its result is rounded to this many decimal places (1.4796), a tenth of a nano-unit.
-DECIMALS = 10
+    if divisor == 1.0:
+        return list(map(mul, values, repeat(multiplier)))
+    return [value * multiplier / divisor for value in values]
 
 
 def _numbers(raws: list[Any], text: bool) -> list[Any] | None:
@@ -198,16 +190,12 @@ def _value(number: Number, name: str, access: Access, slots: dict[int, int] | No
         if valid is not None and not valid_low <= found <= valid_high:
             return None  # outside the valid range: not available
         result: float = found * multiplier / divisor
-        if divisor != 1.0:
-            result = round(result, DECIMALS)
         for slot, fetch, from_message, plain, low_raw, high_raw, known, slow in scales:
             if slot is not None:  # stated once for the message
                 times, by, refusal = message.factors[slot]
                 if refusal is not None:
                     raise HubError(BAD, refusal.message)
                 result = result * times / by
-                if by != 1.0:
-                    result = round(result, DECIMALS)
                 continue
             raw = fetch(message if from_message else record)
             if plain:  # a binary multiplier: an integer within its valid range as it stands
@@ -215,8 +203,6 @@ def _value(number: Number, name: str, access: Access, slots: dict[int, int] | No
             else:  # a unit code or a power of ten by one lookup, else the long way
                 times, by = (known and known.get(raw)) or _ratio(slow(raw))
                 result = result * times / by
-                if by != 1.0:
-                    result = round(result, DECIMALS)
         if minus is not None:
             other = minus(message, record, der_id)
             if other is None:
