@@ -5,6 +5,7 @@ system reads them back through the hub, the spool's transitions are in the audit
 
 from __future__ import annotations
 
+import json
 import time
 import urllib.request
 from typing import Any
@@ -14,6 +15,8 @@ from helpers import T0_MS, at, reading, records
 from influx_server import InfluxServer, fresh_database, own_influxd  # noqa: F401 - the fixture
 from test_ops_metrics import scrape
 from test_ops_page import post_login, url_of
+
+from hubd.ops.status import report_lines as status_lines
 
 MESSAGES, PER_MESSAGE = 30, 20
 
@@ -29,6 +32,8 @@ def test_influxdb_killed_mid_stream_loses_and_repeats_nothing(hub_factory: Any, 
             own_influxd.kill()
         if m == 20:
             away = scrape(hub)  # what /metrics shows while InfluxDB is away: ten messages spooled
+            with urllib.request.urlopen(url_of(hub) + "readyz", timeout=5) as response:
+                ready = json.loads(response.read())  # /readyz and hubd status say so too
             own_influxd.start()
         readings = [
             reading("PV-1", password, at(m * PER_MESSAGE + i), power_kw=float(m * PER_MESSAGE + i))
@@ -41,6 +46,8 @@ def test_influxdb_killed_mid_stream_loses_and_repeats_nothing(hub_factory: Any, 
         assert time.monotonic() < deadline, hub.cli("store", "status").output
         time.sleep(0.1)
     assert away["hubd_spool_readings", ()] == 10 * PER_MESSAGE and away["hubd_spool_oldest_age_seconds", ()] > 0
+    assert ready["ready"] and ready["checks"]["store"]["spooled_readings"] == 10 * PER_MESSAGE
+    assert f"store:   writing (influxdb, spooling {10 * PER_MESSAGE} readings)" in status_lines(ready)
     back = scrape(hub)
     assert back["hubd_spool_readings", ()] == 0 and back["hubd_spool_oldest_age_seconds", ()] == 0
     assert back["hubd_spool_replayed_readings_total", ()] >= 10 * PER_MESSAGE

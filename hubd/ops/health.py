@@ -12,9 +12,13 @@ if TYPE_CHECKING:
 def checks(hub: Hub) -> dict[str, Any]:
     """Each part /readyz depends on: the broker session, the store's writer, every source."""
     sources = [{"kind": s.kind, "name": s.name, "state": s.health} for s in hub.sources.sources]
+    store: dict[str, Any] = {"ok": hub.writer.serving, "backend": hub.config.store.backend}
+    spooled = getattr(hub.writer.sink, "spooled", None)  # InfluxDB: readings acknowledged from the spool
+    if spooled is not None:
+        store["spooled_readings"] = spooled  # still ok (nothing is lost), but the operator should see it
     return {
         "broker": {"ok": hub.mqtt.driver.connected, "address": hub.mqtt.driver.address},
-        "store": {"ok": hub.writer.serving, "backend": hub.config.store.backend},
+        "store": store,
         "sources": {"ok": all(s["state"] == "up" for s in sources), "sources": sources},
     }
 

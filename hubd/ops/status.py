@@ -30,10 +30,10 @@ def report(url: str | None) -> tuple[int, str]:
     except (OSError, ValueError) as exc:
         reason = getattr(exc, "reason", exc)
         return NO_ANSWER, f"hubd: no answer at {url} ({reason}): not running?"
-    return (READY if body.get("ready") else NOT_READY), _lines(body)
+    return (READY if body.get("ready") else NOT_READY), report_lines(body)
 
 
-def _lines(body: dict[str, Any]) -> str:
+def report_lines(body: dict[str, Any]) -> str:
     checks = body.get("checks", {})
     counts = body.get("counts", {})
     head = "ready" if body.get("ready") else "NOT READY" + (" (stopping)" if body.get("stopping") else "")
@@ -41,7 +41,8 @@ def _lines(body: dict[str, Any]) -> str:
     broker = checks.get("broker", {})
     lines.append(f"  broker:  {'connected' if broker.get('ok') else 'NOT CONNECTED'} ({broker.get('address')})")
     store = checks.get("store", {})
-    lines.append(f"  store:   {'writing' if store.get('ok') else 'NOT WRITING'} ({store.get('backend')})")
+    spooling = f", spooling {store['spooled_readings']} readings" if store.get("spooled_readings") else ""
+    lines.append(f"  store:   {'writing' if store.get('ok') else 'NOT WRITING'} ({store.get('backend')}{spooling})")
     for source in checks.get("sources", {}).get("sources", []):
         lines.append(f"  source:  {source['kind']} {source['name']}: {source['state']}")
     lines.append(f"  messages received: {counts.get('messages_received', 0)}")
