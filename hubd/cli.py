@@ -8,7 +8,7 @@ import getpass
 import re
 import sqlite3
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
 from datetime import datetime
@@ -597,17 +597,11 @@ def query(ctx: Context, /, **options: Any) -> None:
     finally:
         store.close()
         registry.close()
-    if parsed.unknown_der_ids:
-        click.echo(f"unknown DER, left out: {', '.join(parsed.unknown_der_ids)}", err=True)
     if options["table"]:
+        _unknown(parsed.unknown_der_ids)
         _print_table(rows, parsed.columns[0][2], parsed.tz)
-    elif options["fmt"] == "csv":
-        writer = csv.DictWriter(sys.stdout, query_columns(parsed))
-        writer.writeheader()
-        writer.writerows(rows)
     else:
-        for row in rows:
-            click.echo(orjson.dumps(row).decode())
+        _print_rows(rows, query_columns(parsed), options["fmt"], parsed.unknown_der_ids)
     with AuditLog(ctx.config.audit_path) as audit:
         audit.append("query.extracted", by="operator", rows=len(rows), conditions=request)
 
@@ -637,17 +631,26 @@ def _settlement(ctx: Context, request: dict[str, Any], options: dict[str, Any]) 
         market.close()
         store.close()
         registry.close()
-    if parsed.unknown_der_ids:
-        click.echo(f"unknown DER, left out: {', '.join(parsed.unknown_der_ids)}", err=True)
-    if options["fmt"] == "csv":
-        writer = csv.DictWriter(sys.stdout, [*parsed.columns, "members"])
+    _print_rows(rows, [*parsed.columns, "members"], options["fmt"], parsed.unknown_der_ids)
+    with AuditLog(ctx.config.audit_path) as audit:
+        audit.append("query.extracted", by="operator", view="settlement", rows=len(rows), conditions=request)
+
+
+def _unknown(der_ids: Sequence[str]) -> None:
+    if der_ids:
+        click.echo(f"unknown DER, left out: {', '.join(der_ids)}", err=True)
+
+
+def _print_rows(rows: list[dict[str, Any]], columns: Sequence[str], fmt: str, unknown: Sequence[str]) -> None:
+    """A query's rows on stdout, as CSV (header always) or JSON lines; unknown DER ids named on stderr."""
+    _unknown(unknown)
+    if fmt == "csv":
+        writer = csv.DictWriter(sys.stdout, columns)
         writer.writeheader()
         writer.writerows(rows)
     else:
         for row in rows:
             click.echo(orjson.dumps(row).decode())
-    with AuditLog(ctx.config.audit_path) as audit:
-        audit.append("query.extracted", by="operator", view="settlement", rows=len(rows), conditions=request)
 
 
 def _all_pages(parsed: Query, store: ReadingQuery, limit: int) -> list[dict[str, Any]]:
