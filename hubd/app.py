@@ -26,7 +26,7 @@ from hubd.broker import EmbeddedBroker, packet_limit
 from hubd.clock.edges import EdgeChecks
 from hubd.clock.ntp import NtpWatch
 from hubd.clock.state import Clocks
-from hubd.config import Config
+from hubd.config import Config, read_secret
 from hubd.decode.native import ReplyRule
 from hubd.decode.vendor import Catalog, Change
 from hubd.ingest import Ingest
@@ -148,7 +148,7 @@ class Hub:
                 services,
                 audit,
                 writer.count,
-                password=_read_secret(config.broker.password_file),
+                password=read_secret(config.broker.password_file),
                 debug=config.log.level == "DEBUG",
                 vouched=config.broker.access_control != "none",
             )
@@ -182,7 +182,7 @@ class Hub:
                     config.broker,
                     url,
                     audit,
-                    password=_read_secret(config.broker.password_file),
+                    password=read_secret(config.broker.password_file),
                 )
                 clock_tasks.append(asyncio.create_task(checks.run(), name="hubd-clock-checks"))
             for task in clock_tasks:
@@ -274,7 +274,3 @@ def _embedded_dynsec(config: Config) -> tuple[str, Path] | None:
     if changes:
         logger.info("the broker's access control was rebuilt from the registry: {}", "; ".join(changes[:10]))
     return dynsec.find_plugin(), config.plugin_path
-
-
-def _read_secret(path: str | None) -> str | None:
-    return Path(path).read_text(encoding="utf-8").strip() if path else None

@@ -722,6 +722,12 @@ def _anchored_cloud(source: SourceConfig, anchored: Any) -> SourceConfig:
     return replace(source, secrets={k: anchored(v) for k, v in source.secrets.items()}, push=push)
 
 
+def read_secret(path: str | None) -> str | None:
+    """A password, token or key from the file a ``*_file`` key names (one line; surrounding blanks dropped), or
+    None when no file is named. Never logged by the hub."""
+    return Path(path).read_text(encoding="utf-8").strip() if path else None
+
+
 def command_config(ctx: click.Context) -> Config:
     """The config of the ``hubd`` command being run: loaded once, when first asked, by the root command's context
     (``hubd --config``), for every subcommand group alike."""

@@ -35,14 +35,14 @@ def test_a_flood_of_wrong_passwords_costs_at_most_the_budget_of_checks(
     pv2 = rotated.output.strip()
     checked: list[str] = []
     lock = threading.Lock()
-    original = credentials._bcrypt_check
+    original = credentials.bcrypt_check
 
     def counted(password: str, stored_hash: str) -> bool:
         with lock:
             checked.append(password)
         return original(password, stored_hash)
 
-    monkeypatch.setattr(credentials, "_bcrypt_check", counted)
+    monkeypatch.setattr(credentials, "bcrypt_check", counted)
     data = f"{hub.prefix}/data"
 
     async def scenario() -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, Any], dict[str, Any]]:
@@ -80,14 +80,14 @@ def counting_bcrypt(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """The passwords bcrypt is asked to judge, in order (the real check still runs)."""
     checked: list[str] = []
     lock = threading.Lock()
-    original = credentials._bcrypt_check
+    original = credentials.bcrypt_check
 
     def counted(password: str, stored_hash: str) -> bool:
         with lock:
             checked.append(password)
         return original(password, stored_hash)
 
-    monkeypatch.setattr(credentials, "_bcrypt_check", counted)
+    monkeypatch.setattr(credentials, "bcrypt_check", counted)
     return checked
 
 

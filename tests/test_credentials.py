@@ -23,14 +23,14 @@ def test_bcrypt_runs_once_per_credential_and_again_after_a_change(tmp_path: Path
     import hubd.auth.credentials as credentials
 
     calls = []
-    real = credentials._bcrypt_check
+    real = credentials.bcrypt_check
 
     def counting(password: str, stored: str) -> bool:
         calls.append(password)
         return real(password, stored)
 
     async def scenario() -> None:
-        with patch.object(credentials, "_bcrypt_check", counting):
+        with patch.object(credentials, "bcrypt_check", counting):
             # 50 concurrent checks of a new credential share one bcrypt call.
             results = await asyncio.gather(*(auth.check_der("PV-1", "first") for _ in range(50)))
             assert results == [None] * 50

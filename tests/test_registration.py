@@ -233,7 +233,7 @@ def test_registration_is_not_queued_behind_the_data_paths_password_checks(
     # Every bcrypt check on the data path's threads takes half a second, as a costlier hash or a slower
     # machine would; registration's own thread is left as it is.
     busy = threading.Event()
-    original = credentials._bcrypt_check
+    original = credentials.bcrypt_check
 
     def slow_on_data_path(password: str, stored_hash: str) -> bool:
         if threading.current_thread().name.startswith("hubd-bcrypt"):
@@ -241,7 +241,7 @@ def test_registration_is_not_queued_behind_the_data_paths_password_checks(
             time.sleep(0.5)
         return original(password, stored_hash)
 
-    monkeypatch.setattr(credentials, "_bcrypt_check", slow_on_data_path)
+    monkeypatch.setattr(credentials, "bcrypt_check", slow_on_data_path)
     # 16 messages, each a distinct wrong password: 4 s of checks queued on the data path's two threads.
     mqtt = ["-h", "127.0.0.1", "-p", str(hub.broker.port), "-q", "1", "-t", f"{hub.prefix}/data"]
     for i in range(16):

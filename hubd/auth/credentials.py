@@ -99,7 +99,7 @@ class VerifiedCache:
         future: asyncio.Future[bool] = loop.create_future()
         self._pending[pending_key] = future
         try:
-            good = await loop.run_in_executor(self._pool, _bcrypt_check, password, stored_hash)
+            good = await loop.run_in_executor(self._pool, bcrypt_check, password, stored_hash)
             self.remember(key, stored_hash, password, good)
             future.set_result(good)
             return good
@@ -111,7 +111,7 @@ class VerifiedCache:
             del self._pending[pending_key]
 
 
-def _bcrypt_check(password: str, stored_hash: str) -> bool:
+def bcrypt_check(password: str, stored_hash: str) -> bool:
     try:
         return bcrypt.checkpw(password.encode(), stored_hash.encode())
     except ValueError:  # a malformed stored hash never matches

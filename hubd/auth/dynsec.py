@@ -37,6 +37,7 @@ from urllib.parse import urlsplit
 
 import orjson
 
+from hubd.config import read_secret
 from hubd.mqtt.driver import tls_context
 from hubd.mqtt.packets import parse_publish
 from hubd.mqtt.session import MqttError, MqttSession
@@ -381,25 +382,21 @@ class BrokerAcl:
 # -- from the hub's configuration --------------------------------------------------------------------------
 
 
-def _secret(path: str | None) -> str | None:
-    return Path(path).read_text(encoding="utf-8").strip() if path else None
-
-
 def accounts(config: Config) -> tuple[Account, Account | None, Account]:
     """hubd's own account, the claim account (None without ``claim_password_file``) and the plugin's admin,
     their passwords read from their files (never logged)."""
     broker = config.broker
-    hubd = Account(broker.username or "hubd", _secret(broker.password_file) or "", broker.client_id)
-    claim_password = _secret(broker.claim_password_file)
+    hubd = Account(broker.username or "hubd", read_secret(broker.password_file) or "", broker.client_id)
+    claim_password = read_secret(broker.claim_password_file)
     claim = Account(broker.claim_username, claim_password, broker.claim_username) if claim_password else None
-    admin = Account(broker.admin_username, _secret(broker.admin_password_file) or "")
+    admin = Account(broker.admin_username, read_secret(broker.admin_password_file) or "")
     return hubd, claim, admin
 
 
 def claim_password(config: Config) -> str | None:
     """The claim account's password (the initial password) when the broker checks it (access control at the
     broker: dynsec, or emqx asking hubd.auth.emqx)."""
-    return _secret(config.broker.claim_password_file) if config.broker.access_control != "none" else None
+    return read_secret(config.broker.claim_password_file) if config.broker.access_control != "none" else None
 
 
 def reserved(config: Config) -> frozenset[str]:

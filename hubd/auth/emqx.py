@@ -22,7 +22,7 @@ from typing import Any
 
 from hubd.auth import Authenticator
 from hubd.auth.dynsec import accounts, claim_acls, der_acls, hubd_acls, system_acls
-from hubd.config import Config
+from hubd.config import Config, read_secret
 
 Acl = tuple[str, str, bool, int]
 
@@ -84,7 +84,7 @@ class EmqxHooks:
         }
         if claim is not None:
             self._own[claim.username] = Rules(claim.username, claim_acls(self._prefix), "own", claim.password)
-        self.secret = (config.broker.emqx_secret_file and _read(config.broker.emqx_secret_file)) or ""
+        self.secret = read_secret(config.broker.emqx_secret_file) or ""
 
     def rules(self, username: str) -> Rules | None:
         """The principal of this user name, as ``hubd.auth.dynsec.principals`` orders them; None: no such one."""
@@ -128,8 +128,3 @@ class EmqxHooks:
         if rules is None or client_id != rules.client_id:
             return {"result": "deny"}
         return {"result": "allow" if allows(rules.acls, action, topic) else "deny"}
-
-
-def _read(path: str) -> str:
-    with open(path, encoding="utf-8") as handle:
-        return handle.read().strip()

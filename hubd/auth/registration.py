@@ -28,7 +28,7 @@ from loguru import logger
 
 from hubd.audit import AuditLog
 from hubd.auth import Authenticator
-from hubd.auth.credentials import RateLimiter, VerifiedCache, _bcrypt_check, hash_password, issue_password
+from hubd.auth.credentials import RateLimiter, VerifiedCache, bcrypt_check, hash_password, issue_password
 from hubd.auth.dynsec import BrokerAcl, BrokerAclError, create_commands, delete_commands, der_principal, password_record
 from hubd.auth.registry import DER_METADATA, check_id, check_metadata
 from hubd.config import AuthConfig, ConfigError
@@ -57,7 +57,7 @@ class Registration:
         # the request is then no guess (compared without bcrypt, counted for its requester only), so nobody's
         # mistakes pause everyone's registrations; guessing is the broker's CONNECT (docs/operations.md).
         if claim_password is not None and not (
-            config.initial_password_hash and _bcrypt_check(claim_password, config.initial_password_hash)
+            config.initial_password_hash and bcrypt_check(claim_password, config.initial_password_hash)
         ):
             raise ConfigError("broker.claim_password_file: must hold the initial password (auth.initial_password_hash)")
         self._claim_password = claim_password

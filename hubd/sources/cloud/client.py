@@ -23,7 +23,6 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from email.utils import parsedate_to_datetime
-from pathlib import Path
 from typing import Any
 from weakref import WeakKeyDictionary
 
@@ -31,7 +30,7 @@ import aiohttp
 import orjson
 from yarl import URL
 
-from hubd.config import CloudSourceConfig, ConfigError
+from hubd.config import CloudSourceConfig, ConfigError, read_secret
 from hubd.sources.cloud.profile import AuthSpec, Profile, RequestSpec, dig, fill, window_values, zone_of
 
 MASK = "***"
@@ -94,7 +93,7 @@ def read_secrets(config: CloudSourceConfig, profile: Profile) -> dict[str, str]:
         if name not in config.secrets:
             raise ConfigError(f"source {config.name}: secrets.{name}: the profile {config.profile} needs it (a file)")
         try:
-            secrets[name] = Path(config.secrets[name]).read_text(encoding="utf-8").strip()
+            secrets[name] = read_secret(config.secrets[name]) or ""
         except OSError as exc:
             raise ConfigError(
                 f"source {config.name}: secrets.{name}: cannot read {config.secrets[name]}: {exc.strerror}"

@@ -14,13 +14,12 @@ import contextlib
 import http.client
 import json
 import socket
-from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode, urlsplit
 
 import aiohttp
 
-from hubd.config import InfluxConfig
+from hubd.config import InfluxConfig, read_secret
 
 
 class InfluxUnavailable(Exception):
@@ -33,17 +32,13 @@ class InfluxRefused(Exception):
     partial write it stored the other points of the request."""
 
 
-def _secret(path: str | None) -> str | None:
-    return Path(path).read_text(encoding="utf-8").strip() if path else None
-
-
 def headers(config: InfluxConfig) -> dict[str, str]:
     """The Authorization header: a token (2.x, 3.x) or the user's password (1.x), never in the URL."""
-    token = _secret(config.token_file)
+    token = read_secret(config.token_file)
     if token:
         return {"Authorization": f"Token {token}"}
     if config.username:
-        password = _secret(config.password_file) or ""
+        password = read_secret(config.password_file) or ""
         basic = base64.b64encode(f"{config.username}:{password}".encode()).decode()
         return {"Authorization": f"Basic {basic}"}
     return {}
