@@ -21,14 +21,28 @@ from __future__ import annotations
 import asyncio
 import random
 from collections.abc import Callable
-from typing import Literal, Protocol
+from pathlib import Path
+from typing import Any, Literal, Protocol
 
+import orjson
 from loguru import logger
 
 from hubd.audit import AuditLog
 from hubd.model import HubError, RawMessage
 
 Health = Literal["starting", "up", "down", "stopped"]
+
+
+def write_status(path: Path, status: dict[str, Any], kind: str, name: str) -> None:
+    """A source's status for ``hubd source status`` (``<data_dir>/sources/<name>.json``), replaced whole so a
+    reader never sees half of it; it is for the operator's eyes, so a failure is logged and collection goes on."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_suffix(".tmp")
+        temporary.write_bytes(orjson.dumps(status, option=orjson.OPT_INDENT_2))
+        temporary.replace(path)
+    except OSError as exc:
+        logger.warning("{} {}: cannot write its status: {}", kind, name, exc)
 
 
 class Pipeline(Protocol):

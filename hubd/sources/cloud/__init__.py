@@ -29,7 +29,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import orjson
 from loguru import logger
 
 from hubd.audit import AuditLog
@@ -37,7 +36,7 @@ from hubd.clock.state import Clocks
 from hubd.config import CloudSourceConfig, Config
 from hubd.decode.registry import Limits, decoder_for
 from hubd.model import ErrorCode, HubError, RawMessage, Reading, Sender, format_time, now_ms, parse_time
-from hubd.sources import Health, Pipeline
+from hubd.sources import Health, Pipeline, write_status
 from hubd.sources.cloud.client import (
     CloudClient,
     Malformed,
@@ -469,13 +468,7 @@ class CloudSource:
         }
 
     def _write_status(self) -> None:
-        try:
-            self._status_file.parent.mkdir(parents=True, exist_ok=True)
-            temporary = self._status_file.with_suffix(".tmp")
-            temporary.write_bytes(orjson.dumps(self.status(), option=orjson.OPT_INDENT_2))
-            temporary.replace(self._status_file)
-        except OSError as exc:
-            logger.warning("cloud {}: cannot write its status: {}", self.name, exc)
+        write_status(self._status_file, self.status(), self.kind, self.name)
 
 
 def _at(epoch_s: float) -> str:

@@ -30,13 +30,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import orjson
 from loguru import logger
 
 from hubd.audit import AuditLog
 from hubd.config import Config, ConfigError, ModbusSourceConfig
 from hubd.model import RawMessage, Sender, format_time, now_ms
-from hubd.sources import Health, Pipeline
+from hubd.sources import Health, Pipeline, write_status
 from hubd.sources.modbus import regmap
 from hubd.sources.modbus.client import Link, NoAnswer, Offline, ShortRead
 from hubd.sources.modbus.profile import MapProfile, Poll, Profile, SunSpecProfile
@@ -333,10 +332,4 @@ class ModbusSource:
         if self._status_file is None or (not force and time.monotonic() - self._status_at < every):
             return
         self._status_at = time.monotonic()
-        try:
-            self._status_file.parent.mkdir(parents=True, exist_ok=True)
-            temporary = self._status_file.with_suffix(".tmp")
-            temporary.write_bytes(orjson.dumps(self.status(), option=orjson.OPT_INDENT_2))
-            temporary.replace(self._status_file)
-        except OSError as exc:  # the status is for the operator's eyes; polling goes on without it
-            logger.warning("modbus {}: cannot write its status: {}", self.name, exc)
+        write_status(self._status_file, self.status(), self.kind, self.name)
