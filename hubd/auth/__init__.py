@@ -187,15 +187,16 @@ class Authenticator:
         """A gateway that proved its password, as a sender: the DERs the operator bound to it."""
         return Sender("gateway", name, self.gateways.get(name, frozenset()))
 
-    async def check_system(self, name: str, password: str, role: str) -> HubError | None:
-        """None when ``name`` is an active system of ``role`` and ``password`` is its password."""
+    async def check_system(self, name: str, password: str, role: str | tuple[str, ...]) -> HubError | None:
+        """None when ``name`` is an active system of ``role`` (or one of several) and ``password`` is its password."""
         system = self.systems.get(name)
         if system is None or system.status != "active":
             return HubError(ErrorCode.BAD_CREDENTIALS, f"unknown or revoked client {name}")
         if not await self.cache.check("system:" + name, system.password_hash, password):
             return _bad_password("client", name)
-        if system.role != role:
-            return HubError(ErrorCode.NOT_ALLOWED, f"client {name} has role {system.role}, not {role}")
+        roles = (role,) if isinstance(role, str) else role
+        if system.role not in roles:
+            return HubError(ErrorCode.NOT_ALLOWED, f"client {name} has role {system.role}, not {' or '.join(roles)}")
         return None
 
 

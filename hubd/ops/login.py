@@ -59,9 +59,7 @@ class Logins:
     async def _check(self, name: str, password: str) -> HubError | None:
         auth = self._hub.auth
         auth.refresh()  # a system the operator added or revoked since
-        system = auth.systems.get(name)
-        role = system.role if system is not None and system.role in ROLES else "viewer"
-        error = await auth.check_system(name, password, role)
+        error = await auth.check_system(name, password, ROLES)
         if error is not None and error.code == ErrorCode.NOT_ALLOWED:
             return HubError(ErrorCode.NOT_ALLOWED, f"{name} may not open the status page (role viewer or consumer)")
         return error

@@ -46,9 +46,7 @@ class PlanService:
             if client is None or not isinstance(password, str):
                 raise HubError(ErrorCode.BAD_REQUEST, "client_id and password are required")
             self._auth.refresh()
-            system = self._auth.systems.get(client)
-            role = system.role if system is not None and system.role in ROLES else ROLES[1]
-            denied = await self._auth.check_system(client, password, role)
+            denied = await self._auth.check_system(client, password, ROLES)
             if denied:
                 raise denied
             unknown = set(body) - KEYS
