@@ -354,7 +354,7 @@ def der_revoke(ctx: Context, der_id: str) -> None:
 
 @main.group()
 def system() -> None:
-    """Systems that are not DERs: gateways and consumers (the market system)."""
+    """Systems that are not DERs: gateways, consumers (the market system), planners and viewers."""
 
 
 @system.command("add")
