@@ -165,8 +165,30 @@ QUERIES: list[dict[str, Any]] = [
         "der_ids": ["GAP-1", "PV-2"],
         "where": {"energy_kwh": {"lt": 1100.0}, "power_kw": {"gt": -1.5}},
     },
+    {
+        "start": "2025-03-29T21:00:00Z",
+        "end": "2025-03-31T21:00:00Z",
+        "interval": "30m",
+        "tz": "Asia/Tokyo",
+        "agg": {
+            "power_kw": ["mean", "min", "max", "sum", "count"],
+            "energy_kwh": "delta",
+            "voltage_v": ["mean", "count"],
+            "soc_pct": ["min", "max"],
+        },
+        "limit": 100,
+    },
+    {
+        "start": "2025-03-30T00:00:00Z",
+        "end": "2025-03-31T00:00:00Z",
+        "interval": "30m",
+        "tz": "Asia/Kolkata",
+        "agg": {"energy_kwh": "delta", "power_kw": "mean"},
+        "der_ids": ["PV-1", "GAP-1"],
+    },
 ]
 PUSHED = [8, 11, 13, 14, 15]  # the bucket queries InfluxDB aggregates itself (the others fall back)
+SUMMARIZED = [16, 17]  # whole 30-minute slots, no condition, no first/last: the slot summaries answer
 
 
 def configs(tmp_path: Path, server: InfluxServer) -> dict[str, Config]:
@@ -280,6 +302,25 @@ def test_bucket_queries_influxql_can_answer_are_answered_by_influxdb(
     for index in (9, 10, 12):  # Tokyo's days cross Monday 00:00 UTC, the week's shard boundary; flagged
         with pytest.raises(AssertionError, match="from the points"):
             pages(QUERIES[index], stores["ders"], stores["influxdb"])
+
+
+def test_whole_slot_queries_are_answered_from_the_slot_summaries(
+    stores: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With both the readings' aggregation and the hub's own computation taken away, the slot-shaped queries
+    (the settlement's) still give SQLite's pages: the summaries written with the readings answered them, the
+    replaced reading and the clock flags included."""
+
+    def not_from_readings(*_: Any) -> None:
+        raise AssertionError("bucket statistics computed from the readings")
+
+    monkeypatch.setattr("hubd.store.influx.query.InfluxQuery._load", not_from_readings)
+    monkeypatch.setattr("hubd.store.influx.pushdown.Plan.statements", not_from_readings)
+    for index in SUMMARIZED:
+        request = QUERIES[index]
+        assert pages(request, stores["ders"], stores["influxdb"]) == pages(request, stores["ders"], stores["sqlite"])
+    with pytest.raises(AssertionError, match="from the readings"):  # first/last: not in the summaries
+        pages(QUERIES[8], stores["ders"], stores["influxdb"])
 
 
 def test_a_group_of_ders_named_in_one_regular_expression_matches_exactly_them(influxd: InfluxServer) -> None:  # noqa: F811

@@ -118,15 +118,18 @@ class AsyncInflux:
         raise InfluxUnavailable(f"InfluxDB answered {answer.status} to a write: {text}")
 
     async def query(self, statement: str) -> list[dict[str, Any]]:
+        return (await self.query_many([statement]))[0]
+
+    async def query_many(self, statements: list[str]) -> list[list[dict[str, Any]]]:
+        """Several statements in one request: the series of each, in order."""
         timeout = aiohttp.ClientTimeout(total=self.config.write_timeout_s)
+        params = query_params(self.config, ";\n".join(statements))
         try:
-            async with self._open().post(
-                f"{self._base}/query", data=query_params(self.config, statement), timeout=timeout
-            ) as answer:
+            async with self._open().post(f"{self._base}/query", data=params, timeout=timeout) as answer:
                 status, body = answer.status, await answer.read()
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             raise InfluxUnavailable(f"InfluxDB query failed: {type(exc).__name__}: {exc}") from None
-        return results(status, body, statement)
+        return results_many(status, body, statements)
 
     async def close(self) -> None:
         if self._session is not None:

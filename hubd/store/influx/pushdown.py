@@ -135,7 +135,7 @@ class Plan:
             elif how in ("first", "last"):
                 picks.append((how, field))
         self._picks = list(dict.fromkeys(picks))
-        self._edges = sorted({f for f, how in specs if how == "span"})  # nearest before and after, for delta
+        self._edges = Edges(measurement, sorted({f for f, how in specs if how == "span"}))
 
     def statements(self, der_condition: str | None, ders: int) -> list[tuple[str, int]]:
         """Each statement with the rows it may answer (to keep a request within a server's row limit), for
@@ -154,12 +154,7 @@ class Plan:
                 out.append(
                     (f'SELECT {selected} FROM {self._from} WHERE {span}{also}{self._where} GROUP BY "der_id"', ders)
                 )
-        lo, hi = self.buckets[0].lo, self.buckets[-1].hi
-        for f in self._edges:  # like nearest(): no condition but the DER's
-            for pick, side in (("last", f"time < {ns(lo)}"), ("first", f"time >= {ns(hi)}")):
-                selected = f"{pick}({quote_name(f)})"
-                out.append((f'SELECT {selected} FROM {self._from} WHERE {side}{also} GROUP BY "der_id"', ders))
-        return out
+        return out + self._edges.statements(self.buckets[0].lo, self.buckets[-1].hi, also, ders)
 
     def read(
         self, answers: list[list[dict[str, Any]]]
@@ -186,17 +181,7 @@ class Plan:
         for der, by_index in stats.items():
             for index, s in by_index.items():
                 self._selected(der, index, s, picked)
-        edges: dict[tuple[str, str, int, bool], tuple[int, float] | None] = {}
-        lo, hi = self.buckets[0].lo, self.buckets[-1].hi
-        for f in self._edges:
-            for before, at in ((True, lo), (False, hi)):
-                for der in stats:
-                    edges[(der, f, at, before)] = None
-                for series in answers[position]:
-                    time_ms, value = series["values"][0]
-                    edges[(series["tags"]["der_id"], f, at, before)] = (time_ms, float(value))
-                position += 1
-        return stats, edges
+        return stats, self._edges.read(answers[position:], stats, self.buckets[0].lo, self.buckets[-1].hi)
 
     def _aggregate_stats(self, values: list[Any]) -> dict[str, Any]:
         got = dict(zip(self._aggregates, values, strict=True))
@@ -224,6 +209,39 @@ class Plan:
             elif how in ("first", "last"):
                 at, value = picked.get((der, index, how, field), (None, None))
                 s[f"{how}:{field}"] = (at, _float(value))
+
+
+class Edges:
+    """A register's readings either side of a query's range (``nearest``, for ``delta``), for a group of
+    DERs at once: a ``last``/``first`` statement per field and side, with no condition but the DERs'."""
+
+    def __init__(self, measurement: str, fields: list[str]) -> None:
+        self._from = quote_name(measurement)
+        self._fields = fields
+
+    def statements(self, lo: int, hi: int, also: str, ders: int) -> list[tuple[str, int]]:
+        out = []
+        for f in self._fields:
+            for pick, side in (("last", f"time < {ns(lo)}"), ("first", f"time >= {ns(hi)}")):
+                selected = f"{pick}({quote_name(f)})"
+                out.append((f'SELECT {selected} FROM {self._from} WHERE {side}{also} GROUP BY "der_id"', ders))
+        return out
+
+    def read(
+        self, answers: list[list[dict[str, Any]]], stats: dict[str, Any], lo: int, hi: int
+    ) -> dict[tuple[str, str, int, bool], tuple[int, float] | None]:
+        """Keyed as ``nearest`` is asked (der_id, field, at, before); None for a DER of ``stats`` with none."""
+        edges: dict[tuple[str, str, int, bool], tuple[int, float] | None] = {}
+        position = 0
+        for f in self._fields:
+            for before, at in ((True, lo), (False, hi)):
+                for der in stats:
+                    edges[(der, f, at, before)] = None
+                for series in answers[position]:
+                    time_ms, value = series["values"][0]
+                    edges[(series["tags"]["der_id"], f, at, before)] = (time_ms, float(value))
+                position += 1
+        return edges
 
 
 def _float(value: Any) -> float | None:

@@ -26,7 +26,7 @@ from hubd.model import ErrorCode, HubError
 from hubd.query.buckets import Bucket
 from hubd.query.conditions import COMPARE
 from hubd.store import CLOCK_COLUMNS, Where
-from hubd.store.influx import pushdown
+from hubd.store.influx import pushdown, slots
 from hubd.store.influx.client import InfluxUnavailable, SyncInflux
 from hubd.store.influx.pushdown import ns, quote_name
 from hubd.store.sqlite import SqliteStore
@@ -54,8 +54,11 @@ def _matches(point: dict[str, Any], where: Where, flagged: bool | None) -> bool:
 class InfluxQuery:
     """Readings in InfluxDB, read from the hub's query thread (not thread-safe, like every query side)."""
 
-    def __init__(self, config: InfluxConfig) -> None:
+    def __init__(self, config: InfluxConfig, hub_database: Path | None = None) -> None:
         self._client = SyncInflux(config)
+        self._config = config
+        self._hub_database = hub_database  # where the slot summaries' complete_from is kept (None: not used)
+        self._complete_from: tuple[float, int | None] = (-_REUSE_S, None)  # (when read, value)
         self._from = quote_name(config.measurement)
         self._memory: SqliteStore | None = None  # bucket statistics: a group of DERs' points at a time
         self._loaded_key: tuple[int, int, tuple[str, ...]] | None = None  # what the memory holds: span, fields
@@ -75,7 +78,7 @@ class InfluxQuery:
 
     @classmethod
     def from_config(cls, config: Config) -> InfluxQuery:
-        return cls(config.store.influxdb)
+        return cls(config.store.influxdb, config.registry_path)
 
     def _ask(self, statement: str) -> list[dict[str, Any]]:
         """One InfluxQL statement; InfluxDB away or failing is the protocol's ``unavailable`` for the asker."""
@@ -194,11 +197,26 @@ class InfluxQuery:
     ) -> dict[int, dict[str, Any]]:
         if not buckets:
             return {}
+        if self._summarized(buckets, specs, where, flagged):
+            return self._pushed_stats(der_id, buckets, specs, where, summaries=True)
         if pushdown.possible(specs, where, flagged) and self._shards_allow(buckets, specs):
             return self._pushed_stats(der_id, buckets, specs, where)
         fields = tuple(sorted({f for f, _ in specs} | {f for f, _, _ in where}))
         memory = self._load(der_id, buckets[0].lo, buckets[-1].hi, fields)
         return memory.bucket_stats(der_id, buckets, specs, where, flagged)
+
+    def _summarized(
+        self, buckets: list[Bucket], specs: tuple[tuple[str, str], ...], where: Where, flagged: bool | None
+    ) -> bool:
+        """Whether the slot summaries (hubd.store.influx.slots) answer: whole 30-minute slots, from the time
+        the summaries are complete."""
+        if self._hub_database is None or not slots.usable(buckets, specs, where, flagged):
+            return False
+        read_at, complete = self._complete_from
+        if time.monotonic() - read_at >= _REUSE_S:
+            complete = slots.complete_from(self._hub_database, self._config)
+            self._complete_from = (time.monotonic(), complete)
+        return complete is not None and buckets[0].lo >= complete
 
     def _shards_allow(self, buckets: list[Bucket], specs: tuple[tuple[str, str], ...]) -> bool:
         """Sums (and means) only for buckets each inside one shard group: across one, InfluxDB adds the
@@ -224,11 +242,17 @@ class InfluxQuery:
         return None
 
     def _pushed_stats(
-        self, der_id: str, buckets: list[Bucket], specs: tuple[tuple[str, str], ...], where: Where
+        self,
+        der_id: str,
+        buckets: list[Bucket],
+        specs: tuple[tuple[str, str], ...],
+        where: Where,
+        summaries: bool = False,
     ) -> dict[int, dict[str, Any]]:
         """InfluxDB's statistics for ``der_id``, asked for a group of the DERs ``der_ids`` listed (as
-        ``_load`` groups them), in a few requests of many statements."""
-        key = (buckets[0].lo, buckets[-1].hi, len(buckets), specs, where)
+        ``_load`` groups them), in a few requests of many statements; from the slot summaries or the
+        readings."""
+        key = (buckets[0].lo, buckets[-1].hi, len(buckets), specs, where, summaries)
         fresh = time.monotonic() - self._loaded_when < _REUSE_S
         if key == self._pushed_key and der_id in self._loaded and der_id >= self._asked and fresh:
             self._asked = der_id
@@ -237,7 +261,11 @@ class InfluxQuery:
         at = self._listed_at.get(der_id)
         if at is not None:
             group = self._listed[at : at + max(1, min(pushdown.GROUP, pushdown.ROWS // len(buckets)))]
-        plan = pushdown.Plan(self._measurement, buckets, specs, where)
+        plan: pushdown.Plan | slots.SlotPlan
+        if summaries:
+            plan = slots.SlotPlan(self._config, buckets, specs)
+        else:
+            plan = pushdown.Plan(self._measurement, buckets, specs, where)
         everyone = at == 0 and len(group) == len(self._listed)  # no DER condition: cheaper for InfluxDB
         condition = None if everyone else pushdown.ders_regex(tuple(group)) or der_condition(tuple(group))
         statements = plan.statements(condition, len(group))

@@ -24,9 +24,10 @@ from loguru import logger
 
 from hubd.audit import AuditLog
 from hubd.config import Config, ConfigError
+from hubd.model import MIN_TIME_MS
 from hubd.quarantine import Quarantine
 from hubd.store import Rows
-from hubd.store.influx import versions
+from hubd.store.influx import slots, versions
 from hubd.store.influx.client import AsyncInflux, InfluxRefused, InfluxUnavailable
 from hubd.store.influx.lines import Point, line
 from hubd.store.influx.pushdown import ns, quote_name
@@ -66,6 +67,9 @@ class InfluxSink:
         self.refused = 0  # readings quarantined because InfluxDB refused them
         self._no_delete = False  # InfluxDB refused a DELETE once (warned once)
         self._newest: dict[str, int] | None = None  # each DER's latest stored time (_latest)
+        self._slots = slots.SlotKeeper(self._config)
+        self._slots_marked = False  # the slot summaries' complete_from is recorded (_mark_slots)
+        self._refused_keys: set[tuple[str, int]] = set()  # readings of the batch in hand InfluxDB did not take
         self.oldest_at: int | None = None  # when the spool's oldest batch was spooled (ms), for /metrics
         self.replayed = 0  # readings replayed from the spool since start, for /metrics
 
@@ -177,6 +181,9 @@ class InfluxSink:
         if not points:
             return
         latest = await self._latest()
+        if not self._slots_marked:
+            self._mark_slots(latest)
+        self._refused_keys.clear()
         # Only a reading at or before its DER's latest stored time can meet a stored one: a fleet's live
         # readings (each later than the DER's last) need no look at InfluxDB before they are written.
         maybe = {k: p for k, p in points.items() if k[1] <= latest.get(k[0], _NEVER)}
@@ -210,9 +217,39 @@ class InfluxSink:
         finally:
             if writing is not None and not writing.done():
                 writing.cancel()
+        await self._summarize(keep, latest)
         for der_id, measured_at in points:
             if measured_at > latest.get(der_id, _NEVER):
                 latest[der_id] = measured_at
+
+    def _mark_slots(self, latest: dict[str, int]) -> None:
+        """Record, the first time this InfluxDB target is written, from when every slot has its summary: from
+        the start for an empty database, else from the slot after the newest stored reading."""
+        if slots.complete_from(self._registry_path, self._config) is None:
+            at = slots.slot_of(max(latest.values())) + slots.SLOT_MS if latest else MIN_TIME_MS
+            slots.record_complete_from(self._registry_path, self._config, at)
+        self._slots_marked = True
+
+    async def _summarize(self, written: list[Point], latest: dict[str, int]) -> None:
+        """Write the summaries of the slots ``written`` touched (hubd.store.influx.slots): extended from what
+        the sink holds, or made again from what InfluxDB now holds."""
+        doubtful = {(d, slots.slot_of(t)) for d, t in self._refused_keys}
+        summaries, again = self._slots.extend(written, latest, doubtful)
+        listed = sorted(again)
+        for at in range(0, len(listed), 50):
+            chunk = listed[at : at + 50]
+            for key, series in zip(chunk, await self._client.query_many(self._slots.statements(chunk)), strict=True):
+                summary = self._slots.summarize(series)
+                if summary is not None:
+                    summaries[key] = summary
+        lines = self._slots.lines(summaries, again)
+        size = self._config.batch_size
+        for at in range(0, len(lines), size):
+            try:
+                await self._client.write("\n".join(lines[at : at + size]))
+            except InfluxRefused as exc:  # only if something else wrote other types into the measurement
+                logger.error("InfluxDB refused slot summaries ({}): bucket queries of those slots may be wrong", exc)
+        self._slots.keep(summaries)
 
     def _lines(self, points: list[Point]) -> list[tuple[str, Point]]:
         """The points as lines; a point InfluxDB could not hold (NaN) is quarantined here."""
@@ -266,6 +303,7 @@ class InfluxSink:
         assert self._quarantine is not None
         for der_id, measured_at, values in points:
             self.refused += 1
+            self._refused_keys.add((der_id, measured_at))
             payload = json.dumps({"der_id": der_id, "measured_at": measured_at, **values}, sort_keys=True)
             entry = self._quarantine.add(
                 received_at=int(values.get("received_at", 0)),
