@@ -19,7 +19,8 @@ from hubd.query.conditions import parse_query
 from hubd.query.execute import run
 from hubd.store import Rows
 from hubd.store.factory import open_query, open_sink
-from hubd.store.influx import slots
+from hubd.store.influx import pushdown, slots
+from hubd.store.influx.sink import InfluxSink
 
 DAY = 1748736000000  # 2025-06-01T00:00:00Z
 MINUTE = 60_000
@@ -85,15 +86,27 @@ def ders_of(tmp_path: Path, der_ids: tuple[str, ...]) -> Any:
     return found
 
 
-@pytest.fixture
-def summaries_only(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Bucket statistics from the summaries or not at all: the readings' own aggregation taken away."""
+def only_open_slots_from_readings(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Bucket statistics from the summaries, but for each DER's open slot (its newest), which InfluxDB
+    aggregates from the readings one slot at a time; any other aggregation of the readings fails."""
 
     def not_from_readings(*_: Any) -> None:
         raise AssertionError("bucket statistics computed from the readings")
 
+    statements = pushdown.Plan.statements
+
+    def one_slot(plan: pushdown.Plan, *args: Any) -> Any:
+        if len(plan.buckets) != 1:
+            not_from_readings()
+        return statements(plan, *args)
+
     monkeypatch.setattr("hubd.store.influx.query.InfluxQuery._load", not_from_readings)
-    monkeypatch.setattr("hubd.store.influx.pushdown.Plan.statements", not_from_readings)
+    monkeypatch.setattr("hubd.store.influx.pushdown.Plan.statements", one_slot)
+
+
+@pytest.fixture
+def summaries_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    only_open_slots_from_readings(monkeypatch)
 
 
 def test_summaries_stay_exact_through_late_replaced_and_restarted_writes(
@@ -193,11 +206,7 @@ def test_a_store_filled_before_the_summaries_answers_its_old_slots_from_the_read
     assert answer(stores["influxdb"], SLOTS, ders) == answer(stores["sqlite"], SLOTS, ders)
     assert answer(stores["influxdb"], later, ders) == answer(stores["sqlite"], later, ders)
 
-    def not_from_readings(*_: Any) -> None:
-        raise AssertionError("bucket statistics computed from the readings")
-
-    monkeypatch.setattr("hubd.store.influx.query.InfluxQuery._load", not_from_readings)
-    monkeypatch.setattr("hubd.store.influx.pushdown.Plan.statements", not_from_readings)
+    only_open_slots_from_readings(monkeypatch)
     assert answer(stores["influxdb"], later, ders) == answer(stores["sqlite"], later, ders)
     with pytest.raises(AssertionError, match="from the readings"):
         answer(stores["influxdb"], SLOTS, ders)
@@ -207,7 +216,8 @@ def test_the_documented_grafana_query_gives_the_slot_means(
     tmp_path: Path,
     influxd: InfluxServer,  # noqa: F811
 ) -> None:
-    """docs/operations.md's query of the summaries: a slot's mean power is power_kw_sum / power_kw_n."""
+    """docs/operations.md's query of the summaries: a slot's mean power is power_kw_sum / power_kw_n, for
+    every slot but the open one (the DER's newest, summarized when a later reading arrives)."""
     stores = configs(tmp_path, influxd)
     readings = [reading("PV-1", m, 1.0 + (m % 9) * 0.37, 100.0 + m) for m in range(0, 90)]
     for config in stores.values():
@@ -219,4 +229,45 @@ def test_the_documented_grafana_query_gives_the_slot_means(
         "WHERE \"der_id\" = 'PV-1' AND time >= '2025-06-01T00:00:00Z' AND time < '2025-06-01T03:00:00Z'",
         stores["influxdb"].store.influxdb.database,
     )
-    assert [value for _, value in found[0]["values"]] == means and len(means) == 3
+    assert len(means) == 3 and [value for _, value in found[0]["values"]] == means[:2]
+
+
+class Crash(BaseException):
+    """The hub stopping dead (kill -9) at a chosen point."""
+
+
+def test_summaries_a_crash_left_unwritten_are_made_at_the_next_start(
+    tmp_path: Path,
+    influxd: InfluxServer,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The hub dies after a batch's readings are in InfluxDB but before the summaries of the slots it closed
+    are: the slots noted in the spool's file are summarized when the hub starts again."""
+    stores = configs(tmp_path, influxd)
+    first = batch(*(reading("PV-1", m, 1.0 + m * 0.01, 100.0 + m) for m in range(0, 40)))
+    closing = batch(*(reading("PV-1", m, 2.0 - m * 0.01, 100.0 + m) for m in range(40, 75)))
+    later = batch(reading("PV-2", 5, 1.0, 7.0))
+    asyncio.run(write(stores["sqlite"], [first, closing, later]))
+
+    async def crashing() -> None:
+        sink = open_sink(stores["influxdb"])
+        await sink.start()
+        await sink.write_rows(first, stored_at=0)
+        summarize = InfluxSink._summarize
+
+        async def die_before_summaries(*_: Any) -> None:
+            raise Crash
+
+        monkeypatch.setattr(InfluxSink, "_summarize", die_before_summaries)
+        with pytest.raises(Crash):
+            await sink.write_rows(closing, stored_at=0)
+        monkeypatch.setattr(InfluxSink, "_summarize", summarize)
+        await sink._client.close()  # type: ignore[attr-defined]  # nothing else is closed: it died
+
+    asyncio.run(crashing())
+    asyncio.run(write(stores["influxdb"], [later]))  # the next start
+    ders = ders_of(tmp_path, ("PV-1", "PV-2"))
+    only_open_slots_from_readings(monkeypatch)
+    rows = answer(stores["influxdb"], SLOTS, ders)
+    assert rows == answer(stores["sqlite"], SLOTS, ders)
+    assert [r["n"] for r in rows if r["der_id"] == "PV-1"] == [30, 30, 15]

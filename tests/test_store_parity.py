@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 from influx_server import InfluxServer, fresh_database, influxd  # noqa: F401 - the fixture
+from test_influx_slots import only_open_slots_from_readings
 
 from hubd.auth.registry import Registry
 from hubd.config import Config, MarketConfig, QueryConfig, parse_config
@@ -307,15 +308,11 @@ def test_bucket_queries_influxql_can_answer_are_answered_by_influxdb(
 def test_whole_slot_queries_are_answered_from_the_slot_summaries(
     stores: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """With both the readings' aggregation and the hub's own computation taken away, the slot-shaped queries
-    (the settlement's) still give SQLite's pages: the summaries written with the readings answered them, the
-    replaced reading and the clock flags included."""
+    """With the readings' aggregation (but for each DER's open slot) and the hub's own computation taken away,
+    the slot-shaped queries (the settlement's) still give SQLite's pages: the summaries written with the
+    readings answered them, the replaced reading and the clock flags included."""
 
-    def not_from_readings(*_: Any) -> None:
-        raise AssertionError("bucket statistics computed from the readings")
-
-    monkeypatch.setattr("hubd.store.influx.query.InfluxQuery._load", not_from_readings)
-    monkeypatch.setattr("hubd.store.influx.pushdown.Plan.statements", not_from_readings)
+    only_open_slots_from_readings(monkeypatch)
     for index in SUMMARIZED:
         request = QUERIES[index]
         assert pages(request, stores["ders"], stores["influxdb"]) == pages(request, stores["ders"], stores["sqlite"])

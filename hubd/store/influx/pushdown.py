@@ -115,7 +115,12 @@ class Plan:
     """The statements for one group of DERs and how their answers become each DER's statistics."""
 
     def __init__(
-        self, measurement: str, buckets: list[Bucket], specs: tuple[tuple[str, str], ...], where: Where
+        self,
+        measurement: str,
+        buckets: list[Bucket],
+        specs: tuple[tuple[str, str], ...],
+        where: Where,
+        edges: bool = True,
     ) -> None:
         self.buckets = buckets
         self.specs = specs
@@ -135,7 +140,7 @@ class Plan:
             elif how in ("first", "last"):
                 picks.append((how, field))
         self._picks = list(dict.fromkeys(picks))
-        self._edges = Edges(measurement, sorted({f for f, how in specs if how == "span"}))
+        self._edges = Edges(measurement, sorted({f for f, how in specs if how == "span"}) if edges else [])
 
     def statements(self, der_condition: str | None, ders: int) -> list[tuple[str, int]]:
         """Each statement with the rows it may answer (to keep a request within a server's row limit), for

@@ -268,21 +268,31 @@ class InfluxQuery:
             plan = pushdown.Plan(self._measurement, buckets, specs, where)
         everyone = at == 0 and len(group) == len(self._listed)  # no DER condition: cheaper for InfluxDB
         condition = None if everyone else pushdown.ders_regex(tuple(group)) or der_condition(tuple(group))
-        statements = plan.statements(condition, len(group))
+        self._pushed, self._edges = plan.read(self._ask_all(plan.statements(condition, len(group))))
+        if isinstance(plan, slots.SlotPlan):  # each DER's open slot has no summary: from its readings
+            for index, der_ids in plan.open_slots.items():
+                one = pushdown.Plan(self._measurement, [buckets[index]], specs, (), edges=False)
+                ders = tuple(der_ids)
+                asked = one.statements(pushdown.ders_regex(ders) or der_condition(ders), len(ders))
+                for der, by_index in one.read(self._ask_all(asked))[0].items():
+                    self._pushed[der][index] = by_index[0]
+        self._pushed_key, self._loaded_key, self._loaded = key, None, set(group)
+        self._loaded_when, self._asked = time.monotonic(), der_id
+        return self._pushed.get(der_id, {})
+
+    def _ask_all(self, statements: list[tuple[str, int]]) -> list[list[dict[str, Any]]]:
+        """The answers to ``statements`` (each with the rows it may answer), in as few requests as the
+        server's row limit allows (it counts the rows of all a request's statements)."""
         answers: list[list[dict[str, Any]]] = []
         request: list[str] = []
         rows = 0
-        for statement, more in statements:  # requests within the server's row limit (it counts them all)
+        for statement, more in statements:
             if request and (rows + more > pushdown.ROWS or len(request) >= _STATEMENTS):
                 answers += self._ask_many(request)
                 request, rows = [], 0
             request.append(statement)
             rows += more
-        answers += self._ask_many(request)
-        self._pushed, self._edges = plan.read(answers)
-        self._pushed_key, self._loaded_key, self._loaded = key, None, set(group)
-        self._loaded_when, self._asked = time.monotonic(), der_id
-        return self._pushed.get(der_id, {})
+        return answers + self._ask_many(request)
 
     def _ask_many(self, statements: list[str]) -> list[list[dict[str, Any]]]:
         try:

@@ -67,8 +67,8 @@ class InfluxSink:
         self.refused = 0  # readings quarantined because InfluxDB refused them
         self._no_delete = False  # InfluxDB refused a DELETE once (warned once)
         self._newest: dict[str, int] | None = None  # each DER's latest stored time (_latest)
-        self._slots = slots.SlotKeeper(self._config)
-        self._slots_marked = False  # the slot summaries' complete_from is recorded (_mark_slots)
+        self._stored_slots = slots.Stored(self._config)
+        self._slots_ready = False  # complete_from recorded, pending summaries made (_prepare_slots)
         self._refused_keys: set[tuple[str, int]] = set()  # readings of the batch in hand InfluxDB did not take
         self.oldest_at: int | None = None  # when the spool's oldest batch was spooled (ms), for /metrics
         self.replayed = 0  # readings replayed from the spool since start, for /metrics
@@ -181,14 +181,17 @@ class InfluxSink:
         if not points:
             return
         latest = await self._latest()
-        if not self._slots_marked:
-            self._mark_slots(latest)
+        if not self._slots_ready:
+            await self._prepare_slots(latest)
         self._refused_keys.clear()
         # Only a reading at or before its DER's latest stored time can meet a stored one: a fleet's live
         # readings (each later than the DER's last) need no look at InfluxDB before they are written.
         maybe = {k: p for k, p in points.items() if k[1] <= latest.get(k[0], _NEVER)}
         stored = await self._stored(maybe) if maybe else []
         keep, deletes = versions.reconcile(points, stored)
+        closing, fresh = slots.to_summarize(keep, latest)
+        if closing:
+            await self._in_spool(self._spool_open().note_slots, closing)
         if deletes:
             statements = "; ".join(
                 f"DELETE FROM {self._from} WHERE {der_condition((d,))} AND time >= {ns(t)} AND time < {ns(t + 1)}"
@@ -217,39 +220,51 @@ class InfluxSink:
         finally:
             if writing is not None and not writing.done():
                 writing.cancel()
-        await self._summarize(keep, latest)
+        if closing:
+            await self._summarize(keep, closing, fresh)
         for der_id, measured_at in points:
             if measured_at > latest.get(der_id, _NEVER):
                 latest[der_id] = measured_at
 
-    def _mark_slots(self, latest: dict[str, int]) -> None:
-        """Record, the first time this InfluxDB target is written, from when every slot has its summary: from
-        the start for an empty database, else from the slot after the newest stored reading."""
+    def _spool_open(self) -> Spool:
+        assert self._spool is not None, "start() opens the spool"
+        return self._spool
+
+    async def _prepare_slots(self, latest: dict[str, int]) -> None:
+        """Before the first write: record, the first time this InfluxDB target is written, from when every
+        closed slot has its summary (from the start for an empty database, else from the slot after the
+        newest stored reading); make the summaries a crash left undone."""
         if slots.complete_from(self._registry_path, self._config) is None:
             at = slots.slot_of(max(latest.values())) + slots.SLOT_MS if latest else MIN_TIME_MS
             slots.record_complete_from(self._registry_path, self._config, at)
-        self._slots_marked = True
+        pending = await self._in_spool(self._spool_open().pending_slots)
+        if pending:
+            closed = {(d, s) for d, s in pending if d not in latest or s != slots.slot_of(latest[d])}
+            await self._summarize([], closed, set())
+            await self._in_spool(self._spool_open().clear_slots, pending)
+            logger.info("made {} slot summaries a stop left undone", len(closed))
+        self._slots_ready = True
 
-    async def _summarize(self, written: list[Point], latest: dict[str, int]) -> None:
-        """Write the summaries of the slots ``written`` touched (hubd.store.influx.slots): extended from what
-        the sink holds, or made again from what InfluxDB now holds."""
-        doubtful = {(d, slots.slot_of(t)) for d, t in self._refused_keys}
-        summaries, again = self._slots.extend(written, latest, doubtful)
-        listed = sorted(again)
-        for at in range(0, len(listed), 50):
-            chunk = listed[at : at + 50]
-            for key, series in zip(chunk, await self._client.query_many(self._slots.statements(chunk)), strict=True):
-                summary = self._slots.summarize(series)
-                if summary is not None:
-                    summaries[key] = summary
-        lines = self._slots.lines(summaries, again)
+    async def _summarize(self, written: list[Point], closing: set[slots.SlotKey], fresh: set[slots.SlotKey]) -> None:
+        """Write the summaries of the slots a batch closed or changed (hubd.store.influx.slots): of slots
+        holding only its readings from them, of the others from InfluxDB's aggregates of what it holds."""
+        fresh = fresh - {(d, slots.slot_of(t)) for d, t in self._refused_keys}
+        summaries = slots.summarize_points(written, fresh)
+        by_slot: dict[int, list[str]] = {}
+        for der_id, slot in sorted(closing - fresh):
+            by_slot.setdefault(slot, []).append(der_id)
+        for slot, der_ids in by_slot.items():
+            for at in range(0, len(der_ids), 500):
+                statements = self._stored_slots.statements(slot, der_ids[at : at + 500])
+                summaries.update(self._stored_slots.read(slot, await self._client.query_many(statements)))
+        lines = slots.lines(self._config, summaries)
         size = self._config.batch_size
         for at in range(0, len(lines), size):
             try:
                 await self._client.write("\n".join(lines[at : at + size]))
             except InfluxRefused as exc:  # only if something else wrote other types into the measurement
                 logger.error("InfluxDB refused slot summaries ({}): bucket queries of those slots may be wrong", exc)
-        self._slots.keep(summaries)
+        await self._in_spool(self._spool_open().clear_slots, closing)
 
     def _lines(self, points: list[Point]) -> list[tuple[str, Point]]:
         """The points as lines; a point InfluxDB could not hold (NaN) is quarantined here."""

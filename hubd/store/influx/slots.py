@@ -1,21 +1,27 @@
-"""30-minute slot summaries beside the readings, kept exact at write time, so settlement reads a point per slot.
+"""30-minute slot summaries beside the readings, so a settlement query reads a point per DER and slot.
 
 Why: InfluxDB 1.x aggregates about 0.4 µs per reading and statistic (bench/README.md, bench/influx), so the
-seven statistics a settlement slot needs cost it several times SQLite's whole query. The sink therefore
-writes, with every batch, a summary of each 30-minute slot (UTC, every :00 and :30) the batch touched, and a
-bucket query whose buckets are exactly these slots reads the summaries instead of the readings.
+statistics a settlement slot needs cost it several times SQLite's whole query. The sink therefore writes a
+summary of each DER's 30-minute slot (UTC, from every :00 and :30) once the slot is *closed*, and a bucket
+query whose buckets are exactly these slots reads the summaries.
 
 Layout (docs/operations.md, InfluxDB): measurement ``<measurement>_30m``, tag ``der_id``, time = the slot's
 start; fields ``n`` (readings), ``clock_flagged`` (readings with a clock flag), ``first_at``/``last_at`` (ms,
-the slot's first and last reading) and per quantity ``q`` the slot has: ``q_n``, ``q_min``, ``q_max``,
-``q_sum``. ``q_sum`` adds the values in time order, as SQLite's ``sum``/``avg`` do, so ``q_sum / q_n`` is
-SQLite's ``avg`` to the last bit.
+the slot's first and last reading) and per quantity ``q``: ``q_n``, ``q_min``, ``q_max``, ``q_sum``.
+``q_sum`` adds the values in time order, as SQLite's ``sum``/``avg`` and InfluxDB's ``sum`` within a shard
+do, so ``q_sum / q_n`` is SQLite's ``avg`` to the last bit.
 
-Exact by construction: a batch's readings all later than everything its DER has stored extend that DER's
-newest slot, whose summary the sink holds (or start a new slot, with nothing stored in it yet); any other
-reading (late, replacing, or in a slot the sink has not seen since it started) has its slot summarized
-again from what InfluxDB holds after the write. The summaries are complete from the time recorded in the
-hub's database (``complete_from``): a store filled before that answers earlier slots from the readings.
+When a summary is written: a DER's *open* slot is the one holding its newest reading; it has no summary (a
+live slot would be rewritten with every batch, doubling what InfluxDB takes in). After each batch is stored,
+every slot the batch touched and the DER's previous open slot are summarized, except the DER's open slot:
+slots made only of the batch's readings in Python, slots with stored readings by InfluxDB's own aggregates
+of what it now holds. So a closed slot with readings always has a summary that agrees with them; a query
+reads the summaries of closed slots and asks InfluxDB for the open ones. The slots a batch will summarize
+are noted in the spool's file before its readings are written and cleared once the summaries are, so a crash
+in between is made good at the next start.
+
+The summaries are complete from the time recorded in the hub's database (``complete_from``): from the start
+for a database the hub began writing empty, else from the slot after the newest reading it found there.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from hubd.config import InfluxConfig
-from hubd.model import FIELDS, MIN_TIME_MS
+from hubd.model import FIELDS
 from hubd.query.buckets import Bucket
 from hubd.store import Where
 from hubd.store.influx import pushdown
@@ -36,7 +42,6 @@ from hubd.store.influx.pushdown import ns, quote_name
 
 SLOT_MS = 1_800_000
 _QUANTITIES = frozenset(FIELDS)
-_ZEROS = ",".join(f"{q}_n=0i" for q in FIELDS)  # a summary made again says which quantities it no longer has
 _KNOWN = frozenset(("count", "min", "max", "sum", "mean", "span"))
 SlotKey = tuple[str, int]  # (der_id, slot start)
 
@@ -50,7 +55,7 @@ def slot_of(at: int) -> int:
 
 
 class Summary:
-    """One DER's readings in one slot, added in time order."""
+    """One DER's readings in one slot."""
 
     __slots__ = ("first_at", "flagged", "last_at", "n", "stats")
 
@@ -61,13 +66,8 @@ class Summary:
         self.last_at = 0
         self.stats: dict[str, list[Any]] = {}  # quantity -> [count, min, max, sum]
 
-    def copy(self) -> Summary:
-        out = Summary()
-        out.n, out.flagged, out.first_at, out.last_at = self.n, self.flagged, self.first_at, self.last_at
-        out.stats = {q: list(s) for q, s in self.stats.items()}
-        return out
-
     def add(self, at: int, values: dict[str, Any]) -> None:
+        """One reading, in time order."""
         if not self.n:
             self.first_at = at
         self.n += 1
@@ -79,95 +79,125 @@ class Summary:
                 v = float(value)
                 s = self.stats.get(name)
                 if s is None:
-                    self.stats[name] = [1, v, v, 0.0 + v]  # 0.0 + v: SQLite's sum starts from 0.0 (-0.0 → 0.0)
+                    self.stats[name] = [1, v, v, 0.0 + v]  # 0.0 + v: a sum starts from 0.0 (so -0.0 gives 0.0)
                 else:
                     s[0] += 1
-                    if v < s[1]:
-                        s[1] = v
-                    if v > s[2]:
-                        s[2] = v
+                    s[1] = min(s[1], v)
+                    s[2] = max(s[2], v)
                     s[3] += v
 
-    def line(self, tag: str, slot: int, again: bool) -> str:
-        """As a line of ``tag`` (measurement and DER, escaped); ``again``: a slot summarized before, whose
-        quantities it no longer has must read as none (InfluxDB keeps fields a point is written without)."""
+    def line(self, tag: str, slot: int) -> str:
+        """As a line of ``tag`` (measurement and DER, escaped). A quantity the slot lacks is written with a
+        count of 0: InfluxDB keeps a field a point is written again without, and a replaced reading may have
+        taken the slot's last value of it away."""
         fields = [f"n={self.n}i,clock_flagged={self.flagged}i,first_at={self.first_at}i,last_at={self.last_at}i"]
-        if again:
-            fields.append(_ZEROS)
-        for q, (count, low, high, total) in self.stats.items():
-            fields.append(f"{q}_n={count}i,{q}_min={low!r},{q}_max={high!r},{q}_sum={total!r}")
+        for q in FIELDS:
+            s = self.stats.get(q)
+            fields.append(
+                f"{q}_n=0i" if s is None else f"{q}_n={s[0]}i,{q}_min={s[1]!r},{q}_max={s[2]!r},{q}_sum={s[3]!r}"
+            )
         return f"{tag} {','.join(fields)} {slot}"
 
 
-class SlotKeeper:
-    """The sink's side: the summaries a written batch changes, and each DER's newest slot."""
+# -- the write side ------------------------------------------------------------------------------------------
+
+
+def to_summarize(points: Iterable[Point], latest: dict[str, int]) -> tuple[set[SlotKey], set[SlotKey]]:
+    """The slots a batch closes or changes: (every one of them, those made of the batch's readings alone).
+
+    ``latest``: each DER's newest stored time before the batch. Every slot the batch touches and each DER's
+    previous open slot, except the DER's open slot after the batch; a slot later than the DER's previous
+    open one holds only the batch's readings."""
+    touched: dict[str, set[int]] = defaultdict(set)
+    for der_id, at, _ in points:
+        touched[der_id].add(slot_of(at))
+    closing: set[SlotKey] = set()
+    fresh: set[SlotKey] = set()
+    for der_id, found in touched.items():
+        before = latest.get(der_id)
+        if before is not None:
+            found.add(slot_of(before))
+        open_slot = max(found)
+        for slot in found:
+            if slot != open_slot:
+                closing.add((der_id, slot))
+                if before is None or slot > slot_of(before):
+                    fresh.add((der_id, slot))
+    return closing, fresh
+
+
+def summarize_points(points: Iterable[Point], keys: set[SlotKey]) -> dict[SlotKey, Summary]:
+    """The summaries of ``keys`` from the batch's own readings (slots with nothing stored before)."""
+    found: dict[SlotKey, list[Point]] = defaultdict(list)
+    for p in points:
+        key = (p[0], slot_of(p[1]))
+        if key in keys:
+            found[key].append(p)
+    out: dict[SlotKey, Summary] = {}
+    for key, listed in found.items():
+        summary = out[key] = Summary()
+        for _, at, values in sorted(listed, key=lambda p: p[1]):
+            summary.add(at, values)
+    return out
+
+
+class Stored:
+    """Summaries of slots with stored readings, by InfluxDB's aggregates of what it holds: per slot, one
+    statement for the counts, extremes and sums of its DERs, and one each for their first and last reading
+    (a selector without ``GROUP BY time()`` keeps the reading's own time)."""
+
+    _AGGREGATES = [("count", "received_at"), ("count", "clock_flag")] + [
+        (how, q) for q in FIELDS for how in ("count", "min", "max", "sum")
+    ]
 
     def __init__(self, config: InfluxConfig) -> None:
-        self._raw = quote_name(config.measurement)
-        self._tag = _escape(measurement(config))
-        self._newest: dict[str, tuple[int, Summary]] = {}  # per DER: its newest slot, summarized whole
+        self._from = quote_name(config.measurement)
 
-    def extend(
-        self, points: Iterable[Point], latest: dict[str, int], doubtful: set[SlotKey]
-    ) -> tuple[dict[SlotKey, Summary], set[SlotKey]]:
-        """The summaries of the slots the written ``points`` extend (each DER's readings later than its
-        ``latest`` before the write, in slots not in ``doubtful``), and the slots to summarize again from
-        InfluxDB (the rest)."""
-        by_slot: dict[SlotKey, list[Point]] = defaultdict(list)
-        for p in points:
-            by_slot[(p[0], slot_of(p[1]))].append(p)
-        extended: dict[SlotKey, Summary] = {}
-        again: set[SlotKey] = set()
-        never = MIN_TIME_MS - 1
-        for key, found in by_slot.items():
-            der_id, slot = key
-            before = latest.get(der_id, never)
-            newest = self._newest.get(der_id)
-            if key in doubtful or any(p[1] <= before for p in found):
-                again.add(key)
-                continue
-            if slot_of(before) < slot or before == never:  # nothing stored in this slot yet
-                summary = Summary()
-            elif newest is not None and newest[0] == slot:
-                summary = newest[1].copy()
-            else:  # the DER's newest slot, stored before this sink started: read it
-                again.add(key)
-                continue
-            for at, values in sorted((p[1], p[2]) for p in found):
-                summary.add(at, values)
-            extended[key] = summary
-        return extended, again
-
-    def statements(self, slots: Iterable[SlotKey]) -> list[str]:
-        """One statement per slot to summarize again: its stored readings, in time order."""
+    def statements(self, slot: int, der_ids: list[str]) -> list[str]:
+        condition = (
+            pushdown.ders_regex(tuple(der_ids)) or "(" + " OR ".join(f'"der_id" = {_quote(d)}' for d in der_ids) + ")"
+        )
+        where = f"WHERE time >= {ns(slot)} AND time < {ns(slot + SLOT_MS)} AND {condition}"
+        listed = ", ".join(f"{how}({quote_name(f)})" for how, f in self._AGGREGATES)
         return [
-            f"SELECT * FROM {self._raw} WHERE \"der_id\" = '{_quote(d)}' "
-            f"AND time >= {ns(s)} AND time < {ns(s + SLOT_MS)}"
-            for d, s in slots
+            f'SELECT {listed} FROM {self._from} {where} GROUP BY "der_id"',
+            f'SELECT first("received_at") FROM {self._from} {where} GROUP BY "der_id"',
+            f'SELECT last("received_at") FROM {self._from} {where} GROUP BY "der_id"',
         ]
 
-    @staticmethod
-    def summarize(series: list[dict[str, Any]]) -> Summary | None:
-        """A slot's summary from its readings as InfluxDB answered a ``statements`` statement."""
-        summary = Summary()
-        for s in series:
-            names = s["columns"]
-            for row in s["values"]:
-                values = dict(zip(names, row, strict=True))
-                summary.add(int(values.pop("time")), values)
-        return summary if summary.n else None
+    def read(self, slot: int, answers: list[list[dict[str, Any]]]) -> dict[SlotKey, Summary]:
+        aggregates, firsts, lasts = answers
+        out: dict[SlotKey, Summary] = {}
+        for series in aggregates:
+            row = series["values"][0]
+            got = dict(zip(self._AGGREGATES, row[1:], strict=True))
+            if not got[("count", "received_at")]:
+                continue
+            summary = out[(series["tags"]["der_id"], slot)] = Summary()
+            summary.n = got[("count", "received_at")]
+            summary.flagged = got[("count", "clock_flag")] or 0
+            for q in FIELDS:
+                if got[("count", q)]:
+                    summary.stats[q] = [
+                        got[("count", q)],
+                        float(got[("min", q)]),
+                        float(got[("max", q)]),
+                        float(got[("sum", q)]),
+                    ]
+        for answer, name in ((firsts, "first_at"), (lasts, "last_at")):
+            for series in answer:
+                found = out.get((series["tags"]["der_id"], slot))
+                if found is not None:
+                    setattr(found, name, int(series["values"][0][0]))
+        return out
 
-    def lines(self, summaries: dict[SlotKey, Summary], again: set[SlotKey]) -> list[str]:
-        return [
-            s.line(f"{self._tag},der_id={_escape(d)}", slot, (d, slot) in again) for (d, slot), s in summaries.items()
-        ]
 
-    def keep(self, summaries: dict[SlotKey, Summary]) -> None:
-        """Once written: each DER's newest slot, for the next batch to extend."""
-        for (der_id, slot), summary in summaries.items():
-            newest = self._newest.get(der_id)
-            if newest is None or newest[0] <= slot:
-                self._newest[der_id] = (slot, summary)
+def lines(config: InfluxConfig, summaries: dict[SlotKey, Summary]) -> list[str]:
+    tag = _escape(measurement(config))
+    return [s.line(f"{tag},der_id={_escape(d)}", slot) for (d, slot), s in summaries.items()]
+
+
+# -- the read side -------------------------------------------------------------------------------------------
 
 
 def usable(buckets: list[Bucket], specs: tuple[tuple[str, str], ...], where: Where, flagged: bool | None) -> bool:
@@ -183,39 +213,53 @@ def usable(buckets: list[Bucket], specs: tuple[tuple[str, str], ...], where: Whe
 
 
 class SlotPlan:
-    """The statements for one group of DERs' slot statistics, and how their answers become each DER's
-    statistics (the interface of hubd.store.influx.pushdown.Plan)."""
+    """The statements for one group of DERs' slot statistics and how their answers become each DER's
+    statistics (the interface of hubd.store.influx.pushdown.Plan); afterwards ``open_slots`` names the buckets
+    that are a DER's open slot, to be asked of the readings."""
 
     def __init__(self, config: InfluxConfig, buckets: list[Bucket], specs: tuple[tuple[str, str], ...]) -> None:
         self.buckets = buckets
         self.specs = specs
         self._from = quote_name(measurement(config))
+        self._raw = quote_name(config.measurement)
         self._index = {b.start: i for i, b in enumerate(buckets)}
         quantities = sorted({f for f, _ in specs})
         self._columns = ["n", "clock_flagged", "first_at", "last_at"]
         self._columns += [f"{q}_{part}" for q in quantities for part in ("n", "min", "max", "sum")]
         self._edges = pushdown.Edges(config.measurement, sorted({f for f, how in specs if how == "span"}))
+        self.open_slots: dict[int, list[str]] = {}  # bucket index -> the DERs whose open slot it is
 
     def statements(self, der_condition: str | None, ders: int) -> list[tuple[str, int]]:
         also = f" AND {der_condition}" if der_condition else ""
         lo, hi = self.buckets[0].lo, self.buckets[-1].hi
         listed = ", ".join(quote_name(c) for c in self._columns)
         span = f"time >= {ns(lo)} AND time < {ns(hi)}"
-        select = f'SELECT {listed} FROM {self._from} WHERE {span}{also} GROUP BY "der_id"'
-        return [(select, ders * len(self.buckets)), *self._edges.statements(lo, hi, also, ders)]
+        return [
+            (f'SELECT {listed} FROM {self._from} WHERE {span}{also} GROUP BY "der_id"', ders * len(self.buckets)),
+            (f'SELECT last("received_at") FROM {self._raw} WHERE time >= {ns(lo)}{also} GROUP BY "der_id"', ders),
+            *self._edges.statements(lo, hi, also, ders),
+        ]
 
     def read(
         self, answers: list[list[dict[str, Any]]]
     ) -> tuple[dict[str, dict[int, dict[str, Any]]], dict[tuple[str, str, int, bool], tuple[int, float] | None]]:
+        open_index: dict[str, int] = {}
+        for series in answers[1]:
+            index = self._index.get(slot_of(int(series["values"][0][0])))
+            if index is not None:
+                open_index[series["tags"]["der_id"]] = index
+                self.open_slots.setdefault(index, []).append(series["tags"]["der_id"])
         stats: dict[str, dict[int, dict[str, Any]]] = {}
         for series in answers[0]:
             der = series["tags"]["der_id"]
             positions = {c: i for i, c in enumerate(series["columns"])}
             for row in series["values"]:
                 index = self._index.get(row[0])
-                if index is not None and row[positions["n"]]:
+                if index is not None and index != open_index.get(der) and row[positions["n"]]:
                     stats.setdefault(der, {})[index] = self._stats({c: row[i] for c, i in positions.items()})
-        return stats, self._edges.read(answers[1:], stats, self.buckets[0].lo, self.buckets[-1].hi)
+        for der in open_index:
+            stats.setdefault(der, {})
+        return stats, self._edges.read(answers[2:], stats, self.buckets[0].lo, self.buckets[-1].hi)
 
     def _stats(self, got: dict[str, Any]) -> dict[str, Any]:
         out: dict[str, Any] = {"n": got["n"], "flagged": got["clock_flagged"] or 0}
@@ -246,7 +290,7 @@ def _connect(path: Path) -> sqlite3.Connection:
 
 
 def complete_from(path: Path, config: InfluxConfig) -> int | None:
-    """The time from which every slot of this InfluxDB target has its summary; None: not known (yet)."""
+    """The time from which every closed slot of this InfluxDB target has its summary; None: not known (yet)."""
     if not path.exists():
         return None
     db = _connect(path)
@@ -271,4 +315,4 @@ def _escape(value: str) -> str:
 
 
 def _quote(value: str) -> str:
-    return value.replace("\\", "\\\\").replace("'", "\\'")
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"

@@ -7,9 +7,11 @@ state ``hubd store status`` shows: since when the hub spools, and how fast the r
 
 from __future__ import annotations
 
+import contextlib
 import marshal
 import sqlite3
 import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +26,8 @@ CREATE TABLE IF NOT EXISTS batches (
     body BLOB NOT NULL
 );
 CREATE TABLE IF NOT EXISTS state (key TEXT PRIMARY KEY, value) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS pending_slots (der_id TEXT NOT NULL, slot INTEGER NOT NULL, PRIMARY KEY (der_id, slot))
+    WITHOUT ROWID;
 """
 
 
@@ -59,21 +63,15 @@ class Spool:
 
     def remove(self, batch_id: int, readings: int, seconds: float) -> None:
         """Drop a replayed batch and count it into the replay's figures, in one transaction."""
-        db = self._db
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            db.execute("DELETE FROM batches WHERE id = ?", (batch_id,))
+        with self._transaction():
+            self._db.execute("DELETE FROM batches WHERE id = ?", (batch_id,))
             state = self._state()
             replayed = int(state.get("replayed_readings", 0)) + readings
             busy = float(state.get("replay_seconds", 0.0)) + seconds
-            db.executemany(
+            self._db.executemany(
                 "INSERT OR REPLACE INTO state VALUES (?, ?)",
                 [("replayed_readings", replayed), ("replay_seconds", busy)],
             )
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
 
     def depth(self) -> tuple[int, int, int | None]:
         """(batches, readings, when the oldest was spooled in ms)."""
@@ -81,6 +79,29 @@ class Spool:
             "SELECT count(*), coalesce(sum(readings), 0), min(spooled_at) FROM batches"
         ).fetchone()
         return int(batches), int(readings), oldest
+
+    def note_slots(self, keys: Iterable[tuple[str, int]]) -> None:
+        """Slots whose summaries a batch will write (hubd.store.influx.slots): kept until ``clear_slots``, so
+        a crash between the batch's readings and its summaries leaves them to be made at the next start."""
+        with self._transaction():
+            self._db.executemany("INSERT OR IGNORE INTO pending_slots VALUES (?, ?)", keys)
+
+    def clear_slots(self, keys: Iterable[tuple[str, int]]) -> None:
+        with self._transaction():
+            self._db.executemany("DELETE FROM pending_slots WHERE der_id = ? AND slot = ?", keys)
+
+    def pending_slots(self) -> list[tuple[str, int]]:
+        return [(str(d), int(s)) for d, s in self._db.execute("SELECT der_id, slot FROM pending_slots")]
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[None]:
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
 
     def set_state(self, **values: Any) -> None:
         self._db.executemany("INSERT OR REPLACE INTO state VALUES (?, ?)", list(values.items()))
