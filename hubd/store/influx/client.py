@@ -18,6 +18,7 @@ from typing import Any
 from urllib.parse import urlencode, urlsplit
 
 import aiohttp
+import orjson
 
 from hubd.config import InfluxConfig, read_secret
 
@@ -68,7 +69,7 @@ def results_many(status: int, body: bytes, statements: list[str]) -> list[list[d
     if status >= 500 or status in (401, 403):
         raise InfluxUnavailable(f"InfluxDB answered {status} to a query: {body[:300].decode(errors='replace')}")
     try:
-        answer = json.loads(body)
+        answer = orjson.loads(body)  # the query side's answers run to megabytes: about twice json's pace
     except ValueError:
         raise InfluxUnavailable(f"InfluxDB answered {status} with no JSON to a query") from None
     if "error" in answer:

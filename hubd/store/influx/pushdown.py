@@ -120,7 +120,6 @@ class Plan:
         buckets: list[Bucket],
         specs: tuple[tuple[str, str], ...],
         where: Where,
-        edges: bool = True,
     ) -> None:
         self.buckets = buckets
         self.specs = specs
@@ -140,7 +139,7 @@ class Plan:
             elif how in ("first", "last"):
                 picks.append((how, field))
         self._picks = list(dict.fromkeys(picks))
-        self._edges = Edges(measurement, sorted({f for f, how in specs if how == "span"}) if edges else [])
+        self._edges = Edges(measurement, sorted({f for f, how in specs if how == "span"}))
 
     def statements(self, der_condition: str | None, ders: int) -> list[tuple[str, int]]:
         """Each statement with the rows it may answer (to keep a request within a server's row limit), for

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import operator
 import time
-from collections.abc import Iterator
+from bisect import bisect_left
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +67,7 @@ class InfluxQuery:
         self._loaded_when = 0.0  # when (monotonic)
         self._asked = ""  # the DER asked last from that load
         self._listed: list[str] = []  # the last der_ids() answer, in order
+        self._found: tuple[float, tuple[int, int], list[str]] = (-_REUSE_S, (0, 0), [])  # when, span, DERs
         self._listed_at: dict[str, int] = {}
         self._measurement = config.measurement
         self._retention_policy = config.retention_policy
@@ -75,6 +77,10 @@ class InfluxQuery:
         self._pushed_key: tuple[Any, ...] | None = None  # what the pushed-down statistics are for
         self._pushed: dict[str, dict[int, dict[str, Any]]] = {}  # and them, by DER
         self._edges: dict[tuple[str, str, int, bool], tuple[int, float] | None] = {}  # nearest, asked with them
+        # A group's readings of a span with some columns, kept for series() (_keep, _kept): by DER
+        self._readings: tuple[int, int, frozenset[str], dict[str, list[dict[str, Any]]]] | None = None
+        self._readings_when = 0.0
+        self._readings_asked = ""  # the DER they were last handed to
 
     @classmethod
     def from_config(cls, config: Config) -> InfluxQuery:
@@ -178,12 +184,17 @@ class InfluxQuery:
         return out
 
     def der_ids(self, start: int, end: int, first: str) -> list[str]:
-        statement = (
-            f'SELECT last("received_at") FROM {self._from} WHERE time >= {ns(start)} AND time < {ns(end)} '
-            'GROUP BY "der_id"'
-        )  # last(): one point a DER, where count() would read them all
-        found = {series["tags"]["der_id"] for series in self._ask(statement) if series.get("tags")}
-        listed = sorted(d for d in found if d >= first)
+        """The DERs with readings in the span, from ``first`` on; the next page of the same query (within
+        ``_REUSE_S``) takes them from the last listing."""
+        found_at, span, found = self._found
+        if span != (start, end) or time.monotonic() - found_at >= _REUSE_S:
+            statement = (
+                f'SELECT last("received_at") FROM {self._from} WHERE time >= {ns(start)} AND time < {ns(end)} '
+                'GROUP BY "der_id"'
+            )  # last(): one point a DER, where count() would read them all
+            found = sorted(series["tags"]["der_id"] for series in self._ask(statement) if series.get("tags"))
+            self._found = (time.monotonic(), (start, end), found)
+        listed = found[bisect_left(found, first) :]
         self._listed, self._listed_at = listed, {d: i for i, d in enumerate(listed)}  # for _load's groups
         return listed
 
@@ -270,12 +281,14 @@ class InfluxQuery:
         condition = None if everyone else pushdown.ders_regex(tuple(group)) or der_condition(tuple(group))
         self._pushed, self._edges = plan.read(self._ask_all(plan.statements(condition, len(group))))
         if isinstance(plan, slots.SlotPlan):  # each DER's open slot has no summary: from its readings
-            for index, der_ids in plan.open_slots.items():
-                one = pushdown.Plan(self._measurement, [buckets[index]], specs, (), edges=False)
+            for index, der_ids in plan.unsummarized(group, self._pushed).items():
                 ders = tuple(der_ids)
-                asked = one.statements(pushdown.ders_regex(ders) or der_condition(ders), len(ders))
-                for der, by_index in one.read(self._ask_all(asked))[0].items():
-                    self._pushed[der][index] = by_index[0]
+                condition = pushdown.ders_regex(ders) or der_condition(ders)
+                lo, hi, columns = buckets[index].lo, buckets[-1].hi, ("clock_flag", *plan.quantities)
+                readings = list(self.scan(lo, hi, [condition], columns))
+                self._keep(lo, hi, columns, der_ids, readings, der_id)  # delta reads a register's last slot
+                for der, by_index in plan.from_readings(readings).items():
+                    self._pushed.setdefault(der, {}).update(by_index)
         self._pushed_key, self._loaded_key, self._loaded = key, None, set(group)
         self._loaded_when, self._asked = time.monotonic(), der_id
         return self._pushed.get(der_id, {})
@@ -340,11 +353,48 @@ class InfluxQuery:
         return (found[0]["time"], float(found[0][field])) if found else None
 
     def series(self, der_id: str, start: int, end: int, fields: tuple[str, ...]) -> list[tuple[Any, ...]]:
+        """The DER's readings with all ``fields``. A query over many DERs asks this of them one after another
+        for the same span (a register's last slot, say), so the readings of the next ``_GROUP`` DERs listed
+        are fetched together (as ``_load`` does) and kept for them (``_kept``)."""
+        kept = self._kept(der_id, start, end, fields)
+        if kept is None:
+            at = self._listed_at.get(der_id)
+            group = self._listed[at : at + _GROUP] if at is not None else [der_id]
+            readings = self.scan(start, end, [der_condition(tuple(group))], fields)
+            kept = self._keep(start, end, fields, group, readings, der_id)[der_id]
         return [
-            (p["time"], *(float(p[f]) for f in fields))
-            for p in self.scan(start, end, [der_condition((der_id,))], fields)
-            if all(p.get(f) is not None for f in fields)
+            (r["time"], *(float(r[f]) for f in fields))
+            for r in kept
+            if start <= r["time"] < end and all(r.get(f) is not None for f in fields)
         ]
+
+    def _keep(
+        self,
+        start: int,
+        end: int,
+        columns: tuple[str, ...],
+        der_ids: list[str],
+        readings: Iterable[dict[str, Any]],
+        asked: str,
+    ) -> dict[str, list[dict[str, Any]]]:
+        """Keep a group's readings of [start, end) for the DERs asked after ``asked`` within ``_REUSE_S``."""
+        by_der: dict[str, list[dict[str, Any]]] = {d: [] for d in der_ids}
+        for r in readings:
+            by_der[r["der_id"]].append(r)
+        self._readings = (start, end, frozenset(columns), by_der)
+        self._readings_when, self._readings_asked = time.monotonic(), asked
+        return by_der
+
+    def _kept(self, der_id: str, start: int, end: int, fields: tuple[str, ...]) -> list[dict[str, Any]] | None:
+        if self._readings is None or time.monotonic() - self._readings_when >= _REUSE_S:
+            return None
+        lo, hi, columns, by_der = self._readings
+        if der_id not in by_der or der_id < self._readings_asked or not (lo <= start and end <= hi):
+            return None
+        if not columns.issuperset(fields):
+            return None
+        self._readings_asked = der_id
+        return by_der[der_id]
 
     def flagged_series(self, der_id: str, start: int, end: int, fields: tuple[str, ...]) -> list[tuple[Any, ...]]:
         return [

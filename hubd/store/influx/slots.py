@@ -27,8 +27,9 @@ for a database the hub began writing empty, else from the slot after the newest 
 from __future__ import annotations
 
 import sqlite3
+from bisect import bisect_right
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -214,73 +215,111 @@ def usable(buckets: list[Bucket], specs: tuple[tuple[str, str], ...], where: Whe
 
 class SlotPlan:
     """The statements for one group of DERs' slot statistics and how their answers become each DER's
-    statistics (the interface of hubd.store.influx.pushdown.Plan); afterwards ``open_slots`` names the buckets
-    that are a DER's open slot, to be asked of the readings."""
+    statistics (the interface of hubd.store.influx.pushdown.Plan). A DER's slots after its last summary in
+    the range are its open slot, or empty (or, while a batch is being written, not summarized yet): their
+    readings are read (``unsummarized``) and summarized here (``from_readings``)."""
 
     def __init__(self, config: InfluxConfig, buckets: list[Bucket], specs: tuple[tuple[str, str], ...]) -> None:
         self.buckets = buckets
         self.specs = specs
         self._from = quote_name(measurement(config))
-        self._raw = quote_name(config.measurement)
         self._index = {b.start: i for i, b in enumerate(buckets)}
-        quantities = sorted({f for f, _ in specs})
-        self._columns = ["n", "clock_flagged", "first_at", "last_at"]
-        self._columns += [f"{q}_{part}" for q in quantities for part in ("n", "min", "max", "sum")]
+        self.quantities = tuple(sorted({f for f, _ in specs}))
+        needed = {"count": "n", "span": "n", "mean": "sum", "min": "min", "max": "max", "sum": "sum"}
+        columns = [f"{f}_{part}" for f, how in specs for part in ("n", needed[how])]
+        self._columns = list(dict.fromkeys(["n", "clock_flagged", "first_at", "last_at", *columns]))  # no more:
+        # InfluxDB's cost grows with each field read
         self._edges = pushdown.Edges(config.measurement, sorted({f for f, how in specs if how == "span"}))
-        self.open_slots: dict[int, list[str]] = {}  # bucket index -> the DERs whose open slot it is
 
     def statements(self, der_condition: str | None, ders: int) -> list[tuple[str, int]]:
         also = f" AND {der_condition}" if der_condition else ""
         lo, hi = self.buckets[0].lo, self.buckets[-1].hi
         listed = ", ".join(quote_name(c) for c in self._columns)
         span = f"time >= {ns(lo)} AND time < {ns(hi)}"
-        return [
-            (f'SELECT {listed} FROM {self._from} WHERE {span}{also} GROUP BY "der_id"', ders * len(self.buckets)),
-            (f'SELECT last("received_at") FROM {self._raw} WHERE time >= {ns(lo)}{also} GROUP BY "der_id"', ders),
-            *self._edges.statements(lo, hi, also, ders),
-        ]
+        select = f'SELECT {listed} FROM {self._from} WHERE {span}{also} GROUP BY "der_id"'
+        return [(select, ders * len(self.buckets)), *self._edges.statements(lo, hi, also, ders)]
 
     def read(
         self, answers: list[list[dict[str, Any]]]
     ) -> tuple[dict[str, dict[int, dict[str, Any]]], dict[tuple[str, str, int, bool], tuple[int, float] | None]]:
-        open_index: dict[str, int] = {}
-        for series in answers[1]:
-            index = self._index.get(slot_of(int(series["values"][0][0])))
-            if index is not None:
-                open_index[series["tags"]["der_id"]] = index
-                self.open_slots.setdefault(index, []).append(series["tags"]["der_id"])
         stats: dict[str, dict[int, dict[str, Any]]] = {}
         for series in answers[0]:
-            der = series["tags"]["der_id"]
-            positions = {c: i for i, c in enumerate(series["columns"])}
+            by_index = stats.setdefault(series["tags"]["der_id"], {})
+            make = self._maker(series["columns"])
+            n = series["columns"].index("n")
             for row in series["values"]:
                 index = self._index.get(row[0])
-                if index is not None and index != open_index.get(der) and row[positions["n"]]:
-                    stats.setdefault(der, {})[index] = self._stats({c: row[i] for c, i in positions.items()})
-        for der in open_index:
-            stats.setdefault(der, {})
-        return stats, self._edges.read(answers[2:], stats, self.buckets[0].lo, self.buckets[-1].hi)
+                if index is not None and row[n]:
+                    by_index[index] = make(row)
+        return stats, self._edges.read(answers[1:], stats, self.buckets[0].lo, self.buckets[-1].hi)
 
-    def _stats(self, got: dict[str, Any]) -> dict[str, Any]:
-        out: dict[str, Any] = {"n": got["n"], "flagged": got["clock_flagged"] or 0}
-        for field, how in self.specs:
-            count = got.get(f"{field}_n") or 0
-            if how == "count":
-                out[f"count:{field}"] = count
-            elif how == "span":
-                out[f"span:{field}"] = (got["first_at"], got["last_at"], count)
-            elif how == "mean":
-                out[f"mean:{field}"] = got[f"{field}_sum"] / count if count else None
-            else:  # min, max, sum: none without a value
-                out[f"{how}:{field}"] = float(got[f"{field}_{how}"]) if count else None
+    def unsummarized(self, der_ids: list[str], stats: dict[str, dict[int, Any]]) -> dict[int, list[str]]:
+        """The DERs by the first bucket after their last summary (0: none in the range), where it is one."""
+        out: dict[int, list[str]] = {}
+        for der_id in der_ids:
+            summarized = stats.get(der_id)
+            start = max(summarized) + 1 if summarized else 0
+            if start < len(self.buckets):
+                out.setdefault(start, []).append(der_id)
         return out
+
+    def from_readings(self, readings: Iterable[dict[str, Any]]) -> dict[str, dict[int, dict[str, Any]]]:
+        """Statistics of the buckets these readings (in time order, as ``InfluxQuery.scan`` gives them) fall
+        in, made as the summaries are, so both answer alike."""
+        found: dict[tuple[str, int], Summary] = {}
+        starts = [b.start for b in self.buckets]
+        for r in readings:
+            index = bisect_right(starts, r["time"]) - 1
+            key = (r["der_id"], index)
+            summary = found.get(key) or found.setdefault(key, Summary())
+            summary.add(r["time"], r)
+        make = self._maker(["time", *self._columns])
+        out: dict[str, dict[int, dict[str, Any]]] = {}
+        for (der_id, index), summary in found.items():
+            values = {"n": summary.n, "clock_flagged": summary.flagged}
+            values |= {"first_at": summary.first_at, "last_at": summary.last_at}
+            for q, parts in summary.stats.items():
+                values |= dict(zip((f"{q}_n", f"{q}_min", f"{q}_max", f"{q}_sum"), parts, strict=True))
+            out.setdefault(der_id, {})[index] = make([None, *(values.get(c) for c in self._columns)])
+        return out
+
+    def _maker(self, columns: list[str]) -> Callable[[list[Any]], dict[str, Any]]:
+        """How a row of these columns (time first, then ``_columns`` as InfluxDB kept them: it leaves out a
+        field the measurement never had) becomes the statistics ``bucket_stats`` gives, SQLite's way:
+        a count of 0 and no value where the slot had none. One row per DER and slot: kept cheap."""
+        at = {c: i for i, c in enumerate(columns)}
+        n, flagged, first_at, last_at = at["n"], at["clock_flagged"], at["first_at"], at["last_at"]
+        picks = []
+        for field, how in self.specs:
+            count = at.get(f"{field}_n")
+            value = at.get(f"{field}_{'sum' if how == 'mean' else how}")
+            picks.append((f"{how}:{field}", how, count, value))
+
+        def make(row: list[Any]) -> dict[str, Any]:
+            out: dict[str, Any] = {"n": row[n], "flagged": row[flagged] or 0}
+            for key, how, count_at, value_at in picks:
+                count = (row[count_at] or 0) if count_at is not None else 0
+                if how == "count":
+                    out[key] = count
+                elif how == "span":
+                    out[key] = (row[first_at], row[last_at], count)
+                elif not count or value_at is None:
+                    out[key] = None
+                elif how == "mean":
+                    out[key] = row[value_at] / count
+                else:  # min, max, sum
+                    out[key] = float(row[value_at])
+            return out
+
+        return make
 
 
 # -- from when the summaries are complete: kept in the hub's own database --------------------------------------
 
 
 def _target(config: InfluxConfig) -> str:
-    return "|".join((config.url.rstrip("/"), config.database, config.retention_policy or "", config.measurement))
+    """The database, retention policy and measurement: not the URL, which may change while the data stays."""
+    return "|".join((config.database, config.retention_policy or "", config.measurement))
 
 
 def _connect(path: Path) -> sqlite3.Connection:
