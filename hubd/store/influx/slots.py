@@ -109,15 +109,22 @@ def to_summarize(points: Iterable[Point], latest: dict[str, int]) -> tuple[set[S
     ``latest``: each DER's newest stored time before the batch. Every slot the batch touches and each DER's
     previous open slot, except the DER's open slot after the batch; a slot later than the DER's previous
     open one holds only the batch's readings."""
-    touched: dict[str, set[int]] = defaultdict(set)
-    for der_id, at, _ in points:
-        touched[der_id].add(slot_of(at))
+    touched: dict[str, set[int]] = {}
+    for der_id, at, _ in points:  # on the write path of every reading: kept plain
+        found = touched.get(der_id)
+        if found is None:
+            touched[der_id] = {at - at % SLOT_MS}
+        else:
+            found.add(at - at % SLOT_MS)
     closing: set[SlotKey] = set()
     fresh: set[SlotKey] = set()
     for der_id, found in touched.items():
         before = latest.get(der_id)
         if before is not None:
-            found.add(slot_of(before))
+            previous = before - before % SLOT_MS
+            if len(found) == 1 and previous in found:  # the usual batch: the open slot goes on
+                continue
+            found.add(previous)
         open_slot = max(found)
         for slot in found:
             if slot != open_slot:
