@@ -217,11 +217,10 @@ def test_the_documented_grafana_query_gives_the_slot_means(
         asyncio.run(write(config, [batch(*readings)]))
     ders = ders_of(tmp_path, ("PV-1",))
     means = [row["power_kw_mean"] for row in answer(stores["sqlite"], SLOTS, ders)]
-    found = influxd.query(
-        'SELECT "power_kw_sum" / "power_kw_n" AS "power_kw_mean" FROM "readings_30m" '
-        "WHERE \"der_id\" = 'PV-1' AND time >= '2025-06-01T00:00:00Z' AND time < '2025-06-01T03:00:00Z'",
-        stores["influxdb"].store.influxdb.database,
-    )
+    docs = (Path(__file__).parent.parent / "docs" / "operations.md").read_text(encoding="utf-8")
+    statement = next(line for line in docs.splitlines() if line.startswith('SELECT "power_kw_sum" / "power_kw_n"'))
+    statement = statement.replace("$timeFilter", "time >= '2025-06-01T00:00:00Z' AND time < '2025-06-01T03:00:00Z'")
+    found = influxd.query(statement.replace("$der", "PV-1"), stores["influxdb"].store.influxdb.database)
     assert len(means) == 3 and [value for _, value in found[0]["values"]] == means[:2]
 
 
