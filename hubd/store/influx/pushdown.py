@@ -107,6 +107,19 @@ def ders_regex(der_ids: tuple[str, ...]) -> str | None:
     return '"der_id" =~ /^(?:' + "|".join(re.sub(r"([.:-])", r"\\\1", d) for d in der_ids) + ")$/"
 
 
+def quote_value(value: str) -> str:
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def der_condition(der_ids: tuple[str, ...]) -> str:
+    return "(" + " OR ".join(f'"der_id" = {quote_value(d)}' for d in der_ids) + ")"
+
+
+def ders_condition(der_ids: tuple[str, ...]) -> str:
+    """The DERs as one regular expression where their ids allow it, else as an OR of equalities."""
+    return ders_regex(der_ids) or der_condition(der_ids)
+
+
 def where_sql(where: Where) -> str:
     return "".join(f" AND {quote_name(f)} {_OPS[op]} {float(v)!r}" for f, op, v in where)
 

@@ -29,21 +29,13 @@ from hubd.query.conditions import COMPARE
 from hubd.store import CLOCK_COLUMNS, Where
 from hubd.store.influx import pushdown, slots
 from hubd.store.influx.client import InfluxUnavailable, SyncInflux
-from hubd.store.influx.pushdown import ns, quote_name
+from hubd.store.influx.pushdown import der_condition, ns, quote_name
 from hubd.store.sqlite import SqliteStore
 
 _CHUNK = 10_000  # points per request: within a 1.x server's usual max-row-limit
 _STATEMENTS = 50  # InfluxQL statements sent in one request
 _GROUP = 50  # DERs whose points are fetched together for bucket statistics
 _REUSE_S = 5.0  # a group's points answer the DERs after the first for this long
-
-
-def quote_value(value: str) -> str:
-    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
-
-
-def der_condition(der_ids: tuple[str, ...]) -> str:
-    return "(" + " OR ".join(f'"der_id" = {quote_value(d)}' for d in der_ids) + ")"
 
 
 def _matches(point: dict[str, Any], where: Where, flagged: bool | None) -> bool:
@@ -278,12 +270,11 @@ class InfluxQuery:
         else:
             plan = pushdown.Plan(self._measurement, buckets, specs, where)
         everyone = at == 0 and len(group) == len(self._listed)  # no DER condition: cheaper for InfluxDB
-        condition = None if everyone else pushdown.ders_regex(tuple(group)) or der_condition(tuple(group))
+        condition = None if everyone else pushdown.ders_condition(tuple(group))
         self._pushed, self._edges = plan.read(self._ask_all(plan.statements(condition, len(group))))
         if isinstance(plan, slots.SlotPlan):  # each DER's open slot has no summary: from its readings
             for index, der_ids in plan.unsummarized(group, self._pushed).items():
-                ders = tuple(der_ids)
-                condition = pushdown.ders_regex(ders) or der_condition(ders)
+                condition = pushdown.ders_condition(tuple(der_ids))
                 lo, hi, columns = buckets[index].lo, buckets[-1].hi, ("clock_flag", *plan.quantities)
                 readings = list(self.scan(lo, hi, [condition], columns))
                 self._keep(lo, hi, columns, der_ids, readings, der_id)  # delta reads a register's last slot

@@ -30,8 +30,7 @@ from hubd.store import Rows
 from hubd.store.influx import slots, versions
 from hubd.store.influx.client import AsyncInflux, InfluxRefused, InfluxUnavailable
 from hubd.store.influx.lines import Point, line
-from hubd.store.influx.pushdown import ns, quote_name
-from hubd.store.influx.query import der_condition
+from hubd.store.influx.pushdown import der_condition, ns, quote_name
 from hubd.store.influx.spool import Spool
 
 QUARANTINE_TOPIC = "store/influxdb"  # the "topic" of a quarantined reading InfluxDB refused

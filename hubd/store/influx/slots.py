@@ -162,9 +162,7 @@ class Stored:
         self._from = quote_name(config.measurement)
 
     def statements(self, slot: int, der_ids: list[str]) -> list[str]:
-        condition = (
-            pushdown.ders_regex(tuple(der_ids)) or "(" + " OR ".join(f'"der_id" = {_quote(d)}' for d in der_ids) + ")"
-        )
+        condition = pushdown.ders_condition(tuple(der_ids))
         where = f"WHERE time >= {ns(slot)} AND time < {ns(slot + SLOT_MS)} AND {condition}"
         listed = ", ".join(f"{how}({quote_name(f)})" for how, f in self._AGGREGATES)
         return [
@@ -358,7 +356,3 @@ def record_complete_from(path: Path, config: InfluxConfig, at: int) -> None:
 
 def _escape(value: str) -> str:
     return value.replace("\\", "\\\\").replace(",", "\\,").replace("=", "\\=").replace(" ", "\\ ")
-
-
-def _quote(value: str) -> str:
-    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
