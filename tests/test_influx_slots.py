@@ -7,13 +7,16 @@ answers are compared with SQLite's for the same readings, with the readings' own
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
 from typing import Any
 
 import pytest
+from click.testing import CliRunner
 from influx_server import InfluxServer, fresh_database, influxd  # noqa: F401 - the fixture
 
 from hubd.auth.registry import Registry
+from hubd.cli import main
 from hubd.config import Config, QueryConfig, parse_config
 from hubd.query.conditions import parse_query
 from hubd.query.execute import run
@@ -75,6 +78,16 @@ def answer(config: Config, request: dict[str, Any], ders: Any) -> list[dict[str,
         return run(parse_query(request, CONFIG, ders), store)["rows"]  # type: ignore[no-any-return]
     finally:
         store.close()
+
+
+def status(config: Config, tmp_path: Path) -> dict[str, Any]:
+    """``hubd store status --json`` for this InfluxDB store."""
+    path = tmp_path / "hubd.yaml"
+    influx = {"url": config.store.influxdb.url, "database": config.store.influxdb.database}
+    path.write_text(json.dumps({"data_dir": config.data_dir, "store": {"backend": "influxdb", "influxdb": influx}}))
+    result = CliRunner().invoke(main, ["--config", str(path), "store", "status", "--json"])
+    assert result.exit_code == 0, result.output
+    return dict(json.loads(result.output))
 
 
 def ders_of(tmp_path: Path, der_ids: tuple[str, ...]) -> Any:
@@ -257,7 +270,10 @@ def test_summaries_a_crash_left_unwritten_are_made_at_the_next_start(
         await sink._client.close()  # type: ignore[attr-defined]  # nothing else is closed: it died
 
     asyncio.run(crashing())
+    assert status(stores["influxdb"], tmp_path)["slot_summaries_pending"] == 1  # PV-1 00:30, closed by minute 60
     asyncio.run(write(stores["influxdb"], [later]))  # the next start
+    after = status(stores["influxdb"], tmp_path)
+    assert after["slot_summaries_pending"] == 0 and after["slot_summaries"] == "complete"
     ders = ders_of(tmp_path, ("PV-1", "PV-2"))
     only_open_slots_from_readings(monkeypatch)
     rows = answer(stores["influxdb"], SLOTS, ders)

@@ -10,7 +10,9 @@ import orjson
 
 from hubd import progress
 from hubd.config import command_config
+from hubd.model import MIN_TIME_MS, format_time
 from hubd.store import migrate
+from hubd.store.influx import slots
 from hubd.store.influx.client import InfluxUnavailable
 from hubd.store.influx.sink import spool_path
 from hubd.store.influx.spool import Spool
@@ -26,7 +28,7 @@ def store_group() -> None:
 @click.pass_context
 def store_status(ctx: click.Context, as_json: bool) -> None:
     """The backend in use; for InfluxDB, the spool: mode (direct or spooling), depth, age of the oldest
-    batch and the replay's rate."""
+    batch and the replay's rate, and from when the 30-minute slot summaries are complete."""
     config = command_config(ctx)
     status: dict[str, Any] = {"backend": config.store.backend}
     if config.store.backend == "sqlite":
@@ -44,6 +46,14 @@ def store_status(ctx: click.Context, as_json: bool) -> None:
                 spool.close()
         else:
             status |= {"mode": "direct", "spooled_batches": 0, "spooled_readings": 0}
+        complete = slots.complete_from(config.registry_path, influx)
+        status["slot_summaries"] = (
+            "not written yet"
+            if complete is None
+            else "complete"
+            if complete <= MIN_TIME_MS
+            else f"complete from {format_time(complete)}"
+        )
     if as_json:
         click.echo(orjson.dumps(status).decode())
         return

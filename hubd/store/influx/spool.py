@@ -124,6 +124,7 @@ class Spool:
             "oldest_age_s": None if oldest is None else round(time.time() - oldest / 1000, 1),
             "replayed_readings": replayed,
             "replay_rate_per_s": round(replayed / seconds, 1) if seconds > 0 else None,
+            "slot_summaries_pending": self._db.execute("SELECT count(*) FROM pending_slots").fetchone()[0],
         }
 
     def close(self) -> None:
