@@ -234,10 +234,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="hubd.yaml override")
     parser.add_argument("--hubd", metavar="CMD", help="the command that runs hubd (as in bench/ingest.py)")
     parser.add_argument("--skip-settle", action="store_true", help="only the ingest figure")
+    parser.add_argument(
+        "--profile", metavar="DIR", help="py-spy record the hub's ingest run into DIR (as bench/ingest)"
+    )
+    parser.add_argument("--profile-format", choices=("raw", "flamegraph", "speedscope"), default="raw")
     args = parser.parse_args(argv)
     if args.hubd:
         ingest.HUBD_COMMAND.extend(shlex.split(args.hubd))
-    args.profile, args.keep = None, False  # what bench/ingest's run_case reads
+    args.keep = False  # what bench/ingest's run_case reads
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     work = Path(tempfile.mkdtemp(prefix="hubd-bench-influx-"))
     influxd = InfluxServer(work / "influxd")

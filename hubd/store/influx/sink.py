@@ -28,7 +28,7 @@ from hubd.quarantine import Quarantine
 from hubd.store import Rows
 from hubd.store.influx import versions
 from hubd.store.influx.client import AsyncInflux, InfluxRefused, InfluxUnavailable
-from hubd.store.influx.lines import Point, line
+from hubd.store.influx.lines import Point, line, lines
 from hubd.store.influx.pushdown import ns, quote_name
 from hubd.store.influx.query import der_condition
 from hubd.store.influx.spool import Spool
@@ -216,6 +216,9 @@ class InfluxSink:
 
     def _lines(self, points: list[Point]) -> list[tuple[str, Point]]:
         """The points as lines; a point InfluxDB could not hold (NaN) is quarantined here."""
+        texts = lines(self._config.measurement, points)
+        if texts is not None:
+            return list(zip(texts, points, strict=True))
         out: list[tuple[str, Point]] = []
         for p in points:
             try:
