@@ -111,3 +111,31 @@ def test_a_batch_whose_requests_time_out_is_spooled_whole_and_replayed_once(
 
     asyncio.run(scenario())
     assert power(own_influxd, config) == {("PV-1", T0 + i * 1000): float(i) for i in range(23)}
+
+
+def test_a_reading_influxdb_cannot_hold_is_quarantined_and_the_rest_of_the_batch_stored(
+    tmp_path: Path,
+    influxd: InfluxServer,  # noqa: F811
+) -> None:
+    """A NaN (which no decoder lets through, but a store migrated from elsewhere may hold) never reaches
+    InfluxDB: its reading is quarantined before the requests go, whichever request it would have been in."""
+    config = config_for(tmp_path, influxd, batch_size=4)
+    run = [("PV-1", T0 + i * 1000, float("nan") if i == 9 else float(i), T0, "edge", "hub.v1", T0) for i in range(20)]
+
+    async def scenario() -> None:
+        sink = InfluxSink(config)
+        await sink.start()
+        try:
+            await sink.write_rows([(("power_kw",), run)], 0)
+            assert sink.refused == 1 and sink.spooled == 0
+        finally:
+            await sink.close()
+
+    asyncio.run(scenario())
+    assert power(influxd, config) == {("PV-1", T0 + i * 1000): float(i) for i in range(20) if i != 9}
+    quarantine = Quarantine(config.registry_path)
+    try:
+        (entry,) = quarantine.list()
+        assert "cannot be stored in InfluxDB" in entry["reason"]
+    finally:
+        quarantine.close()
