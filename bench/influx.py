@@ -80,7 +80,7 @@ def ingest_case(work: Path, influxd: InfluxServer, args: argparse.Namespace) -> 
             args.per_message,
             passwords,
             base_ms,
-            {"hub": hub.pid, "mosquitto": broker.pid or 0},
+            {"hub": hub.pid, "mosquitto": broker.pid or 0, "influxd": influxd.pid},
             args,
         )
         stored = ingest.stored_rows(load_config(config))
@@ -124,13 +124,17 @@ async def raw_rate(influxd: InfluxServer, lines: list[str], batch: int, database
     influxd.query(f'CREATE DATABASE "{database}"')
     client = AsyncInflux(influx_config(Path("."), influxd.url, database).store.influxdb)
     bodies = ["\n".join(lines[at : at + batch]) for at in range(0, len(lines), batch)]
+    cpu = sum(ingest.cpu_seconds(influxd.pid))
     began = time.perf_counter()
     try:
         for at in range(0, len(bodies), in_flight):
             await asyncio.gather(*(client.write(body) for body in bodies[at : at + in_flight]))
     finally:
         await client.close()
-    return len(lines) / (time.perf_counter() - began)
+    seconds = time.perf_counter() - began
+    cpu = sum(ingest.cpu_seconds(influxd.pid)) - cpu
+    print(f"  raw pass, {in_flight} in flight: {seconds:.2f} s, CPU influxd {cpu:.1f} s", flush=True)
+    return len(lines) / seconds
 
 
 # -- 2. the settlement query -----------------------------------------------------------------------------------
