@@ -43,6 +43,14 @@ Lines = list[tuple[str, Point]]  # one request's lines, each with its point (to 
 Prepared = tuple[dict[tuple[str, int], Point], list[Lines] | None]  # a batch's points and, if all were fine, lines
 
 
+def _raise_first(done: set[asyncio.Future[None]]) -> None:
+    """Raise what the first of these finished requests raised (each one's error is taken, none left unread)."""
+    errors = [task.exception() for task in done]
+    for error in errors:
+        if error is not None:
+            raise error
+
+
 def spool_path(config: Config) -> Path:
     path = config.store.influxdb.spool_path
     return Path(path) if path else config.data_path / "influx-spool.sqlite3"
@@ -242,14 +250,12 @@ class InfluxSink:
                     continue
                 while len(writing) >= _REQUESTS:
                     done, writing = await asyncio.wait(writing, return_when=asyncio.FIRST_COMPLETED)
-                    for task in done:
-                        task.result()  # raises what the request raised
+                    _raise_first(done)
                 writing.add(asyncio.ensure_future(self._write(request)))
                 await asyncio.sleep(0)  # let the request go out before the next lines are made
             while writing:
                 done, writing = await asyncio.wait(writing, return_when=asyncio.FIRST_COMPLETED)
-                for task in done:
-                    task.result()
+                _raise_first(done)
         except asyncio.CancelledError:
             for task in writing:
                 task.cancel()
