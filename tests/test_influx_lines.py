@@ -55,6 +55,7 @@ def test_a_value_line_must_look_at_sends_the_request_back_to_line() -> None:
         bad = point(("power_kw",), ("DER-2", 1, odd, 2, "edge", "hub.v1", None))
         assert lines("readings", [good, bad]) is None, odd
     assert lines("readings", [good]) is not None
+    assert lines("readings", []) == []
 
 
 finite = st.floats(allow_nan=False, allow_infinity=False)

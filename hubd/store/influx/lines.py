@@ -68,8 +68,10 @@ _ODD = re.compile(rb":[^-0-9]|\{\}")  # a value that is no number (null for NaN,
 def lines(measurement: str, points: list[Point]) -> list[str] | None:
     """The lines of ``points``, as ``line`` makes them; None if one holds a value it must look at (a NaN, a
     bool, a string quantity): then ``line`` each. A request's quantities are formatted by one orjson call,
-    whose shortest round-trip form is Python's ``repr`` of a float (1e+20, 0.1) at a fraction of its cost,
-    which was the largest part of the hub's CPU per reading into InfluxDB (bench/README.md, bench/influx)."""
+    whose shortest round-trip form reads as Python's ``repr`` of a float (1e-7 for 1e-07) at a fraction of
+    its cost per float (bench/README.md, bench/influx)."""
+    if not points:
+        return []
     quantities = [{k: v for k, v in p[2].items() if k not in _NOT_NUMBERS} for p in points]
     try:
         text = orjson.dumps(quantities)
