@@ -74,6 +74,12 @@ class InfluxServer:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    @property
+    def pid(self) -> int:
+        """The running ``influxd``'s process id (the benches count its CPU)."""
+        assert self._process is not None
+        return self._process.pid
+
     def start(self) -> None:
         """Start it and wait for /ping; if it does not answer, it is stopped before the error is raised."""
         try:

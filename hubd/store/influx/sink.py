@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
@@ -29,13 +29,26 @@ from hubd.quarantine import Quarantine
 from hubd.store import Rows
 from hubd.store.influx import slots, versions
 from hubd.store.influx.client import AsyncInflux, InfluxRefused, InfluxUnavailable
-from hubd.store.influx.lines import Point, line
+from hubd.store.influx.lines import Point, line, lines
 from hubd.store.influx.pushdown import der_condition, ns, quote_name
 from hubd.store.influx.spool import Spool
 
 QUARANTINE_TOPIC = "store/influxdb"  # the "topic" of a quarantined reading InfluxDB refused
 T = TypeVar("T")
 _NEVER = -(2**63)  # the latest stored time of a DER with none
+# /write requests of one batch in flight at once: its points have unique keys, so their order does not matter,
+# and InfluxDB takes the next request while the hub reads the answer to the last (bench/README.md).
+_REQUESTS = 2
+Lines = list[tuple[str, Point]]  # one request's lines, each with its point (to quarantine it if refused)
+Prepared = tuple[dict[tuple[str, int], Point], list[Lines] | None]  # a batch's points and, if all were fine, lines
+
+
+def _raise_first(done: set[asyncio.Future[None]]) -> None:
+    """Raise what the first of these finished requests raised (each one's error is taken, none left unread)."""
+    errors = [task.exception() for task in done]
+    for error in errors:
+        if error is not None:
+            raise error
 
 
 def spool_path(config: Config) -> Path:
@@ -100,10 +113,20 @@ class InfluxSink:
 
     async def write_rows(self, rows: Rows, stored_at: int) -> None:
         count = sum(len(run) for _, run in rows)
+        # The batch's points and lines are made while the batch before is written (the lock is still taken in
+        # call order, so batches are decided and written in order); nothing here looks at InfluxDB.
+        prepared = None if self._spooled or self._draining else asyncio.ensure_future(self._prepare(rows))
+        try:
+            await self._write_batch(rows, count, prepared)
+        finally:
+            if prepared is not None and not prepared.done():
+                prepared.cancel()
+
+    async def _write_batch(self, rows: Rows, count: int, prepared: asyncio.Future[Prepared] | None) -> None:
         async with self._lock:
             if not self._spooled and not self._draining:
                 try:
-                    await self.deliver(rows)
+                    await self.deliver(rows, None if prepared is None else await prepared)
                     return
                 except (InfluxUnavailable, RuntimeError) as exc:  # whatever it was, the spool keeps the batch
                     logger.warning("InfluxDB write failed, spooling: {}", exc)
@@ -173,10 +196,25 @@ class InfluxSink:
         since = int(time.time() * 1000)
         await self._in_spool(lambda: self._spool.set_state(mode=mode, since=since, reason=reason))  # type: ignore[union-attr]
 
-    async def deliver(self, rows: Rows) -> None:
-        """Write one batch by the replace rule (hubd.store.influx.versions). Raises InfluxUnavailable when
-        InfluxDB could not take it (then nothing is lost by writing it all again: each point is idempotent)."""
+    async def _prepare(self, rows: Rows) -> Prepared:
+        """The newest version of each of the batch's readings, and its requests' lines (None if a point needs
+        ``_lines``' care); pauses between requests' lines so the batch before keeps its requests going."""
         points = versions.newest(rows)
+        every, size = list(points.values()), self._config.batch_size
+        requests: list[Lines] = []
+        for at in range(0, len(every), size):
+            await asyncio.sleep(0)
+            texts = lines(self._config.measurement, every[at : at + size])
+            if texts is None:
+                return points, None
+            requests.append(list(zip(texts, every[at : at + size], strict=True)))
+        return points, requests
+
+    async def deliver(self, rows: Rows, prepared: Prepared | None = None) -> None:
+        """Write one batch by the replace rule (hubd.store.influx.versions), ``prepared`` by ``_prepare`` or not.
+        Raises InfluxUnavailable when InfluxDB could not take it (then nothing is lost by writing it all again:
+        each point is idempotent)."""
+        points, prepared_lines = prepared if prepared is not None else (versions.newest(rows), None)
         if not points:
             return
         latest = await self._latest()
@@ -202,23 +240,11 @@ class InfluxSink:
                 if not self._no_delete:
                     logger.warning("InfluxDB does not delete points ({}): fields of replaced readings may stay", exc)
                     self._no_delete = True
-        # Each request's lines are made while InfluxDB takes the one before (requests still go one at a time).
         size = self._config.batch_size
-        writing: asyncio.Task[None] | None = None
-        try:
-            for at in range(0, len(keep), size):
-                lines = self._lines(keep[at : at + size])
-                if not lines:
-                    continue
-                if writing is not None:
-                    await writing
-                writing = asyncio.ensure_future(self._write(lines))
-                await asyncio.sleep(0)  # let the request go out before the next lines are made
-            if writing is not None:
-                await writing
-        finally:
-            if writing is not None and not writing.done():
-                writing.cancel()
+        requests: Iterable[Lines] | None = prepared_lines
+        if requests is None or len(keep) < len(points):  # a reading left out: the lines of those kept
+            requests = (self._lines(keep[at : at + size]) for at in range(0, len(keep), size))
+        await self._write_all(requests)
         if closing:
             await self._summarize(keep, closing, fresh)
         for der_id, measured_at in points:
@@ -256,18 +282,45 @@ class InfluxSink:
             for at in range(0, len(der_ids), 500):
                 statements = self._stored_slots.statements(slot, der_ids[at : at + 500])
                 summaries.update(self._stored_slots.read(slot, await self._client.query_many(statements)))
-        lines = slots.lines(self._config, summaries)
+        texts = slots.lines(self._config, summaries)
         size = self._config.batch_size
-        for at in range(0, len(lines), size):
+        for at in range(0, len(texts), size):
             try:
-                await self._client.write("\n".join(lines[at : at + size]))
+                await self._client.write("\n".join(texts[at : at + size]))
             except InfluxRefused as exc:  # only if something else wrote other types into the measurement
                 logger.error("InfluxDB refused slot summaries ({}): bucket queries of those slots may be wrong", exc)
         await self._in_spool(self._spool_open().clear_slots, closing)
 
-    def _lines(self, points: list[Point]) -> list[tuple[str, Point]]:
+    async def _write_all(self, requests: Iterable[Lines]) -> None:
+        """Write the requests, ``_REQUESTS`` at a time. If one fails, those still out are awaited before the
+        error is raised: no request of a batch lands after the batch went to the spool (and behind a later one)."""
+        writing: set[asyncio.Future[None]] = set()
+        try:
+            for request in requests:
+                if not request:
+                    continue
+                while len(writing) >= _REQUESTS:
+                    done, writing = await asyncio.wait(writing, return_when=asyncio.FIRST_COMPLETED)
+                    _raise_first(done)
+                writing.add(asyncio.ensure_future(self._write(request)))
+                await asyncio.sleep(0)  # let the request go out before the next lines are made
+            while writing:
+                done, writing = await asyncio.wait(writing, return_when=asyncio.FIRST_COMPLETED)
+                _raise_first(done)
+        except asyncio.CancelledError:
+            for task in writing:
+                task.cancel()
+            raise
+        except BaseException:
+            await asyncio.gather(*writing, return_exceptions=True)
+            raise
+
+    def _lines(self, points: list[Point]) -> Lines:
         """The points as lines; a point InfluxDB could not hold (NaN) is quarantined here."""
-        out: list[tuple[str, Point]] = []
+        texts = lines(self._config.measurement, points)
+        if texts is not None:
+            return list(zip(texts, points, strict=True))
+        out: Lines = []
         for p in points:
             try:
                 out.append((line(self._config.measurement, p), p))
@@ -300,7 +353,7 @@ class InfluxSink:
                 found.extend(dict(zip(names, v, strict=True)) for v in series["values"])
         return found
 
-    async def _write(self, lines: list[tuple[str, Point]]) -> None:
+    async def _write(self, lines: Lines) -> None:
         """Write ``lines``; when InfluxDB refuses some, halve until each refused point is alone and
         quarantine it (points it took are written again: the same point, the same result)."""
         try:
