@@ -236,6 +236,70 @@ def test_a_database_that_does_not_exist_stops_the_start_naming_the_key(
     assert "Traceback" not in done.stderr
 
 
+def test_a_retention_policy_that_does_not_exist_stops_the_start_naming_the_key(
+    tmp_path: Path,
+    own_influxd: InfluxServer,  # noqa: F811 - the fixture
+) -> None:
+    config = config_for(tmp_path, own_influxd, retention_policy="nope")
+
+    async def start() -> None:
+        await InfluxSink(config).start()
+
+    with pytest.raises(
+        ConfigError, match=r"has no retention policy 'nope' \(store.influxdb.retention_policy\); it has: autogen"
+    ):
+        asyncio.run(start())
+
+
+class Crash(BaseException):
+    """The hub stopping dead (kill -9)."""
+
+
+def test_a_batch_cut_short_between_deleting_a_replaced_reading_and_writing_it_is_written_at_the_next_start(
+    tmp_path: Path,
+    own_influxd: InfluxServer,  # noqa: F811 - the fixture
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A newer version without the energy of the stored one: hubd deletes the stored point, then writes the new
+    one. Killed in between, the acknowledged old version is gone from InfluxDB; the batch was held in the
+    spool's file before the delete, so the next start writes the new version."""
+    config = config_for(tmp_path, own_influxd)
+    database = config.store.influxdb.database
+    old: Rows = [(("power_kw", "energy_kwh"), [("PV-1", T0, 1.0, 5.0, T0 + 5, "edge", "hub.v1", T0 + 1)])]
+    newer: Rows = [(("power_kw",), [("PV-1", T0, 2.0, T0 + 9, "edge", "hub.v1", T0 + 2)])]
+
+    async def crashing() -> None:
+        sink = InfluxSink(config)
+        await sink.start()
+        await sink.write_rows(old, 0)
+
+        async def die(*_: Any) -> None:
+            raise Crash
+
+        monkeypatch.setattr(InfluxSink, "_write_all", die)  # after the delete, before the write
+        with pytest.raises(Crash):
+            await sink.write_rows(newer, 0)
+        monkeypatch.undo()
+        await sink._client.close()  # nothing else is closed: it died
+
+    asyncio.run(crashing())
+    assert own_influxd.query('SELECT * FROM "readings"', database) == []  # the old version deleted
+
+    async def restart() -> None:
+        sink = InfluxSink(config)
+        await sink.start()
+        for _ in range(200):
+            if not sink.spooled:
+                break
+            await asyncio.sleep(0.05)
+        await sink.close()
+
+    asyncio.run(restart())
+    found = own_influxd.query('SELECT "power_kw", "energy_kwh" FROM "readings"', database)
+    assert found[0]["values"] == [[T0, 2.0, None]]
+    assert status(config, tmp_path)["spooled_readings"] == 0
+
+
 def test_a_query_while_influxdb_is_away_is_answered_unavailable(tmp_path: Path, own_influxd: InfluxServer) -> None:  # noqa: F811
     config = config_for(tmp_path, own_influxd)
     query = InfluxQuery(config.store.influxdb)

@@ -45,6 +45,13 @@ def headers(config: InfluxConfig) -> dict[str, str]:
     return {}
 
 
+def failure(exc: BaseException, timeout_s: float) -> str:
+    """What went wrong, in words: a timeout says so (its own text is empty)."""
+    if isinstance(exc, TimeoutError):
+        return f"no answer within {timeout_s:g} s"
+    return f"{type(exc).__name__}: {exc}"
+
+
 def write_params(config: InfluxConfig) -> dict[str, str]:
     params = {"db": config.database, "precision": "ms"}
     if config.retention_policy:
@@ -111,7 +118,7 @@ class AsyncInflux:
                     return
                 text = (await answer.text())[:1000]
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            raise InfluxUnavailable(f"InfluxDB write failed: {type(exc).__name__}: {exc}") from None
+            raise InfluxUnavailable(f"InfluxDB write failed: {failure(exc, self.config.write_timeout_s)}") from None
         with contextlib.suppress(ValueError):
             text = str(json.loads(text).get("error", text))
         if answer.status == 400:
@@ -129,7 +136,7 @@ class AsyncInflux:
             async with self._open().post(f"{self._base}/query", data=params, timeout=timeout) as answer:
                 status, body = answer.status, await answer.read()
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            raise InfluxUnavailable(f"InfluxDB query failed: {type(exc).__name__}: {exc}") from None
+            raise InfluxUnavailable(f"InfluxDB query failed: {failure(exc, self.config.write_timeout_s)}") from None
         return results_many(status, body, statements)
 
     async def close(self) -> None:
@@ -166,7 +173,9 @@ class SyncInflux:
             except (OSError, http.client.HTTPException) as exc:
                 self.close()
                 if attempt == 2 or isinstance(exc, socket.timeout):
-                    raise InfluxUnavailable(f"InfluxDB query failed: {type(exc).__name__}: {exc}") from None
+                    raise InfluxUnavailable(
+                        f"InfluxDB query failed: {failure(exc, self.config.query_timeout_s)}"
+                    ) from None
                 continue
             return results_many(status, data, statements)
         raise AssertionError("unreachable")

@@ -95,10 +95,18 @@ class InfluxSink:
         self._spool = spool = await self._in_spool(Spool, self._spool_path)
         self._quarantine = Quarantine(self._registry_path, self._quarantine_bytes)
         _, self._spooled, self.oldest_at = await self._in_spool(spool.depth)
+        requeued = await self._in_spool(spool.requeue_held)
+        if requeued:  # a batch replacing stored readings was cut short: written again by the replay
+            _, self._spooled, self.oldest_at = await self._in_spool(spool.depth)
         try:  # a statement a user with only READ on the database may run (SHOW DATABASES needs admin)
-            await self._client.query(f"SHOW RETENTION POLICIES ON {quote_name(self._config.database)}")
+            policies = await self._client.query(f"SHOW RETENTION POLICIES ON {quote_name(self._config.database)}")
+            self._check_policy(policies)
+            await self._prepare_slots(await self._latest())
         except InfluxUnavailable as exc:
             logger.warning("InfluxDB does not answer ({}); readings are spooled until it does", exc)
+        except ConfigError:
+            await self._release()
+            raise
         except RuntimeError as exc:
             await self._release()
             if "database not found" in str(exc):
@@ -110,6 +118,15 @@ class InfluxSink:
         if self._spooled:
             self._audit_event("store.spooling", "error", reason="readings left in the spool at start")
             self._ensure_replay()
+
+    def _check_policy(self, policies: list[dict[str, Any]]) -> None:
+        wanted = self._config.retention_policy
+        names = {row[0] for series in policies for row in series.get("values", [])}
+        if wanted and wanted not in names:
+            raise ConfigError(
+                f"InfluxDB database {self._config.database!r} has no retention policy {wanted!r} "
+                f"(store.influxdb.retention_policy); it has: {', '.join(sorted(names)) or 'none'}"
+            )
 
     async def write_rows(self, rows: Rows, stored_at: int) -> None:
         count = sum(len(run) for _, run in rows)
@@ -126,7 +143,7 @@ class InfluxSink:
         async with self._lock:
             if not self._spooled and not self._draining:
                 try:
-                    await self.deliver(rows, None if prepared is None else await prepared)
+                    await self.deliver(rows, None if prepared is None else await prepared, hold=count)
                     return
                 except (InfluxUnavailable, RuntimeError) as exc:  # whatever it was, the spool keeps the batch
                     logger.warning("InfluxDB write failed, spooling: {}", exc)
@@ -210,10 +227,12 @@ class InfluxSink:
             requests.append(list(zip(texts, every[at : at + size], strict=True)))
         return points, requests
 
-    async def deliver(self, rows: Rows, prepared: Prepared | None = None) -> None:
+    async def deliver(self, rows: Rows, prepared: Prepared | None = None, hold: int = 0) -> None:
         """Write one batch by the replace rule (hubd.store.influx.versions), ``prepared`` by ``_prepare`` or not.
         Raises InfluxUnavailable when InfluxDB could not take it (then nothing is lost by writing it all again:
-        each point is idempotent)."""
+        each point is idempotent). ``hold``: the batch's readings, when nothing else keeps it (not the replay
+        from the spool, not a copy from SQLite): a batch that deletes stored points is held in the spool's
+        file until it is written, so a crash between a delete and the write loses no reading."""
         points, prepared_lines = prepared if prepared is not None else (versions.newest(rows), None)
         if not points:
             return
@@ -229,6 +248,29 @@ class InfluxSink:
         closing, fresh = slots.to_summarize(keep, latest)
         if closing:
             await self._in_spool(self._spool_open().note_slots, closing)
+        held = await self._in_spool(self._spool_open().hold, rows, hold) if deletes and hold else None
+        try:
+            await self._replace(deletes, keep, points, prepared_lines)
+        except Exception:  # the caller spools the batch (or has it): not held any more
+            if held is not None:
+                await self._in_spool(self._spool_open().release, held)
+            raise
+        if held is not None:  # (cancelled or killed, it stays held: written again at the next start)
+            await self._in_spool(self._spool_open().release, held)
+        if closing:
+            await self._summarize(keep, closing, fresh)
+        for der_id, measured_at in points:
+            if measured_at > latest.get(der_id, _NEVER):
+                latest[der_id] = measured_at
+
+    async def _replace(
+        self,
+        deletes: list[tuple[str, int]],
+        keep: list[Point],
+        points: dict[tuple[str, int], Point],
+        prepared_lines: list[Lines] | None,
+    ) -> None:
+        """Delete the stored points the batch replaces whole, then write the batch's points."""
         if deletes:
             statements = "; ".join(
                 f"DELETE FROM {self._from} WHERE {der_condition((d,))} AND time >= {ns(t)} AND time < {ns(t + 1)}"
@@ -245,11 +287,6 @@ class InfluxSink:
         if requests is None or len(keep) < len(points):  # a reading left out: the lines of those kept
             requests = (self._lines(keep[at : at + size]) for at in range(0, len(keep), size))
         await self._write_all(requests)
-        if closing:
-            await self._summarize(keep, closing, fresh)
-        for der_id, measured_at in points:
-            if measured_at > latest.get(der_id, _NEVER):
-                latest[der_id] = measured_at
 
     def _spool_open(self) -> Spool:
         assert self._spool is not None, "start() opens the spool"

@@ -26,6 +26,7 @@ CREATE TABLE IF NOT EXISTS batches (
     body BLOB NOT NULL
 );
 CREATE TABLE IF NOT EXISTS state (key TEXT PRIMARY KEY, value) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS held (id INTEGER PRIMARY KEY AUTOINCREMENT, readings INTEGER NOT NULL, body BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS pending_slots (der_id TEXT NOT NULL, slot INTEGER NOT NULL, PRIMARY KEY (der_id, slot))
     WITHOUT ROWID;
 """
@@ -79,6 +80,27 @@ class Spool:
             "SELECT count(*), coalesce(sum(readings), 0), min(spooled_at) FROM batches"
         ).fetchone()
         return int(batches), int(readings), oldest
+
+    def hold(self, rows: Rows, readings: int) -> int:
+        """Keep a batch that replaces stored readings while InfluxDB deletes and rewrites them (committed
+        before the first delete); ``release`` drops it. A batch still held at start was cut short by a crash:
+        ``requeue_held`` puts it in the queue, so the replay writes it."""
+        cursor = self._db.execute("INSERT INTO held (readings, body) VALUES (?, ?)", (readings, marshal.dumps(rows)))
+        return int(cursor.lastrowid or 0)
+
+    def release(self, held_id: int) -> None:
+        self._db.execute("DELETE FROM held WHERE id = ?", (held_id,))
+
+    def requeue_held(self) -> int:
+        """Move the held batches to the end of the queue; how many readings they hold."""
+        with self._transaction():
+            found = self._db.execute("SELECT readings, body FROM held ORDER BY id").fetchall()
+            now = int(time.time() * 1000)
+            self._db.executemany(
+                "INSERT INTO batches (spooled_at, readings, body) VALUES (?, ?, ?)", [(now, r, b) for r, b in found]
+            )
+            self._db.execute("DELETE FROM held")
+        return sum(int(r) for r, _ in found)
 
     def note_slots(self, keys: Iterable[tuple[str, int]]) -> None:
         """Slots whose summaries a batch will write (hubd.store.influx.slots): kept until ``clear_slots``, so
