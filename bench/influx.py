@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import shlex
 import shutil
 import signal
@@ -247,13 +248,24 @@ def main(argv: list[str] | None = None) -> int:
         "--profile", metavar="DIR", help="py-spy record the hub's ingest run into DIR (as bench/ingest)"
     )
     parser.add_argument("--profile-format", choices=("raw", "flamegraph", "speedscope"), default="raw")
+    parser.add_argument(
+        "--pin",
+        action="store_true",
+        help="InfluxDB on the last CPU alone, everything else (hub, Mosquitto, publisher) on the others, as "
+        "when InfluxDB has a machine of its own; the raw rate is then InfluxDB's on its CPU",
+    )
     args = parser.parse_args(argv)
+    cpus = sorted(os.sched_getaffinity(0))
+    influx_cpus = {cpus[-1]} if args.pin and len(cpus) > 1 else None
+    if influx_cpus is not None:
+        os.sched_setaffinity(0, set(cpus[:-1]))  # inherited by every process started from here on
+        print(f"pinned: InfluxDB on CPU {cpus[-1]}, the rest on {cpus[:-1]}", flush=True)
     if args.hubd:
         ingest.HUBD_COMMAND.extend(shlex.split(args.hubd))
     args.keep = False  # what bench/ingest's run_case reads
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     work = Path(tempfile.mkdtemp(prefix="hubd-bench-influx-"))
-    influxd = InfluxServer(work / "influxd")
+    influxd = InfluxServer(work / "influxd", cpus=influx_cpus)
     try:
         influxd.start()
         print(f"machine: {ingest.machine()}", flush=True)

@@ -58,8 +58,9 @@ def available() -> bool:
 class InfluxServer:
     """``influxd run`` on free ports, with its meta, data and WAL under ``root``."""
 
-    def __init__(self, root: Path, auth: bool = False) -> None:
+    def __init__(self, root: Path, auth: bool = False, cpus: set[int] | None = None) -> None:
         self.root = root
+        self.cpus = cpus  # the CPUs it may run on (bench/influx --pin); None: any
         self.port = free_port()
         self.rpc_port = free_port()
         root.mkdir(parents=True, exist_ok=True)
@@ -95,6 +96,7 @@ class InfluxServer:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env={**os.environ, "INFLUXDB_REPORTING_DISABLED": "true"},
+                preexec_fn=None if self.cpus is None else lambda: os.sched_setaffinity(0, self.cpus or set()),
             )
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
