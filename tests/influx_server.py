@@ -8,6 +8,7 @@ it away mid-stream and bring it back on the same port with the same data.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -24,6 +25,7 @@ from typing import Any
 import pytest
 
 from hubd.broker import free_port
+from hubd.config import Config, parse_config
 
 _CONFIG = """\
 reporting-enabled = false
@@ -185,3 +187,22 @@ def own_influxd(tmp_path: Path) -> Iterator[InfluxServer]:
         yield server
     finally:
         server.stop()
+
+
+async def drained(sink: Any, seconds: float = 10.0) -> None:
+    """Wait until an InfluxSink's spool is empty (its replay done), or ``seconds``."""
+    for _ in range(int(seconds / 0.05)):
+        if not sink.spooled:
+            return
+        await asyncio.sleep(0.05)
+
+
+def sqlite_and_influx(tmp_path: Path, server: InfluxServer) -> dict[str, Config]:
+    """Configs of both backends, the InfluxDB one on a fresh database of ``server``."""
+    influx = {"url": server.url, "database": fresh_database(server)}
+    return {
+        "sqlite": parse_config({"data_dir": str(tmp_path / "sqlite")}),
+        "influxdb": parse_config(
+            {"data_dir": str(tmp_path / "influx"), "store": {"backend": "influxdb", "influxdb": influx}}
+        ),
+    }

@@ -8,7 +8,7 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
-from influx_server import InfluxServer, fresh_database, influxd, own_influxd  # noqa: F401 - the fixtures
+from influx_server import InfluxServer, drained, fresh_database, influxd, own_influxd  # noqa: F401 - the fixtures
 
 from hubd.config import Config, parse_config
 from hubd.quarantine import Quarantine
@@ -102,10 +102,7 @@ def test_a_batch_whose_requests_time_out_is_spooled_whole_and_replayed_once(
             assert sink.spooled == 23
         finally:
             own_influxd.resume()
-        for _ in range(200):
-            if not sink.spooled:
-                break
-            await asyncio.sleep(0.05)
+        await drained(sink)
         assert sink.spooled == 0
         await sink.close()
 

@@ -13,11 +13,11 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner
-from influx_server import InfluxServer, fresh_database, influxd  # noqa: F401 - the fixture
+from influx_server import InfluxServer, influxd, sqlite_and_influx  # noqa: F401 - the fixture
 
 from hubd.auth.registry import Registry
 from hubd.cli import main
-from hubd.config import Config, QueryConfig, parse_config
+from hubd.config import Config, QueryConfig
 from hubd.query.conditions import parse_query
 from hubd.query.execute import run
 from hubd.store import Rows
@@ -44,16 +44,6 @@ def reading(der_id: str, minute: int, power: float, energy: float, sent: int = 0
 
 def batch(*readings: tuple[Any, ...], names: tuple[str, ...] = NAMES) -> Rows:
     return [(names, list(readings))]
-
-
-def configs(tmp_path: Path, server: InfluxServer) -> dict[str, Config]:
-    influx = {"url": server.url, "database": fresh_database(server)}
-    return {
-        "sqlite": parse_config({"data_dir": str(tmp_path / "sqlite")}),
-        "influxdb": parse_config(
-            {"data_dir": str(tmp_path / "influx"), "store": {"backend": "influxdb", "influxdb": influx}}
-        ),
-    }
 
 
 async def write(config: Config, batches: list[Rows]) -> None:
@@ -145,7 +135,7 @@ def test_summaries_stay_exact_through_late_replaced_and_restarted_writes(
         ),
         batch(reading("PV-2", 95, 1.0, 504.0), reading("PV-1", 140, 1.5, 103.0)),  # gaps: slots with nothing
     ]
-    stores = configs(tmp_path, influxd)
+    stores = sqlite_and_influx(tmp_path, influxd)
     for config in stores.values():
         asyncio.run(write(config, batches))
     ders = ders_of(tmp_path, ("PV-1", "PV-2"))
@@ -170,7 +160,7 @@ def test_a_reading_influxdb_refuses_is_not_in_its_slot(
     influxd: InfluxServer,  # noqa: F811
     summaries_only: None,
 ) -> None:
-    stores = configs(tmp_path, influxd)
+    stores = sqlite_and_influx(tmp_path, influxd)
     database = stores["influxdb"].store.influxdb.database
     # Someone else wrote voltage_v as an integer the day before (same shard): InfluxDB refuses floats now.
     influxd.write(database, f"readings,der_id=OTHER voltage_v=230i {DAY - 86_400_000}")
@@ -192,7 +182,7 @@ def test_a_store_filled_before_the_summaries_answers_its_old_slots_from_the_read
 ) -> None:
     """Readings an earlier hubd wrote (no summaries): the summaries are complete from the slot after the
     newest of them; queries before that are answered from the readings, and both agree with SQLite."""
-    stores = configs(tmp_path, influxd)
+    stores = sqlite_and_influx(tmp_path, influxd)
     influx = stores["influxdb"].store.influxdb
     old = [reading("PV-1", m, 1.0 + m * 0.1, 100.0 + m) for m in range(0, 60, 5)]
     influxd.write(
@@ -224,7 +214,7 @@ def test_the_documented_grafana_query_gives_the_slot_means(
 ) -> None:
     """docs/operations.md's query of the summaries: a slot's mean power is power_kw_sum / power_kw_n, for
     every slot but the open one (the DER's newest, summarized when a later reading arrives)."""
-    stores = configs(tmp_path, influxd)
+    stores = sqlite_and_influx(tmp_path, influxd)
     readings = [reading("PV-1", m, 1.0 + (m % 9) * 0.37, 100.0 + m) for m in range(0, 90)]
     for config in stores.values():
         asyncio.run(write(config, [batch(*readings)]))
@@ -248,7 +238,7 @@ def test_summaries_a_crash_left_unwritten_are_made_at_the_next_start(
 ) -> None:
     """The hub dies after a batch's readings are in InfluxDB but before the summaries of the slots it closed
     are: the slots noted in the spool's file are summarized when the hub starts again, before any reading arrives."""
-    stores = configs(tmp_path, influxd)
+    stores = sqlite_and_influx(tmp_path, influxd)
     first = batch(*(reading("PV-1", m, 1.0 + m * 0.01, 100.0 + m) for m in range(0, 40)))
     closing = batch(*(reading("PV-1", m, 2.0 - m * 0.01, 100.0 + m) for m in range(40, 75)))
     asyncio.run(write(stores["sqlite"], [first, closing]))

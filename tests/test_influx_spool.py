@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner
-from influx_server import InfluxServer, fresh_database, own_influxd  # noqa: F401 - the fixture
+from influx_server import InfluxServer, drained, fresh_database, own_influxd  # noqa: F401 - the fixture
 
 from hubd.broker import free_port
 from hubd.cli import main
@@ -73,10 +73,7 @@ def test_batches_written_while_influxdb_is_down_are_spooled_then_replayed_in_ord
         assert down["mode"] == "spooling" and down["spooled_readings"] == 901 and down["spooled_batches"] == 10
         assert down["oldest_age_s"] is not None
         own_influxd.start()
-        for _ in range(200):
-            if not sink.spooled:
-                break
-            await asyncio.sleep(0.05)
+        await drained(sink)
         await sink.write_rows(batch("PV-1", 1000, 100), 0)  # straight in again
         await sink.close()
 
@@ -130,10 +127,7 @@ def test_the_spool_outlives_the_hub(tmp_path: Path, own_influxd: InfluxServer) -
     async def back() -> None:
         sink = InfluxSink(config)
         await sink.start()  # replays what the last run spooled
-        for _ in range(200):
-            if not sink.spooled:
-                break
-            await asyncio.sleep(0.05)
+        await drained(sink)
         await sink.close()
 
     asyncio.run(down())
@@ -156,10 +150,7 @@ def test_a_frozen_influxdb_times_out_into_the_spool(tmp_path: Path, own_influxd:
             assert sink.spooled == 20
         finally:
             own_influxd.resume()
-        for _ in range(200):
-            if not sink.spooled:
-                break
-            await asyncio.sleep(0.05)
+        await drained(sink)
         await sink.close()
 
     asyncio.run(scenario())
@@ -288,10 +279,7 @@ def test_a_batch_cut_short_between_deleting_a_replaced_reading_and_writing_it_is
     async def restart() -> None:
         sink = InfluxSink(config)
         await sink.start()
-        for _ in range(200):
-            if not sink.spooled:
-                break
-            await asyncio.sleep(0.05)
+        await drained(sink)
         await sink.close()
 
     asyncio.run(restart())

@@ -20,11 +20,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from influx_server import InfluxServer, fresh_database, influxd  # noqa: F401 - the fixture
+from influx_server import InfluxServer, fresh_database, influxd, sqlite_and_influx  # noqa: F401 - the fixture
 from test_influx_slots import only_open_slots_from_readings
 
 from hubd.auth.registry import Registry
-from hubd.config import Config, MarketConfig, QueryConfig, parse_config
+from hubd.config import Config, MarketConfig, QueryConfig
 from hubd.market import plans, settle
 from hubd.market.data import MarketData
 from hubd.query.buckets import zone
@@ -192,16 +192,6 @@ PUSHED = [8, 11, 13, 14, 15]  # the bucket queries InfluxDB aggregates itself (t
 SUMMARIZED = [16, 17]  # whole 30-minute slots, no condition, no first/last: the slot summaries answer
 
 
-def configs(tmp_path: Path, server: InfluxServer) -> dict[str, Config]:
-    influx = {"url": server.url, "database": fresh_database(server)}
-    return {
-        "sqlite": parse_config({"data_dir": str(tmp_path / "sqlite")}),
-        "influxdb": parse_config(
-            {"data_dir": str(tmp_path / "influx"), "store": {"backend": "influxdb", "influxdb": influx}}
-        ),
-    }
-
-
 async def fill(config: Config, batches: list[Rows]) -> None:
     sink = open_sink(config)
     await sink.start()
@@ -222,7 +212,7 @@ def stores(tmp_path_factory: pytest.TempPathFactory, influxd: InfluxServer) -> I
     ders = registry.ders()
     registry.close()
     opened: dict[str, ReadingQuery] = {}
-    for name, config in configs(tmp_path, influxd).items():
+    for name, config in sqlite_and_influx(tmp_path, influxd).items():
         asyncio.run(fill(config, dataset()))
         opened[name] = open_query(config)
     yield {"ders": ders, **opened}
