@@ -30,7 +30,7 @@ _INTEGERS = frozenset(("received_at", "sent_at"))
 
 
 @functools.lru_cache(maxsize=65_536)
-def _tag(value: str) -> str:
+def escape_tag(value: str) -> str:
     """An escaped tag (or measurement) value; kept per DER: every batch names the same DERs again."""
     return value.replace("\\", "\\\\").replace(",", "\\,").replace("=", "\\=").replace(" ", "\\ ")
 
@@ -58,7 +58,7 @@ def line(measurement: str, point: Point) -> str:
             if not math.isfinite(number):  # InfluxDB has no NaN or infinity: refused like a value it refuses
                 raise ValueError(f"{name}: {value} cannot be stored in InfluxDB")
             fields.append(f"{name}={number!r}")
-    return f"{_tag(measurement)},der_id={_tag(der_id)} {','.join(fields)} {int(measured_at)}"
+    return f"{escape_tag(measurement)},der_id={escape_tag(der_id)} {','.join(fields)} {int(measured_at)}"
 
 
 _NOT_NUMBERS = frozenset(("received_at", "sent_at", "source", "format", "clock_flag"))
@@ -81,7 +81,7 @@ def lines(measurement: str, points: list[Point]) -> list[str] | None:
         return None
     # [{"a":1.5,"b":2.0},{"a":…}] → ["a=1.5,b=2.0", "a=…"]: the field names are the hub's own, never escaped
     fields = text[3:-2].decode().replace('":', "=").replace(',"', ",").split('},{"')
-    head = f"{_tag(measurement)},der_id="
+    head = f"{escape_tag(measurement)},der_id="
     out: list[str] = []
     for p, numbers in zip(points, fields, strict=True):
         der_id, measured_at, values = p
@@ -92,7 +92,7 @@ def lines(measurement: str, points: list[Point]) -> list[str] | None:
         sent_at = values.get("sent_at")
         sent = "" if sent_at is None else f",sent_at={int(sent_at)}i"
         out.append(
-            f"{head}{_tag(der_id)} {numbers},received_at={int(received_at)}i,source={_string(source)},"
+            f"{head}{escape_tag(der_id)} {numbers},received_at={int(received_at)}i,source={_string(source)},"
             f"format={_string(format_code)}{sent} {int(measured_at)}"
         )
     return out

@@ -38,7 +38,7 @@ from hubd.model import FIELDS
 from hubd.query.buckets import Bucket
 from hubd.store import Where
 from hubd.store.influx import pushdown
-from hubd.store.influx.lines import Point
+from hubd.store.influx.lines import Point, escape_tag
 from hubd.store.influx.pushdown import ns, quote_name
 
 SLOT_MS = 1_800_000
@@ -199,8 +199,8 @@ class Stored:
 
 
 def lines(config: InfluxConfig, summaries: dict[SlotKey, Summary]) -> list[str]:
-    tag = _escape(measurement(config))
-    return [s.line(f"{tag},der_id={_escape(d)}", slot) for (d, slot), s in summaries.items()]
+    tag = escape_tag(measurement(config))
+    return [s.line(f"{tag},der_id={escape_tag(d)}", slot) for (d, slot), s in summaries.items()]
 
 
 # -- the read side -------------------------------------------------------------------------------------------
@@ -352,7 +352,3 @@ def record_complete_from(path: Path, config: InfluxConfig, at: int) -> None:
             db.execute("INSERT OR IGNORE INTO influx_slots VALUES (?, ?)", (_target(config), at))
     finally:
         db.close()
-
-
-def _escape(value: str) -> str:
-    return value.replace("\\", "\\\\").replace(",", "\\,").replace("=", "\\=").replace(" ", "\\ ")
