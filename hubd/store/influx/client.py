@@ -25,7 +25,11 @@ from hubd.config import InfluxConfig, read_secret
 
 class InfluxUnavailable(Exception):
     """InfluxDB could not take the request now (down, slow, overloaded, or refusing the credentials): the
-    same request may succeed later."""
+    same request may succeed later. ``status``: InfluxDB's HTTP status, when it answered one."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 class InfluxRefused(Exception):
@@ -74,7 +78,7 @@ def results(status: int, body: bytes, statement: str) -> list[dict[str, Any]]:
 def results_many(status: int, body: bytes, statements: list[str]) -> list[list[dict[str, Any]]]:
     """The series of each statement of a /query answer, in order; raise what went wrong."""
     if status >= 500 or status in (401, 403):
-        raise InfluxUnavailable(f"InfluxDB answered {status} to a query: {body[:300].decode(errors='replace')}")
+        raise InfluxUnavailable(f"InfluxDB answered {status} to a query: {body[:300].decode(errors='replace')}", status)
     try:
         answer = orjson.loads(body)  # the query side's answers run to megabytes: about twice json's pace
     except ValueError:

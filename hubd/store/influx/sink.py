@@ -103,6 +103,12 @@ class InfluxSink:
             self._check_policy(policies)
             await self._prepare_slots(await self._latest())
         except InfluxUnavailable as exc:
+            if exc.status in (401, 403):  # at start a refusal is the configuration, not a passing state
+                await self._release()
+                raise ConfigError(
+                    f"{exc}: give store.influxdb.username (or token_file) read and write on the database "
+                    "(docs/operations.md, InfluxDB)"
+                ) from None
             logger.warning("InfluxDB does not answer ({}); readings are spooled until it does", exc)
         except ConfigError:
             await self._release()
