@@ -1,6 +1,7 @@
 """The query side of ``store.backend: influxdb``: InfluxQL to fetch points, the hub's own logic to answer.
 
-Bucket statistics InfluxDB can compute exactly are asked of it (hubd.store.influx.pushdown); the rest of this
+Whole 30-minute slots are read from the slot summaries the sink writes (hubd.store.influx.slots); other
+bucket statistics InfluxDB can compute exactly are asked of it (hubd.store.influx.pushdown); the rest of this
 docstring is about everything else, and about the buckets it cannot compute the same way.
 
 InfluxQL selects and filters by time and DER well, but not the rest of the store's contract: its rows come

@@ -6,7 +6,8 @@ there; a replay task writes them to InfluxDB in order, and once the spool is emp
 InfluxDB again. Past ``spool_max_readings`` a batch waits for the replay before it is taken, so the batch
 writer's queue fills and the broker keeps the messages: intake slows, nothing is dropped. Readings InfluxDB
 refuses for their data (a field-type conflict, a value it cannot hold) are found by halving the request
-and quarantined one by one with InfluxDB's message; the rest of the batch is stored.
+and quarantined one by one with InfluxDB's message; the rest of the batch is stored. After a batch, the
+summaries of the 30-minute slots it closed or changed are written (hubd.store.influx.slots).
 """
 
 from __future__ import annotations
