@@ -181,6 +181,8 @@ def settle(
 
     rows: list[dict[str, Any]] = []
     keys: list[tuple[str, str, int]] = []
+    after = s.cursor[1] if s.cursor is not None and s.cursor[0] == "der" else ""
+    store.expect([d for d in s.der_ids if d >= after])  # one after another, in this order (each DER's slots)
     for kind, name in targets:  # in (kind, name) order: DERs ("der") before groups, each sorted
         if s.cursor is not None and (kind, name) < s.cursor[:2]:
             continue

@@ -7,6 +7,7 @@ pages: nothing lost, nothing repeated.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from itertools import pairwise
 from typing import Any
 
@@ -98,7 +99,12 @@ def _at(query: Query, store: ReadingQuery) -> dict[str, Any]:
 def _buckets(query: Query, store: ReadingQuery) -> dict[str, Any]:
     laid = buckets(query.start, query.end, query.interval, query.tz)
     after_der, after_bucket = query.cursor if query.cursor else ("", -1)
-    ders = store.der_ids(query.start, query.end, after_der) if query.der_ids is None else query.der_ids
+    ders: Sequence[str]
+    if query.der_ids is None:
+        ders = store.der_ids(query.start, query.end, after_der)
+    else:
+        ders = query.der_ids
+        store.expect([d for d in ders if d >= after_der])
     specs = _store_specs(query.agg)
     labels = [format_time(bucket.start) for bucket in laid]
     rows: list[dict[str, Any]] = []

@@ -113,6 +113,11 @@ class ReadingQuery(Protocol):
         """DERs with readings in [start, end), sorted, from ``first`` on."""
         ...
 
+    def expect(self, der_ids: list[str]) -> None:
+        """The DERs the next calls will ask about one after another, in this order (as ``der_ids`` lists
+        them), for a backend that answers a group of them at once (InfluxDB); others ignore it."""
+        ...
+
     def bucket_stats(
         self,
         der_id: str,

@@ -188,8 +188,14 @@ class InfluxQuery:
             found = sorted(series["tags"]["der_id"] for series in self._ask(statement) if series.get("tags"))
             self._found = (time.monotonic(), (start, end), found)
         listed = found[bisect_left(found, first) :]
-        self._listed, self._listed_at = listed, {d: i for i, d in enumerate(listed)}  # for _load's groups
+        self.expect(listed)
         return listed
+
+    def expect(self, der_ids: list[str]) -> None:
+        """The DERs asked next, in order: ``_load``, ``_pushed_stats`` and ``series`` fetch them in groups.
+        DERs all within what is expected already (one DER of the settlement view's list) keep that list."""
+        if not der_ids or not all(d in self._listed_at for d in der_ids):
+            self._listed, self._listed_at = der_ids, {d: i for i, d in enumerate(der_ids)}
 
     def bucket_stats(
         self,
@@ -345,20 +351,19 @@ class InfluxQuery:
         return (found[0]["time"], float(found[0][field])) if found else None
 
     def series(self, der_id: str, start: int, end: int, fields: tuple[str, ...]) -> list[tuple[Any, ...]]:
-        """The DER's readings with all ``fields``. A query over many DERs asks this of them one after another
-        for the same span (a register's last slot, say), so the readings of the next ``_GROUP`` DERs listed
-        are fetched together (as ``_load`` does) and kept for them (``_kept``)."""
+        """The DER's readings with all ``fields``: from the readings a slot query just read for its group
+        (``_kept``: ``delta`` checks a register's last slot, which is the DERs' open slot), else asked."""
         kept = self._kept(der_id, start, end, fields)
-        if kept is None:
-            at = self._listed_at.get(der_id)
-            group = self._listed[at : at + _GROUP] if at is not None else [der_id]
-            readings = self.scan(start, end, [der_condition(tuple(group))], fields)
-            kept = self._keep(start, end, fields, group, readings, der_id)[der_id]
-        return [
-            (r["time"], *(float(r[f]) for f in fields))
-            for r in kept
-            if start <= r["time"] < end and all(r.get(f) is not None for f in fields)
-        ]
+        if kept is not None:
+            return [
+                (r["time"], *(float(r[f]) for f in fields))
+                for r in kept
+                if start <= r["time"] < end and all(r.get(f) is not None for f in fields)
+            ]
+        # Only the fields: InfluxDB leaves out a point with none of them, which is left out here anyway (an
+        # interval energy asked of a register-only DER costs nothing).
+        rows = self.scan_rows(start, end, [der_condition((der_id,))], fields)
+        return [(r[0], *(float(v) for v in r[2:])) for r in rows if None not in r[2:]]
 
     def _keep(
         self,
@@ -368,14 +373,13 @@ class InfluxQuery:
         der_ids: list[str],
         readings: Iterable[dict[str, Any]],
         asked: str,
-    ) -> dict[str, list[dict[str, Any]]]:
+    ) -> None:
         """Keep a group's readings of [start, end) for the DERs asked after ``asked`` within ``_REUSE_S``."""
         by_der: dict[str, list[dict[str, Any]]] = {d: [] for d in der_ids}
         for r in readings:
             by_der[r["der_id"]].append(r)
         self._readings = (start, end, frozenset(columns), by_der)
         self._readings_when, self._readings_asked = time.monotonic(), asked
-        return by_der
 
     def _kept(self, der_id: str, start: int, end: int, fields: tuple[str, ...]) -> list[dict[str, Any]] | None:
         if self._readings is None or time.monotonic() - self._readings_when >= _REUSE_S:
