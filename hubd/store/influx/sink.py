@@ -95,10 +95,8 @@ class InfluxSink:
         does); replay what a previous run left in the spool."""
         self._spool = spool = await self._in_spool(Spool, self._spool_path)
         self._quarantine = Quarantine(self._registry_path, self._quarantine_bytes)
+        await self._in_spool(spool.requeue_held)  # a batch replacing stored readings cut short: replayed
         _, self._spooled, self.oldest_at = await self._in_spool(spool.depth)
-        requeued = await self._in_spool(spool.requeue_held)
-        if requeued:  # a batch replacing stored readings was cut short: written again by the replay
-            _, self._spooled, self.oldest_at = await self._in_spool(spool.depth)
         try:  # a statement a user with only READ on the database may run (SHOW DATABASES needs admin)
             policies = await self._client.query(f"SHOW RETENTION POLICIES ON {quote_name(self._config.database)}")
             self._check_policy(policies)

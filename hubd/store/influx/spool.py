@@ -91,8 +91,8 @@ class Spool:
     def release(self, held_id: int) -> None:
         self._db.execute("DELETE FROM held WHERE id = ?", (held_id,))
 
-    def requeue_held(self) -> int:
-        """Move the held batches to the end of the queue; how many readings they hold."""
+    def requeue_held(self) -> None:
+        """Move the held batches to the end of the queue."""
         with self._transaction():
             found = self._db.execute("SELECT readings, body FROM held ORDER BY id").fetchall()
             now = int(time.time() * 1000)
@@ -100,7 +100,6 @@ class Spool:
                 "INSERT INTO batches (spooled_at, readings, body) VALUES (?, ?, ?)", [(now, r, b) for r, b in found]
             )
             self._db.execute("DELETE FROM held")
-        return sum(int(r) for r, _ in found)
 
     def note_slots(self, keys: Iterable[tuple[str, int]]) -> None:
         """Slots whose summaries a batch will write (hubd.store.influx.slots): kept until ``clear_slots``, so
